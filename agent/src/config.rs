@@ -1,0 +1,247 @@
+//! The agent's configuration file (standalone mode): the node's settings and
+//! the cluster state it needs. The control-plane stream later feeds the same
+//! [`crate::state::State`]; this file shape stays for standalone agents.
+//!
+//! Parsing collects every problem before reporting, each with its path.
+
+use std::{collections::BTreeMap, fmt, net::Ipv4Addr, path::PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ConfigFile {
+    /// This agent's node name; workloads on other nodes are reached by tunnel.
+    pub node: String,
+    #[serde(default)]
+    pub settings: Settings,
+    #[serde(default)]
+    pub workloads: Vec<Workload>,
+    #[serde(default)]
+    pub services: Vec<Service>,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Settings {
+    /// sk_msg splicing of app <-> agent loopback pairs (off: see docs/architecture.md).
+    #[serde(default)]
+    pub splice: bool,
+    /// Per-connection eBPF events (redirect, inbound) as tracing events.
+    #[serde(default = "yes")]
+    pub events: bool,
+    /// Where pod cgroups live (kubelet layout: a dir named after the pod UID below it).
+    #[serde(default)]
+    pub cgroup_root: Option<PathBuf>,
+}
+
+fn yes() -> bool {
+    true
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self { splice: false, events: true, cgroup_root: None }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Workload {
+    pub uid: String,
+    pub name: String,
+    #[serde(default = "default_ns")]
+    pub namespace: String,
+    #[serde(default = "default_sa")]
+    pub service_account: String,
+    pub node: String,
+    pub ip: Ipv4Addr,
+    /// Opted in to the mesh (the `ferry.dev/mesh: enabled` annotation).
+    #[serde(default)]
+    pub enrolled: bool,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    /// The pod's netns (a path such as /run/netns/x); else found from its processes.
+    #[serde(default)]
+    pub netns: Option<PathBuf>,
+    /// The pod's host-side veth, for per-pod tc counters.
+    #[serde(default)]
+    pub host_veth: Option<String>,
+}
+
+fn default_ns() -> String {
+    "default".into()
+}
+fn default_sa() -> String {
+    "default".into()
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Service {
+    pub name: String,
+    #[serde(default = "default_ns")]
+    pub namespace: String,
+    pub vip: Ipv4Addr,
+    pub ports: Vec<ServicePort>,
+    #[serde(default)]
+    pub endpoints: Vec<Endpoint>,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ServicePort {
+    pub port: u16,
+    pub target_port: u16,
+    #[serde(default)]
+    pub name: Option<String>,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Endpoint {
+    pub ip: Ipv4Addr,
+    #[serde(default = "yes")]
+    pub ready: bool,
+}
+
+/// Every problem found in a config, with where it is.
+#[derive(Debug, thiserror::Error)]
+pub struct ConfigError {
+    pub source_name: String,
+    pub problems: Vec<String>,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "invalid config {}:", self.source_name)?;
+        for p in &self.problems {
+            write!(f, "\n  - {p}")?;
+        }
+        Ok(())
+    }
+}
+
+impl ConfigFile {
+    pub fn parse(source_name: &str, text: &str) -> Result<Self, ConfigError> {
+        let err = |problems| ConfigError { source_name: source_name.to_owned(), problems };
+        let cfg: ConfigFile = serde_norway::from_str(text).map_err(|e| err(vec![e.to_string()]))?;
+        let problems = cfg.validate();
+        if problems.is_empty() {
+            Ok(cfg)
+        } else {
+            Err(err(problems))
+        }
+    }
+
+    pub fn load(path: &std::path::Path) -> Result<Self, ConfigError> {
+        let name = path.display().to_string();
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ConfigError { source_name: name.clone(), problems: vec![format!("cannot read: {e}")] })?;
+        Self::parse(&name, &text)
+    }
+
+    /// Semantic checks serde cannot express. Returns every problem.
+    pub fn validate(&self) -> Vec<String> {
+        let mut p = Vec::new();
+        if self.node.is_empty() {
+            p.push("node: must not be empty".into());
+        }
+        let mut uids = BTreeMap::new();
+        let mut ips = BTreeMap::new();
+        for (i, w) in self.workloads.iter().enumerate() {
+            let at = format!("workloads[{i}] ({}/{})", w.namespace, w.name);
+            if w.uid.is_empty() {
+                p.push(format!("{at}.uid: must not be empty"));
+            }
+            if let Some(j) = uids.insert(w.uid.as_str(), i) {
+                p.push(format!("{at}.uid: {:?} already used by workloads[{j}]", w.uid));
+            }
+            if let Some(j) = ips.insert(w.ip, i) {
+                p.push(format!("{at}.ip: {} already used by workloads[{j}]", w.ip));
+            }
+            if w.ip.is_unspecified() || w.ip.is_loopback() || w.ip.is_multicast() {
+                p.push(format!("{at}.ip: {} is not a pod address", w.ip));
+            }
+            if w.node.is_empty() {
+                p.push(format!("{at}.node: must not be empty"));
+            }
+        }
+        let mut vips = BTreeMap::new();
+        for (i, s) in self.services.iter().enumerate() {
+            let at = format!("services[{i}] ({}/{})", s.namespace, s.name);
+            if let Some(j) = vips.insert(s.vip, i) {
+                p.push(format!("{at}.vip: {} already used by services[{j}]", s.vip));
+            }
+            if ips.contains_key(&s.vip) {
+                p.push(format!("{at}.vip: {} is also a workload address", s.vip));
+            }
+            if s.ports.is_empty() {
+                p.push(format!("{at}.ports: at least one port is required"));
+            }
+            for (k, port) in s.ports.iter().enumerate() {
+                if port.port == 0 || port.target_port == 0 {
+                    p.push(format!("{at}.ports[{k}]: port and targetPort must be 1-65535"));
+                }
+                if s.ports[..k].iter().any(|o| o.port == port.port) {
+                    p.push(format!("{at}.ports[{k}].port: {} listed twice", port.port));
+                }
+            }
+        }
+        p
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+node: n1
+workloads:
+  - {uid: a, name: client, node: n1, ip: 10.1.1.2, enrolled: true}
+  - {uid: b, name: server, node: n2, ip: 10.1.2.2}
+services:
+  - name: echo
+    vip: 10.96.0.10
+    ports: [{port: 80, targetPort: 8080}]
+    endpoints: [{ip: 10.1.2.2}]
+"#;
+
+    #[test]
+    fn parses_a_good_file() {
+        let c = ConfigFile::parse("good", GOOD).unwrap();
+        assert_eq!(c.workloads.len(), 2);
+        assert!(c.workloads[0].enrolled && !c.workloads[1].enrolled);
+        assert!(c.services[0].endpoints[0].ready);
+        assert!(!c.settings.splice);
+    }
+
+    #[test]
+    fn reports_every_problem_with_its_path() {
+        let bad = r#"
+node: n1
+workloads:
+  - {uid: a, name: x, node: n1, ip: 10.1.1.2}
+  - {uid: a, name: y, node: n1, ip: 10.1.1.2}
+services:
+  - {name: s, vip: 10.1.1.2, ports: [{port: 0, targetPort: 1}]}
+"#;
+        let e = ConfigFile::parse("bad", bad).unwrap_err();
+        let all = e.to_string();
+        assert_eq!(e.problems.len(), 4, "{all}");
+        assert!(all.contains("workloads[1] (default/y).uid"), "{all}");
+        assert!(all.contains("workloads[1] (default/y).ip"), "{all}");
+        assert!(all.contains("services[0] (default/s).vip"), "{all}");
+        assert!(all.contains("services[0] (default/s).ports[0]"), "{all}");
+    }
+
+    #[test]
+    fn rejects_unknown_fields_and_wrong_types() {
+        let e = ConfigFile::parse("x", "node: n1\nworkloadz: []\n").unwrap_err();
+        assert!(e.to_string().contains("unknown field `workloadz`"), "{e}");
+        let e = ConfigFile::parse("x", "node: n1\nworkloads: [{uid: a, name: b, node: n, ip: nope}]\n").unwrap_err();
+        assert!(e.to_string().contains("invalid IP address syntax"), "{e}");
+        assert!(ConfigFile::parse("x", ":\n - [").is_err());
+    }
+}

@@ -1,0 +1,79 @@
+//! Per-pod network set-up done once at enrollment, inside the pod's netns,
+//! so the agent can deliver to the app from the client's own address and get
+//! the replies back (no iptables):
+//! - `tcp_fwmark_accept=1`: the app's accepted socket takes the mark of the SYN;
+//! - `ip rule fwmark DELIVER_MARK lookup DELIVER_TABLE` and
+//!   `ip route add local 0.0.0.0/0 dev lo table DELIVER_TABLE`: replies to a
+//!   delivery connection route back to the agent's transparent socket;
+//! - the delivery port range is reserved, so the pod's own apps never pick it.
+
+use std::{io, net::Ipv4Addr};
+
+use futures::TryStreamExt;
+use netlink_packet_route::{
+    route::{RouteScope, RouteType},
+    rule::RuleAttribute,
+};
+use rtnetlink::RouteMessageBuilder;
+
+use crate::{
+    netns::Netns,
+    sockets::{DELIVER_MARK, DELIVER_PORTS, DELIVER_TABLE},
+};
+
+const RULE_PRIORITY: u32 = 100;
+
+#[derive(Debug, thiserror::Error)]
+pub enum PodNetError {
+    #[error("sysctl {name} in the pod: {source}")]
+    Sysctl { name: &'static str, source: io::Error },
+    #[error("netlink in the pod: {0}")]
+    Netlink(String),
+}
+
+pub async fn setup(ns: &Netns) -> Result<(), PodNetError> {
+    let (lo, hi) = DELIVER_PORTS;
+    let range = format!("{lo}-{hi}");
+    let sysctls: [(&'static str, &str); 2] =
+        [("net/ipv4/tcp_fwmark_accept", "1"), ("net/ipv4/ip_local_reserved_ports", &range)];
+    for (name, value) in sysctls {
+        // /proc/sys/net follows the netns of the thread that opens it.
+        ns.run(|| std::fs::write(format!("/proc/sys/{name}"), value))
+            .and_then(|r| r)
+            .map_err(|source| PodNetError::Sysctl { name, source })?;
+    }
+
+    let nl = |e: rtnetlink::Error| PodNetError::Netlink(e.to_string());
+    let (conn, handle, _) = ns
+        .run(rtnetlink::new_connection)
+        .and_then(|r| r)
+        .map_err(|e| PodNetError::Netlink(e.to_string()))?;
+    let task = tokio::spawn(conn);
+
+    let have_rule = handle
+        .rule()
+        .get(rtnetlink::IpVersion::V4)
+        .execute()
+        .try_filter(|r| {
+            futures::future::ready(r.attributes.iter().any(|a| matches!(a, RuleAttribute::FwMark(m) if *m == DELIVER_MARK)))
+        })
+        .try_next()
+        .await
+        .map_err(nl)?
+        .is_some();
+    if !have_rule {
+        let mut req = handle.rule().add().v4().fw_mark(DELIVER_MARK).table_id(DELIVER_TABLE).priority(RULE_PRIORITY);
+        req.message_mut().attributes.push(RuleAttribute::FwMask(DELIVER_MARK));
+        req.execute().await.map_err(nl)?;
+    }
+    let route = RouteMessageBuilder::<Ipv4Addr>::new()
+        .destination_prefix(Ipv4Addr::UNSPECIFIED, 0)
+        .table_id(DELIVER_TABLE)
+        .kind(RouteType::Local)
+        .scope(RouteScope::Host)
+        .output_interface(1) // lo is ifindex 1 in every netns
+        .build();
+    handle.route().add(route).replace().execute().await.map_err(nl)?;
+    task.abort();
+    Ok(())
+}

@@ -1,0 +1,66 @@
+//! Inbound: connections to a pod's app, handed to the agent by sk_lookup
+//! (plaintext, 15006) or arriving through the tunnel (15008). Both are
+//! delivered to the app from the client's own address.
+
+use std::sync::Arc;
+
+use tokio::net::{TcpListener, TcpStream};
+
+use super::{copy, PodCtx, Proxy};
+use crate::{sockets, telemetry::Direction};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    Plain,
+    Tunnel,
+}
+
+pub async fn serve(proxy: Arc<Proxy>, pod: Arc<PodCtx>, listener: TcpListener, kind: Kind) {
+    loop {
+        match listener.accept().await {
+            Ok((s, _)) => {
+                let (proxy, pod) = (proxy.clone(), pod.clone());
+                tokio::spawn(async move { handle(&proxy, &pod, s, kind).await });
+            }
+            Err(e) => {
+                tracing::warn!(pod = %pod.label(), error = %e, "inbound accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+async fn handle(proxy: &Proxy, pod: &PodCtx, mut client: TcpStream, kind: Kind) {
+    let Ok((local, peer)) = sockets::v4_addrs(&client) else { return };
+    let (direction, target) = match kind {
+        // sk_lookup kept the destination: our local address is the app's.
+        Kind::Plain => (Direction::Inbound, local),
+        Kind::Tunnel => match proxy.tunnel.accept(&mut client).await {
+            Ok(t) => (Direction::Tunnel, t),
+            Err(e) => {
+                tracing::warn!(pod = %pod.label(), client = %peer, error = %e, "refused tunnel connection");
+                return;
+            }
+        },
+    };
+    let source = proxy
+        .state()
+        .workload_by_ip(*peer.ip())
+        .map(|w| format!("{}/{}", w.namespace, w.name))
+        .unwrap_or_else(|| peer.ip().to_string());
+    let mut g = proxy.telemetry.open(direction, source, peer, target);
+    if *target.ip() != pod.ip() {
+        g.outcome = Some(format!("target {target} is not this pod ({})", pod.ip()));
+        return;
+    }
+    let app = match proxy.deliver(pod, *peer.ip(), target).await {
+        Ok(a) => a,
+        Err(e) => {
+            g.outcome = Some(format!("deliver to {target}: {e}"));
+            return;
+        }
+    };
+    if let Err(e) = copy::bidi(client, app, &g.conn.sent, &g.conn.received).await {
+        g.outcome = Some(e.to_string());
+    }
+}

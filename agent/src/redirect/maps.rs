@@ -1,0 +1,206 @@
+//! Rust mirror of the layouts in `ebpf/include/ferry.h` (the one source of
+//! truth). `tests::layouts_match_btf` checks size and field offsets of each
+//! struct against the BTF of the compiled object, so the two cannot drift.
+//! ferryctl reads pinned maps with these same types.
+
+use std::net::{Ipv4Addr, SocketAddrV4};
+
+use serde::Serialize;
+
+pub const FLAG_SPLICE: u32 = 0x1;
+pub const FLAG_EVENTS: u32 = 0x2;
+
+pub const DST_SERVICE: u32 = 1;
+pub const DST_POD: u32 = 2;
+
+/// Names of the pinned maps, as declared in ferry.h.
+pub const MAP_NAMES: &[&str] = &[
+    "ferry_config",
+    "ferry_pods",
+    "ferry_mesh_dst",
+    "ferry_orig_cookie",
+    "ferry_orig_dst",
+    "ferry_inbound",
+    "ferry_splice",
+    "ferry_traffic",
+    "ferry_stats",
+    "ferry_events",
+];
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Config {
+    pub flags: u32,
+    pub agent_mark: u32,
+    pub outbound_port: u16,
+    pub inbound_port: u16,
+    pub tunnel_port: u16,
+    pub admin_port: u16,
+    pub deliver_port_lo: u16,
+    pub deliver_port_hi: u16,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Pod {
+    pub pod_id: u32,
+    pub flags: u32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct DstKey {
+    /// Network byte order.
+    pub ip4: u32,
+    /// Host byte order; 0 means any port.
+    pub port: u16,
+    pub pad: u16,
+}
+
+impl DstKey {
+    pub fn new(ip: Ipv4Addr, port: u16) -> Self {
+        Self { ip4: u32::from(ip).to_be(), port, pad: 0 }
+    }
+    pub fn ip(&self) -> Ipv4Addr {
+        Ipv4Addr::from(u32::from_be(self.ip4))
+    }
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Dst {
+    pub kind: u32,
+    pub pad: u32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct SockKey {
+    pub netns_cookie: u64,
+    pub local_ip4: u32,
+    pub remote_ip4: u32,
+    pub local_port: u32,
+    pub remote_port: u32,
+}
+
+impl SockKey {
+    pub fn new(netns_cookie: u64, local: SocketAddrV4, remote: SocketAddrV4) -> Self {
+        Self {
+            netns_cookie,
+            local_ip4: u32::from(*local.ip()).to_be(),
+            remote_ip4: u32::from(*remote.ip()).to_be(),
+            local_port: local.port().into(),
+            remote_port: remote.port().into(),
+        }
+    }
+    pub fn local(&self) -> SocketAddrV4 {
+        SocketAddrV4::new(Ipv4Addr::from(u32::from_be(self.local_ip4)), self.local_port as u16)
+    }
+    pub fn remote(&self) -> SocketAddrV4 {
+        SocketAddrV4::new(Ipv4Addr::from(u32::from_be(self.remote_ip4)), self.remote_port as u16)
+    }
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct OrigDst {
+    pub ip4: u32,
+    pub port: u16,
+    pub pad: u16,
+    pub pod_id: u32,
+    pub pad2: u32,
+    pub ts_ns: u64,
+}
+
+impl OrigDst {
+    pub fn addr(&self) -> SocketAddrV4 {
+        SocketAddrV4::new(Ipv4Addr::from(u32::from_be(self.ip4)), self.port)
+    }
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct InboundKey {
+    pub ip4: u32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Traffic {
+    pub rx_packets: u64,
+    pub rx_bytes: u64,
+    pub tx_packets: u64,
+    pub tx_bytes: u64,
+}
+
+impl std::ops::AddAssign for Traffic {
+    fn add_assign(&mut self, o: Self) {
+        self.rx_packets += o.rx_packets;
+        self.rx_bytes += o.rx_bytes;
+        self.tx_packets += o.tx_packets;
+        self.tx_bytes += o.tx_bytes;
+    }
+}
+
+/// Indexes of `ferry_stats` (enum ferry_stat).
+pub const STAT_NAMES: &[(u32, &str)] = &[
+    (0, "redirects"),
+    (1, "orig_dst_saved"),
+    (2, "orig_dst_lost"),
+    (3, "inbound_assigned"),
+    (4, "inbound_assign_errors"),
+    (5, "splice_sockets"),
+    (6, "splice_msgs"),
+    (7, "splice_misses"),
+    (8, "events_dropped"),
+    (9, "agent_skipped"),
+];
+pub const STAT_MAX: u32 = 16;
+
+pub const EV_REDIRECT: u32 = 1;
+pub const EV_INBOUND: u32 = 2;
+pub const EV_ERROR: u32 = 3;
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Event {
+    pub ts_ns: u64,
+    pub netns_cookie: u64,
+    pub kind: u32,
+    pub pod_id: u32,
+    pub ip4: u32,
+    pub port: u16,
+    pub pad: u16,
+    pub err: i32,
+    pub pad2: u32,
+}
+
+macro_rules! pod {
+    ($($t:ty),*) => {$(
+        // SAFETY: repr(C), only integer fields, explicit padding: every bit
+        // pattern is valid and there are no implicit padding bytes.
+        unsafe impl aya::Pod for $t {}
+    )*};
+}
+pod!(Config, Pod, DstKey, Dst, SockKey, OrigDst, InboundKey, Traffic);
+
+/// The struct name in ferry.h, its Rust size and field offsets, for the BTF check.
+pub fn layouts() -> Vec<(&'static str, usize, Vec<(&'static str, usize)>)> {
+    use std::mem::{offset_of, size_of};
+    macro_rules! layout {
+        ($c:literal, $t:ty, [$($f:ident),*]) => {
+            ($c, size_of::<$t>(), vec![$((stringify!($f), offset_of!($t, $f))),*])
+        };
+    }
+    vec![
+        layout!("ferry_config", Config, [flags, agent_mark, outbound_port, inbound_port, tunnel_port, admin_port, deliver_port_lo, deliver_port_hi]),
+        layout!("ferry_pod", Pod, [pod_id, flags]),
+        layout!("ferry_dst_key", DstKey, [ip4, port, pad]),
+        layout!("ferry_dst", Dst, [kind, pad]),
+        layout!("ferry_sock_key", SockKey, [netns_cookie, local_ip4, remote_ip4, local_port, remote_port]),
+        layout!("ferry_orig_dst", OrigDst, [ip4, port, pad, pod_id, pad2, ts_ns]),
+        layout!("ferry_inbound_key", InboundKey, [ip4]),
+        layout!("ferry_traffic", Traffic, [rx_packets, rx_bytes, tx_packets, tx_bytes]),
+        layout!("ferry_event", Event, [ts_ns, netns_cookie, kind, pod_id, ip4, port, pad, err, pad2]),
+    ]
+}

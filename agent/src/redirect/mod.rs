@@ -1,0 +1,394 @@
+//! The eBPF side, seen from the agent: loads Ferry's object once, owns its
+//! programs, maps and links, and offers mesh operations (enroll a pod, set the
+//! mesh destinations, read an original destination). Nothing else in the agent
+//! touches aya.
+//!
+//! Pins (per node, so two agents on one kernel never share state):
+//! `<pin_root>/<node>/<map>` for every map and `<pin_root>/<node>/links/<owner>/<hook>`
+//! for every attachment, so `ferryctl` can read them and a restarted agent
+//! finds steering still in place and swaps in its own programs.
+
+pub mod events;
+pub mod maps;
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    fs, io,
+    net::Ipv4Addr,
+    os::fd::AsRawFd,
+    path::{Path, PathBuf},
+    sync::Mutex,
+};
+
+use aya::{
+    maps::{HashMap as BpfHash, MapData, SockHash},
+    programs::{
+        links::{FdLink, PinnedLink},
+        CgroupAttachMode, CgroupSockAddr, SchedClassifier, SkLookup, SkMsg, SockOps, TcAttachType,
+    },
+    Ebpf, EbpfLoader,
+};
+
+use maps::{Config, Dst, DstKey, InboundKey, OrigDst, Pod, SockKey};
+
+/// The compiled programs (built from ebpf/ by build.rs).
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/ferry.bpf.o"));
+
+/// The object, for layout checks and ferryctl's probes.
+pub fn object() -> &'static [u8] {
+    OBJECT
+}
+
+const BPF_FS_MAGIC: i64 = 0xcafe4a11;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RedirectError {
+    #[error("{0} is not on a bpf filesystem; mount one with `mount -t bpf bpf /sys/fs/bpf`")]
+    NoBpfFs(PathBuf),
+    #[error("cannot create pin directory {path}: {source}")]
+    PinDir { path: PathBuf, source: io::Error },
+    #[error("loading the eBPF object: {0}")]
+    Load(#[from] aya::EbpfError),
+    #[error("program {name}: {source}")]
+    Program { name: &'static str, source: aya::programs::ProgramError },
+    #[error("map {name}: {source}")]
+    Map { name: &'static str, source: aya::maps::MapError },
+    #[error("pinning {path}: {reason}")]
+    Pin { path: PathBuf, reason: String },
+    #[error("opening {what} {path}: {source}")]
+    Open { what: &'static str, path: PathBuf, source: io::Error },
+}
+
+type Result<T, E = RedirectError> = std::result::Result<T, E>;
+
+fn prog_err(name: &'static str) -> impl FnOnce(aya::programs::ProgramError) -> RedirectError {
+    move |source| RedirectError::Program { name, source }
+}
+fn map_err(name: &'static str) -> impl FnOnce(aya::maps::MapError) -> RedirectError {
+    move |source| RedirectError::Map { name, source }
+}
+
+/// Whether `path` (or its nearest existing parent) is on bpffs.
+pub fn is_bpffs(path: &Path) -> bool {
+    let mut p = path;
+    loop {
+        if p.exists() {
+            break;
+        }
+        match p.parent() {
+            Some(parent) => p = parent,
+            None => return false,
+        }
+    }
+    let Ok(c) = std::ffi::CString::new(p.as_os_str().as_encoded_bytes()) else { return false };
+    // SAFETY: statfs(2) fills a zeroed, properly sized struct from a valid C path.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: as above; `c` outlives the call.
+    let rc = unsafe { libc::statfs(c.as_ptr(), &mut st) };
+    rc == 0 && st.f_type as i64 == BPF_FS_MAGIC
+}
+
+/// Where a pod's hooks go.
+pub struct PodHooks<'a> {
+    pub uid: &'a str,
+    pub pod_id: u32,
+    pub cgroup: &'a Path,
+    pub netns: &'a crate::netns::Netns,
+    pub netns_cookie: u64,
+    pub ip: Ipv4Addr,
+    pub host_veth: Option<&'a str>,
+    pub inbound_listener: &'a dyn AsRawFd,
+}
+
+struct Enrolled {
+    netns_cookie: u64,
+    ip: Ipv4Addr,
+    ifindex: Option<u32>,
+    links: Vec<PathBuf>,
+}
+
+pub struct Redirector {
+    bpf: Ebpf,
+    dir: PathBuf,
+    config: Config,
+    pods: HashMap<String, Enrolled>,
+    orig: std::sync::Arc<OrigDstTable>,
+}
+
+/// The `ferry_orig_dst` map: what the agent reads for every accepted connection.
+pub struct OrigDstTable(Mutex<BpfHash<MapData, SockKey, OrigDst>>);
+
+/// Source of original destinations (the eBPF map; a plain map in tests).
+pub trait OrigDstSource: Send + Sync + 'static {
+    /// Takes (reads and deletes) the record of the connection seen as `key`.
+    fn take(&self, key: &SockKey) -> Option<OrigDst>;
+}
+
+impl OrigDstSource for OrigDstTable {
+    fn take(&self, key: &SockKey) -> Option<OrigDst> {
+        let mut m = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let v = m.get(key, 0).ok()?;
+        let _ = m.remove(key);
+        Some(v)
+    }
+}
+
+impl Redirector {
+    /// Loads the object, reusing this node's pinned maps if present.
+    pub fn load(pin_root: &Path, node: &str, config: Config) -> Result<Self> {
+        if !is_bpffs(pin_root) {
+            return Err(RedirectError::NoBpfFs(pin_root.to_owned()));
+        }
+        let dir = pin_root.join(node);
+        fs::create_dir_all(dir.join("links")).map_err(|source| RedirectError::PinDir { path: dir.clone(), source })?;
+        let mut bpf = EbpfLoader::new().default_map_pin_directory(&dir).load(OBJECT)?;
+
+        for name in ["ferry_connect4", "ferry_connect6"] {
+            let p: &mut CgroupSockAddr = prog(&mut bpf, name)?;
+            p.load().map_err(prog_err(static_name(name)))?;
+        }
+        let p: &mut SockOps = prog(&mut bpf, "ferry_sockops")?;
+        p.load().map_err(prog_err("ferry_sockops"))?;
+        let p: &mut SkLookup = prog(&mut bpf, "ferry_sk_lookup")?;
+        p.load().map_err(prog_err("ferry_sk_lookup"))?;
+        for name in ["ferry_tc_ingress", "ferry_tc_egress"] {
+            let p: &mut SchedClassifier = prog(&mut bpf, name)?;
+            p.load().map_err(prog_err(static_name(name)))?;
+        }
+        // sk_msg is attached to the splice sockhash itself; it only acts on
+        // sockets that sockops put there, which it does only with splicing on.
+        let splice_fd = {
+            let m: SockHash<&MapData, SockKey> =
+                SockHash::try_from(bpf.map("ferry_splice").expect("ferry_splice in object")).map_err(map_err("ferry_splice"))?;
+            m.fd().try_clone().map_err(|e| RedirectError::Map { name: "ferry_splice", source: e.into() })?
+        };
+        let p: &mut SkMsg = prog(&mut bpf, "ferry_sk_msg")?;
+        p.load().map_err(prog_err("ferry_sk_msg"))?;
+        p.attach(&splice_fd).map_err(prog_err("ferry_sk_msg"))?;
+
+        let orig = BpfHash::try_from(bpf.take_map("ferry_orig_dst").expect("ferry_orig_dst in object"))
+            .map_err(map_err("ferry_orig_dst"))?;
+        let mut r = Self {
+            bpf,
+            dir,
+            config,
+            pods: HashMap::new(),
+            orig: std::sync::Arc::new(OrigDstTable(Mutex::new(orig))),
+        };
+        r.write_config()?;
+        Ok(r)
+    }
+
+    pub fn pin_dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn orig_dst(&self) -> std::sync::Arc<OrigDstTable> {
+        self.orig.clone()
+    }
+
+    pub fn take_events(&mut self) -> Option<aya::maps::RingBuf<aya::maps::MapData>> {
+        self.bpf.take_map("ferry_events").and_then(|m| aya::maps::RingBuf::try_from(m).ok())
+    }
+
+    fn write_config(&mut self) -> Result<()> {
+        let mut m: aya::maps::Array<&mut MapData, Config> =
+            aya::maps::Array::try_from(self.bpf.map_mut("ferry_config").expect("ferry_config")).map_err(map_err("ferry_config"))?;
+        m.set(0, self.config, 0).map_err(map_err("ferry_config"))
+    }
+
+    /// Turns sk_msg splicing on or off for new connections.
+    pub fn set_flags(&mut self, flags: u32) -> Result<()> {
+        if self.config.flags != flags {
+            self.config.flags = flags;
+            self.write_config()?;
+        }
+        Ok(())
+    }
+
+    /// sockops on the agent's own cgroup, so the agent's end of a spliced pair
+    /// enters the sockhash as it is established (see ebpf/ferry.bpf.c).
+    pub fn attach_agent_cgroup(&mut self, cgroup: &Path) -> Result<()> {
+        let f = open("agent cgroup", cgroup)?;
+        let links = self.dir.join("links/agent");
+        let old = take_pins(&links);
+        let p: &mut SockOps = prog(&mut self.bpf, "ferry_sockops")?;
+        let id = p.attach(&f, CgroupAttachMode::AllowMultiple).map_err(prog_err("ferry_sockops"))?;
+        let link: FdLink = p.take_link(id).map_err(prog_err("ferry_sockops"))?.try_into().map_err(|e| pin_err(&links, e))?;
+        pin(link, &links, "sockops")?;
+        drop(old);
+        Ok(())
+    }
+
+    /// Starts capturing a pod: hooks on its cgroup, netns and veth, its inbound
+    /// listener in `ferry_inbound`, and last its netns in `ferry_pods` (which is
+    /// what turns steering on, so the listeners exist before the first redirect).
+    pub fn enroll(&mut self, pod: &PodHooks<'_>) -> Result<()> {
+        let links_dir = self.dir.join("links").join(pod.uid);
+        let old = take_pins(&links_dir);
+        let mut links = Vec::new();
+        let cg = open("pod cgroup", pod.cgroup)?;
+        for (name, hook) in [("ferry_connect4", "connect4"), ("ferry_connect6", "connect6")] {
+            let p: &mut CgroupSockAddr = prog(&mut self.bpf, name)?;
+            let id = p.attach(&cg, CgroupAttachMode::AllowMultiple).map_err(prog_err(static_name(name)))?;
+            let l: FdLink = p.take_link(id).map_err(prog_err(static_name(name)))?.try_into().map_err(|e| pin_err(&links_dir, e))?;
+            links.push(pin(l, &links_dir, hook)?);
+        }
+        let p: &mut SockOps = prog(&mut self.bpf, "ferry_sockops")?;
+        let id = p.attach(&cg, CgroupAttachMode::AllowMultiple).map_err(prog_err("ferry_sockops"))?;
+        let l: FdLink = p.take_link(id).map_err(prog_err("ferry_sockops"))?.try_into().map_err(|e| pin_err(&links_dir, e))?;
+        links.push(pin(l, &links_dir, "sockops")?);
+
+        let p: &mut SkLookup = prog(&mut self.bpf, "ferry_sk_lookup")?;
+        let id = p.attach(pod.netns).map_err(prog_err("ferry_sk_lookup"))?;
+        let l: FdLink = p.take_link(id).map_err(prog_err("ferry_sk_lookup"))?.into();
+        links.push(pin(l, &links_dir, "sk_lookup")?);
+
+        let mut ifindex = None;
+        if let Some(veth) = pod.host_veth {
+            for (name, hook, dir) in [
+                ("ferry_tc_ingress", "tc_ingress", TcAttachType::Ingress),
+                ("ferry_tc_egress", "tc_egress", TcAttachType::Egress),
+            ] {
+                let p: &mut SchedClassifier = prog(&mut self.bpf, name)?;
+                let id = p.attach(veth, dir).map_err(prog_err(static_name(name)))?;
+                let l: FdLink = p.take_link(id).map_err(prog_err(static_name(name)))?.try_into().map_err(|e| pin_err(&links_dir, e))?;
+                links.push(pin(l, &links_dir, hook)?);
+            }
+            ifindex = ifindex_of(veth);
+        }
+
+        let mut inbound: SockHash<&mut MapData, InboundKey> =
+            SockHash::try_from(self.bpf.map_mut("ferry_inbound").expect("ferry_inbound")).map_err(map_err("ferry_inbound"))?;
+        let key = InboundKey { ip4: u32::from(pod.ip).to_be() };
+        inbound.insert(key, pod.inbound_listener.as_raw_fd(), 0).map_err(map_err("ferry_inbound"))?;
+
+        let mut pods: BpfHash<&mut MapData, u64, Pod> =
+            BpfHash::try_from(self.bpf.map_mut("ferry_pods").expect("ferry_pods")).map_err(map_err("ferry_pods"))?;
+        pods.insert(pod.netns_cookie, Pod { pod_id: pod.pod_id, flags: 0 }, 0).map_err(map_err("ferry_pods"))?;
+        drop(old);
+        self.pods.insert(pod.uid.to_owned(), Enrolled { netns_cookie: pod.netns_cookie, ip: pod.ip, ifindex, links });
+        Ok(())
+    }
+
+    /// Stops capturing a pod: steering off first, then its hooks go.
+    pub fn unenroll(&mut self, uid: &str) -> Result<()> {
+        let dir = self.dir.join("links").join(uid);
+        if let Some(e) = self.pods.remove(uid) {
+            let mut pods: BpfHash<&mut MapData, u64, Pod> =
+                BpfHash::try_from(self.bpf.map_mut("ferry_pods").expect("ferry_pods")).map_err(map_err("ferry_pods"))?;
+            let _ = pods.remove(&e.netns_cookie);
+            let mut inbound: SockHash<&mut MapData, InboundKey> =
+                SockHash::try_from(self.bpf.map_mut("ferry_inbound").expect("ferry_inbound")).map_err(map_err("ferry_inbound"))?;
+            let _ = inbound.remove(&InboundKey { ip4: u32::from(e.ip).to_be() });
+            if let Some(ifindex) = e.ifindex {
+                if let Ok(mut t) = aya::maps::PerCpuHashMap::<&mut MapData, u32, maps::Traffic>::try_from(
+                    self.bpf.map_mut("ferry_traffic").expect("ferry_traffic"),
+                ) {
+                    let _ = t.remove(&ifindex);
+                }
+            }
+            debug_assert!(e.links.iter().all(|l| l.starts_with(&dir)));
+        }
+        drop(take_pins(&dir));
+        let _ = fs::remove_dir(&dir);
+        Ok(())
+    }
+
+    /// Removes pinned links of pods that are not enrolled any more (left by a
+    /// previous agent run). Call after the first reconcile.
+    pub fn prune_stale_links(&mut self) {
+        let Ok(rd) = fs::read_dir(self.dir.join("links")) else { return };
+        for e in rd.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if name != "agent" && !self.pods.contains_key(&name) {
+                tracing::info!(pod = %name, "removing steering left by a previous run");
+                drop(take_pins(&e.path()));
+                let _ = fs::remove_dir(e.path());
+            }
+        }
+    }
+
+    /// Makes `ferry_mesh_dst` equal to `want`.
+    pub fn set_mesh_destinations(&mut self, want: &BTreeMap<(Ipv4Addr, u16), u32>) -> Result<()> {
+        let mut m: BpfHash<&mut MapData, DstKey, Dst> =
+            BpfHash::try_from(self.bpf.map_mut("ferry_mesh_dst").expect("ferry_mesh_dst")).map_err(map_err("ferry_mesh_dst"))?;
+        let have: Vec<DstKey> = m.keys().filter_map(|k| k.ok()).collect();
+        for k in have {
+            if !want.contains_key(&(k.ip(), k.port)) {
+                let _ = m.remove(&k);
+            }
+        }
+        for (&(ip, port), &kind) in want {
+            m.insert(DstKey::new(ip, port), Dst { kind, pad: 0 }, 0).map_err(map_err("ferry_mesh_dst"))?;
+        }
+        Ok(())
+    }
+
+    /// Removes everything this node pinned (uninstall / `box down`).
+    pub fn remove_pins(self) -> io::Result<()> {
+        let dir = self.dir.clone();
+        drop(self);
+        remove_node_pins(&dir)
+    }
+}
+
+/// Removes a node's pin directory: links first (which detaches them), then maps.
+pub fn remove_node_pins(dir: &Path) -> io::Result<()> {
+    if !dir.exists() {
+        return Ok(());
+    }
+    fs::remove_dir_all(dir)
+}
+
+fn static_name(name: &str) -> &'static str {
+    match name {
+        "ferry_connect4" => "ferry_connect4",
+        "ferry_connect6" => "ferry_connect6",
+        "ferry_tc_ingress" => "ferry_tc_ingress",
+        "ferry_tc_egress" => "ferry_tc_egress",
+        _ => "program",
+    }
+}
+
+fn prog<'a, T>(bpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T>
+where
+    &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
+{
+    let p = bpf.program_mut(name).expect("program in object");
+    p.try_into().map_err(prog_err(name))
+}
+
+fn open(what: &'static str, path: &Path) -> Result<fs::File> {
+    fs::File::open(path).map_err(|source| RedirectError::Open { what, path: path.to_owned(), source })
+}
+
+fn pin_err(path: &Path, e: impl std::fmt::Display) -> RedirectError {
+    RedirectError::Pin { path: path.to_owned(), reason: e.to_string() }
+}
+
+fn pin(link: FdLink, dir: &Path, hook: &str) -> Result<PathBuf> {
+    fs::create_dir_all(dir).map_err(|source| RedirectError::PinDir { path: dir.to_owned(), source })?;
+    let path = dir.join(hook);
+    let pinned = link.pin(&path).map_err(|e| pin_err(&path, e))?;
+    // The pin keeps the attachment alive; dropping our handle does not detach.
+    drop(pinned);
+    Ok(path)
+}
+
+/// Unpins every link under `dir`, returning them so the caller decides when
+/// they detach (after replacements are in place, for a hitless swap).
+fn take_pins(dir: &Path) -> Vec<FdLink> {
+    let Ok(rd) = fs::read_dir(dir) else { return Vec::new() };
+    rd.flatten()
+        .filter_map(|e| PinnedLink::from_pin(e.path()).ok())
+        .filter_map(|p| p.unpin().ok())
+        .collect()
+}
+
+fn ifindex_of(name: &str) -> Option<u32> {
+    let c = std::ffi::CString::new(name).ok()?;
+    // SAFETY: if_nametoindex reads a NUL-terminated string that outlives the call.
+    let i = unsafe { libc::if_nametoindex(c.as_ptr()) };
+    (i != 0).then_some(i)
+}

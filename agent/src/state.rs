@@ -1,0 +1,194 @@
+//! The agent's state store: one typed, validated view of the workloads and
+//! services it serves, built from the config file (or, later, the control
+//! plane). Routing decisions are pure functions over it.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    net::{Ipv4Addr, SocketAddrV4},
+    sync::atomic::{AtomicUsize, Ordering},
+};
+
+use serde::Serialize;
+
+use crate::config::{ConfigFile, Service, Settings, Workload};
+use crate::redirect::maps::{DstKey, DST_POD, DST_SERVICE};
+
+#[derive(Debug, Default)]
+pub struct State {
+    pub node: String,
+    pub settings: Settings,
+    /// Bumped by the agent on each applied change.
+    pub version: u64,
+    pub workloads: BTreeMap<String, Workload>,
+    pub services: Vec<Service>,
+    by_ip: HashMap<Ipv4Addr, String>,
+    /// (vip, port) -> (service index, port index)
+    by_vip: HashMap<(Ipv4Addr, u16), (usize, usize)>,
+    /// Round-robin cursor per service.
+    rr: Vec<AtomicUsize>,
+}
+
+/// Where a steered connection goes.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Route {
+    /// The endpoint address the connection is sent to.
+    pub endpoint: SocketAddrV4,
+    /// The service, when the original destination was a service VIP.
+    pub service: Option<String>,
+    /// The destination workload (uid), when the endpoint is a known pod.
+    pub workload: Option<String>,
+    pub hop: Hop,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Hop {
+    /// An enrolled pod on this node: handed to its inbound side in the agent.
+    Local,
+    /// An enrolled pod on another node: through the tunnel.
+    Tunnel,
+    /// Not in the mesh: connect directly from the source pod.
+    Direct,
+}
+
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum RouteError {
+    #[error("service {0} has no ready endpoint")]
+    NoEndpoint(String),
+}
+
+impl State {
+    pub fn from_config(cfg: ConfigFile, version: u64) -> Self {
+        let by_ip = cfg.workloads.iter().map(|w| (w.ip, w.uid.clone())).collect();
+        let mut by_vip = HashMap::new();
+        for (i, s) in cfg.services.iter().enumerate() {
+            for (k, p) in s.ports.iter().enumerate() {
+                by_vip.insert((s.vip, p.port), (i, k));
+            }
+        }
+        Self {
+            node: cfg.node,
+            settings: cfg.settings,
+            version,
+            rr: cfg.services.iter().map(|_| AtomicUsize::new(0)).collect(),
+            workloads: cfg.workloads.into_iter().map(|w| (w.uid.clone(), w)).collect(),
+            services: cfg.services,
+            by_ip,
+            by_vip,
+        }
+    }
+
+    pub fn workload_by_ip(&self, ip: Ipv4Addr) -> Option<&Workload> {
+        self.by_ip.get(&ip).and_then(|uid| self.workloads.get(uid))
+    }
+
+    /// Enrolled workloads scheduled on this node: the pods this agent captures.
+    pub fn local_enrolled(&self) -> impl Iterator<Item = &Workload> {
+        self.workloads.values().filter(|w| w.enrolled && w.node == self.node)
+    }
+
+    /// What connect4/6 steer: every service VIP:port, and every enrolled pod (any port).
+    pub fn mesh_destinations(&self) -> BTreeMap<(Ipv4Addr, u16), u32> {
+        let mut out = BTreeMap::new();
+        for s in &self.services {
+            for p in &s.ports {
+                out.insert((s.vip, p.port), DST_SERVICE);
+            }
+        }
+        for w in self.workloads.values().filter(|w| w.enrolled) {
+            out.insert((w.ip, 0), DST_POD);
+        }
+        out
+    }
+
+    /// The route for a connection whose original destination was `orig`.
+    pub fn route(&self, orig: SocketAddrV4) -> Result<Route, RouteError> {
+        let (endpoint, service) = match self.by_vip.get(&(*orig.ip(), orig.port())) {
+            Some(&(si, pi)) => {
+                let svc = &self.services[si];
+                let ready: Vec<_> = svc.endpoints.iter().filter(|e| e.ready).collect();
+                let name = format!("{}/{}", svc.namespace, svc.name);
+                if ready.is_empty() {
+                    return Err(RouteError::NoEndpoint(name));
+                }
+                let n = self.rr[si].fetch_add(1, Ordering::Relaxed) % ready.len();
+                (SocketAddrV4::new(ready[n].ip, svc.ports[pi].target_port), Some(name))
+            }
+            None => (orig, None),
+        };
+        let dst = self.workload_by_ip(*endpoint.ip());
+        let hop = match dst {
+            Some(w) if w.enrolled && w.node == self.node => Hop::Local,
+            Some(w) if w.enrolled => Hop::Tunnel,
+            _ => Hop::Direct,
+        };
+        Ok(Route { endpoint, service, workload: dst.map(|w| w.uid.clone()), hop })
+    }
+}
+
+/// The `ferry_mesh_dst` key for a mesh destination.
+pub fn dst_key((ip, port): (Ipv4Addr, u16)) -> DstKey {
+    DstKey::new(ip, port)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn state() -> State {
+        let cfg = ConfigFile::parse(
+            "t",
+            r#"
+node: n1
+workloads:
+  - {uid: a, name: client, node: n1, ip: 10.1.1.2, enrolled: true}
+  - {uid: b, name: local-srv, node: n1, ip: 10.1.1.3, enrolled: true}
+  - {uid: c, name: remote-srv, node: n2, ip: 10.1.2.3, enrolled: true}
+  - {uid: d, name: plain, node: n2, ip: 10.1.2.4}
+services:
+  - name: echo
+    vip: 10.96.0.10
+    ports: [{port: 80, targetPort: 8080}]
+    endpoints: [{ip: 10.1.1.3}, {ip: 10.1.2.3}, {ip: 10.1.2.4, ready: false}]
+  - {name: empty, vip: 10.96.0.11, ports: [{port: 80, targetPort: 80}]}
+"#,
+        )
+        .unwrap();
+        State::from_config(cfg, 1)
+    }
+
+    fn a(s: &str) -> SocketAddrV4 {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn service_round_robins_over_ready_endpoints() {
+        let s = state();
+        let r1 = s.route(a("10.96.0.10:80")).unwrap();
+        let r2 = s.route(a("10.96.0.10:80")).unwrap();
+        let r3 = s.route(a("10.96.0.10:80")).unwrap();
+        assert_eq!((r1.endpoint, r1.hop), (a("10.1.1.3:8080"), Hop::Local));
+        assert_eq!((r2.endpoint, r2.hop), (a("10.1.2.3:8080"), Hop::Tunnel));
+        assert_eq!(r3.endpoint, r1.endpoint);
+        assert_eq!(r1.service.as_deref(), Some("default/echo"));
+    }
+
+    #[test]
+    fn direct_pod_addresses_and_errors() {
+        let s = state();
+        let r = s.route(a("10.1.2.3:9000")).unwrap();
+        assert_eq!((r.endpoint, r.hop, r.workload.as_deref()), (a("10.1.2.3:9000"), Hop::Tunnel, Some("c")));
+        assert_eq!(s.route(a("10.1.2.4:1")).unwrap().hop, Hop::Direct);
+        assert_eq!(s.route(a("10.96.0.11:80")), Err(RouteError::NoEndpoint("default/empty".into())));
+    }
+
+    #[test]
+    fn mesh_destinations_cover_vips_and_enrolled_pods() {
+        let s = state();
+        let d = s.mesh_destinations();
+        assert_eq!(d.get(&("10.96.0.10".parse().unwrap(), 80)), Some(&DST_SERVICE));
+        assert_eq!(d.get(&("10.1.2.3".parse().unwrap(), 0)), Some(&DST_POD));
+        assert!(!d.contains_key(&("10.1.2.4".parse().unwrap(), 0)));
+        assert_eq!(s.local_enrolled().count(), 2);
+    }
+}

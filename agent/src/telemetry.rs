@@ -1,0 +1,198 @@
+//! Live connections and counters, plus the access log line written when a
+//! connection closes. Counters are per agent, with no per-connection labels.
+
+use std::{
+    collections::HashMap,
+    net::SocketAddrV4,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc, Mutex, OnceLock,
+    },
+    time::Instant,
+};
+
+use serde::Serialize;
+
+use crate::state::Hop;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Direction {
+    Outbound,
+    Inbound,
+    Tunnel,
+}
+
+/// One proxied connection, shared between its copy task and the admin views.
+#[derive(Debug)]
+pub struct Conn {
+    pub id: u64,
+    pub direction: Direction,
+    /// Source workload (namespace/name) or client address.
+    pub source: String,
+    pub client: SocketAddrV4,
+    /// What the app connected to (outbound) or the pod address it reached (inbound).
+    pub orig_dst: SocketAddrV4,
+    /// Set once the route is chosen.
+    pub route: OnceLock<Routed>,
+    /// Bytes from the client towards the destination.
+    pub sent: AtomicU64,
+    /// Bytes from the destination back to the client.
+    pub received: AtomicU64,
+    pub started: Instant,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Routed {
+    pub service: Option<String>,
+    pub endpoint: SocketAddrV4,
+    pub hop: Hop,
+}
+
+/// The stable JSON shape of a live connection (admin `/conns`, `ferryctl conns`).
+#[derive(Debug, Serialize, serde::Deserialize)]
+pub struct ConnView {
+    pub id: u64,
+    pub direction: String,
+    pub source: String,
+    pub client: String,
+    pub orig_dst: String,
+    pub service: Option<String>,
+    pub endpoint: Option<String>,
+    pub hop: Option<String>,
+    pub sent: u64,
+    pub received: u64,
+    pub age_ms: u64,
+}
+
+impl Conn {
+    pub fn view(&self) -> ConnView {
+        let r = self.route.get();
+        ConnView {
+            id: self.id,
+            direction: format!("{:?}", self.direction).to_lowercase(),
+            source: self.source.clone(),
+            client: self.client.to_string(),
+            orig_dst: self.orig_dst.to_string(),
+            service: r.and_then(|r| r.service.clone()),
+            endpoint: r.map(|r| r.endpoint.to_string()),
+            hop: r.map(|r| format!("{:?}", r.hop).to_lowercase()),
+            sent: self.sent.load(Ordering::Relaxed),
+            received: self.received.load(Ordering::Relaxed),
+            age_ms: self.started.elapsed().as_millis() as u64,
+        }
+    }
+}
+
+#[derive(Default, Debug, Serialize)]
+pub struct Counters {
+    pub outbound_opened: AtomicU64,
+    pub inbound_opened: AtomicU64,
+    pub tunnel_opened: AtomicU64,
+    pub closed: AtomicU64,
+    pub failed: AtomicU64,
+    pub no_orig_dst: AtomicU64,
+    pub bytes_sent: AtomicU64,
+    pub bytes_received: AtomicU64,
+    pub hop_local: AtomicU64,
+    pub hop_tunnel: AtomicU64,
+    pub hop_direct: AtomicU64,
+}
+
+#[derive(Default)]
+pub struct Telemetry {
+    next: AtomicU64,
+    live: Mutex<HashMap<u64, Arc<Conn>>>,
+    pub counters: Counters,
+}
+
+/// Removes the connection from the live table and writes its access log line
+/// when dropped, whatever way the connection ends.
+pub struct ConnGuard<'a> {
+    t: &'a Telemetry,
+    pub conn: Arc<Conn>,
+    pub outcome: Option<String>,
+}
+
+impl Telemetry {
+    pub fn open(
+        &self,
+        direction: Direction,
+        source: String,
+        client: SocketAddrV4,
+        orig_dst: SocketAddrV4,
+    ) -> ConnGuard<'_> {
+        let id = self.next.fetch_add(1, Ordering::Relaxed) + 1;
+        let c = match direction {
+            Direction::Outbound => &self.counters.outbound_opened,
+            Direction::Inbound => &self.counters.inbound_opened,
+            Direction::Tunnel => &self.counters.tunnel_opened,
+        };
+        c.fetch_add(1, Ordering::Relaxed);
+        let conn = Arc::new(Conn {
+            id,
+            direction,
+            source,
+            client,
+            orig_dst,
+            route: OnceLock::new(),
+            sent: AtomicU64::new(0),
+            received: AtomicU64::new(0),
+            started: Instant::now(),
+        });
+        self.live.lock().unwrap_or_else(|e| e.into_inner()).insert(id, conn.clone());
+        ConnGuard { t: self, conn, outcome: None }
+    }
+
+    pub fn live(&self) -> Vec<Arc<Conn>> {
+        let mut v: Vec<_> = self.live.lock().unwrap_or_else(|e| e.into_inner()).values().cloned().collect();
+        v.sort_by_key(|c| c.id);
+        v
+    }
+}
+
+impl ConnGuard<'_> {
+    /// Records where the connection goes, once decided.
+    pub fn routed(&mut self, service: Option<String>, endpoint: SocketAddrV4, hop: Hop) {
+        let c = &self.t.counters;
+        match hop {
+            Hop::Local => &c.hop_local,
+            Hop::Tunnel => &c.hop_tunnel,
+            Hop::Direct => &c.hop_direct,
+        }
+        .fetch_add(1, Ordering::Relaxed);
+        let _ = self.conn.route.set(Routed { service, endpoint, hop });
+    }
+}
+
+impl Drop for ConnGuard<'_> {
+    fn drop(&mut self) {
+        let c = &self.conn;
+        self.t.live.lock().unwrap_or_else(|e| e.into_inner()).remove(&c.id);
+        let (sent, received) = (c.sent.load(Ordering::Relaxed), c.received.load(Ordering::Relaxed));
+        let k = &self.t.counters;
+        k.closed.fetch_add(1, Ordering::Relaxed);
+        k.bytes_sent.fetch_add(sent, Ordering::Relaxed);
+        k.bytes_received.fetch_add(received, Ordering::Relaxed);
+        let outcome = self.outcome.as_deref().unwrap_or("ok");
+        if outcome != "ok" {
+            k.failed.fetch_add(1, Ordering::Relaxed);
+        }
+        tracing::info!(
+            target: "ferry::access",
+            id = c.id,
+            direction = ?c.direction,
+            source = %c.source,
+            client = %c.client,
+            orig_dst = %c.orig_dst,
+            service = c.route.get().and_then(|r| r.service.as_deref()).unwrap_or("-"),
+            endpoint = %c.route.get().map(|r| r.endpoint.to_string()).unwrap_or_else(|| "-".into()),
+            hop = ?c.route.get().map(|r| r.hop),
+            sent,
+            received,
+            duration_ms = c.started.elapsed().as_millis() as u64,
+            outcome,
+            "connection closed"
+        );
+    }
+}

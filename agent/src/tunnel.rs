@@ -1,0 +1,95 @@
+//! The hop between nodes. Today: plain TCP from the source pod's netns to the
+//! destination pod's tunnel port (15008), opened by a fixed 12-byte preface that
+//! names the target (`FERRY\x01` + IPv4 + port). The mTLS HTTP/2 CONNECT
+//! tunnel (HBONE) replaces the preface behind this same interface.
+
+use std::{
+    io,
+    net::{Ipv4Addr, SocketAddrV4},
+    time::Duration,
+};
+
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::TcpStream,
+};
+
+use crate::{netns::Netns, sockets};
+
+pub const TUNNEL_PORT: u16 = 15008;
+const MAGIC: &[u8; 6] = b"FERRY\x01";
+const PREFACE_LEN: usize = 12;
+const PREFACE_TIMEOUT: Duration = Duration::from_secs(5);
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum PrefaceError {
+    #[error("not a Ferry tunnel preface (bad magic)")]
+    BadMagic,
+    #[error("target port 0")]
+    BadPort,
+}
+
+pub fn encode(target: SocketAddrV4) -> [u8; PREFACE_LEN] {
+    let mut b = [0u8; PREFACE_LEN];
+    b[..6].copy_from_slice(MAGIC);
+    b[6..10].copy_from_slice(&target.ip().octets());
+    b[10..12].copy_from_slice(&target.port().to_be_bytes());
+    b
+}
+
+pub fn decode(b: &[u8; PREFACE_LEN]) -> Result<SocketAddrV4, PrefaceError> {
+    if &b[..6] != MAGIC {
+        return Err(PrefaceError::BadMagic);
+    }
+    let ip = Ipv4Addr::new(b[6], b[7], b[8], b[9]);
+    let port = u16::from_be_bytes([b[10], b[11]]);
+    if port == 0 {
+        return Err(PrefaceError::BadPort);
+    }
+    Ok(SocketAddrV4::new(ip, port))
+}
+
+/// How the agent reaches a pod on another node.
+#[derive(Clone, Copy, Debug, Default)]
+pub enum Tunnel {
+    #[default]
+    Plain,
+}
+
+impl Tunnel {
+    /// Opens a stream from `src` (the source pod's netns) to `target` on another node.
+    pub async fn open(&self, src: &Netns, target: SocketAddrV4) -> io::Result<TcpStream> {
+        match self {
+            Tunnel::Plain => {
+                let mut s = sockets::connect(Some(src), sockets::Source::Any, SocketAddrV4::new(*target.ip(), TUNNEL_PORT)).await?;
+                s.write_all(&encode(target)).await?;
+                Ok(s)
+            }
+        }
+    }
+
+    /// Reads the target of an accepted tunnel stream.
+    pub async fn accept(&self, s: &mut TcpStream) -> io::Result<SocketAddrV4> {
+        let mut b = [0u8; PREFACE_LEN];
+        tokio::time::timeout(PREFACE_TIMEOUT, s.read_exact(&mut b))
+            .await
+            .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "no tunnel preface within 5s"))??;
+        decode(&b).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn preface_round_trips_and_rejects_garbage() {
+        let t: SocketAddrV4 = "10.1.2.3:8080".parse().unwrap();
+        assert_eq!(decode(&encode(t)), Ok(t));
+        assert_eq!(decode(b"GET / HTTP/1"), Err(PrefaceError::BadMagic));
+        let mut z = encode(t);
+        z[10] = 0;
+        z[11] = 0;
+        assert_eq!(decode(&z), Err(PrefaceError::BadPort));
+    }
+}
