@@ -131,15 +131,21 @@ int ferry_connect6(struct bpf_sock_addr *ctx)
 /* IPv4 address of a sockops socket, also for IPv4-mapped IPv6 sockets. */
 static __always_inline int sockops_v4(struct bpf_sock_ops *s, __u32 *local, __u32 *remote)
 {
+	/* The barriers stop clang from merging the two branches' loads into one
+	 * load through a computed ctx pointer, which the verifier rejects. */
 	if (s->family == 2 /* AF_INET */) {
 		*local = s->local_ip4;
+		asm volatile("" ::: "memory");
 		*remote = s->remote_ip4;
+		asm volatile("" ::: "memory");
 		return 1;
 	}
 	if (s->family == 10 /* AF_INET6 */ && s->local_ip6[0] == 0 && s->local_ip6[1] == 0 &&
 	    s->local_ip6[2] == bpf_htonl(0x0000ffff) && s->remote_ip6[2] == bpf_htonl(0x0000ffff)) {
 		*local = s->local_ip6[3];
+		asm volatile("" ::: "memory");
 		*remote = s->remote_ip6[3];
+		asm volatile("" ::: "memory");
 		return 1;
 	}
 	return 0;
@@ -215,14 +221,14 @@ int ferry_sk_msg(struct sk_msg_md *msg)
 		.local_port = bpf_ntohl(msg->remote_port),
 		.remote_port = msg->local_port,
 	};
-	if (!bpf_map_lookup_elem(&ferry_splice, &peer)) {
+	/* SK_DROP from the helper only means "no such peer": nothing was
+	 * redirected, so let the message take the normal path. */
+	if (bpf_msg_redirect_hash(msg, &ferry_splice, &peer, BPF_F_INGRESS) != SK_PASS) {
 		stat_inc(FERRY_STAT_SPLICE_MISS);
 		return SK_PASS;
 	}
-	long ret = bpf_msg_redirect_hash(msg, &ferry_splice, &peer, BPF_F_INGRESS);
-	if (ret == SK_PASS)
-		stat_inc(FERRY_STAT_SPLICE_MSGS);
-	return ret;
+	stat_inc(FERRY_STAT_SPLICE_MSGS);
+	return SK_PASS;
 }
 
 /*

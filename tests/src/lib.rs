@@ -1,1 +1,594 @@
+//! Cluster-in-a-box: two (or more) simulated Kubernetes nodes on one kernel.
+//!
+//! - a node = a network namespace with a bridge (the pod network) and an
+//!   underlay veth to the other nodes, its own `ferry-agent` running inside it
+//!   in a cgroup of its own;
+//! - a pod = a network namespace with `eth0` on its node's bridge, and a cgroup
+//!   v2 dir laid out like a kubelet's (`<node>/kubepods/pod<uid>`);
+//! - services exist only as VIPs in the mesh config (no kube-proxy).
+//!
+//! Every name carries the box id, so boxes run in parallel; addresses live only
+//! inside the box's namespaces (no route leaves the machine). A state file in
+//! /run/ferry-box/ lets `down` remove everything, also after a crash.
 
+pub mod proto;
+pub mod sys;
+
+use std::{
+    fs,
+    io::{Read, Write},
+    net::{Ipv4Addr, SocketAddrV4, TcpStream},
+    os::{fd::AsRawFd, unix::process::CommandExt},
+    path::{Path, PathBuf},
+    process::{Child, Command, Output, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+
+use ferry_agent::config::{ConfigFile, Endpoint, Service, ServicePort, Settings, Workload};
+
+pub const STATE_DIR: &str = "/run/ferry-box";
+pub const PIN_ROOT: &str = "/sys/fs/bpf/ferry";
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct PodSpec {
+    pub name: String,
+    pub node: usize,
+    pub enrolled: bool,
+    /// Ports the sample server listens on (none: no server).
+    pub serve: Vec<u16>,
+    #[serde(default)]
+    pub labels: Vec<(String, String)>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ServiceSpec {
+    pub name: String,
+    pub vip: Ipv4Addr,
+    pub port: u16,
+    pub target_port: u16,
+    /// Pod names backing it.
+    pub endpoints: Vec<String>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Spec {
+    pub nodes: usize,
+    pub pods: Vec<PodSpec>,
+    pub services: Vec<ServiceSpec>,
+    pub splice: bool,
+}
+
+impl Spec {
+    /// The demo topology: a client on each node, an echo service with one
+    /// endpoint per node, and a pod that is not in the mesh.
+    pub fn demo() -> Self {
+        let pod = |name: &str, node, enrolled, serve: &[u16]| PodSpec {
+            name: name.into(),
+            node,
+            enrolled,
+            serve: serve.to_vec(),
+            labels: vec![("app".into(), name.trim_end_matches(char::is_numeric).trim_end_matches('-').into())],
+        };
+        Spec {
+            nodes: 2,
+            pods: vec![
+                pod("client", 0, true, &[]),
+                pod("echo-1", 0, true, &[8080]),
+                pod("echo-2", 1, true, &[8080]),
+                pod("outsider", 1, false, &[8080]),
+            ],
+            services: vec![ServiceSpec {
+                name: "echo".into(),
+                vip: Ipv4Addr::new(10, 96, 0, 10),
+                port: 80,
+                target_port: 8080,
+                endpoints: vec!["echo-1".into(), "echo-2".into()],
+            }],
+            splice: false,
+        }
+    }
+}
+
+/// Everything a box created, persisted so `down` works from another process.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct BoxState {
+    pub id: String,
+    pub spec: Spec,
+    pub dir: PathBuf,
+    pub cgroup: PathBuf,
+    pub bin_dir: PathBuf,
+    pub agent_pids: Vec<u32>,
+    pub server_pids: Vec<u32>,
+}
+
+pub struct ClusterBox {
+    pub state: BoxState,
+    agents: Vec<Option<Child>>,
+    servers: Vec<Child>,
+    /// Remove everything on drop (tests); `box up` keeps it.
+    pub teardown_on_drop: bool,
+}
+
+impl BoxState {
+    pub fn node_name(&self, i: usize) -> String {
+        format!("{}-node{}", self.id, i + 1)
+    }
+    pub fn node_netns(&self, i: usize) -> String {
+        self.node_name(i)
+    }
+    pub fn pod_netns(&self, pod: &str) -> String {
+        format!("{}-{pod}", self.id)
+    }
+    pub fn pod_index(&self, pod: &str) -> Result<usize> {
+        self.spec.pods.iter().position(|p| p.name == pod).with_context(|| format!("no pod named {pod} in box {}", self.id))
+    }
+    pub fn pod_ip(&self, pod: &str) -> Result<Ipv4Addr> {
+        let i = self.pod_index(pod)?;
+        let p = &self.spec.pods[i];
+        Ok(Ipv4Addr::new(10, 1, p.node as u8 + 1, i as u8 + 10))
+    }
+    pub fn pod_uid(&self, pod: &str) -> String {
+        format!("{}-{pod}-uid", self.id)
+    }
+    pub fn pod_cgroup(&self, pod: &str) -> Result<PathBuf> {
+        let p = &self.spec.pods[self.pod_index(pod)?];
+        Ok(self.kubepods(p.node).join(format!("pod{}", self.pod_uid(pod))))
+    }
+    pub fn kubepods(&self, node: usize) -> PathBuf {
+        self.cgroup.join(format!("node{}", node + 1)).join("kubepods")
+    }
+    pub fn agent_cgroup(&self, node: usize) -> PathBuf {
+        self.cgroup.join(format!("node{}", node + 1)).join("ferry-agent")
+    }
+    pub fn config_path(&self, node: usize) -> PathBuf {
+        self.dir.join(format!("node{}.yaml", node + 1))
+    }
+    pub fn agent_log(&self, node: usize) -> PathBuf {
+        self.dir.join(format!("agent-node{}.log", node + 1))
+    }
+    pub fn pin_dir(&self, node: usize) -> PathBuf {
+        Path::new(PIN_ROOT).join(self.node_name(node))
+    }
+    fn host_veth(&self, pod: usize) -> String {
+        format!("veth{pod}")
+    }
+
+    /// The agent config for `node`, from the spec (and its current enrollment).
+    pub fn agent_config(&self, node: usize) -> ConfigFile {
+        let workloads = self
+            .spec
+            .pods
+            .iter()
+            .enumerate()
+            .map(|(i, p)| Workload {
+                uid: self.pod_uid(&p.name),
+                name: p.name.clone(),
+                namespace: "default".into(),
+                service_account: p.name.clone(),
+                node: self.node_name(p.node),
+                ip: self.pod_ip(&p.name).expect("pod in spec"),
+                enrolled: p.enrolled,
+                labels: p.labels.iter().cloned().collect(),
+                netns: (p.node == node).then(|| PathBuf::from(format!("/run/netns/{}", self.pod_netns(&p.name)))),
+                host_veth: (p.node == node).then(|| self.host_veth(i)),
+            })
+            .collect();
+        let services = self
+            .spec
+            .services
+            .iter()
+            .map(|s| Service {
+                name: s.name.clone(),
+                namespace: "default".into(),
+                vip: s.vip,
+                ports: vec![ServicePort { port: s.port, target_port: s.target_port, name: Some("tcp".into()) }],
+                endpoints: s
+                    .endpoints
+                    .iter()
+                    .map(|e| Endpoint { ip: self.pod_ip(e).expect("endpoint pod in spec"), ready: true })
+                    .collect(),
+            })
+            .collect();
+        ConfigFile {
+            node: self.node_name(node),
+            settings: Settings { splice: self.spec.splice, events: true, cgroup_root: Some(self.kubepods(node)) },
+            workloads,
+            services,
+        }
+    }
+
+    /// Writes every node's config atomically (agents pick it up on change).
+    pub fn write_configs(&self) -> Result<()> {
+        for n in 0..self.spec.nodes {
+            let text = serde_norway::to_string(&self.agent_config(n))?;
+            let tmp = self.config_path(n).with_extension("tmp");
+            fs::write(&tmp, text)?;
+            fs::rename(&tmp, self.config_path(n))?;
+        }
+        Ok(())
+    }
+
+    fn save(&self) -> Result<()> {
+        fs::write(Path::new(STATE_DIR).join(format!("{}.json", self.id)), serde_json::to_vec_pretty(self)?)?;
+        Ok(())
+    }
+
+    pub fn load(id: &str) -> Result<Self> {
+        let p = Path::new(STATE_DIR).join(format!("{id}.json"));
+        let s = fs::read(&p).with_context(|| format!("no box {id} ({} missing)", p.display()))?;
+        Ok(serde_json::from_slice(&s)?)
+    }
+
+    /// Ids of every box whose state file exists.
+    pub fn list() -> Vec<String> {
+        let Ok(rd) = fs::read_dir(STATE_DIR) else { return vec![] };
+        rd.flatten()
+            .filter_map(|e| e.file_name().to_str()?.strip_suffix(".json").map(str::to_owned))
+            .collect()
+    }
+
+    /// A command that will run as `pod` (its cgroup and netns).
+    pub fn pod_command(&self, pod: &str, program: &str, args: &[&str]) -> Result<Command> {
+        let cg = self.pod_cgroup(pod)?.join("cgroup.procs");
+        let ns = fs::File::open(format!("/run/netns/{}", self.pod_netns(pod)))?;
+        Ok(command_in(program, args, Some(cg), ns))
+    }
+
+    /// A command in a node's netns (the agent's side: admin endpoint, ferryctl).
+    pub fn node_command(&self, node: usize, program: &str, args: &[&str]) -> Result<Command> {
+        let ns = fs::File::open(format!("/run/netns/{}", self.node_netns(node)))?;
+        Ok(command_in(program, args, None, ns))
+    }
+
+    pub fn bin(&self, name: &str) -> String {
+        self.bin_dir.join(name).display().to_string()
+    }
+
+    /// Runs the sample client in `pod`; returns its stdout, failing on non-zero exit.
+    pub fn client(&self, pod: &str, args: &[&str]) -> Result<String> {
+        let out = self.pod_command(pod, &self.bin("ferry-workload"), &[&["client"], args].concat())?.output()?;
+        output_ok(out, &format!("client in {pod}"))
+    }
+
+    /// GET on a node agent's admin endpoint (inside that node's netns).
+    pub fn admin_get(&self, node: usize, path: &str) -> Result<(u16, String)> {
+        let ns = fs::File::open(format!("/run/netns/{}", self.node_netns(node)))?;
+        let path = path.to_owned();
+        std::thread::spawn(move || -> Result<(u16, String)> {
+            // SAFETY: setns on this short-lived thread only; the fd is open.
+            if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                bail!("setns: {}", std::io::Error::last_os_error());
+            }
+            let mut s = TcpStream::connect_timeout(&"127.0.0.1:15000".parse()?, Duration::from_secs(2))?;
+            s.set_read_timeout(Some(Duration::from_secs(5)))?;
+            write!(s, "GET {path} HTTP/1.0\r\nHost: admin\r\n\r\n")?;
+            let mut resp = String::new();
+            s.read_to_string(&mut resp)?;
+            let code = resp.get(9..12).and_then(|c| c.parse().ok()).unwrap_or(0);
+            let body = resp.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
+            Ok((code, body))
+        })
+        .join()
+        .map_err(|_| anyhow::anyhow!("admin thread panicked"))?
+    }
+
+    pub fn admin_json(&self, node: usize, path: &str) -> Result<serde_json::Value> {
+        let (code, body) = self.admin_get(node, path)?;
+        if code != 200 {
+            bail!("admin {path} on node {}: HTTP {code}: {body}", node + 1);
+        }
+        Ok(serde_json::from_str(&body)?)
+    }
+
+    /// Waits until every agent has applied a config version >= `min_version`.
+    pub fn wait_applied(&self, min_version: u64) -> Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        for n in 0..self.spec.nodes {
+            loop {
+                if let Ok(v) = self.admin_json(n, "/config_dump") {
+                    if v["version"].as_u64().unwrap_or(0) >= min_version {
+                        break;
+                    }
+                }
+                if Instant::now() > deadline {
+                    let log = fs::read_to_string(self.agent_log(n)).unwrap_or_default();
+                    let tail: Vec<&str> = log.lines().rev().take(15).collect::<Vec<_>>().into_iter().rev().collect();
+                    bail!("agent on node {} did not apply config version {min_version}; log tail:\n{}", n + 1, tail.join("\n"));
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+        Ok(())
+    }
+
+    pub fn config_version(&self, node: usize) -> Result<u64> {
+        Ok(self.admin_json(node, "/config_dump")?["version"].as_u64().unwrap_or(0))
+    }
+}
+
+pub fn output_ok(out: Output, what: &str) -> Result<String> {
+    if !out.status.success() {
+        bail!("{what} failed ({}): {}{}", out.status, String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn command_in(program: &str, args: &[&str], cgroup_procs: Option<PathBuf>, ns: fs::File) -> Command {
+    let mut c = Command::new(program);
+    c.args(args);
+    // SAFETY: between fork and exec we only write our pid to a cgroup file and
+    // call setns, both async-signal-safe syscalls on fds/paths prepared before.
+    unsafe {
+        c.pre_exec(move || {
+            if let Some(p) = &cgroup_procs {
+                fs::write(p, std::process::id().to_string())?;
+            }
+            if libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    c
+}
+
+/// Directory of the built binaries (ferry-agent, ferryctl, ferry-workload).
+pub fn default_bin_dir() -> PathBuf {
+    if let Ok(d) = std::env::var("FERRY_BIN_DIR") {
+        return PathBuf::from(d);
+    }
+    let exe = std::env::current_exe().unwrap_or_default();
+    let dir = exe.parent().unwrap_or(Path::new("."));
+    if dir.ends_with("deps") {
+        dir.parent().unwrap_or(dir).to_owned()
+    } else {
+        dir.to_owned()
+    }
+}
+
+impl ClusterBox {
+    /// Creates the box and starts agents and sample servers. On any failure,
+    /// what was created is removed.
+    pub fn up(spec: Spec, bin_dir: PathBuf) -> Result<Self> {
+        for b in ["ferry-agent", "ferry-workload"] {
+            if !bin_dir.join(b).exists() {
+                bail!("{} not found in {} (run `cargo build --bins` first)", b, bin_dir.display());
+            }
+        }
+        sys::ensure_bpffs()?;
+        fs::create_dir_all(STATE_DIR)?;
+        let id = format!("fb{:06x}", sys::rand_u32() & 0xff_ffff);
+        let state = BoxState {
+            dir: Path::new(STATE_DIR).join(&id),
+            cgroup: sys::cgroup2_root()?.join(format!("ferry-box-{id}")),
+            id,
+            spec,
+            bin_dir,
+            agent_pids: vec![],
+            server_pids: vec![],
+        };
+        fs::create_dir_all(&state.dir)?;
+        state.save()?;
+        let mut b = ClusterBox { state, agents: vec![], servers: vec![], teardown_on_drop: true };
+        if let Err(e) = b.build() {
+            let _ = down(&b.state.id);
+            b.teardown_on_drop = false;
+            return Err(e);
+        }
+        Ok(b)
+    }
+
+    fn build(&mut self) -> Result<()> {
+        let s = &self.state;
+        let mut ip = Vec::new();
+        for n in 0..s.spec.nodes {
+            ip.push(format!("netns add {}", s.node_netns(n)));
+        }
+        for p in &s.spec.pods {
+            ip.push(format!("netns add {}", s.pod_netns(&p.name)));
+        }
+        sys::ip_batch(&ip)?;
+        let mut ip = Vec::new();
+        for n in 0..s.spec.nodes {
+            let ns = s.node_netns(n);
+            ip.push(format!("-n {ns} link set lo up"));
+            ip.push(format!("-n {ns} link add br0 type bridge"));
+            ip.push(format!("-n {ns} addr add 10.1.{}.1/24 dev br0", n + 1));
+            ip.push(format!("-n {ns} link set br0 up"));
+        }
+        // Underlay: node i <-> node j by a veth pair (a full mesh; 2 nodes = 1 link).
+        for i in 0..s.spec.nodes {
+            for j in i + 1..s.spec.nodes {
+                let (a, b) = (s.node_netns(i), s.node_netns(j));
+                let net = format!("10.200.{}", i * 16 + j);
+                ip.push(format!("-n {a} link add u{j} type veth peer name u{i} netns {b}"));
+                ip.push(format!("-n {a} addr add {net}.1/24 dev u{j}"));
+                ip.push(format!("-n {b} addr add {net}.2/24 dev u{i}"));
+                ip.push(format!("-n {a} link set u{j} up"));
+                ip.push(format!("-n {b} link set u{i} up"));
+                ip.push(format!("-n {a} route add 10.1.{}.0/24 via {net}.2", j + 1));
+                ip.push(format!("-n {b} route add 10.1.{}.0/24 via {net}.1", i + 1));
+            }
+        }
+        for (i, p) in s.spec.pods.iter().enumerate() {
+            let (node, pod) = (s.node_netns(p.node), s.pod_netns(&p.name));
+            let veth = s.host_veth(i);
+            ip.push(format!("-n {node} link add {veth} type veth peer name eth0 netns {pod}"));
+            ip.push(format!("-n {node} link set {veth} master br0 up"));
+            ip.push(format!("-n {pod} link set lo up"));
+            ip.push(format!("-n {pod} addr add {}/24 dev eth0", s.pod_ip(&p.name)?));
+            ip.push(format!("-n {pod} link set eth0 up"));
+            ip.push(format!("-n {pod} route add default via 10.1.{}.1", p.node + 1));
+        }
+        sys::ip_batch(&ip)?;
+        for n in 0..s.spec.nodes {
+            s.node_command(n, "sysctl", &["-qw", "net.ipv4.ip_forward=1"])?.status()?;
+        }
+        for p in &s.spec.pods {
+            fs::create_dir_all(s.pod_cgroup(&p.name)?)?;
+        }
+        for n in 0..s.spec.nodes {
+            fs::create_dir_all(s.agent_cgroup(n))?;
+        }
+        s.write_configs()?;
+        for n in 0..s.spec.nodes {
+            self.start_agent(n)?;
+        }
+        self.state.wait_applied(1)?;
+        let s = self.state.clone();
+        for p in &s.spec.pods {
+            for port in &p.serve {
+                let child = s
+                    .pod_command(&p.name, &s.bin("ferry-workload"), &["serve", "--name", &p.name, "--port", &port.to_string()])?
+                    .stdout(Stdio::null())
+                    .spawn()?;
+                self.state.server_pids.push(child.id());
+                self.servers.push(child);
+            }
+        }
+        // Servers are ready once their port accepts (checked from the node).
+        for p in &s.spec.pods {
+            for port in &p.serve {
+                self.wait_port(p.node, SocketAddrV4::new(s.pod_ip(&p.name)?, *port))?;
+            }
+        }
+        self.state.save()
+    }
+
+    fn wait_port(&self, node: usize, addr: SocketAddrV4) -> Result<()> {
+        let ns = fs::File::open(format!("/run/netns/{}", self.state.node_netns(node)))?;
+        std::thread::spawn(move || -> Result<()> {
+            // SAFETY: setns on this short-lived thread only.
+            if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                bail!("setns failed");
+            }
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while TcpStream::connect_timeout(&addr.into(), Duration::from_millis(200)).is_err() {
+                if Instant::now() > deadline {
+                    bail!("server {addr} did not start");
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Ok(())
+        })
+        .join()
+        .map_err(|_| anyhow::anyhow!("wait thread panicked"))?
+    }
+
+    /// Starts (or restarts) the agent of `node`.
+    pub fn start_agent(&mut self, node: usize) -> Result<()> {
+        let s = &self.state;
+        let log = fs::OpenOptions::new().create(true).append(true).open(s.agent_log(node))?;
+        let procs = s.agent_cgroup(node).join("cgroup.procs");
+        let ns = fs::File::open(format!("/run/netns/{}", s.node_netns(node)))?;
+        let mut cmd = command_in(
+            &s.bin("ferry-agent"),
+            &["--config", s.config_path(node).to_str().unwrap(), "--pin-root", PIN_ROOT, "--log-json"],
+            Some(procs),
+            ns,
+        );
+        cmd.env("FERRY_LOG", std::env::var("FERRY_LOG").unwrap_or_else(|_| "info,ferry::ebpf=debug".into()));
+        let child = cmd.stdout(log.try_clone()?).stderr(log).spawn()?;
+        let pid = child.id();
+        while self.agents.len() <= node {
+            self.agents.push(None);
+            self.state.agent_pids.push(0);
+        }
+        self.agents[node] = Some(child);
+        self.state.agent_pids[node] = pid;
+        self.state.save()
+    }
+
+    /// Stops a node's agent with SIGTERM (graceful: pins stay).
+    pub fn stop_agent(&mut self, node: usize) -> Result<()> {
+        if let Some(mut c) = self.agents.get_mut(node).and_then(Option::take) {
+            // SAFETY: signalling our own child process.
+            unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while c.try_wait()?.is_none() {
+                if Instant::now() > deadline {
+                    let _ = c.kill();
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        Ok(())
+    }
+
+    /// Changes the spec (e.g. enrollment) and waits for every agent to apply it.
+    pub fn update(&mut self, f: impl FnOnce(&mut Spec)) -> Result<()> {
+        let versions: Vec<u64> = (0..self.state.spec.nodes).map(|n| self.state.config_version(n)).collect::<Result<_>>()?;
+        f(&mut self.state.spec);
+        self.state.save()?;
+        self.state.write_configs()?;
+        let min = versions.iter().min().copied().unwrap_or(0) + 1;
+        self.state.wait_applied(min)
+    }
+
+    pub fn agent_log(&self, node: usize) -> String {
+        fs::read_to_string(self.state.agent_log(node)).unwrap_or_default()
+    }
+
+    /// Leaves the box running after this handle is dropped.
+    pub fn keep(mut self) -> BoxState {
+        self.teardown_on_drop = false;
+        for c in self.agents.iter_mut().flatten() {
+            let _ = c.try_wait();
+        }
+        self.agents.clear();
+        self.servers.clear();
+        self.state.clone()
+    }
+}
+
+impl Drop for ClusterBox {
+    fn drop(&mut self) {
+        if self.teardown_on_drop {
+            for n in 0..self.agents.len() {
+                let _ = self.stop_agent(n);
+            }
+            for c in &mut self.servers {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+            if let Err(e) = down(&self.state.id) {
+                eprintln!("box {} teardown: {e:#}", self.state.id);
+            }
+        }
+    }
+}
+
+/// Removes every trace of box `id`: processes, namespaces, cgroups, pins, files.
+pub fn down(id: &str) -> Result<()> {
+    let st = BoxState::load(id).ok();
+    if let Some(st) = &st {
+        for pid in st.agent_pids.iter().chain(&st.server_pids).filter(|p| **p > 0) {
+            // SAFETY: kill(2) on pids this box started (they are also in its cgroups).
+            unsafe { libc::kill(*pid as i32, libc::SIGKILL) };
+        }
+        sys::remove_cgroup_tree(&st.cgroup);
+        for n in 0..st.spec.nodes {
+            let _ = ferry_agent::redirect::remove_node_pins(&st.pin_dir(n));
+        }
+        let _ = fs::remove_dir_all(&st.dir);
+    }
+    // Namespaces by prefix, so a crash before the state file was complete is covered.
+    if let Ok(list) = sys::run("ip", &["netns", "list"]) {
+        for ns in list.lines().filter_map(|l| l.split_whitespace().next()).filter(|n| n.starts_with(&format!("{id}-"))) {
+            let _ = sys::run("ip", &["netns", "del", ns]);
+        }
+    }
+    if let Ok(root) = sys::cgroup2_root() {
+        sys::remove_cgroup_tree(&root.join(format!("ferry-box-{id}")));
+    }
+    if let Ok(rd) = fs::read_dir(PIN_ROOT) {
+        for e in rd.flatten().filter(|e| e.file_name().to_string_lossy().starts_with(&format!("{id}-"))) {
+            let _ = fs::remove_dir_all(e.path());
+        }
+    }
+    let _ = fs::remove_file(Path::new(STATE_DIR).join(format!("{id}.json")));
+    Ok(())
+}

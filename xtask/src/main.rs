@@ -1,1 +1,140 @@
-fn main() {}
+//! cargo xtask: prerequisites, the cluster-in-a-box, the demo and the tests.
+
+mod deps;
+mod demo;
+
+use std::{path::PathBuf, process::Command};
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+use ferry_box::{BoxState, ClusterBox, Spec};
+
+#[derive(Parser)]
+#[command(about = "Ferry's development tasks")]
+struct Args {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Check (and as root, install) the system packages Ferry needs.
+    Deps,
+    /// Bring up the cluster-in-a-box, drive traffic, show what happened.
+    Demo {
+        /// Leave the box running afterwards.
+        #[arg(long)]
+        keep: bool,
+    },
+    /// Run every test (unit and cluster-in-a-box integration), as root.
+    Test {
+        /// Extra arguments for `cargo test`.
+        #[arg(trailing_var_arg = true)]
+        args: Vec<String>,
+    },
+    /// Manage a cluster-in-a-box.
+    Box {
+        #[command(subcommand)]
+        op: BoxOp,
+    },
+}
+
+#[derive(Subcommand)]
+enum BoxOp {
+    /// Create a box with the demo topology and leave it running.
+    Up,
+    /// Remove a box (or every box) and all it created.
+    Down { id: Option<String> },
+    /// List running boxes.
+    List,
+    /// Run CMD as POD (its netns and cgroup), or in a node's netns with `node1`, `node2`.
+    Exec {
+        #[arg(long)]
+        id: Option<String>,
+        target: String,
+        #[arg(trailing_var_arg = true, required = true)]
+        cmd: Vec<String>,
+    },
+}
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    match args.cmd {
+        Cmd::Deps => deps::ensure(),
+        Cmd::Demo { keep } => {
+            deps::ensure()?;
+            let bins = build_bins()?;
+            demo::run(bins, keep)
+        }
+        Cmd::Test { args } => {
+            deps::ensure()?;
+            let bins = build_bins()?;
+            let st = Command::new("cargo")
+                .args(["test", "--workspace"])
+                .args(&args)
+                .env("FERRY_BIN_DIR", &bins)
+                .status()?;
+            if !st.success() {
+                bail!("tests failed");
+            }
+            Ok(())
+        }
+        Cmd::Box { op } => match op {
+            BoxOp::Up => {
+                deps::ensure()?;
+                let bins = build_bins()?;
+                let b = ClusterBox::up(Spec::demo(), bins)?;
+                let st = b.keep();
+                println!("box {} is up; `cargo xtask box exec <pod> -- CMD`, `cargo xtask box down {}`", st.id, st.id);
+                Ok(())
+            }
+            BoxOp::Down { id } => {
+                let ids = match id {
+                    Some(id) => vec![id],
+                    None => BoxState::list(),
+                };
+                for id in ids {
+                    ferry_box::down(&id)?;
+                    println!("box {id} removed");
+                }
+                Ok(())
+            }
+            BoxOp::List => {
+                for id in BoxState::list() {
+                    println!("{id}");
+                }
+                Ok(())
+            }
+            BoxOp::Exec { id, target, cmd } => {
+                let id = match id {
+                    Some(id) => id,
+                    None => match BoxState::list().as_slice() {
+                        [one] => one.clone(),
+                        [] => bail!("no box is up (`cargo xtask box up`)"),
+                        _ => bail!("several boxes are up: pass --id"),
+                    },
+                };
+                let st = BoxState::load(&id)?;
+                let args: Vec<&str> = cmd[1..].iter().map(String::as_str).collect();
+                let mut c = match target.strip_prefix("node").and_then(|n| n.parse::<usize>().ok()) {
+                    Some(n) if n >= 1 => st.node_command(n - 1, &cmd[0], &args)?,
+                    _ => st.pod_command(&target, &cmd[0], &args)?,
+                };
+                let status = c.env("PATH", format!("{}:{}", st.bin_dir.display(), std::env::var("PATH").unwrap_or_default())).status()?;
+                std::process::exit(status.code().unwrap_or(1));
+            }
+        },
+    }
+}
+
+/// Builds every binary and returns the directory holding them.
+fn build_bins() -> Result<PathBuf> {
+    let st = Command::new("cargo").args(["build", "--workspace", "--bins"]).status().context("running cargo build")?;
+    if !st.success() {
+        bail!("cargo build failed");
+    }
+    let out = Command::new("cargo").args(["metadata", "--format-version=1", "--no-deps"]).output()?;
+    let meta: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    let target = meta["target_directory"].as_str().context("cargo metadata: no target_directory")?;
+    Ok(PathBuf::from(target).join("debug"))
+}

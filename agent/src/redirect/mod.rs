@@ -20,6 +20,7 @@ use std::{
     sync::Mutex,
 };
 
+// bpf_link based cgroup attachments are always "multi"; Single means flags 0.
 use aya::{
     maps::{HashMap as BpfHash, MapData, SockHash},
     programs::{
@@ -213,7 +214,7 @@ impl Redirector {
         let links = self.dir.join("links/agent");
         let old = take_pins(&links);
         let p: &mut SockOps = prog(&mut self.bpf, "ferry_sockops")?;
-        let id = p.attach(&f, CgroupAttachMode::AllowMultiple).map_err(prog_err("ferry_sockops"))?;
+        let id = p.attach(&f, CgroupAttachMode::Single).map_err(prog_err("ferry_sockops"))?;
         let link: FdLink = p.take_link(id).map_err(prog_err("ferry_sockops"))?.try_into().map_err(|e| pin_err(&links, e))?;
         pin(link, &links, "sockops")?;
         drop(old);
@@ -230,12 +231,12 @@ impl Redirector {
         let cg = open("pod cgroup", pod.cgroup)?;
         for (name, hook) in [("ferry_connect4", "connect4"), ("ferry_connect6", "connect6")] {
             let p: &mut CgroupSockAddr = prog(&mut self.bpf, name)?;
-            let id = p.attach(&cg, CgroupAttachMode::AllowMultiple).map_err(prog_err(static_name(name)))?;
+            let id = p.attach(&cg, CgroupAttachMode::Single).map_err(prog_err(static_name(name)))?;
             let l: FdLink = p.take_link(id).map_err(prog_err(static_name(name)))?.try_into().map_err(|e| pin_err(&links_dir, e))?;
             links.push(pin(l, &links_dir, hook)?);
         }
         let p: &mut SockOps = prog(&mut self.bpf, "ferry_sockops")?;
-        let id = p.attach(&cg, CgroupAttachMode::AllowMultiple).map_err(prog_err("ferry_sockops"))?;
+        let id = p.attach(&cg, CgroupAttachMode::Single).map_err(prog_err("ferry_sockops"))?;
         let l: FdLink = p.take_link(id).map_err(prog_err("ferry_sockops"))?.try_into().map_err(|e| pin_err(&links_dir, e))?;
         links.push(pin(l, &links_dir, "sockops")?);
 

@@ -1,1 +1,202 @@
-fn main() {}
+//! Sample workload for the cluster-in-a-box: a TCP server and client speaking
+//! the tiny protocol in `ferry_box::proto` (WHO, ECHO, SINK, SOURCE).
+
+use std::{
+    io::{BufRead, BufReader, Read, Write},
+    net::{Shutdown, SocketAddr, TcpListener, TcpStream},
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+use ferry_box::proto::{hex, pattern, sha256_of_pattern};
+use sha2::{Digest, Sha256};
+
+#[derive(Parser)]
+struct Args {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Serve the protocol on 0.0.0.0:PORT.
+    Serve {
+        #[arg(long)]
+        name: String,
+        #[arg(long)]
+        port: u16,
+    },
+    /// Client side; prints one JSON line.
+    Client {
+        #[command(subcommand)]
+        op: Op,
+    },
+}
+
+#[derive(Subcommand)]
+enum Op {
+    /// Ask who answers (prints the server pod and the client address it saw).
+    Who { #[arg(long)] to: SocketAddr },
+    /// Echo BYTES through the server and compare checksums (half-closes after sending).
+    Echo { #[arg(long)] to: SocketAddr, #[arg(long)] bytes: u64 },
+    /// CONNS concurrent echoes of BYTES each.
+    Stress { #[arg(long)] to: SocketAddr, #[arg(long)] conns: usize, #[arg(long)] bytes: u64 },
+    /// Send a little and reset the connection mid-stream.
+    EarlyClose { #[arg(long)] to: SocketAddr },
+    /// Try to connect; prints whether it worked (never fails).
+    Probe { #[arg(long)] to: SocketAddr },
+}
+
+fn main() -> Result<()> {
+    match Args::parse().cmd {
+        Cmd::Serve { name, port } => serve(name, port),
+        Cmd::Client { op } => client(op),
+    }
+}
+
+fn serve(name: String, port: u16) -> Result<()> {
+    let l = TcpListener::bind(("0.0.0.0", port)).with_context(|| format!("bind {port}"))?;
+    let name = Arc::new(name);
+    for s in l.incoming() {
+        let Ok(s) = s else { continue };
+        let name = name.clone();
+        std::thread::spawn(move || {
+            let _ = handle(&name, s);
+        });
+    }
+    Ok(())
+}
+
+fn handle(name: &str, s: TcpStream) -> Result<()> {
+    let peer = s.peer_addr()?;
+    let mut r = BufReader::new(s.try_clone()?);
+    let mut w = s;
+    let mut line = String::new();
+    r.read_line(&mut line)?;
+    let mut it = line.split_whitespace();
+    match (it.next(), it.next().and_then(|n| n.parse::<u64>().ok())) {
+        (Some("WHO"), _) => writeln!(w, "{name} {peer}")?,
+        (Some("ECHO"), _) => {
+            let mut buf = vec![0u8; 64 * 1024];
+            loop {
+                let n = r.read(&mut buf)?;
+                if n == 0 {
+                    break;
+                }
+                w.write_all(&buf[..n])?;
+            }
+        }
+        (Some("SINK"), Some(n)) => {
+            let mut h = Sha256::new();
+            let mut left = n;
+            let mut buf = vec![0u8; 64 * 1024];
+            while left > 0 {
+                let k = r.read(&mut buf[..(left as usize).min(65536)])?;
+                if k == 0 {
+                    break;
+                }
+                h.update(&buf[..k]);
+                left -= k as u64;
+            }
+            writeln!(w, "{} {peer}", hex(&h.finalize()))?;
+        }
+        (Some("SOURCE"), Some(n)) => send_pattern(&mut w, n)?,
+        _ => writeln!(w, "ERR unknown command")?,
+    }
+    w.shutdown(Shutdown::Write)?;
+    Ok(())
+}
+
+fn send_pattern(w: &mut impl Write, n: u64) -> Result<()> {
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut off = 0;
+    while off < n {
+        let k = ((n - off) as usize).min(buf.len());
+        pattern(off, &mut buf[..k]);
+        w.write_all(&buf[..k])?;
+        off += k as u64;
+    }
+    Ok(())
+}
+
+fn connect(to: SocketAddr) -> Result<TcpStream> {
+    let s = TcpStream::connect_timeout(&to, Duration::from_secs(5)).with_context(|| format!("connect {to}"))?;
+    s.set_read_timeout(Some(Duration::from_secs(60)))?;
+    Ok(s)
+}
+
+/// Sends `bytes` after ECHO, half-closes, reads everything back; returns the received sha.
+fn echo(to: SocketAddr, bytes: u64) -> Result<(String, u64)> {
+    let mut s = connect(to)?;
+    s.write_all(b"ECHO\n")?;
+    let mut w = s.try_clone()?;
+    let sender = std::thread::spawn(move || -> Result<()> {
+        send_pattern(&mut w, bytes)?;
+        w.shutdown(Shutdown::Write)?;
+        Ok(())
+    });
+    let mut h = Sha256::new();
+    let mut got = 0u64;
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = s.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+        got += n as u64;
+    }
+    sender.join().map_err(|_| anyhow::anyhow!("sender panicked"))??;
+    Ok((hex(&h.finalize()), got))
+}
+
+fn client(op: Op) -> Result<()> {
+    match op {
+        Op::Who { to } => {
+            let mut s = connect(to)?;
+            s.write_all(b"WHO\n")?;
+            let mut line = String::new();
+            BufReader::new(s).read_line(&mut line)?;
+            let mut it = line.split_whitespace();
+            let (Some(server), Some(seen)) = (it.next(), it.next()) else { bail!("bad WHO answer {line:?}") };
+            println!("{}", serde_json::json!({"server": server, "client_seen_as": seen}));
+        }
+        Op::Echo { to, bytes } => {
+            let t = Instant::now();
+            let (sha, got) = echo(to, bytes)?;
+            let ok = got == bytes && sha == sha256_of_pattern(bytes);
+            println!("{}", serde_json::json!({"bytes": got, "ok": ok, "ms": t.elapsed().as_millis() as u64}));
+            if !ok {
+                bail!("echo mismatch: sent {bytes}, got {got}");
+            }
+        }
+        Op::Stress { to, conns, bytes } => {
+            let want = Arc::new(sha256_of_pattern(bytes));
+            let hs: Vec<_> = (0..conns)
+                .map(|_| {
+                    let want = want.clone();
+                    std::thread::spawn(move || matches!(echo(to, bytes), Ok((sha, n)) if n == bytes && sha == *want))
+                })
+                .collect();
+            let ok = hs.into_iter().map(|h| h.join().unwrap_or(false)).filter(|ok| *ok).count();
+            println!("{}", serde_json::json!({"conns": conns, "ok": ok}));
+            if ok != conns {
+                bail!("{} of {conns} connections failed", conns - ok);
+            }
+        }
+        Op::EarlyClose { to } => {
+            let mut s = connect(to)?;
+            s.write_all(b"ECHO\nsome bytes then a reset")?;
+            socket2::SockRef::from(&s).set_linger(Some(Duration::ZERO))?;
+            drop(s);
+            println!("{}", serde_json::json!({"reset": true}));
+        }
+        Op::Probe { to } => {
+            let r = TcpStream::connect_timeout(&to, Duration::from_secs(2));
+            println!("{}", serde_json::json!({"connected": r.is_ok(), "error": r.err().map(|e| e.to_string())}));
+        }
+    }
+    Ok(())
+}
