@@ -5,6 +5,8 @@
  */
 #include <linux/bpf.h>
 #include <linux/in.h>
+#include <linux/ip.h>
+#include <linux/tcp.h>
 #include <linux/pkt_cls.h>
 #define SOCK_STREAM 1
 #include <bpf/bpf_endian.h>
@@ -271,6 +273,36 @@ int ferry_sk_lookup(struct bpf_sk_lookup *ctx)
 	if (cfg->flags & FERRY_F_EVENTS)
 		emit(FERRY_EV_INBOUND, 0, 0, ctx->remote_ip4, rport, 0);
 	return SK_PASS;
+}
+
+/*
+ * cgroup_skb/ingress on each enrolled pod's cgroup: the SYN of an agent
+ * delivery (source port in the delivery range) gets the delivery mark before
+ * the app's listener makes its request socket, so (with tcp_fwmark_accept)
+ * the app's SYN-ACK is routed back to the agent's transparent socket by the
+ * pod's `fwmark -> local` policy route. A socket mark set by the agent does
+ * not survive the loopback hop on this path, hence this program.
+ */
+SEC("cgroup_skb/ingress")
+int ferry_mark_delivery(struct __sk_buff *skb)
+{
+	if (skb->protocol != bpf_htons(0x0800 /* ETH_P_IP */))
+		return 1;
+	struct iphdr iph;
+	if (bpf_skb_load_bytes(skb, 0, &iph, sizeof(iph)) || iph.protocol != IPPROTO_TCP)
+		return 1;
+	struct tcphdr th;
+	if (bpf_skb_load_bytes(skb, iph.ihl * 4, &th, sizeof(th)))
+		return 1;
+	if (!th.syn || th.ack)
+		return 1;
+	struct ferry_config *cfg = config();
+	if (!cfg)
+		return 1;
+	__u16 sport = bpf_ntohs(th.source);
+	if (sport >= cfg->deliver_port_lo && sport <= cfg->deliver_port_hi)
+		skb->mark = cfg->deliver_mark;
+	return 1;
 }
 
 /* tc on a pod's host-side veth: ingress there is what the pod sent. */

@@ -108,6 +108,7 @@ impl Agent {
             admin_port: ADMIN_PORT,
             deliver_port_lo: lo,
             deliver_port_hi: hi,
+            deliver_mark: sockets::DELIVER_MARK,
         };
         let mut r = Redirector::load(&opts.pin_root, node, cfg)?;
         match cgroup::own_cgroup() {

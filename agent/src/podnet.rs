@@ -5,20 +5,20 @@
 //! - `ip rule fwmark DELIVER_MARK lookup DELIVER_TABLE` and
 //!   `ip route add local 0.0.0.0/0 dev lo table DELIVER_TABLE`: replies to a
 //!   delivery connection route back to the agent's transparent socket;
-//! - the delivery port range is reserved, so the pod's own apps never pick it.
+//! - the delivery SYNs get their mark from `ferry_mark_delivery` (cgroup_skb).
 
 use std::{io, net::Ipv4Addr};
 
 use futures::TryStreamExt;
 use netlink_packet_route::{
     route::{RouteScope, RouteType},
-    rule::RuleAttribute,
+    rule::{RuleAction, RuleAttribute},
 };
 use rtnetlink::RouteMessageBuilder;
 
 use crate::{
     netns::Netns,
-    sockets::{DELIVER_MARK, DELIVER_PORTS, DELIVER_TABLE},
+    sockets::{DELIVER_MARK, DELIVER_TABLE},
 };
 
 const RULE_PRIORITY: u32 = 100;
@@ -32,11 +32,7 @@ pub enum PodNetError {
 }
 
 pub async fn setup(ns: &Netns) -> Result<(), PodNetError> {
-    let (lo, hi) = DELIVER_PORTS;
-    let range = format!("{lo}-{hi}");
-    let sysctls: [(&'static str, &str); 2] =
-        [("net/ipv4/tcp_fwmark_accept", "1"), ("net/ipv4/ip_local_reserved_ports", &range)];
-    for (name, value) in sysctls {
+    for (name, value) in [("net/ipv4/tcp_fwmark_accept", "1")] {
         // /proc/sys/net follows the netns of the thread that opens it.
         ns.run(|| std::fs::write(format!("/proc/sys/{name}"), value))
             .and_then(|r| r)
@@ -62,7 +58,14 @@ pub async fn setup(ns: &Netns) -> Result<(), PodNetError> {
         .map_err(nl)?
         .is_some();
     if !have_rule {
-        let mut req = handle.rule().add().v4().fw_mark(DELIVER_MARK).table_id(DELIVER_TABLE).priority(RULE_PRIORITY);
+        let mut req = handle
+            .rule()
+            .add()
+            .v4()
+            .fw_mark(DELIVER_MARK)
+            .table_id(DELIVER_TABLE)
+            .action(RuleAction::ToTable)
+            .priority(RULE_PRIORITY);
         req.message_mut().attributes.push(RuleAttribute::FwMask(DELIVER_MARK));
         req.execute().await.map_err(nl)?;
     }

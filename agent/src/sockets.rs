@@ -5,7 +5,7 @@
 use std::{
     io,
     net::{Ipv4Addr, SocketAddr, SocketAddrV4},
-    os::fd::AsRawFd,
+    sync::atomic::{AtomicU16, Ordering},
 };
 
 use socket2::{Domain, Socket, Type};
@@ -61,34 +61,29 @@ pub async fn connect(ns: Option<&Netns>, src: Source, dst: SocketAddrV4) -> io::
         Source::Transparent(ip) => {
             sock.set_mark(DELIVER_MARK)?;
             sock.set_ip_transparent_v4(true)?;
-            set_int(&sock, libc::IPPROTO_IP, libc::IP_BIND_ADDRESS_NO_PORT, 1)?;
-            let (lo, hi) = DELIVER_PORTS;
-            set_int(&sock, libc::IPPROTO_IP, IP_LOCAL_PORT_RANGE, (u32::from(hi) << 16 | u32::from(lo)) as i32)?;
-            sock.bind(&SocketAddr::V4(SocketAddrV4::new(ip, 0)).into())?;
+            bind_delivery_port(&sock, ip)?;
         }
     }
     let std: std::net::TcpStream = sock.into();
     TcpSocket::from_std_stream(std).connect(SocketAddr::V4(dst)).await
 }
 
-const IP_LOCAL_PORT_RANGE: libc::c_int = 51;
-
-fn set_int(sock: &Socket, level: libc::c_int, opt: libc::c_int, val: libc::c_int) -> io::Result<()> {
-    // SAFETY: setsockopt reads exactly size_of::<c_int>() bytes from `val`.
-    let rc = unsafe {
-        libc::setsockopt(
-            sock.as_raw_fd(),
-            level,
-            opt,
-            (&val as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
+/// Binds to `ip` on a port of the delivery range, chosen here: the kernel's
+/// own choice (even with IP_LOCAL_PORT_RANGE) is confined to the netns'
+/// ephemeral range, which the delivery range lies outside of on purpose.
+fn bind_delivery_port(sock: &Socket, ip: Ipv4Addr) -> io::Result<()> {
+    static NEXT: AtomicU16 = AtomicU16::new(0);
+    let (lo, hi) = DELIVER_PORTS;
+    let span = hi - lo + 1;
+    for _ in 0..span {
+        let port = lo + NEXT.fetch_add(1, Ordering::Relaxed) % span;
+        match sock.bind(&SocketAddr::V4(SocketAddrV4::new(ip, port)).into()) {
+            Ok(()) => return Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::AddrInUse => continue,
+            Err(e) => return Err(e),
+        }
     }
+    Err(io::Error::new(io::ErrorKind::AddrInUse, format!("all {span} delivery ports in use for client {ip}")))
 }
 
 /// Both addresses of an accepted IPv4 TCP stream.

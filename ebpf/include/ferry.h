@@ -37,8 +37,9 @@ struct ferry_config {
 	__u16 admin_port;    /* never captured inbound */
 	__u16 deliver_port_lo; /* agent's delivery source ports: never captured */
 	__u16 deliver_port_hi;
+	__u32 deliver_mark;    /* put on SYNs of agent deliveries (reply routing) */
 };
-_Static_assert(sizeof(struct ferry_config) == 20, "ferry_config layout");
+_Static_assert(sizeof(struct ferry_config) == 24, "ferry_config layout");
 
 /* ferry_pods: key = netns cookie (__u64) of an enrolled pod. */
 struct ferry_pod {

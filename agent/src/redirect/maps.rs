@@ -38,6 +38,7 @@ pub struct Config {
     pub admin_port: u16,
     pub deliver_port_lo: u16,
     pub deliver_port_hi: u16,
+    pub deliver_mark: u32,
 }
 
 #[repr(C)]
@@ -193,7 +194,7 @@ pub fn layouts() -> Vec<(&'static str, usize, Vec<(&'static str, usize)>)> {
         };
     }
     vec![
-        layout!("ferry_config", Config, [flags, agent_mark, outbound_port, inbound_port, tunnel_port, admin_port, deliver_port_lo, deliver_port_hi]),
+        layout!("ferry_config", Config, [flags, agent_mark, outbound_port, inbound_port, tunnel_port, admin_port, deliver_port_lo, deliver_port_hi, deliver_mark]),
         layout!("ferry_pod", Pod, [pod_id, flags]),
         layout!("ferry_dst_key", DstKey, [ip4, port, pad]),
         layout!("ferry_dst", Dst, [kind, pad]),

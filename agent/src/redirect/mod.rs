@@ -25,7 +25,7 @@ use aya::{
     maps::{HashMap as BpfHash, MapData, SockHash},
     programs::{
         links::{FdLink, PinnedLink},
-        CgroupAttachMode, CgroupSockAddr, SchedClassifier, SkLookup, SkMsg, SockOps, TcAttachType,
+        CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSockAddr, SchedClassifier, SkLookup, SkMsg, SockOps, TcAttachType,
     },
     Ebpf, EbpfLoader,
 };
@@ -152,6 +152,8 @@ impl Redirector {
         p.load().map_err(prog_err("ferry_sockops"))?;
         let p: &mut SkLookup = prog(&mut bpf, "ferry_sk_lookup")?;
         p.load().map_err(prog_err("ferry_sk_lookup"))?;
+        let p: &mut CgroupSkb = prog(&mut bpf, "ferry_mark_delivery")?;
+        p.load().map_err(prog_err("ferry_mark_delivery"))?;
         for name in ["ferry_tc_ingress", "ferry_tc_egress"] {
             let p: &mut SchedClassifier = prog(&mut bpf, name)?;
             p.load().map_err(prog_err(static_name(name)))?;
@@ -239,6 +241,12 @@ impl Redirector {
         let id = p.attach(&cg, CgroupAttachMode::Single).map_err(prog_err("ferry_sockops"))?;
         let l: FdLink = p.take_link(id).map_err(prog_err("ferry_sockops"))?.try_into().map_err(|e| pin_err(&links_dir, e))?;
         links.push(pin(l, &links_dir, "sockops")?);
+        let p: &mut CgroupSkb = prog(&mut self.bpf, "ferry_mark_delivery")?;
+        let id = p
+            .attach(&cg, CgroupSkbAttachType::Ingress, CgroupAttachMode::Single)
+            .map_err(prog_err("ferry_mark_delivery"))?;
+        let l: FdLink = p.take_link(id).map_err(prog_err("ferry_mark_delivery"))?.try_into().map_err(|e| pin_err(&links_dir, e))?;
+        links.push(pin(l, &links_dir, "mark_delivery")?);
 
         let p: &mut SkLookup = prog(&mut self.bpf, "ferry_sk_lookup")?;
         let id = p.attach(pod.netns).map_err(prog_err("ferry_sk_lookup"))?;
