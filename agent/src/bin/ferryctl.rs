@@ -1,1 +1,230 @@
-fn main() {}
+//! ferryctl: inspect a node's pinned eBPF maps and its agent's state.
+//!
+//! Exit codes: 0 ok, 1 other error, 2 usage, 3 agent not reachable, 4 no Ferry maps.
+
+use std::{
+    io::{Read, Write},
+    net::{SocketAddr, TcpStream},
+    path::PathBuf,
+    time::Duration,
+};
+
+use clap::{Parser, Subcommand, ValueEnum};
+use ferry_agent::redirect::pinned::{Pinned, PinnedError};
+use serde::Serialize;
+use serde_json::Value;
+
+#[derive(Parser)]
+#[command(version, about = "Inspect Ferry's eBPF maps and agent state on a node", after_help = EXAMPLES)]
+struct Args {
+    /// bpffs directory holding one directory per node.
+    #[arg(long, global = true, default_value = "/sys/fs/bpf/ferry")]
+    pin_root: PathBuf,
+    /// Node whose pins to read (default: the only one present).
+    #[arg(long, global = true)]
+    node: Option<String>,
+    /// The agent's admin endpoint.
+    #[arg(long, global = true, default_value = "127.0.0.1:15000")]
+    admin: SocketAddr,
+    #[arg(long, short, global = true, value_enum, default_value_t = Output::Table)]
+    output: Output,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+const EXAMPLES: &str = "Examples:
+  ferryctl bpf maps
+  ferryctl bpf dump mesh-dst -o json
+  ferryctl --node node1 bpf dump traffic
+  ferryctl conns";
+
+#[derive(Clone, Copy, ValueEnum, PartialEq)]
+enum Output {
+    Table,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// eBPF maps and programs (read from pins; works with the agent down).
+    Bpf {
+        #[command(subcommand)]
+        op: BpfOp,
+    },
+    /// Local workloads and their enrollment (from the agent).
+    Workloads,
+    /// Live proxied connections (from the agent).
+    Conns,
+    /// The agent's connection counters.
+    Stats,
+}
+
+#[derive(Subcommand)]
+enum BpfOp {
+    /// Every pinned Ferry map: type, sizes, entries in use.
+    Maps,
+    /// Decoded entries of one map.
+    Dump {
+        #[arg(value_enum)]
+        map: DumpMap,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum DumpMap {
+    Pods,
+    MeshDst,
+    OrigDst,
+    Traffic,
+    Stats,
+    Config,
+}
+
+#[derive(Debug, thiserror::Error)]
+enum CtlError {
+    #[error("agent admin endpoint {0} not reachable: {1} (is ferry-agent running on this node? see --admin)")]
+    AgentDown(SocketAddr, std::io::Error),
+    #[error(transparent)]
+    Pinned(#[from] PinnedError),
+    #[error("{0}")]
+    Other(String),
+}
+
+impl CtlError {
+    fn code(&self) -> i32 {
+        match self {
+            CtlError::AgentDown(..) => 3,
+            CtlError::Pinned(PinnedError::NotFound(_)) => 4,
+            _ => 1,
+        }
+    }
+}
+
+fn main() {
+    let args = Args::parse();
+    if let Err(e) = run(&args) {
+        eprintln!("ferryctl: {e}");
+        std::process::exit(e.code());
+    }
+}
+
+fn node(args: &Args) -> Result<String, CtlError> {
+    if let Some(n) = &args.node {
+        return Ok(n.clone());
+    }
+    let nodes: Vec<String> = std::fs::read_dir(&args.pin_root)
+        .map_err(|_| PinnedError::NotFound(args.pin_root.clone()))?
+        .flatten()
+        .filter(|e| e.path().join("ferry_config").exists())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    match nodes.as_slice() {
+        [one] => Ok(one.clone()),
+        [] => Err(PinnedError::NotFound(args.pin_root.clone()).into()),
+        many => Err(CtlError::Other(format!("several nodes pinned here, pick one with --node: {}", many.join(", ")))),
+    }
+}
+
+fn pinned(args: &Args) -> Result<Pinned, CtlError> {
+    Ok(Pinned::open(&args.pin_root, &node(args)?)?)
+}
+
+fn run(args: &Args) -> Result<(), CtlError> {
+    match &args.cmd {
+        Cmd::Bpf { op: BpfOp::Maps } => {
+            let rows = pinned(args)?.maps()?;
+            emit(args, &rows, &["name", "kind", "key_size", "value_size", "max_entries", "entries"])
+        }
+        Cmd::Bpf { op: BpfOp::Dump { map } } => {
+            let p = pinned(args)?;
+            match map {
+                DumpMap::Pods => emit(args, &p.pods()?, &["netns_cookie", "pod_id"]),
+                DumpMap::MeshDst => emit(args, &p.mesh_dst()?, &["ip", "port", "kind"]),
+                DumpMap::OrigDst => emit(args, &p.orig_dst()?, &["netns_cookie", "client", "agent", "orig_dst", "pod_id"]),
+                DumpMap::Traffic => {
+                    emit(args, &p.traffic()?, &["ifindex", "rx_packets", "rx_bytes", "tx_packets", "tx_bytes"])
+                }
+                DumpMap::Stats => {
+                    let rows: Vec<Value> =
+                        p.stats()?.into_iter().map(|(k, v)| serde_json::json!({"counter": k, "value": v})).collect();
+                    emit(args, &rows, &["counter", "value"])
+                }
+                DumpMap::Config => emit(args, &[p.config()?], &["flags", "agent_mark", "outbound_port", "inbound_port", "tunnel_port", "deliver_port_lo", "deliver_port_hi"]),
+            }
+        }
+        Cmd::Workloads => {
+            let dump = admin_get(args.admin, "/config_dump")?;
+            let pods = dump["pods"].as_array().cloned().unwrap_or_default();
+            emit(args, &pods, &["namespace", "name", "ip", "enrolled", "pod_id", "netns_cookie", "host_veth", "error"])
+        }
+        Cmd::Conns => {
+            let conns = admin_get(args.admin, "/conns")?;
+            let rows = conns.as_array().cloned().unwrap_or_default();
+            emit(args, &rows, &["id", "direction", "source", "orig_dst", "service", "endpoint", "hop", "sent", "received", "age_ms"])
+        }
+        Cmd::Stats => {
+            let s = admin_get(args.admin, "/stats")?;
+            let rows: Vec<Value> = s
+                .as_object()
+                .map(|o| o.iter().map(|(k, v)| serde_json::json!({"counter": k, "value": v})).collect())
+                .unwrap_or_default();
+            emit(args, &rows, &["counter", "value"])
+        }
+    }
+}
+
+fn admin_get(addr: SocketAddr, path: &str) -> Result<Value, CtlError> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).map_err(|e| CtlError::AgentDown(addr, e))?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).map_err(|e| CtlError::AgentDown(addr, e))?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: ferry-admin\r\n\r\n").map_err(|e| CtlError::AgentDown(addr, e))?;
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).map_err(|e| CtlError::AgentDown(addr, e))?;
+    let (head, body) = resp.split_once("\r\n\r\n").ok_or_else(|| CtlError::Other("malformed admin response".into()))?;
+    if !head.starts_with("HTTP/1.1 200") && !head.starts_with("HTTP/1.0 200") {
+        return Err(CtlError::Other(format!("admin {path}: {}", head.lines().next().unwrap_or(""))));
+    }
+    serde_json::from_str(body).map_err(|e| CtlError::Other(format!("admin {path}: bad JSON: {e}")))
+}
+
+/// Prints rows as JSON (stable, documented in docs/cli.md) or as an aligned table.
+fn emit<T: Serialize>(args: &Args, rows: &[T], columns: &[&str]) -> Result<(), CtlError> {
+    let values: Vec<Value> = rows.iter().map(|r| serde_json::to_value(r).unwrap_or(Value::Null)).collect();
+    if args.output == Output::Json {
+        println!("{}", serde_json::to_string_pretty(&values).unwrap_or_default());
+        return Ok(());
+    }
+    print!("{}", table(&values, columns));
+    Ok(())
+}
+
+fn cell(v: &Value) -> String {
+    match v {
+        Value::Null => "-".into(),
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+fn table(rows: &[Value], columns: &[&str]) -> String {
+    let cells: Vec<Vec<String>> = rows.iter().map(|r| columns.iter().map(|c| cell(&r[*c])).collect()).collect();
+    let widths: Vec<usize> = columns
+        .iter()
+        .enumerate()
+        .map(|(i, c)| cells.iter().map(|r| r[i].len()).chain([c.len()]).max().unwrap_or(0))
+        .collect();
+    let mut out = String::new();
+    let line = |out: &mut String, items: Vec<String>| {
+        let l: Vec<String> = items.iter().zip(&widths).map(|(s, w)| format!("{s:<w$}")).collect();
+        out.push_str(l.join("  ").trim_end());
+        out.push('\n');
+    };
+    line(&mut out, columns.iter().map(|c| c.to_uppercase()).collect());
+    for r in cells {
+        line(&mut out, r);
+    }
+    if rows.is_empty() {
+        out.push_str("(none)\n");
+    }
+    out
+}
+

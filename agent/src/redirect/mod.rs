@@ -10,6 +10,7 @@
 
 pub mod events;
 pub mod maps;
+pub mod pinned;
 
 use std::{
     collections::{BTreeMap, HashMap},

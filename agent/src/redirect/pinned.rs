@@ -1,0 +1,186 @@
+//! Read-only access to a node's pinned maps (ferryctl; works with the agent
+//! down), decoded with the same layout types the agent uses.
+
+use std::{
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+};
+
+use aya::maps::{Array, HashMap, Map, MapData, PerCpuArray, PerCpuHashMap};
+use serde::Serialize;
+
+use super::maps::{self, Dst, DstKey, OrigDst, Pod, SockKey, Traffic};
+
+#[derive(Debug, thiserror::Error)]
+pub enum PinnedError {
+    #[error("no Ferry maps at {0} (is the agent for this node running, and is bpffs mounted at /sys/fs/bpf?)")]
+    NotFound(PathBuf),
+    #[error("reading pinned map {name}: {source} (reading BPF maps needs root)")]
+    Map { name: String, source: aya::maps::MapError },
+}
+
+pub struct Pinned {
+    dir: PathBuf,
+}
+
+#[derive(Debug, Serialize)]
+pub struct MapRow {
+    pub name: String,
+    pub kind: String,
+    pub key_size: u32,
+    pub value_size: u32,
+    pub max_entries: u32,
+    /// Entries in use (None where the kernel cannot list them: arrays, ring buffer).
+    pub entries: Option<usize>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct PodRow {
+    pub netns_cookie: u64,
+    pub pod_id: u32,
+}
+
+#[derive(Debug, Serialize)]
+pub struct DstRow {
+    pub ip: Ipv4Addr,
+    /// 0 = any port (an enrolled pod).
+    pub port: u16,
+    pub kind: &'static str,
+}
+
+#[derive(Debug, Serialize)]
+pub struct OrigDstRow {
+    pub netns_cookie: u64,
+    pub client: String,
+    pub agent: String,
+    pub orig_dst: String,
+    pub pod_id: u32,
+}
+
+#[derive(Debug, Serialize)]
+pub struct TrafficRow {
+    pub ifindex: u32,
+    #[serde(flatten)]
+    pub traffic: Traffic,
+}
+
+impl Pinned {
+    pub fn open(pin_root: &Path, node: &str) -> Result<Self, PinnedError> {
+        let dir = pin_root.join(node);
+        if !dir.join("ferry_config").exists() {
+            return Err(PinnedError::NotFound(dir));
+        }
+        Ok(Self { dir })
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    fn map(&self, name: &str) -> Result<Map, PinnedError> {
+        let err = |source| PinnedError::Map { name: name.to_owned(), source };
+        let data = MapData::from_pin(self.dir.join(name)).map_err(err)?;
+        Map::from_map_data(data).map_err(err)
+    }
+
+    fn err(name: &str) -> impl FnOnce(aya::maps::MapError) -> PinnedError + '_ {
+        move |source| PinnedError::Map { name: name.to_owned(), source }
+    }
+
+    pub fn maps(&self) -> Result<Vec<MapRow>, PinnedError> {
+        let mut rows = Vec::new();
+        for &name in maps::MAP_NAMES {
+            let data = MapData::from_pin(self.dir.join(name)).map_err(Self::err(name))?;
+            let info = data.info().map_err(Self::err(name))?;
+            let kind = info.map_type().map(|t| format!("{t:?}")).unwrap_or_else(|_| "unknown".into());
+            let entries = match name {
+                "ferry_pods" => Some(self.pods()?.len()),
+                "ferry_mesh_dst" => Some(self.mesh_dst()?.len()),
+                "ferry_orig_dst" => Some(self.orig_dst()?.len()),
+                "ferry_traffic" => Some(self.traffic()?.len()),
+                "ferry_orig_cookie" => Some(count_keys::<u64>(self.map(name)?)),
+                _ => None,
+            };
+            rows.push(MapRow {
+                name: name.to_owned(),
+                kind,
+                key_size: info.key_size(),
+                value_size: info.value_size(),
+                max_entries: info.max_entries(),
+                entries,
+            });
+        }
+        Ok(rows)
+    }
+
+    pub fn config(&self) -> Result<maps::Config, PinnedError> {
+        let a: Array<_, maps::Config> = Array::try_from(self.map("ferry_config")?).map_err(Self::err("ferry_config"))?;
+        a.get(&0, 0).map_err(Self::err("ferry_config"))
+    }
+
+    pub fn pods(&self) -> Result<Vec<PodRow>, PinnedError> {
+        let m: HashMap<_, u64, Pod> = HashMap::try_from(self.map("ferry_pods")?).map_err(Self::err("ferry_pods"))?;
+        Ok(m.iter().filter_map(Result::ok).map(|(k, v)| PodRow { netns_cookie: k, pod_id: v.pod_id }).collect())
+    }
+
+    pub fn mesh_dst(&self) -> Result<Vec<DstRow>, PinnedError> {
+        let m: HashMap<_, DstKey, Dst> = HashMap::try_from(self.map("ferry_mesh_dst")?).map_err(Self::err("ferry_mesh_dst"))?;
+        let mut v: Vec<_> = m
+            .iter()
+            .filter_map(Result::ok)
+            .map(|(k, d)| DstRow {
+                ip: k.ip(),
+                port: k.port,
+                kind: if d.kind == maps::DST_SERVICE { "service" } else { "pod" },
+            })
+            .collect();
+        v.sort_by_key(|r| (r.ip, r.port));
+        Ok(v)
+    }
+
+    pub fn orig_dst(&self) -> Result<Vec<OrigDstRow>, PinnedError> {
+        let m: HashMap<_, SockKey, OrigDst> = HashMap::try_from(self.map("ferry_orig_dst")?).map_err(Self::err("ferry_orig_dst"))?;
+        Ok(m.iter()
+            .filter_map(Result::ok)
+            .map(|(k, v)| OrigDstRow {
+                netns_cookie: k.netns_cookie,
+                client: k.local().to_string(),
+                agent: k.remote().to_string(),
+                orig_dst: v.addr().to_string(),
+                pod_id: v.pod_id,
+            })
+            .collect())
+    }
+
+    pub fn traffic(&self) -> Result<Vec<TrafficRow>, PinnedError> {
+        let m: PerCpuHashMap<_, u32, Traffic> =
+            PerCpuHashMap::try_from(self.map("ferry_traffic")?).map_err(Self::err("ferry_traffic"))?;
+        let mut v: Vec<_> = m
+            .iter()
+            .filter_map(Result::ok)
+            .map(|(ifindex, per_cpu)| {
+                let mut t = Traffic::default();
+                per_cpu.iter().for_each(|c| t += *c);
+                TrafficRow { ifindex, traffic: t }
+            })
+            .collect();
+        v.sort_by_key(|r| r.ifindex);
+        Ok(v)
+    }
+
+    /// The eBPF-side counters, summed over CPUs, by name.
+    pub fn stats(&self) -> Result<Vec<(&'static str, u64)>, PinnedError> {
+        let a: PerCpuArray<_, u64> = PerCpuArray::try_from(self.map("ferry_stats")?).map_err(Self::err("ferry_stats"))?;
+        maps::STAT_NAMES
+            .iter()
+            .map(|&(i, name)| Ok((name, a.get(&i, 0).map_err(Self::err("ferry_stats"))?.iter().sum())))
+            .collect()
+    }
+}
+
+fn count_keys<K: aya::Pod>(m: Map) -> usize {
+    match HashMap::<MapData, K, maps::OrigDst>::try_from(m) {
+        Ok(h) => h.keys().count(),
+        Err(_) => 0,
+    }
+}
