@@ -41,7 +41,7 @@ pub fn route(agent: &Agent, path: &str) -> Response<Body> {
     match path {
         "/healthz" => text(StatusCode::OK, "ok\n"),
         "/ready" => {
-            if state.version > 0 {
+            if agent.applied_version() > 0 {
                 text(StatusCode::OK, "ready\n")
             } else {
                 text(StatusCode::SERVICE_UNAVAILABLE, "config not applied yet\n")
@@ -49,7 +49,7 @@ pub fn route(agent: &Agent, path: &str) -> Response<Body> {
         }
         "/config_dump" => json(&ConfigDump {
             node: &state.node,
-            version: state.version,
+            version: agent.applied_version(),
             settings: &state.settings,
             pods: agent.pod_status(),
             workloads: state.workloads.values().collect(),

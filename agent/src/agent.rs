@@ -93,6 +93,9 @@ pub struct Agent {
     status: RwLock<BTreeMap<String, PodStatus>>,
     opts: Options,
     next_pod_id: std::sync::atomic::AtomicU32,
+    /// Version of the last config fully applied (0: none yet). Published
+    /// last, so "applied" means every enrollment of that version is done.
+    applied: std::sync::atomic::AtomicU64,
 }
 
 impl Agent {
@@ -132,11 +135,16 @@ impl Agent {
             status: RwLock::new(BTreeMap::new()),
             opts,
             next_pod_id: 1.into(),
+            applied: 0.into(),
         }))
     }
 
     pub fn state(&self) -> Arc<State> {
         self.proxy.state()
+    }
+
+    pub fn applied_version(&self) -> u64 {
+        self.applied.load(Ordering::Acquire)
     }
 
     pub fn pod_status(&self) -> Vec<PodStatus> {
@@ -227,6 +235,7 @@ impl Agent {
         if first {
             redirect.prune_stale_links();
         }
+        self.applied.store(state.version, Ordering::Release);
         tracing::info!(version = state.version, pods = enrolled.len(), services = state.services.len(), "config applied");
     }
 

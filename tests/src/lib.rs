@@ -443,7 +443,9 @@ impl ClusterBox {
             for port in &p.serve {
                 let child = s
                     .pod_command(&p.name, &s.bin("ferry-workload"), &["serve", "--name", &p.name, "--port", &port.to_string()])?
+                    .stdin(Stdio::null())
                     .stdout(Stdio::null())
+                    .stderr(Stdio::null())
                     .spawn()?;
                 self.state.server_pids.push(child.id());
                 self.servers.push(child);
@@ -491,7 +493,7 @@ impl ClusterBox {
             ns,
         );
         cmd.env("FERRY_LOG", std::env::var("FERRY_LOG").unwrap_or_else(|_| "info,ferry::ebpf=debug".into()));
-        let child = cmd.stdout(log.try_clone()?).stderr(log).spawn()?;
+        let child = cmd.stdin(Stdio::null()).stdout(log.try_clone()?).stderr(log).spawn()?;
         let pid = child.id();
         while self.agents.len() <= node {
             self.agents.push(None);
@@ -546,6 +548,10 @@ impl ClusterBox {
 
 impl Drop for ClusterBox {
     fn drop(&mut self) {
+        if self.teardown_on_drop && std::thread::panicking() && std::env::var_os("FERRY_KEEP_FAILED").is_some() {
+            eprintln!("FERRY_KEEP_FAILED: leaving box {} up (`cargo xtask box down {}`)", self.state.id, self.state.id);
+            return;
+        }
         if self.teardown_on_drop {
             for n in 0..self.agents.len() {
                 let _ = self.stop_agent(n);
@@ -591,4 +597,66 @@ pub fn down(id: &str) -> Result<()> {
     }
     let _ = fs::remove_file(Path::new(STATE_DIR).join(format!("{id}.json")));
     Ok(())
+}
+
+/// Conveniences for tests and the demo.
+impl BoxState {
+    /// `WHO` through the mesh: (server pod, client address the server saw).
+    pub fn who(&self, pod: &str, to: &str) -> Result<(String, String)> {
+        let out = self.client(pod, &["who", "--to", to])?;
+        let v: serde_json::Value = serde_json::from_str(out.trim())?;
+        Ok((v["server"].as_str().unwrap_or_default().to_owned(), v["client_seen_as"].as_str().unwrap_or_default().to_owned()))
+    }
+
+    /// Whether a TCP connect from `pod` to `to` succeeds.
+    pub fn probe(&self, pod: &str, to: &str) -> Result<bool> {
+        let out = self.client(pod, &["probe", "--to", to])?;
+        let v: serde_json::Value = serde_json::from_str(out.trim())?;
+        Ok(v["connected"].as_bool().unwrap_or(false))
+    }
+
+    /// The eBPF counters of a node (read from its pins).
+    pub fn bpf_stats(&self, node: usize) -> Result<std::collections::BTreeMap<String, u64>> {
+        let p = ferry_agent::redirect::pinned::Pinned::open(Path::new(PIN_ROOT), &self.node_name(node))?;
+        Ok(p.stats()?.into_iter().map(|(k, v)| (k.to_owned(), v)).collect())
+    }
+
+    /// Parsed access-log lines (one per closed connection) of a node's agent.
+    pub fn access_log(&self, node: usize) -> Vec<serde_json::Value> {
+        fs::read_to_string(self.agent_log(node))
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|v| v["target"] == "ferry::access")
+            .map(|v| v["fields"].clone())
+            .collect()
+    }
+
+    /// Runs ferryctl in a node's netns (so its admin endpoint is 127.0.0.1:15000).
+    pub fn ferryctl(&self, node: usize, args: &[&str]) -> Result<Output> {
+        let node_name = self.node_name(node);
+        let mut all = vec!["--node", node_name.as_str()];
+        all.extend_from_slice(args);
+        Ok(self.node_command(node, &self.bin("ferryctl"), &all)?.output()?)
+    }
+}
+
+/// Fails clearly when not root (the box needs namespaces, cgroups and BPF).
+pub fn require_root() {
+    // SAFETY: geteuid has no preconditions.
+    assert_eq!(unsafe { libc::geteuid() }, 0, "the cluster-in-a-box tests must run as root (`sudo cargo xtask test`)");
+}
+
+/// Polls `f` until it returns true or `timeout` passes.
+pub fn eventually(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if f() {
+            return true;
+        }
+        if Instant::now() > deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }

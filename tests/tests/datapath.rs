@@ -1,0 +1,144 @@
+//! L4 data path on the cluster-in-a-box: real eBPF programs in the kernel,
+//! real agents, real sockets across network namespaces. Each test builds its
+//! own box (unique names), so they run in parallel and clean up on failure.
+
+use std::time::Duration;
+
+use ferry_box::{eventually, require_root, ClusterBox, Spec};
+
+fn up(spec: Spec) -> ClusterBox {
+    require_root();
+    ClusterBox::up(spec, ferry_box::default_bin_dir()).expect("box up")
+}
+
+const VIP: &str = "10.96.0.10:80";
+
+#[test]
+fn service_vip_lands_on_endpoints_same_node_and_cross_node_keeping_client_ip() {
+    let b = up(Spec::demo());
+    let s = &b.state;
+    let client_ip = s.pod_ip("client").unwrap().to_string();
+    let before = s.bpf_stats(0).unwrap();
+    // Round robin over echo-1 (same node) and echo-2 (other node).
+    let mut servers = Vec::new();
+    for _ in 0..4 {
+        let (server, seen) = s.who("client", VIP).unwrap();
+        assert!(seen.starts_with(&format!("{client_ip}:")), "server saw {seen}, want the client's pod IP {client_ip}");
+        servers.push(server);
+    }
+    assert!(servers.contains(&"echo-1".to_string()) && servers.contains(&"echo-2".to_string()), "{servers:?}");
+
+    // The kernel side: four connects rewritten, four original destinations recorded.
+    let after = s.bpf_stats(0).unwrap();
+    assert_eq!(after["redirects"] - before["redirects"], 4, "{after:?}");
+    assert_eq!(after["orig_dst_saved"] - before["orig_dst_saved"], 4, "{after:?}");
+    // The agent side: each connection's access log names the VIP it was for
+    // and the endpoint it went to, by hop.
+    assert!(eventually(Duration::from_secs(5), || s.access_log(0).len() >= 4));
+    let log = s.access_log(0);
+    let out: Vec<_> = log.iter().filter(|l| l["direction"] == "Outbound").collect();
+    assert_eq!(out.len(), 4, "{log:?}");
+    assert!(out.iter().all(|l| l["orig_dst"] == VIP && l["service"] == "default/echo" && l["outcome"] == "ok"), "{out:?}");
+    let hops: Vec<&str> = out.iter().map(|l| l["hop"].as_str().unwrap_or("")).collect();
+    assert!(hops.contains(&"Some(Local)") && hops.contains(&"Some(Tunnel)"), "{hops:?}");
+    // Cross node: node 2's agent received it through its tunnel listener.
+    assert!(eventually(Duration::from_secs(5), || s.access_log(1).iter().any(|l| l["direction"] == "Tunnel"
+        && l["client"].as_str().unwrap_or("").starts_with(&client_ip))));
+    // The mapped original destinations were consumed (nothing left behind).
+    let p = ferry_agent::redirect::pinned::Pinned::open(std::path::Path::new(ferry_box::PIN_ROOT), &s.node_name(0)).unwrap();
+    assert!(p.orig_dst().unwrap().is_empty());
+}
+
+#[test]
+fn non_enrolled_pod_and_agent_sockets_are_not_redirected() {
+    let b = up(Spec::demo());
+    let s = &b.state;
+    let before = s.bpf_stats(1).unwrap();
+    // The outsider (node 2, not enrolled): a VIP means nothing without the mesh.
+    assert!(!s.probe("outsider", VIP).unwrap(), "an un-enrolled pod must not be redirected");
+    // A process in the agent's cgroup inside an enrolled pod's netns is not steered either.
+    // The probe starts as echo-2 (its netns and cgroup), then moves itself
+    // into the agent's cgroup before connecting.
+    let agent_procs = s.agent_cgroup(1).join("cgroup.procs");
+    let script = format!("echo $$ > {} && exec {} client probe --to {VIP}", agent_procs.display(), s.bin("ferry-workload"));
+    let mut cmd = s.pod_command("echo-2", "sh", &["-c", &script]).unwrap();
+    let out = ferry_box::output_ok(cmd.output().unwrap(), "probe from agent cgroup").unwrap();
+    assert!(out.contains("\"connected\":false"), "agent-cgroup socket was redirected: {out}");
+    // An enrolled pod on the same node is redirected.
+    assert!(s.probe("echo-2", VIP).unwrap());
+    let after = s.bpf_stats(1).unwrap();
+    assert_eq!(after["redirects"] - before["redirects"], 1, "only the enrolled pod's connect is steered: {after:?}");
+    // The outsider reaching a meshed pod directly is captured on the way in (inbound).
+    let (server, seen) = s.who("outsider", &format!("{}:8080", s.pod_ip("echo-1").unwrap())).unwrap();
+    assert_eq!(server, "echo-1");
+    assert!(seen.starts_with(&s.pod_ip("outsider").unwrap().to_string()), "{seen}");
+    assert!(s.access_log(0).iter().any(|l| l["direction"] == "Inbound" && l["orig_dst"] == format!("{}:8080", s.pod_ip("echo-1").unwrap())));
+}
+
+#[test]
+fn enrolling_and_unenrolling_at_runtime_switch_redirection() {
+    let mut spec = Spec::demo();
+    spec.pods[0].enrolled = false; // client starts outside the mesh
+    let mut b = up(spec);
+    assert!(!b.state.probe("client", VIP).unwrap(), "not enrolled yet");
+    b.update(|s| s.pods[0].enrolled = true).unwrap();
+    // Captured from its very first connection once the agent reports it enrolled.
+    let (server, _) = b.state.who("client", VIP).unwrap();
+    assert!(server.starts_with("echo-"));
+    b.update(|s| s.pods[0].enrolled = false).unwrap();
+    assert!(!b.state.probe("client", VIP).unwrap(), "unenrolled pods are not redirected");
+    let pods = b.state.admin_json(0, "/config_dump").unwrap()["pods"].clone();
+    let client = pods.as_array().unwrap().iter().find(|p| p["name"] == "client").unwrap().clone();
+    assert_eq!(client["enrolled"], false);
+}
+
+#[test]
+fn two_boxes_on_one_kernel_do_not_interfere() {
+    let a = up(Spec::demo());
+    let b = up(Spec::demo());
+    assert_ne!(a.state.id, b.state.id);
+    assert!(a.state.who("client", VIP).is_ok());
+    assert!(b.state.who("client", VIP).is_ok());
+    let a_before = a.state.bpf_stats(0).unwrap()["redirects"];
+    b.state.who("client", VIP).unwrap();
+    assert_eq!(a.state.bpf_stats(0).unwrap()["redirects"], a_before, "box b's traffic showed up in box a's maps");
+    let b_state = b.state.clone();
+    drop(a); // tears box a down, pins and all
+    assert!(b_state.who("client", VIP).is_ok(), "box b must survive box a's teardown");
+    assert!(b_state.pin_dir(0).exists());
+}
+
+#[test]
+fn application_on_a_mesh_port_gets_a_clear_enrollment_error() {
+    let mut spec = Spec::demo();
+    spec.pods.push(ferry_box::PodSpec { name: "squatter".into(), node: 0, enrolled: false, serve: vec![15001], labels: vec![] });
+    let mut b = up(spec);
+    b.update(|s| s.pods.last_mut().unwrap().enrolled = true).unwrap();
+    let pods = b.state.admin_json(0, "/config_dump").unwrap()["pods"].clone();
+    let sq = pods.as_array().unwrap().iter().find(|p| p["name"] == "squatter").unwrap().clone();
+    assert_eq!(sq["enrolled"], false);
+    let err = sq["error"].as_str().unwrap_or_default();
+    assert!(err.contains("port 15001 is already in use"), "{err}");
+    // Everyone else is unaffected.
+    assert!(b.state.who("client", VIP).is_ok());
+}
+
+#[test]
+fn bad_config_file_is_a_clear_error_and_a_bad_reload_keeps_the_last_good_state() {
+    let b = up(Spec::demo());
+    let s = &b.state;
+    // At start-up: a clear message naming the file and each problem, no panic.
+    let bad = s.dir.join("bad.yaml");
+    std::fs::write(&bad, "node: x\nworkloads:\n  - {uid: a, name: a, node: x, ip: 10.0.0.300}\nservicez: []\n").unwrap();
+    let out = std::process::Command::new(s.bin("ferry-agent")).args(["--config", bad.to_str().unwrap()]).output().unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("invalid config") && err.contains("bad.yaml"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+    // At runtime: the agent rejects a broken file, keeps serving the last good config.
+    let v = s.config_version(0).unwrap();
+    std::fs::write(s.config_path(0), "node: [this is not a node\n").unwrap();
+    assert!(eventually(Duration::from_secs(5), || std::fs::read_to_string(s.agent_log(0)).unwrap_or_default().contains("config rejected")));
+    assert_eq!(s.config_version(0).unwrap(), v);
+    assert!(s.who("client", VIP).is_ok());
+}
