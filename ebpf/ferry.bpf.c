@@ -199,6 +199,7 @@ int ferry_sockops(struct bpf_sock_ops *skops)
 			break;
 		if (key.local_port != cfg->outbound_port && key.remote_port != cfg->outbound_port)
 			break;
+		bpf_map_delete_elem(&ferry_splice_off, &key); /* a stale entry of a reused 4-tuple */
 		if (bpf_sock_hash_update(skops, &ferry_splice, &key, BPF_NOEXIST) == 0)
 			stat_inc(FERRY_STAT_SPLICE_SOCKS);
 		break;
@@ -209,27 +210,43 @@ int ferry_sockops(struct bpf_sock_ops *skops)
 	return 1;
 }
 
-/* Attached to ferry_splice: hand each message straight to the peer socket's
- * receive queue. If the peer is not (yet) there, take the normal path. */
+/*
+ * Attached to ferry_splice: hand each message straight to the peer socket's
+ * receive queue. A connection splices from its first byte or not at all: if
+ * the peer is not in the map yet (the app wrote before the agent's end was
+ * established), this socket leaves the map, so every later byte also takes
+ * the normal path and nothing can overtake bytes already queued there.
+ * (Programs cannot delete from a sockhash here, so a side map says so.)
+ */
 SEC("sk_msg")
 int ferry_sk_msg(struct sk_msg_md *msg)
 {
 	if (msg->family != 2 /* AF_INET */)
 		return SK_PASS;
+	__u64 netns = bpf_get_netns_cookie(msg);
+	struct ferry_sock_key self = {
+		.netns_cookie = netns,
+		.local_ip4 = msg->local_ip4,
+		.remote_ip4 = msg->remote_ip4,
+		.local_port = msg->local_port,
+		.remote_port = bpf_ntohl(msg->remote_port),
+	};
+	if (bpf_map_lookup_elem(&ferry_splice_off, &self))
+		return SK_PASS;
 	struct ferry_sock_key peer = {
-		.netns_cookie = bpf_get_netns_cookie(msg),
+		.netns_cookie = netns,
 		.local_ip4 = msg->remote_ip4,
 		.remote_ip4 = msg->local_ip4,
 		.local_port = bpf_ntohl(msg->remote_port),
 		.remote_port = msg->local_port,
 	};
-	/* SK_DROP from the helper only means "no such peer": nothing was
-	 * redirected, so let the message take the normal path. */
-	if (bpf_msg_redirect_hash(msg, &ferry_splice, &peer, BPF_F_INGRESS) != SK_PASS) {
-		stat_inc(FERRY_STAT_SPLICE_MISS);
+	if (bpf_msg_redirect_hash(msg, &ferry_splice, &peer, BPF_F_INGRESS) == SK_PASS) {
+		stat_inc(FERRY_STAT_SPLICE_MSGS);
 		return SK_PASS;
 	}
-	stat_inc(FERRY_STAT_SPLICE_MSGS);
+	__u32 one = 1;
+	bpf_map_update_elem(&ferry_splice_off, &self, &one, BPF_ANY);
+	stat_inc(FERRY_STAT_SPLICE_MISS);
 	return SK_PASS;
 }
 

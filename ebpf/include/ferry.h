@@ -110,7 +110,7 @@ enum ferry_stat {
 	FERRY_STAT_INBOUND_ASSIGN_ERR = 4,
 	FERRY_STAT_SPLICE_SOCKS = 5,   /* sockets added to the splice sockhash */
 	FERRY_STAT_SPLICE_MSGS = 6,    /* sk_msg redirects done */
-	FERRY_STAT_SPLICE_MISS = 7,    /* sk_msg found no peer: normal path */
+	FERRY_STAT_SPLICE_MISS = 7,    /* no peer yet: this connection falls back to the normal path */
 	FERRY_STAT_EVENTS_DROPPED = 8, /* ring buffer full */
 	FERRY_STAT_AGENT_SKIPPED = 9,  /* connect() by a socket carrying the agent mark */
 	FERRY_STAT_MAX = 16,
@@ -192,6 +192,16 @@ struct {
 	__type(key, struct ferry_sock_key);
 	__type(value, __u32);
 } ferry_splice SEC(".maps");
+
+/* Sockets of ferry_splice whose first message found no peer: they stay on the
+ * normal path for good (see ferry_sk_msg). Value unused. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+	__uint(max_entries, FERRY_MAX_CONNS);
+	__type(key, struct ferry_sock_key);
+	__type(value, __u32);
+} ferry_splice_off SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_HASH);

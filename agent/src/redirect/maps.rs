@@ -22,6 +22,7 @@ pub const MAP_NAMES: &[&str] = &[
     "ferry_orig_dst",
     "ferry_inbound",
     "ferry_splice",
+    "ferry_splice_off",
     "ferry_traffic",
     "ferry_stats",
     "ferry_events",
@@ -152,7 +153,7 @@ pub const STAT_NAMES: &[(u32, &str)] = &[
     (4, "inbound_assign_errors"),
     (5, "splice_sockets"),
     (6, "splice_msgs"),
-    (7, "splice_misses"),
+    (7, "splice_fallbacks"),
     (8, "events_dropped"),
     (9, "agent_skipped"),
 ];
