@@ -241,7 +241,7 @@ services:
         let e = ConfigFile::parse("x", "node: n1\nworkloadz: []\n").unwrap_err();
         assert!(e.to_string().contains("unknown field `workloadz`"), "{e}");
         let e = ConfigFile::parse("x", "node: n1\nworkloads: [{uid: a, name: b, node: n, ip: nope}]\n").unwrap_err();
-        assert!(e.to_string().contains("invalid IP address syntax"), "{e}");
+        assert!(e.to_string().contains("invalid IPv4 address syntax"), "{e}");
         assert!(ConfigFile::parse("x", ":\n - [").is_err());
     }
 }

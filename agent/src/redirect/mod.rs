@@ -12,6 +12,9 @@ pub mod events;
 pub mod maps;
 pub mod pinned;
 
+#[cfg(test)]
+mod btf_check;
+
 use std::{
     collections::{BTreeMap, HashMap},
     fs, io,
