@@ -11,6 +11,7 @@
 //! inside the box's namespaces (no route leaves the machine). A state file in
 //! /run/ferry-box/ lets `down` remove everything, also after a crash.
 
+pub mod demo;
 pub mod proto;
 pub mod sys;
 
@@ -240,7 +241,9 @@ impl BoxState {
     /// A command in a node's netns (the agent's side: admin endpoint, ferryctl).
     pub fn node_command(&self, node: usize, program: &str, args: &[&str]) -> Result<Command> {
         let ns = fs::File::open(format!("/run/netns/{}", self.node_netns(node)))?;
-        Ok(command_in(program, args, None, ns))
+        let mut c = command_in(program, args, None, ns);
+        c.env("FERRY_NODE", self.node_name(node));
+        Ok(c)
     }
 
     pub fn bin(&self, name: &str) -> String {

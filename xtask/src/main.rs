@@ -1,13 +1,13 @@
-//! cargo xtask: prerequisites, the cluster-in-a-box, the demo and the tests.
+//! cargo xtask: prerequisites, building, and running the cluster-in-a-box
+//! (`ferry-box`), the demo and the tests. It depends on nothing of Ferry's so
+//! it can install what Ferry's own build needs (clang for the eBPF programs).
 
 mod deps;
-mod demo;
 
 use std::{path::PathBuf, process::Command};
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
-use ferry_box::{BoxState, ClusterBox, Spec};
 
 #[derive(Parser)]
 #[command(about = "Ferry's development tasks")]
@@ -20,7 +20,7 @@ struct Args {
 enum Cmd {
     /// Check (and as root, install) the system packages Ferry needs.
     Deps,
-    /// Bring up the cluster-in-a-box, drive traffic, show what happened.
+    /// Bring up the cluster-in-a-box, drive traffic, show what happened, tear down.
     Demo {
         /// Leave the box running afterwards.
         #[arg(long)]
@@ -29,107 +29,54 @@ enum Cmd {
     /// Run every test (unit and cluster-in-a-box integration), as root.
     Test {
         /// Extra arguments for `cargo test`.
-        #[arg(trailing_var_arg = true)]
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
-    /// Manage a cluster-in-a-box.
+    /// The cluster-in-a-box: `box up`, `box down [ID]`, `box list`, `box exec POD -- CMD`.
     Box {
-        #[command(subcommand)]
-        op: BoxOp,
-    },
-}
-
-#[derive(Subcommand)]
-enum BoxOp {
-    /// Create a box with the demo topology and leave it running.
-    Up,
-    /// Remove a box (or every box) and all it created.
-    Down { id: Option<String> },
-    /// List running boxes.
-    List,
-    /// Run CMD as POD (its netns and cgroup), or in a node's netns with `node1`, `node2`.
-    Exec {
-        #[arg(long)]
-        id: Option<String>,
-        target: String,
-        #[arg(trailing_var_arg = true, required = true)]
-        cmd: Vec<String>,
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
     },
 }
 
 fn main() -> Result<()> {
-    let args = Args::parse();
-    match args.cmd {
+    match Args::parse().cmd {
         Cmd::Deps => deps::ensure(),
         Cmd::Demo { keep } => {
-            deps::ensure()?;
-            let bins = build_bins()?;
-            demo::run(bins, keep)
+            let mut args = vec!["demo".to_owned()];
+            if keep {
+                args.push("--keep".into());
+            }
+            ferry_box(&args)
+        }
+        Cmd::Box { args } => {
+            let mut all = vec!["box".to_owned()];
+            all.extend(args);
+            ferry_box(&all)
         }
         Cmd::Test { args } => {
             deps::ensure()?;
             let bins = build_bins()?;
-            let st = Command::new("cargo")
-                .args(["test", "--workspace"])
-                .args(&args)
-                .env("FERRY_BIN_DIR", &bins)
-                .status()?;
+            let st = Command::new("cargo").args(["test", "--workspace"]).args(&args).env("FERRY_BIN_DIR", &bins).status()?;
             if !st.success() {
                 bail!("tests failed");
             }
             Ok(())
         }
-        Cmd::Box { op } => match op {
-            BoxOp::Up => {
-                deps::ensure()?;
-                let bins = build_bins()?;
-                let b = ClusterBox::up(Spec::demo(), bins)?;
-                let st = b.keep();
-                println!("box {} is up; `cargo xtask box exec <pod> -- CMD`, `cargo xtask box down {}`", st.id, st.id);
-                Ok(())
-            }
-            BoxOp::Down { id } => {
-                let ids = match id {
-                    Some(id) => vec![id],
-                    None => BoxState::list(),
-                };
-                for id in ids {
-                    ferry_box::down(&id)?;
-                    println!("box {id} removed");
-                }
-                Ok(())
-            }
-            BoxOp::List => {
-                for id in BoxState::list() {
-                    println!("{id}");
-                }
-                Ok(())
-            }
-            BoxOp::Exec { id, target, cmd } => {
-                let id = match id {
-                    Some(id) => id,
-                    None => match BoxState::list().as_slice() {
-                        [one] => one.clone(),
-                        [] => bail!("no box is up (`cargo xtask box up`)"),
-                        _ => bail!("several boxes are up: pass --id"),
-                    },
-                };
-                let st = BoxState::load(&id)?;
-                let args: Vec<&str> = cmd[1..].iter().map(String::as_str).collect();
-                let mut c = match target.strip_prefix("node").and_then(|n| n.parse::<usize>().ok()) {
-                    Some(n) if n >= 1 => st.node_command(n - 1, &cmd[0], &args)?,
-                    _ => st.pod_command(&target, &cmd[0], &args)?,
-                };
-                let status = c.env("PATH", format!("{}:{}", st.bin_dir.display(), std::env::var("PATH").unwrap_or_default())).status()?;
-                std::process::exit(status.code().unwrap_or(1));
-            }
-        },
     }
+}
+
+/// Runs the box CLI after making sure prerequisites and binaries are there.
+fn ferry_box(args: &[String]) -> Result<()> {
+    deps::ensure()?;
+    let bins = build_bins()?;
+    let st = Command::new(bins.join("ferry-box")).args(args).env("FERRY_BIN_DIR", &bins).status()?;
+    std::process::exit(st.code().unwrap_or(1));
 }
 
 /// Builds every binary and returns the directory holding them.
 fn build_bins() -> Result<PathBuf> {
-    let st = Command::new("cargo").args(["build", "--workspace", "--bins"]).status().context("running cargo build")?;
+    let st = Command::new("cargo").args(["build", "--quiet", "--workspace", "--bins"]).status().context("running cargo build")?;
     if !st.success() {
         bail!("cargo build failed");
     }

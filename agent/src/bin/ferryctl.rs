@@ -20,8 +20,8 @@ struct Args {
     /// bpffs directory holding one directory per node.
     #[arg(long, global = true, default_value = "/sys/fs/bpf/ferry")]
     pin_root: PathBuf,
-    /// Node whose pins to read (default: the only one present).
-    #[arg(long, global = true)]
+    /// Node whose pins to read (default: $FERRY_NODE, else the only one present).
+    #[arg(long, global = true, env = "FERRY_NODE")]
     node: Option<String>,
     /// The agent's admin endpoint.
     #[arg(long, global = true, default_value = "127.0.0.1:15000")]
