@@ -23,7 +23,10 @@ fn json<T: Serialize>(v: &T) -> Response<Body> {
 }
 
 fn text(code: StatusCode, s: &str) -> Response<Body> {
-    Response::builder().status(code).body(Full::new(Bytes::from(s.to_owned()))).expect("static response")
+    Response::builder()
+        .status(code)
+        .body(Full::new(Bytes::from(s.to_owned())))
+        .expect("static response")
 }
 
 #[derive(Serialize)]
@@ -55,15 +58,28 @@ pub fn route(agent: &Agent, path: &str) -> Response<Body> {
             workloads: state.workloads.values().collect(),
             services: &state.services,
         }),
-        "/conns" => json(&agent.proxy.telemetry.live().iter().map(|c| c.view()).collect::<Vec<_>>()),
+        "/conns" => json(
+            &agent
+                .proxy
+                .telemetry
+                .live()
+                .iter()
+                .map(|c| c.view())
+                .collect::<Vec<_>>(),
+        ),
         "/stats" => json(&agent.proxy.telemetry.counters),
-        _ => text(StatusCode::NOT_FOUND, "not found; try /healthz /ready /config_dump /conns /stats\n"),
+        _ => text(
+            StatusCode::NOT_FOUND,
+            "not found; try /healthz /ready /config_dump /conns /stats\n",
+        ),
     }
 }
 
 pub async fn serve(agent: Arc<Agent>, listener: TcpListener) {
     loop {
-        let Ok((stream, _)) = listener.accept().await else { continue };
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
         let agent = agent.clone();
         tokio::spawn(async move {
             let svc = service_fn(move |req: Request<Incoming>| {

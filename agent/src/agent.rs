@@ -148,7 +148,12 @@ impl Agent {
     }
 
     pub fn pod_status(&self) -> Vec<PodStatus> {
-        self.status.read().unwrap_or_else(|e| e.into_inner()).values().cloned().collect()
+        self.status
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .cloned()
+            .collect()
     }
 
     pub async fn pin_dir(&self) -> PathBuf {
@@ -190,7 +195,11 @@ impl Agent {
         }
         *self.proxy.state.write().unwrap_or_else(|e| e.into_inner()) = state.clone();
 
-        let cgroup_root = state.settings.cgroup_root.clone().unwrap_or_else(|| self.opts.cgroup_root.clone());
+        let cgroup_root = state
+            .settings
+            .cgroup_root
+            .clone()
+            .unwrap_or_else(|| self.opts.cgroup_root.clone());
         let mut status = BTreeMap::new();
         for w in state.workloads.values().filter(|w| w.node == state.node) {
             let mut st = PodStatus {
@@ -236,16 +245,29 @@ impl Agent {
             redirect.prune_stale_links();
         }
         self.applied.store(state.version, Ordering::Release);
-        tracing::info!(version = state.version, pods = enrolled.len(), services = state.services.len(), "config applied");
+        tracing::info!(
+            version = state.version,
+            pods = enrolled.len(),
+            services = state.services.len(),
+            "config applied"
+        );
     }
 
-    async fn enroll(&self, redirect: &mut Redirector, w: &Workload, cgroup_root: &Path) -> Result<Enrolled, EnrollError> {
-        let cg = cgroup::find_pod_cgroup(cgroup_root, &w.uid)
-            .ok_or_else(|| EnrollError::NoCgroup { uid: w.uid.clone(), root: cgroup_root.to_owned() })?;
+    async fn enroll(
+        &self,
+        redirect: &mut Redirector,
+        w: &Workload,
+        cgroup_root: &Path,
+    ) -> Result<Enrolled, EnrollError> {
+        let cg = cgroup::find_pod_cgroup(cgroup_root, &w.uid).ok_or_else(|| EnrollError::NoCgroup {
+            uid: w.uid.clone(),
+            root: cgroup_root.to_owned(),
+        })?;
         let netns = match &w.netns {
             Some(p) => Netns::open(p).map_err(|e| EnrollError::NoNetns(format!("{}: {e}", p.display())))?,
             None => {
-                let pid = cgroup::any_pid(&cg).ok_or_else(|| EnrollError::NoNetns(format!("no process in {}", cg.display())))?;
+                let pid = cgroup::any_pid(&cg)
+                    .ok_or_else(|| EnrollError::NoNetns(format!("no process in {}", cg.display())))?;
                 Netns::of_pid(pid).map_err(|e| EnrollError::NoNetns(format!("pid {pid}: {e}")))?
             }
         };
@@ -274,15 +296,28 @@ impl Agent {
             host_veth: w.host_veth.as_deref(),
             inbound_listener: &in_l,
         })?;
-        let ctx = Arc::new(PodCtx { workload: w.clone(), netns, netns_cookie: cookie });
-        self.proxy.pods.write().unwrap_or_else(|e| e.into_inner()).insert(w.uid.clone(), ctx.clone());
+        let ctx = Arc::new(PodCtx {
+            workload: w.clone(),
+            netns,
+            netns_cookie: cookie,
+        });
+        self.proxy
+            .pods
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(w.uid.clone(), ctx.clone());
         let p = &self.proxy;
         let tasks = vec![
             tokio::spawn(outbound::serve(p.clone(), ctx.clone(), out_l)).abort_handle(),
             tokio::spawn(inbound::serve(p.clone(), ctx.clone(), in_l, inbound::Kind::Plain)).abort_handle(),
             tokio::spawn(inbound::serve(p.clone(), ctx.clone(), tun_l, inbound::Kind::Tunnel)).abort_handle(),
         ];
-        Ok(Enrolled { ctx, pod_id, cgroup: cg, tasks })
+        Ok(Enrolled {
+            ctx,
+            pod_id,
+            cgroup: cg,
+            tasks,
+        })
     }
 
     /// Stops accepting on every pod (steering stays pinned: see docs).
@@ -297,4 +332,3 @@ impl Agent {
         redirect::remove_node_pins(&dir)
     }
 }
-

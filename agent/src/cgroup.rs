@@ -65,7 +65,11 @@ pub fn any_pid(cgroup: &Path) -> Option<u32> {
             return Some(pid);
         }
     }
-    fs::read_dir(cgroup).ok()?.flatten().filter(|e| e.path().is_dir()).find_map(|e| any_pid(&e.path()))
+    fs::read_dir(cgroup)
+        .ok()?
+        .flatten()
+        .filter(|e| e.path().is_dir())
+        .find_map(|e| any_pid(&e.path()))
 }
 
 #[cfg(test)]

@@ -41,7 +41,11 @@ fn yes() -> bool {
 
 impl Default for Settings {
     fn default() -> Self {
-        Self { splice: false, events: true, cgroup_root: None }
+        Self {
+            splice: false,
+            events: true,
+            cgroup_root: None,
+        }
     }
 }
 
@@ -124,7 +128,10 @@ impl fmt::Display for ConfigError {
 
 impl ConfigFile {
     pub fn parse(source_name: &str, text: &str) -> Result<Self, ConfigError> {
-        let err = |problems| ConfigError { source_name: source_name.to_owned(), problems };
+        let err = |problems| ConfigError {
+            source_name: source_name.to_owned(),
+            problems,
+        };
         let cfg: ConfigFile = serde_norway::from_str(text).map_err(|e| err(vec![e.to_string()]))?;
         let problems = cfg.validate();
         if problems.is_empty() {
@@ -136,8 +143,10 @@ impl ConfigFile {
 
     pub fn load(path: &std::path::Path) -> Result<Self, ConfigError> {
         let name = path.display().to_string();
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| ConfigError { source_name: name.clone(), problems: vec![format!("cannot read: {e}")] })?;
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            source_name: name.clone(),
+            problems: vec![format!("cannot read: {e}")],
+        })?;
         Self::parse(&name, &text)
     }
 

@@ -32,7 +32,10 @@ impl Netns {
     pub fn open(path: &Path) -> io::Result<Self> {
         home()?;
         let fd = File::open(path)?.into();
-        Ok(Self { fd, path: path.to_owned() })
+        Ok(Self {
+            fd,
+            path: path.to_owned(),
+        })
     }
 
     /// The netns of a process (e.g. a pod's sandbox process).

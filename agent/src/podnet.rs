@@ -32,12 +32,11 @@ pub enum PodNetError {
 }
 
 pub async fn setup(ns: &Netns) -> Result<(), PodNetError> {
-    for (name, value) in [("net/ipv4/tcp_fwmark_accept", "1")] {
-        // /proc/sys/net follows the netns of the thread that opens it.
-        ns.run(|| std::fs::write(format!("/proc/sys/{name}"), value))
-            .and_then(|r| r)
-            .map_err(|source| PodNetError::Sysctl { name, source })?;
-    }
+    // /proc/sys/net follows the netns of the thread that opens it.
+    let name = "net/ipv4/tcp_fwmark_accept";
+    ns.run(|| std::fs::write(format!("/proc/sys/{name}"), "1"))
+        .and_then(|r| r)
+        .map_err(|source| PodNetError::Sysctl { name, source })?;
 
     let nl = |e: rtnetlink::Error| PodNetError::Netlink(e.to_string());
     let (conn, handle, _) = ns
@@ -51,7 +50,11 @@ pub async fn setup(ns: &Netns) -> Result<(), PodNetError> {
         .get(rtnetlink::IpVersion::V4)
         .execute()
         .try_filter(|r| {
-            futures::future::ready(r.attributes.iter().any(|a| matches!(a, RuleAttribute::FwMark(m) if *m == DELIVER_MARK)))
+            futures::future::ready(
+                r.attributes
+                    .iter()
+                    .any(|a| matches!(a, RuleAttribute::FwMark(m) if *m == DELIVER_MARK)),
+            )
         })
         .try_next()
         .await

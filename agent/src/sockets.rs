@@ -83,13 +83,19 @@ fn bind_delivery_port(sock: &Socket, ip: Ipv4Addr) -> io::Result<()> {
             Err(e) => return Err(e),
         }
     }
-    Err(io::Error::new(io::ErrorKind::AddrInUse, format!("all {span} delivery ports in use for client {ip}")))
+    Err(io::Error::new(
+        io::ErrorKind::AddrInUse,
+        format!("all {span} delivery ports in use for client {ip}"),
+    ))
 }
 
 /// Both addresses of an accepted IPv4 TCP stream.
 pub fn v4_addrs(s: &TcpStream) -> io::Result<(SocketAddrV4, SocketAddrV4)> {
     match (s.local_addr()?, s.peer_addr()?) {
         (SocketAddr::V4(l), SocketAddr::V4(p)) => Ok((l, p)),
-        (l, p) => Err(io::Error::new(io::ErrorKind::Unsupported, format!("not IPv4: {l} <- {p}"))),
+        (l, p) => Err(io::Error::new(
+            io::ErrorKind::Unsupported,
+            format!("not IPv4: {l} <- {p}"),
+        )),
     }
 }

@@ -122,7 +122,12 @@ impl State {
             Some(w) if w.enrolled => Hop::Tunnel,
             _ => Hop::Direct,
         };
-        Ok(Route { endpoint, service, workload: dst.map(|w| w.uid.clone()), hop })
+        Ok(Route {
+            endpoint,
+            service,
+            workload: dst.map(|w| w.uid.clone()),
+            hop,
+        })
     }
 }
 
@@ -177,9 +182,15 @@ services:
     fn direct_pod_addresses_and_errors() {
         let s = state();
         let r = s.route(a("10.1.2.3:9000")).unwrap();
-        assert_eq!((r.endpoint, r.hop, r.workload.as_deref()), (a("10.1.2.3:9000"), Hop::Tunnel, Some("c")));
+        assert_eq!(
+            (r.endpoint, r.hop, r.workload.as_deref()),
+            (a("10.1.2.3:9000"), Hop::Tunnel, Some("c"))
+        );
         assert_eq!(s.route(a("10.1.2.4:1")).unwrap().hop, Hop::Direct);
-        assert_eq!(s.route(a("10.96.0.11:80")), Err(RouteError::NoEndpoint("default/empty".into())));
+        assert_eq!(
+            s.route(a("10.96.0.11:80")),
+            Err(RouteError::NoEndpoint("default/empty".into()))
+        );
     }
 
     #[test]

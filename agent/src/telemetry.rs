@@ -140,12 +140,25 @@ impl Telemetry {
             received: AtomicU64::new(0),
             started: Instant::now(),
         });
-        self.live.lock().unwrap_or_else(|e| e.into_inner()).insert(id, conn.clone());
-        ConnGuard { t: self, conn, outcome: None }
+        self.live
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(id, conn.clone());
+        ConnGuard {
+            t: self,
+            conn,
+            outcome: None,
+        }
     }
 
     pub fn live(&self) -> Vec<Arc<Conn>> {
-        let mut v: Vec<_> = self.live.lock().unwrap_or_else(|e| e.into_inner()).values().cloned().collect();
+        let mut v: Vec<_> = self
+            .live
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .cloned()
+            .collect();
         v.sort_by_key(|c| c.id);
         v
     }

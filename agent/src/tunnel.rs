@@ -61,7 +61,12 @@ impl Tunnel {
     pub async fn open(&self, src: &Netns, target: SocketAddrV4) -> io::Result<TcpStream> {
         match self {
             Tunnel::Plain => {
-                let mut s = sockets::connect(Some(src), sockets::Source::Any, SocketAddrV4::new(*target.ip(), TUNNEL_PORT)).await?;
+                let mut s = sockets::connect(
+                    Some(src),
+                    sockets::Source::Any,
+                    SocketAddrV4::new(*target.ip(), TUNNEL_PORT),
+                )
+                .await?;
                 s.write_all(&encode(target)).await?;
                 Ok(s)
             }

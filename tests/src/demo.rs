@@ -2,8 +2,8 @@
 
 use std::path::PathBuf;
 
-use anyhow::Result;
 use crate::{ClusterBox, Spec};
+use anyhow::Result;
 
 fn section(title: &str) {
     println!("\n\x1b[1m== {title}\x1b[0m");
@@ -22,18 +22,28 @@ pub fn run(bins: PathBuf, keep: bool) -> Result<()> {
     section("Bringing up the cluster-in-a-box");
     let b = ClusterBox::up(Spec::demo(), bins)?;
     let s = &b.state;
-    println!("box {}: 2 nodes, each a network namespace running its own ferry-agent", s.id);
+    println!(
+        "box {}: 2 nodes, each a network namespace running its own ferry-agent",
+        s.id
+    );
     for p in &s.spec.pods {
         println!(
             "  pod {:<9} {:<10} on node{}  {}",
             p.name,
             s.pod_ip(&p.name)?,
             p.node + 1,
-            if p.enrolled { "enrolled (ferry.dev/mesh: enabled)" } else { "not in the mesh" }
+            if p.enrolled {
+                "enrolled (ferry.dev/mesh: enabled)"
+            } else {
+                "not in the mesh"
+            }
         );
     }
     for svc in &s.spec.services {
-        println!("  service {} {}:{} -> {:?} port {}", svc.name, svc.vip, svc.port, svc.endpoints, svc.target_port);
+        println!(
+            "  service {} {}:{} -> {:?} port {}",
+            svc.name, svc.vip, svc.port, svc.endpoints, svc.target_port
+        );
     }
 
     section("Traffic: client -> echo service VIP, four connections");
@@ -43,7 +53,10 @@ pub fn run(bins: PathBuf, keep: bool) -> Result<()> {
         println!("  client -> {vip}  answered by {server:<7} which saw the client as {seen}");
     }
     section("Traffic: a 16 MiB echo through the mesh, checksummed");
-    print!("  {}", s.client("client", &["echo", "--to", vip, "--bytes", "16777216"])?);
+    print!(
+        "  {}",
+        s.client("client", &["echo", "--to", vip, "--bytes", "16777216"])?
+    );
     section("Traffic: the un-enrolled outsider");
     let echo1 = format!("{}:8080", s.pod_ip("echo-1")?);
     let (server, seen) = s.who("outsider", &echo1)?;
@@ -54,7 +67,10 @@ pub fn run(bins: PathBuf, keep: bool) -> Result<()> {
     );
 
     section("What the agents did (one access-log line per connection)");
-    println!("  {:<6} {:<9} {:<15} {:<16} {:<14} {:<17} {:>9} {:>9}", "node", "dir", "source", "orig dst", "service", "endpoint", "sent", "recv");
+    println!(
+        "  {:<6} {:<9} {:<15} {:<16} {:<14} {:<17} {:>9} {:>9}",
+        "node", "dir", "source", "orig dst", "service", "endpoint", "sent", "recv"
+    );
     for n in 0..s.spec.nodes {
         for l in s.access_log(n) {
             let f = |k: &str| l[k].as_str().map(str::to_owned).unwrap_or_else(|| l[k].to_string());
@@ -86,7 +102,10 @@ pub fn run(bins: PathBuf, keep: bool) -> Result<()> {
     if keep {
         let st = b.keep();
         println!("\nThe box stays up: `cargo xtask box exec client -- ferry-workload client who --to {vip}`,");
-        println!("`cargo xtask box exec node1 -- ferryctl conns`, then `cargo xtask box down {}`.", st.id);
+        println!(
+            "`cargo xtask box exec node1 -- ferryctl conns`, then `cargo xtask box down {}`.",
+            st.id
+        );
     } else {
         drop(b);
         println!("\nBox removed (use --keep to leave it running).");

@@ -71,7 +71,10 @@ impl Spec {
             node,
             enrolled,
             serve: serve.to_vec(),
-            labels: vec![("app".into(), name.trim_end_matches(char::is_numeric).trim_end_matches('-').into())],
+            labels: vec![(
+                "app".into(),
+                name.trim_end_matches(char::is_numeric).trim_end_matches('-').into(),
+            )],
         };
         Spec {
             nodes: 2,
@@ -124,7 +127,11 @@ impl BoxState {
         format!("{}-{pod}", self.id)
     }
     pub fn pod_index(&self, pod: &str) -> Result<usize> {
-        self.spec.pods.iter().position(|p| p.name == pod).with_context(|| format!("no pod named {pod} in box {}", self.id))
+        self.spec
+            .pods
+            .iter()
+            .position(|p| p.name == pod)
+            .with_context(|| format!("no pod named {pod} in box {}", self.id))
     }
     pub fn pod_ip(&self, pod: &str) -> Result<Ipv4Addr> {
         let i = self.pod_index(pod)?;
@@ -185,17 +192,28 @@ impl BoxState {
                 name: s.name.clone(),
                 namespace: "default".into(),
                 vip: s.vip,
-                ports: vec![ServicePort { port: s.port, target_port: s.target_port, name: Some("tcp".into()) }],
+                ports: vec![ServicePort {
+                    port: s.port,
+                    target_port: s.target_port,
+                    name: Some("tcp".into()),
+                }],
                 endpoints: s
                     .endpoints
                     .iter()
-                    .map(|e| Endpoint { ip: self.pod_ip(e).expect("endpoint pod in spec"), ready: true })
+                    .map(|e| Endpoint {
+                        ip: self.pod_ip(e).expect("endpoint pod in spec"),
+                        ready: true,
+                    })
                     .collect(),
             })
             .collect();
         ConfigFile {
             node: self.node_name(node),
-            settings: Settings { splice: self.spec.splice, events: true, cgroup_root: Some(self.kubepods(node)) },
+            settings: Settings {
+                splice: self.spec.splice,
+                events: true,
+                cgroup_root: Some(self.kubepods(node)),
+            },
             workloads,
             services,
         }
@@ -213,7 +231,10 @@ impl BoxState {
     }
 
     fn save(&self) -> Result<()> {
-        fs::write(Path::new(STATE_DIR).join(format!("{}.json", self.id)), serde_json::to_vec_pretty(self)?)?;
+        fs::write(
+            Path::new(STATE_DIR).join(format!("{}.json", self.id)),
+            serde_json::to_vec_pretty(self)?,
+        )?;
         Ok(())
     }
 
@@ -252,7 +273,9 @@ impl BoxState {
 
     /// Runs the sample client in `pod`; returns its stdout, failing on non-zero exit.
     pub fn client(&self, pod: &str, args: &[&str]) -> Result<String> {
-        let out = self.pod_command(pod, &self.bin("ferry-workload"), &[&["client"], args].concat())?.output()?;
+        let out = self
+            .pod_command(pod, &self.bin("ferry-workload"), &[&["client"], args].concat())?
+            .output()?;
         output_ok(out, &format!("client in {pod}"))
     }
 
@@ -271,7 +294,10 @@ impl BoxState {
             let mut resp = String::new();
             s.read_to_string(&mut resp)?;
             let code = resp.get(9..12).and_then(|c| c.parse().ok()).unwrap_or(0);
-            let body = resp.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
+            let body = resp
+                .split_once("\r\n\r\n")
+                .map(|(_, b)| b.to_owned())
+                .unwrap_or_default();
             Ok((code, body))
         })
         .join()
@@ -298,8 +324,19 @@ impl BoxState {
                 }
                 if Instant::now() > deadline {
                     let log = fs::read_to_string(self.agent_log(n)).unwrap_or_default();
-                    let tail: Vec<&str> = log.lines().rev().take(15).collect::<Vec<_>>().into_iter().rev().collect();
-                    bail!("agent on node {} did not apply config version {min_version}; log tail:\n{}", n + 1, tail.join("\n"));
+                    let tail: Vec<&str> = log
+                        .lines()
+                        .rev()
+                        .take(15)
+                        .collect::<Vec<_>>()
+                        .into_iter()
+                        .rev()
+                        .collect();
+                    bail!(
+                        "agent on node {} did not apply config version {min_version}; log tail:\n{}",
+                        n + 1,
+                        tail.join("\n")
+                    );
                 }
                 std::thread::sleep(Duration::from_millis(50));
             }
@@ -314,7 +351,12 @@ impl BoxState {
 
 pub fn output_ok(out: Output, what: &str) -> Result<String> {
     if !out.status.success() {
-        bail!("{what} failed ({}): {}{}", out.status, String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        bail!(
+            "{what} failed ({}): {}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
@@ -358,7 +400,11 @@ impl ClusterBox {
     pub fn up(spec: Spec, bin_dir: PathBuf) -> Result<Self> {
         for b in ["ferry-agent", "ferry-workload"] {
             if !bin_dir.join(b).exists() {
-                bail!("{} not found in {} (run `cargo build --bins` first)", b, bin_dir.display());
+                bail!(
+                    "{} not found in {} (run `cargo build --bins` first)",
+                    b,
+                    bin_dir.display()
+                );
             }
         }
         sys::ensure_bpffs()?;
@@ -375,7 +421,12 @@ impl ClusterBox {
         };
         fs::create_dir_all(&state.dir)?;
         state.save()?;
-        let mut b = ClusterBox { state, agents: vec![], servers: vec![], teardown_on_drop: true };
+        let mut b = ClusterBox {
+            state,
+            agents: vec![],
+            servers: vec![],
+            teardown_on_drop: true,
+        };
         if let Err(e) = b.build() {
             let _ = down(&b.state.id);
             b.teardown_on_drop = false;
@@ -419,7 +470,9 @@ impl ClusterBox {
         for (i, p) in s.spec.pods.iter().enumerate() {
             let (node, pod) = (s.node_netns(p.node), s.pod_netns(&p.name));
             let veth = s.host_veth(i);
-            ip.push(format!("-n {node} link add {veth} type veth peer name eth0 netns {pod}"));
+            ip.push(format!(
+                "-n {node} link add {veth} type veth peer name eth0 netns {pod}"
+            ));
             ip.push(format!("-n {node} link set {veth} master br0 up"));
             ip.push(format!("-n {pod} link set lo up"));
             ip.push(format!("-n {pod} addr add {}/24 dev eth0", s.pod_ip(&p.name)?));
@@ -428,7 +481,8 @@ impl ClusterBox {
         }
         sys::ip_batch(&ip)?;
         for n in 0..s.spec.nodes {
-            s.node_command(n, "sysctl", &["-qw", "net.ipv4.ip_forward=1"])?.status()?;
+            s.node_command(n, "sysctl", &["-qw", "net.ipv4.ip_forward=1"])?
+                .status()?;
         }
         for p in &s.spec.pods {
             fs::create_dir_all(s.pod_cgroup(&p.name)?)?;
@@ -445,7 +499,11 @@ impl ClusterBox {
         for p in &s.spec.pods {
             for port in &p.serve {
                 let child = s
-                    .pod_command(&p.name, &s.bin("ferry-workload"), &["serve", "--name", &p.name, "--port", &port.to_string()])?
+                    .pod_command(
+                        &p.name,
+                        &s.bin("ferry-workload"),
+                        &["serve", "--name", &p.name, "--port", &port.to_string()],
+                    )?
                     .stdin(Stdio::null())
                     .stdout(Stdio::null())
                     .stderr(Stdio::null())
@@ -486,16 +544,28 @@ impl ClusterBox {
     /// Starts (or restarts) the agent of `node`.
     pub fn start_agent(&mut self, node: usize) -> Result<()> {
         let s = &self.state;
-        let log = fs::OpenOptions::new().create(true).append(true).open(s.agent_log(node))?;
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(s.agent_log(node))?;
         let procs = s.agent_cgroup(node).join("cgroup.procs");
         let ns = fs::File::open(format!("/run/netns/{}", s.node_netns(node)))?;
         let mut cmd = command_in(
             &s.bin("ferry-agent"),
-            &["--config", s.config_path(node).to_str().unwrap(), "--pin-root", PIN_ROOT, "--log-json"],
+            &[
+                "--config",
+                s.config_path(node).to_str().unwrap(),
+                "--pin-root",
+                PIN_ROOT,
+                "--log-json",
+            ],
             Some(procs),
             ns,
         );
-        cmd.env("FERRY_LOG", std::env::var("FERRY_LOG").unwrap_or_else(|_| "info,ferry::ebpf=debug".into()));
+        cmd.env(
+            "FERRY_LOG",
+            std::env::var("FERRY_LOG").unwrap_or_else(|_| "info,ferry::ebpf=debug".into()),
+        );
         let child = cmd.stdin(Stdio::null()).stdout(log.try_clone()?).stderr(log).spawn()?;
         let pid = child.id();
         while self.agents.len() <= node {
@@ -525,7 +595,9 @@ impl ClusterBox {
 
     /// Changes the spec (e.g. enrollment) and waits for every agent to apply it.
     pub fn update(&mut self, f: impl FnOnce(&mut Spec)) -> Result<()> {
-        let versions: Vec<u64> = (0..self.state.spec.nodes).map(|n| self.state.config_version(n)).collect::<Result<_>>()?;
+        let versions: Vec<u64> = (0..self.state.spec.nodes)
+            .map(|n| self.state.config_version(n))
+            .collect::<Result<_>>()?;
         f(&mut self.state.spec);
         self.state.save()?;
         self.state.write_configs()?;
@@ -552,7 +624,10 @@ impl ClusterBox {
 impl Drop for ClusterBox {
     fn drop(&mut self) {
         if self.teardown_on_drop && std::thread::panicking() && std::env::var_os("FERRY_KEEP_FAILED").is_some() {
-            eprintln!("FERRY_KEEP_FAILED: leaving box {} up (`cargo xtask box down {}`)", self.state.id, self.state.id);
+            eprintln!(
+                "FERRY_KEEP_FAILED: leaving box {} up (`cargo xtask box down {}`)",
+                self.state.id, self.state.id
+            );
             return;
         }
         if self.teardown_on_drop {
@@ -586,7 +661,11 @@ pub fn down(id: &str) -> Result<()> {
     }
     // Namespaces by prefix, so a crash before the state file was complete is covered.
     if let Ok(list) = sys::run("ip", &["netns", "list"]) {
-        for ns in list.lines().filter_map(|l| l.split_whitespace().next()).filter(|n| n.starts_with(&format!("{id}-"))) {
+        for ns in list
+            .lines()
+            .filter_map(|l| l.split_whitespace().next())
+            .filter(|n| n.starts_with(&format!("{id}-")))
+        {
             let _ = sys::run("ip", &["netns", "del", ns]);
         }
     }
@@ -594,7 +673,10 @@ pub fn down(id: &str) -> Result<()> {
         sys::remove_cgroup_tree(&root.join(format!("ferry-box-{id}")));
     }
     if let Ok(rd) = fs::read_dir(PIN_ROOT) {
-        for e in rd.flatten().filter(|e| e.file_name().to_string_lossy().starts_with(&format!("{id}-"))) {
+        for e in rd
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().starts_with(&format!("{id}-")))
+        {
             let _ = fs::remove_dir_all(e.path());
         }
     }
@@ -608,7 +690,10 @@ impl BoxState {
     pub fn who(&self, pod: &str, to: &str) -> Result<(String, String)> {
         let out = self.client(pod, &["who", "--to", to])?;
         let v: serde_json::Value = serde_json::from_str(out.trim())?;
-        Ok((v["server"].as_str().unwrap_or_default().to_owned(), v["client_seen_as"].as_str().unwrap_or_default().to_owned()))
+        Ok((
+            v["server"].as_str().unwrap_or_default().to_owned(),
+            v["client_seen_as"].as_str().unwrap_or_default().to_owned(),
+        ))
     }
 
     /// Whether a TCP connect from `pod` to `to` succeeds.
@@ -647,7 +732,11 @@ impl BoxState {
 /// Fails clearly when not root (the box needs namespaces, cgroups and BPF).
 pub fn require_root() {
     // SAFETY: geteuid has no preconditions.
-    assert_eq!(unsafe { libc::geteuid() }, 0, "the cluster-in-a-box tests must run as root (`sudo cargo xtask test`)");
+    assert_eq!(
+        unsafe { libc::geteuid() },
+        0,
+        "the cluster-in-a-box tests must run as root (`sudo cargo xtask test`)"
+    );
 }
 
 /// Polls `f` until it returns true or `timeout` passes.

@@ -23,10 +23,16 @@ fn service_vip_lands_on_endpoints_same_node_and_cross_node_keeping_client_ip() {
     let mut servers = Vec::new();
     for _ in 0..4 {
         let (server, seen) = s.who("client", VIP).unwrap();
-        assert!(seen.starts_with(&format!("{client_ip}:")), "server saw {seen}, want the client's pod IP {client_ip}");
+        assert!(
+            seen.starts_with(&format!("{client_ip}:")),
+            "server saw {seen}, want the client's pod IP {client_ip}"
+        );
         servers.push(server);
     }
-    assert!(servers.contains(&"echo-1".to_string()) && servers.contains(&"echo-2".to_string()), "{servers:?}");
+    assert!(
+        servers.contains(&"echo-1".to_string()) && servers.contains(&"echo-2".to_string()),
+        "{servers:?}"
+    );
 
     // The kernel side: four connects rewritten, four original destinations recorded.
     let after = s.bpf_stats(0).unwrap();
@@ -38,14 +44,26 @@ fn service_vip_lands_on_endpoints_same_node_and_cross_node_keeping_client_ip() {
     let log = s.access_log(0);
     let out: Vec<_> = log.iter().filter(|l| l["direction"] == "Outbound").collect();
     assert_eq!(out.len(), 4, "{log:?}");
-    assert!(out.iter().all(|l| l["orig_dst"] == VIP && l["service"] == "default/echo" && l["outcome"] == "ok"), "{out:?}");
+    assert!(
+        out.iter()
+            .all(|l| l["orig_dst"] == VIP && l["service"] == "default/echo" && l["outcome"] == "ok"),
+        "{out:?}"
+    );
     let hops: Vec<&str> = out.iter().map(|l| l["hop"].as_str().unwrap_or("")).collect();
-    assert!(hops.contains(&"Some(Local)") && hops.contains(&"Some(Tunnel)"), "{hops:?}");
+    assert!(
+        hops.contains(&"Some(Local)") && hops.contains(&"Some(Tunnel)"),
+        "{hops:?}"
+    );
     // Cross node: node 2's agent received it through its tunnel listener.
-    assert!(eventually(Duration::from_secs(5), || s.access_log(1).iter().any(|l| l["direction"] == "Tunnel"
-        && l["client"].as_str().unwrap_or("").starts_with(&client_ip))));
+    assert!(eventually(Duration::from_secs(5), || s
+        .access_log(1)
+        .iter()
+        .any(
+            |l| l["direction"] == "Tunnel" && l["client"].as_str().unwrap_or("").starts_with(&client_ip)
+        )));
     // The mapped original destinations were consumed (nothing left behind).
-    let p = ferry_agent::redirect::pinned::Pinned::open(std::path::Path::new(ferry_box::PIN_ROOT), &s.node_name(0)).unwrap();
+    let p = ferry_agent::redirect::pinned::Pinned::open(std::path::Path::new(ferry_box::PIN_ROOT), &s.node_name(0))
+        .unwrap();
     assert!(p.orig_dst().unwrap().is_empty());
 }
 
@@ -55,24 +73,43 @@ fn non_enrolled_pod_and_agent_sockets_are_not_redirected() {
     let s = &b.state;
     let before = s.bpf_stats(1).unwrap();
     // The outsider (node 2, not enrolled): a VIP means nothing without the mesh.
-    assert!(!s.probe("outsider", VIP).unwrap(), "an un-enrolled pod must not be redirected");
+    assert!(
+        !s.probe("outsider", VIP).unwrap(),
+        "an un-enrolled pod must not be redirected"
+    );
     // A process in the agent's cgroup inside an enrolled pod's netns is not steered either.
     // The probe starts as echo-2 (its netns and cgroup), then moves itself
     // into the agent's cgroup before connecting.
     let agent_procs = s.agent_cgroup(1).join("cgroup.procs");
-    let script = format!("echo $$ > {} && exec {} client probe --to {VIP}", agent_procs.display(), s.bin("ferry-workload"));
+    let script = format!(
+        "echo $$ > {} && exec {} client probe --to {VIP}",
+        agent_procs.display(),
+        s.bin("ferry-workload")
+    );
     let mut cmd = s.pod_command("echo-2", "sh", &["-c", &script]).unwrap();
     let out = ferry_box::output_ok(cmd.output().unwrap(), "probe from agent cgroup").unwrap();
-    assert!(out.contains("\"connected\":false"), "agent-cgroup socket was redirected: {out}");
+    assert!(
+        out.contains("\"connected\":false"),
+        "agent-cgroup socket was redirected: {out}"
+    );
     // An enrolled pod on the same node is redirected.
     assert!(s.probe("echo-2", VIP).unwrap());
     let after = s.bpf_stats(1).unwrap();
-    assert_eq!(after["redirects"] - before["redirects"], 1, "only the enrolled pod's connect is steered: {after:?}");
+    assert_eq!(
+        after["redirects"] - before["redirects"],
+        1,
+        "only the enrolled pod's connect is steered: {after:?}"
+    );
     // The outsider reaching a meshed pod directly is captured on the way in (inbound).
-    let (server, seen) = s.who("outsider", &format!("{}:8080", s.pod_ip("echo-1").unwrap())).unwrap();
+    let (server, seen) = s
+        .who("outsider", &format!("{}:8080", s.pod_ip("echo-1").unwrap()))
+        .unwrap();
     assert_eq!(server, "echo-1");
     assert!(seen.starts_with(&s.pod_ip("outsider").unwrap().to_string()), "{seen}");
-    assert!(s.access_log(0).iter().any(|l| l["direction"] == "Inbound" && l["orig_dst"] == format!("{}:8080", s.pod_ip("echo-1").unwrap())));
+    assert!(s
+        .access_log(0)
+        .iter()
+        .any(|l| l["direction"] == "Inbound" && l["orig_dst"] == format!("{}:8080", s.pod_ip("echo-1").unwrap())));
 }
 
 #[test]
@@ -86,9 +123,18 @@ fn enrolling_and_unenrolling_at_runtime_switch_redirection() {
     let (server, _) = b.state.who("client", VIP).unwrap();
     assert!(server.starts_with("echo-"));
     b.update(|s| s.pods[0].enrolled = false).unwrap();
-    assert!(!b.state.probe("client", VIP).unwrap(), "unenrolled pods are not redirected");
+    assert!(
+        !b.state.probe("client", VIP).unwrap(),
+        "unenrolled pods are not redirected"
+    );
     let pods = b.state.admin_json(0, "/config_dump").unwrap()["pods"].clone();
-    let client = pods.as_array().unwrap().iter().find(|p| p["name"] == "client").unwrap().clone();
+    let client = pods
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == "client")
+        .unwrap()
+        .clone();
     assert_eq!(client["enrolled"], false);
 }
 
@@ -101,21 +147,40 @@ fn two_boxes_on_one_kernel_do_not_interfere() {
     assert!(b.state.who("client", VIP).is_ok());
     let a_before = a.state.bpf_stats(0).unwrap()["redirects"];
     b.state.who("client", VIP).unwrap();
-    assert_eq!(a.state.bpf_stats(0).unwrap()["redirects"], a_before, "box b's traffic showed up in box a's maps");
+    assert_eq!(
+        a.state.bpf_stats(0).unwrap()["redirects"],
+        a_before,
+        "box b's traffic showed up in box a's maps"
+    );
     let b_state = b.state.clone();
     drop(a); // tears box a down, pins and all
-    assert!(b_state.who("client", VIP).is_ok(), "box b must survive box a's teardown");
+    assert!(
+        b_state.who("client", VIP).is_ok(),
+        "box b must survive box a's teardown"
+    );
     assert!(b_state.pin_dir(0).exists());
 }
 
 #[test]
 fn application_on_a_mesh_port_gets_a_clear_enrollment_error() {
     let mut spec = Spec::demo();
-    spec.pods.push(ferry_box::PodSpec { name: "squatter".into(), node: 0, enrolled: false, serve: vec![15001], labels: vec![] });
+    spec.pods.push(ferry_box::PodSpec {
+        name: "squatter".into(),
+        node: 0,
+        enrolled: false,
+        serve: vec![15001],
+        labels: vec![],
+    });
     let mut b = up(spec);
     b.update(|s| s.pods.last_mut().unwrap().enrolled = true).unwrap();
     let pods = b.state.admin_json(0, "/config_dump").unwrap()["pods"].clone();
-    let sq = pods.as_array().unwrap().iter().find(|p| p["name"] == "squatter").unwrap().clone();
+    let sq = pods
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == "squatter")
+        .unwrap()
+        .clone();
     assert_eq!(sq["enrolled"], false);
     let err = sq["error"].as_str().unwrap_or_default();
     assert!(err.contains("port 15001 is already in use"), "{err}");
@@ -129,8 +194,15 @@ fn bad_config_file_is_a_clear_error_and_a_bad_reload_keeps_the_last_good_state()
     let s = &b.state;
     // At start-up: a clear message naming the file and each problem, no panic.
     let bad = s.dir.join("bad.yaml");
-    std::fs::write(&bad, "node: x\nworkloads:\n  - {uid: a, name: a, node: x, ip: 10.0.0.300}\nservicez: []\n").unwrap();
-    let out = std::process::Command::new(s.bin("ferry-agent")).args(["--config", bad.to_str().unwrap()]).output().unwrap();
+    std::fs::write(
+        &bad,
+        "node: x\nworkloads:\n  - {uid: a, name: a, node: x, ip: 10.0.0.300}\nservicez: []\n",
+    )
+    .unwrap();
+    let out = std::process::Command::new(s.bin("ferry-agent"))
+        .args(["--config", bad.to_str().unwrap()])
+        .output()
+        .unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("invalid config") && err.contains("bad.yaml"), "{err}");
@@ -138,7 +210,11 @@ fn bad_config_file_is_a_clear_error_and_a_bad_reload_keeps_the_last_good_state()
     // At runtime: the agent rejects a broken file, keeps serving the last good config.
     let v = s.config_version(0).unwrap();
     std::fs::write(s.config_path(0), "node: [this is not a node\n").unwrap();
-    assert!(eventually(Duration::from_secs(5), || std::fs::read_to_string(s.agent_log(0)).unwrap_or_default().contains("config rejected")));
+    assert!(eventually(Duration::from_secs(5), || std::fs::read_to_string(
+        s.agent_log(0)
+    )
+    .unwrap_or_default()
+    .contains("config rejected")));
     assert_eq!(s.config_version(0).unwrap(), v);
     assert!(s.who("client", VIP).is_ok());
 }

@@ -11,9 +11,18 @@ const MIB_64: &str = "67108864";
 
 fn cgroup_progs(b: &ClusterBox, pod: &str) -> Vec<String> {
     let cg = b.state.pod_cgroup(pod).unwrap();
-    let out = std::process::Command::new("bpftool").args(["-j", "cgroup", "show"]).arg(&cg).output().unwrap();
+    let out = std::process::Command::new("bpftool")
+        .args(["-j", "cgroup", "show"])
+        .arg(&cg)
+        .output()
+        .unwrap();
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
-    v.as_array().cloned().unwrap_or_default().iter().filter_map(|p| p["name"].as_str().map(str::to_owned)).collect()
+    v.as_array()
+        .cloned()
+        .unwrap_or_default()
+        .iter()
+        .filter_map(|p| p["name"].as_str().map(str::to_owned))
+        .collect()
 }
 
 fn stress_set() {
@@ -30,14 +39,19 @@ fn stress_set() {
     let stats = s.bpf_stats(0).unwrap();
     assert_eq!(stats["splice_msgs"], 0, "splicing is off by default: {stats:?}");
 
-    let out = s.client("client", &["stress", "--to", VIP, "--conns", "200", "--bytes", "65536"]).unwrap();
+    let out = s
+        .client("client", &["stress", "--to", VIP, "--conns", "200", "--bytes", "65536"])
+        .unwrap();
     assert!(out.contains("\"ok\":200"), "{out}");
 
     for _ in 0..20 {
         s.client("client", &["early-close", "--to", VIP]).unwrap();
     }
     assert!(
-        eventually(Duration::from_secs(10), || s.admin_json(0, "/conns").map(|c| c.as_array().map_or(0, Vec::len) == 0).unwrap_or(false)),
+        eventually(Duration::from_secs(10), || s
+            .admin_json(0, "/conns")
+            .map(|c| c.as_array().map_or(0, Vec::len) == 0)
+            .unwrap_or(false)),
         "connections reset mid-stream must not linger in the agent"
     );
     assert!(echo("1048576").unwrap().contains("\"ok\":true"));
@@ -50,11 +64,17 @@ fn stress_set() {
     b.state.wait_applied(1).unwrap();
     let progs = cgroup_progs(&b, "client");
     for p in ["ferry_connect4", "ferry_connect6", "ferry_sockops", "ferry_mark_deli"] {
-        assert_eq!(progs.iter().filter(|n| n.starts_with(p)).count(), 1, "{p} attached once after restart: {progs:?}");
+        assert_eq!(
+            progs.iter().filter(|n| n.starts_with(p)).count(),
+            1,
+            "{p} attached once after restart: {progs:?}"
+        );
     }
     let out = echo(MIB_64).unwrap();
     assert!(out.contains("\"ok\":true"), "{out}");
-    let out = s.client("client", &["stress", "--to", VIP, "--conns", "200", "--bytes", "65536"]).unwrap();
+    let out = s
+        .client("client", &["stress", "--to", VIP, "--conns", "200", "--bytes", "65536"])
+        .unwrap();
     assert!(out.contains("\"ok\":200"), "{out}");
 }
 

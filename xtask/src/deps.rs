@@ -20,7 +20,11 @@ fn present(what: &str) -> bool {
     if what.starts_with('/') {
         return std::path::Path::new(what).exists();
     }
-    Command::new("sh").args(["-c", &format!("command -v {what} >/dev/null 2>&1")]).status().map(|s| s.success()).unwrap_or(false)
+    Command::new("sh")
+        .args(["-c", &format!("command -v {what} >/dev/null 2>&1")])
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false)
 }
 
 fn is_root() -> bool {
@@ -40,7 +44,11 @@ pub fn ensure() -> Result<()> {
         return Ok(());
     }
     if !is_root() {
-        bail!("missing packages: {} (run as root to install them, or `apt-get install {}`)", missing.join(", "), missing.join(" "));
+        bail!(
+            "missing packages: {} (run as root to install them, or `apt-get install {}`)",
+            missing.join(", "),
+            missing.join(" ")
+        );
     }
     eprintln!("deps: installing with apt-get: {}", missing.join(" "));
     let ok = Command::new("apt-get").args(["update", "-qq"]).status()?.success()

@@ -57,7 +57,11 @@ fn main() -> Result<()> {
         Cmd::Test { args } => {
             deps::ensure()?;
             let bins = build_bins()?;
-            let st = Command::new("cargo").args(["test", "--workspace"]).args(&args).env("FERRY_BIN_DIR", &bins).status()?;
+            let st = Command::new("cargo")
+                .args(["test", "--workspace"])
+                .args(&args)
+                .env("FERRY_BIN_DIR", &bins)
+                .status()?;
             if !st.success() {
                 bail!("tests failed");
             }
@@ -70,18 +74,28 @@ fn main() -> Result<()> {
 fn ferry_box(args: &[String]) -> Result<()> {
     deps::ensure()?;
     let bins = build_bins()?;
-    let st = Command::new(bins.join("ferry-box")).args(args).env("FERRY_BIN_DIR", &bins).status()?;
+    let st = Command::new(bins.join("ferry-box"))
+        .args(args)
+        .env("FERRY_BIN_DIR", &bins)
+        .status()?;
     std::process::exit(st.code().unwrap_or(1));
 }
 
 /// Builds every binary and returns the directory holding them.
 fn build_bins() -> Result<PathBuf> {
-    let st = Command::new("cargo").args(["build", "--quiet", "--workspace", "--bins"]).status().context("running cargo build")?;
+    let st = Command::new("cargo")
+        .args(["build", "--quiet", "--workspace", "--bins"])
+        .status()
+        .context("running cargo build")?;
     if !st.success() {
         bail!("cargo build failed");
     }
-    let out = Command::new("cargo").args(["metadata", "--format-version=1", "--no-deps"]).output()?;
+    let out = Command::new("cargo")
+        .args(["metadata", "--format-version=1", "--no-deps"])
+        .output()?;
     let meta: serde_json::Value = serde_json::from_slice(&out.stdout)?;
-    let target = meta["target_directory"].as_str().context("cargo metadata: no target_directory")?;
+    let target = meta["target_directory"]
+        .as_str()
+        .context("cargo metadata: no target_directory")?;
     Ok(PathBuf::from(target).join("debug"))
 }

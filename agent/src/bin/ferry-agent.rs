@@ -49,9 +49,17 @@ async fn main() -> anyhow::Result<()> {
 
     let cfg = ConfigFile::load(&args.config)?;
     let node = cfg.node.clone();
-    let agent = agent::Agent::new(&node, agent::Options { pin_root: args.pin_root.clone(), cgroup_root: args.cgroup_root.clone() })
-        .with_context(|| format!("starting the agent for node {node}"))?;
-    let admin_l = admin::bind(args.admin).await.with_context(|| format!("binding admin endpoint {}", args.admin))?;
+    let agent = agent::Agent::new(
+        &node,
+        agent::Options {
+            pin_root: args.pin_root.clone(),
+            cgroup_root: args.cgroup_root.clone(),
+        },
+    )
+    .with_context(|| format!("starting the agent for node {node}"))?;
+    let admin_l = admin::bind(args.admin)
+        .await
+        .with_context(|| format!("binding admin endpoint {}", args.admin))?;
     tokio::spawn(admin::serve(agent.clone(), admin_l));
     agent.apply(cfg).await;
     tracing::info!(node = %node, admin = %args.admin, "ferry-agent running");

@@ -121,7 +121,10 @@ fn node(args: &Args) -> Result<String, CtlError> {
     match nodes.as_slice() {
         [one] => Ok(one.clone()),
         [] => Err(PinnedError::NotFound(args.pin_root.clone()).into()),
-        many => Err(CtlError::Other(format!("several nodes pinned here, pick one with --node: {}", many.join(", ")))),
+        many => Err(CtlError::Other(format!(
+            "several nodes pinned here, pick one with --node: {}",
+            many.join(", ")
+        ))),
     }
 }
 
@@ -133,40 +136,99 @@ fn run(args: &Args) -> Result<(), CtlError> {
     match &args.cmd {
         Cmd::Bpf { op: BpfOp::Maps } => {
             let rows = pinned(args)?.maps()?;
-            emit(args, &rows, &["name", "kind", "key_size", "value_size", "max_entries", "entries"])
+            emit(
+                args,
+                &rows,
+                &["name", "kind", "key_size", "value_size", "max_entries", "entries"],
+            )
         }
-        Cmd::Bpf { op: BpfOp::Dump { map } } => {
+        Cmd::Bpf {
+            op: BpfOp::Dump { map },
+        } => {
             let p = pinned(args)?;
             match map {
                 DumpMap::Pods => emit(args, &p.pods()?, &["netns_cookie", "pod_id"]),
                 DumpMap::MeshDst => emit(args, &p.mesh_dst()?, &["ip", "port", "kind"]),
-                DumpMap::OrigDst => emit(args, &p.orig_dst()?, &["netns_cookie", "client", "agent", "orig_dst", "pod_id"]),
-                DumpMap::Traffic => {
-                    emit(args, &p.traffic()?, &["ifindex", "rx_packets", "rx_bytes", "tx_packets", "tx_bytes"])
-                }
+                DumpMap::OrigDst => emit(
+                    args,
+                    &p.orig_dst()?,
+                    &["netns_cookie", "client", "agent", "orig_dst", "pod_id"],
+                ),
+                DumpMap::Traffic => emit(
+                    args,
+                    &p.traffic()?,
+                    &["ifindex", "rx_packets", "rx_bytes", "tx_packets", "tx_bytes"],
+                ),
                 DumpMap::Stats => {
-                    let rows: Vec<Value> =
-                        p.stats()?.into_iter().map(|(k, v)| serde_json::json!({"counter": k, "value": v})).collect();
+                    let rows: Vec<Value> = p
+                        .stats()?
+                        .into_iter()
+                        .map(|(k, v)| serde_json::json!({"counter": k, "value": v}))
+                        .collect();
                     emit(args, &rows, &["counter", "value"])
                 }
-                DumpMap::Config => emit(args, &[p.config()?], &["flags", "agent_mark", "outbound_port", "inbound_port", "tunnel_port", "deliver_port_lo", "deliver_port_hi"]),
+                DumpMap::Config => emit(
+                    args,
+                    &[p.config()?],
+                    &[
+                        "flags",
+                        "agent_mark",
+                        "outbound_port",
+                        "inbound_port",
+                        "tunnel_port",
+                        "deliver_port_lo",
+                        "deliver_port_hi",
+                    ],
+                ),
             }
         }
         Cmd::Workloads => {
             let dump = admin_get(args.admin, "/config_dump")?;
             let pods = dump["pods"].as_array().cloned().unwrap_or_default();
-            emit(args, &pods, &["namespace", "name", "ip", "enrolled", "pod_id", "netns_cookie", "host_veth", "error"])
+            emit(
+                args,
+                &pods,
+                &[
+                    "namespace",
+                    "name",
+                    "ip",
+                    "enrolled",
+                    "pod_id",
+                    "netns_cookie",
+                    "host_veth",
+                    "error",
+                ],
+            )
         }
         Cmd::Conns => {
             let conns = admin_get(args.admin, "/conns")?;
             let rows = conns.as_array().cloned().unwrap_or_default();
-            emit(args, &rows, &["id", "direction", "source", "orig_dst", "service", "endpoint", "hop", "sent", "received", "age_ms"])
+            emit(
+                args,
+                &rows,
+                &[
+                    "id",
+                    "direction",
+                    "source",
+                    "orig_dst",
+                    "service",
+                    "endpoint",
+                    "hop",
+                    "sent",
+                    "received",
+                    "age_ms",
+                ],
+            )
         }
         Cmd::Stats => {
             let s = admin_get(args.admin, "/stats")?;
             let rows: Vec<Value> = s
                 .as_object()
-                .map(|o| o.iter().map(|(k, v)| serde_json::json!({"counter": k, "value": v})).collect())
+                .map(|o| {
+                    o.iter()
+                        .map(|(k, v)| serde_json::json!({"counter": k, "value": v}))
+                        .collect()
+                })
                 .unwrap_or_default();
             emit(args, &rows, &["counter", "value"])
         }
@@ -175,20 +237,29 @@ fn run(args: &Args) -> Result<(), CtlError> {
 
 fn admin_get(addr: SocketAddr, path: &str) -> Result<Value, CtlError> {
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).map_err(|e| CtlError::AgentDown(addr, e))?;
-    s.set_read_timeout(Some(Duration::from_secs(5))).map_err(|e| CtlError::AgentDown(addr, e))?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))
+        .map_err(|e| CtlError::AgentDown(addr, e))?;
     write!(s, "GET {path} HTTP/1.0\r\nHost: ferry-admin\r\n\r\n").map_err(|e| CtlError::AgentDown(addr, e))?;
     let mut resp = String::new();
     s.read_to_string(&mut resp).map_err(|e| CtlError::AgentDown(addr, e))?;
-    let (head, body) = resp.split_once("\r\n\r\n").ok_or_else(|| CtlError::Other("malformed admin response".into()))?;
+    let (head, body) = resp
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| CtlError::Other("malformed admin response".into()))?;
     if !head.starts_with("HTTP/1.1 200") && !head.starts_with("HTTP/1.0 200") {
-        return Err(CtlError::Other(format!("admin {path}: {}", head.lines().next().unwrap_or(""))));
+        return Err(CtlError::Other(format!(
+            "admin {path}: {}",
+            head.lines().next().unwrap_or("")
+        )));
     }
     serde_json::from_str(body).map_err(|e| CtlError::Other(format!("admin {path}: bad JSON: {e}")))
 }
 
 /// Prints rows as JSON (stable, documented in docs/cli.md) or as an aligned table.
 fn emit<T: Serialize>(args: &Args, rows: &[T], columns: &[&str]) -> Result<(), CtlError> {
-    let values: Vec<Value> = rows.iter().map(|r| serde_json::to_value(r).unwrap_or(Value::Null)).collect();
+    let values: Vec<Value> = rows
+        .iter()
+        .map(|r| serde_json::to_value(r).unwrap_or(Value::Null))
+        .collect();
     if args.output == Output::Json {
         println!("{}", serde_json::to_string_pretty(&values).unwrap_or_default());
         return Ok(());
@@ -206,7 +277,10 @@ fn cell(v: &Value) -> String {
 }
 
 fn table(rows: &[Value], columns: &[&str]) -> String {
-    let cells: Vec<Vec<String>> = rows.iter().map(|r| columns.iter().map(|c| cell(&r[*c])).collect()).collect();
+    let cells: Vec<Vec<String>> = rows
+        .iter()
+        .map(|r| columns.iter().map(|c| cell(&r[*c])).collect())
+        .collect();
     let widths: Vec<usize> = columns
         .iter()
         .enumerate()
@@ -227,4 +301,3 @@ fn table(rows: &[Value], columns: &[&str]) -> String {
     }
     out
 }
-

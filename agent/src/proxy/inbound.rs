@@ -31,7 +31,9 @@ pub async fn serve(proxy: Arc<Proxy>, pod: Arc<PodCtx>, listener: TcpListener, k
 }
 
 async fn handle(proxy: &Proxy, pod: &PodCtx, mut client: TcpStream, kind: Kind) {
-    let Ok((local, peer)) = sockets::v4_addrs(&client) else { return };
+    let Ok((local, peer)) = sockets::v4_addrs(&client) else {
+        return;
+    };
     let (direction, target) = match kind {
         // sk_lookup kept the destination: our local address is the app's.
         Kind::Plain => (Direction::Inbound, local),

@@ -13,7 +13,9 @@ use std::{
     sync::{Arc, RwLock},
 };
 
-use crate::{config::Workload, netns::Netns, redirect::OrigDstSource, state::State, telemetry::Telemetry, tunnel::Tunnel};
+use crate::{
+    config::Workload, netns::Netns, redirect::OrigDstSource, state::State, telemetry::Telemetry, tunnel::Tunnel,
+};
 
 pub const OUTBOUND_PORT: u16 = 15001;
 pub const INBOUND_PORT: u16 = 15006;
@@ -49,11 +51,21 @@ impl Proxy {
     }
 
     pub fn local_pod_by_ip(&self, ip: Ipv4Addr) -> Option<Arc<PodCtx>> {
-        self.pods.read().unwrap_or_else(|e| e.into_inner()).values().find(|p| p.ip() == ip).cloned()
+        self.pods
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .find(|p| p.ip() == ip)
+            .cloned()
     }
 
     /// Connects to an app inside a local pod, from the client's own address.
-    pub async fn deliver(&self, pod: &PodCtx, client: Ipv4Addr, target: SocketAddrV4) -> std::io::Result<tokio::net::TcpStream> {
+    pub async fn deliver(
+        &self,
+        pod: &PodCtx,
+        client: Ipv4Addr,
+        target: SocketAddrV4,
+    ) -> std::io::Result<tokio::net::TcpStream> {
         crate::sockets::connect(Some(&pod.netns), crate::sockets::Source::Transparent(client), target).await
     }
 }

@@ -24,11 +24,17 @@ pub async fn serve(proxy: Arc<Proxy>, pod: Arc<PodCtx>, listener: TcpListener) {
 }
 
 async fn handle(proxy: &Proxy, pod: &PodCtx, client: TcpStream) {
-    let Ok((local, peer)) = sockets::v4_addrs(&client) else { return };
+    let Ok((local, peer)) = sockets::v4_addrs(&client) else {
+        return;
+    };
     // The app's socket recorded the key from its side: local = app, remote = us.
     let key = SockKey::new(pod.netns_cookie, peer, local);
     let Some(orig) = proxy.orig.take(&key) else {
-        proxy.telemetry.counters.no_orig_dst.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        proxy
+            .telemetry
+            .counters
+            .no_orig_dst
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         tracing::warn!(pod = %pod.label(), client = %peer, "no original destination recorded; closing");
         return;
     };
@@ -45,7 +51,9 @@ async fn handle(proxy: &Proxy, pod: &PodCtx, client: TcpStream) {
     let upstream = match route.hop {
         Hop::Local => match proxy.local_pod_by_ip(*route.endpoint.ip()) {
             Some(dst) => proxy.deliver(&dst, pod.ip(), route.endpoint).await,
-            None => Err(std::io::Error::other("destination pod is not enrolled on this node yet")),
+            None => Err(std::io::Error::other(
+                "destination pod is not enrolled on this node yet",
+            )),
         },
         Hop::Tunnel => proxy.tunnel.open(&pod.netns, route.endpoint).await,
         Hop::Direct => sockets::connect(Some(&pod.netns), sockets::Source::Any, route.endpoint).await,

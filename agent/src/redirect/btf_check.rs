@@ -9,9 +9,13 @@ use object::{Object, ObjectSection};
 /// struct name -> (size, [(field, byte offset)])
 fn btf_structs(obj: &[u8]) -> HashMap<String, (usize, Vec<(String, usize)>)> {
     let file = object::File::parse(obj).expect("ELF");
-    let btf = file.section_by_name(".BTF").expect(".BTF section (compile with -g)").data().expect("BTF data");
+    let btf = file
+        .section_by_name(".BTF")
+        .expect(".BTF section (compile with -g)")
+        .data()
+        .expect("BTF data");
     let u32_at = |o: usize| u32::from_le_bytes(btf[o..o + 4].try_into().unwrap());
-    assert_eq!(u16::from_le_bytes([btf[0], btf[1]]), 0xeB9F, "BTF magic");
+    assert_eq!(u16::from_le_bytes([btf[0], btf[1]]), 0xEB9F, "BTF magic");
     let hdr_len = u32_at(4) as usize;
     let (type_off, type_len, str_off) = (u32_at(8) as usize, u32_at(12) as usize, u32_at(16) as usize);
     let types = hdr_len + type_off;
@@ -56,7 +60,9 @@ fn btf_structs(obj: &[u8]) -> HashMap<String, (usize, Vec<(String, usize)>)> {
 fn layouts_match_btf() {
     let btf = btf_structs(super::object());
     for (cname, size, fields) in super::maps::layouts() {
-        let (bsize, bfields) = btf.get(cname).unwrap_or_else(|| panic!("struct {cname} not in the object's BTF"));
+        let (bsize, bfields) = btf
+            .get(cname)
+            .unwrap_or_else(|| panic!("struct {cname} not in the object's BTF"));
         assert_eq!(size, *bsize, "size of {cname}");
         let bfields: Vec<(&str, usize)> = bfields.iter().map(|(n, o)| (n.as_str(), *o)).collect();
         assert_eq!(fields, bfields, "fields and offsets of {cname} (Rust vs ferry.h)");

@@ -21,9 +21,15 @@ pub fn decode(bytes: &[u8]) -> Option<Event> {
 pub fn log(ev: &Event, node: &str) {
     let ip = Ipv4Addr::from(u32::from_be(ev.ip4));
     match ev.kind {
-        EV_REDIRECT => tracing::debug!(target: "ferry::ebpf", node, pod_id = ev.pod_id, orig_dst = %format!("{ip}:{}", ev.port), "connect redirected to agent"),
-        EV_INBOUND => tracing::debug!(target: "ferry::ebpf", node, client = %format!("{ip}:{}", ev.port), "inbound connection handed to agent"),
-        EV_ERROR => tracing::warn!(target: "ferry::ebpf", node, pod_id = ev.pod_id, addr = %format!("{ip}:{}", ev.port), err = ev.err, "eBPF error"),
+        EV_REDIRECT => {
+            tracing::debug!(target: "ferry::ebpf", node, pod_id = ev.pod_id, orig_dst = %format!("{ip}:{}", ev.port), "connect redirected to agent")
+        }
+        EV_INBOUND => {
+            tracing::debug!(target: "ferry::ebpf", node, client = %format!("{ip}:{}", ev.port), "inbound connection handed to agent")
+        }
+        EV_ERROR => {
+            tracing::warn!(target: "ferry::ebpf", node, pod_id = ev.pod_id, addr = %format!("{ip}:{}", ev.port), err = ev.err, "eBPF error")
+        }
         k => tracing::warn!(target: "ferry::ebpf", node, kind = k, "unknown eBPF event"),
     }
 }
@@ -50,7 +56,6 @@ pub async fn run(ring: RingBuf<MapData>, node: String) {
         };
         let ring = guard.get_inner_mut();
         while let Some(item) = ring.next() {
-            let item: &[u8] = &item;
             if let Some(ev) = decode(&item) {
                 log(&ev, &node);
             }

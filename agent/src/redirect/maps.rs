@@ -61,7 +61,11 @@ pub struct DstKey {
 
 impl DstKey {
     pub fn new(ip: Ipv4Addr, port: u16) -> Self {
-        Self { ip4: u32::from(ip).to_be(), port, pad: 0 }
+        Self {
+            ip4: u32::from(ip).to_be(),
+            port,
+            pad: 0,
+        }
     }
     pub fn ip(&self) -> Ipv4Addr {
         Ipv4Addr::from(u32::from_be(self.ip4))
@@ -190,8 +194,11 @@ pod!(Config, Pod, DstKey, Dst, SockKey, OrigDst, InboundKey, Traffic);
 /// object; ferry.h asserts its size, and so does this.
 const _: () = assert!(std::mem::size_of::<Event>() == 40);
 
+/// A struct's name in ferry.h, its Rust size and (field, offset) pairs.
+pub type Layout = (&'static str, usize, Vec<(&'static str, usize)>);
+
 /// The struct name in ferry.h, its Rust size and field offsets, for the BTF check.
-pub fn layouts() -> Vec<(&'static str, usize, Vec<(&'static str, usize)>)> {
+pub fn layouts() -> Vec<Layout> {
     use std::mem::{offset_of, size_of};
     macro_rules! layout {
         ($c:literal, $t:ty, [$($f:ident),*]) => {
@@ -199,11 +206,29 @@ pub fn layouts() -> Vec<(&'static str, usize, Vec<(&'static str, usize)>)> {
         };
     }
     vec![
-        layout!("ferry_config", Config, [flags, agent_mark, outbound_port, inbound_port, tunnel_port, admin_port, deliver_port_lo, deliver_port_hi, deliver_mark]),
+        layout!(
+            "ferry_config",
+            Config,
+            [
+                flags,
+                agent_mark,
+                outbound_port,
+                inbound_port,
+                tunnel_port,
+                admin_port,
+                deliver_port_lo,
+                deliver_port_hi,
+                deliver_mark
+            ]
+        ),
         layout!("ferry_pod", Pod, [pod_id, flags]),
         layout!("ferry_dst_key", DstKey, [ip4, port, pad]),
         layout!("ferry_dst", Dst, [kind, pad]),
-        layout!("ferry_sock_key", SockKey, [netns_cookie, local_ip4, remote_ip4, local_port, remote_port]),
+        layout!(
+            "ferry_sock_key",
+            SockKey,
+            [netns_cookie, local_ip4, remote_ip4, local_port, remote_port]
+        ),
         layout!("ferry_orig_dst", OrigDst, [ip4, port, pad, pod_id, pad2, ts_ns]),
         layout!("ferry_inbound_key", InboundKey, [ip4]),
         layout!("ferry_traffic", Traffic, [rx_packets, rx_bytes, tx_packets, tx_bytes]),

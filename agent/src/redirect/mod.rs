@@ -29,7 +29,8 @@ use aya::{
     maps::{HashMap as BpfHash, MapData, SockHash},
     programs::{
         links::{FdLink, PinnedLink},
-        CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSockAddr, SchedClassifier, SkLookup, SkMsg, SockOps, TcAttachType,
+        CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSockAddr, SchedClassifier, SkLookup, SkMsg, SockOps,
+        TcAttachType,
     },
     Ebpf, EbpfLoader,
 };
@@ -55,13 +56,23 @@ pub enum RedirectError {
     #[error("loading the eBPF object: {0}")]
     Load(#[from] aya::EbpfError),
     #[error("program {name}: {source}")]
-    Program { name: &'static str, source: aya::programs::ProgramError },
+    Program {
+        name: &'static str,
+        source: aya::programs::ProgramError,
+    },
     #[error("map {name}: {source}")]
-    Map { name: &'static str, source: aya::maps::MapError },
+    Map {
+        name: &'static str,
+        source: aya::maps::MapError,
+    },
     #[error("pinning {path}: {reason}")]
     Pin { path: PathBuf, reason: String },
     #[error("opening {what} {path}: {source}")]
-    Open { what: &'static str, path: PathBuf, source: io::Error },
+    Open {
+        what: &'static str,
+        path: PathBuf,
+        source: io::Error,
+    },
 }
 
 type Result<T, E = RedirectError> = std::result::Result<T, E>;
@@ -85,7 +96,9 @@ pub fn is_bpffs(path: &Path) -> bool {
             None => return false,
         }
     }
-    let Ok(c) = std::ffi::CString::new(p.as_os_str().as_encoded_bytes()) else { return false };
+    let Ok(c) = std::ffi::CString::new(p.as_os_str().as_encoded_bytes()) else {
+        return false;
+    };
     // SAFETY: statfs(2) fills a zeroed, properly sized struct from a valid C path.
     let mut st: libc::statfs = unsafe { std::mem::zeroed() };
     // SAFETY: as above; `c` outlives the call.
@@ -145,7 +158,10 @@ impl Redirector {
             return Err(RedirectError::NoBpfFs(pin_root.to_owned()));
         }
         let dir = pin_root.join(node);
-        fs::create_dir_all(dir.join("links")).map_err(|source| RedirectError::PinDir { path: dir.clone(), source })?;
+        fs::create_dir_all(dir.join("links")).map_err(|source| RedirectError::PinDir {
+            path: dir.clone(),
+            source,
+        })?;
         let mut bpf = EbpfLoader::new().default_map_pin_directory(&dir).load(OBJECT)?;
 
         for name in ["ferry_connect4", "ferry_connect6"] {
@@ -166,8 +182,12 @@ impl Redirector {
         // sockets that sockops put there, which it does only with splicing on.
         let splice_fd = {
             let m: SockHash<&MapData, SockKey> =
-                SockHash::try_from(bpf.map("ferry_splice").expect("ferry_splice in object")).map_err(map_err("ferry_splice"))?;
-            m.fd().try_clone().map_err(|e| RedirectError::Map { name: "ferry_splice", source: e.into() })?
+                SockHash::try_from(bpf.map("ferry_splice").expect("ferry_splice in object"))
+                    .map_err(map_err("ferry_splice"))?;
+            m.fd().try_clone().map_err(|e| RedirectError::Map {
+                name: "ferry_splice",
+                source: e.into(),
+            })?
         };
         let p: &mut SkMsg = prog(&mut bpf, "ferry_sk_msg")?;
         p.load().map_err(prog_err("ferry_sk_msg"))?;
@@ -195,12 +215,15 @@ impl Redirector {
     }
 
     pub fn take_events(&mut self) -> Option<aya::maps::RingBuf<aya::maps::MapData>> {
-        self.bpf.take_map("ferry_events").and_then(|m| aya::maps::RingBuf::try_from(m).ok())
+        self.bpf
+            .take_map("ferry_events")
+            .and_then(|m| aya::maps::RingBuf::try_from(m).ok())
     }
 
     fn write_config(&mut self) -> Result<()> {
         let mut m: aya::maps::Array<&mut MapData, Config> =
-            aya::maps::Array::try_from(self.bpf.map_mut("ferry_config").expect("ferry_config")).map_err(map_err("ferry_config"))?;
+            aya::maps::Array::try_from(self.bpf.map_mut("ferry_config").expect("ferry_config"))
+                .map_err(map_err("ferry_config"))?;
         m.set(0, self.config, 0).map_err(map_err("ferry_config"))
     }
 
@@ -220,8 +243,14 @@ impl Redirector {
         let links = self.dir.join("links/agent");
         let old = take_pins(&links);
         let p: &mut SockOps = prog(&mut self.bpf, "ferry_sockops")?;
-        let id = p.attach(&f, CgroupAttachMode::Single).map_err(prog_err("ferry_sockops"))?;
-        let link: FdLink = p.take_link(id).map_err(prog_err("ferry_sockops"))?.try_into().map_err(|e| pin_err(&links, e))?;
+        let id = p
+            .attach(&f, CgroupAttachMode::Single)
+            .map_err(prog_err("ferry_sockops"))?;
+        let link: FdLink = p
+            .take_link(id)
+            .map_err(prog_err("ferry_sockops"))?
+            .try_into()
+            .map_err(|e| pin_err(&links, e))?;
         pin(link, &links, "sockops")?;
         drop(old);
         Ok(())
@@ -237,19 +266,35 @@ impl Redirector {
         let cg = open("pod cgroup", pod.cgroup)?;
         for (name, hook) in [("ferry_connect4", "connect4"), ("ferry_connect6", "connect6")] {
             let p: &mut CgroupSockAddr = prog(&mut self.bpf, name)?;
-            let id = p.attach(&cg, CgroupAttachMode::Single).map_err(prog_err(static_name(name)))?;
-            let l: FdLink = p.take_link(id).map_err(prog_err(static_name(name)))?.try_into().map_err(|e| pin_err(&links_dir, e))?;
+            let id = p
+                .attach(&cg, CgroupAttachMode::Single)
+                .map_err(prog_err(static_name(name)))?;
+            let l: FdLink = p
+                .take_link(id)
+                .map_err(prog_err(static_name(name)))?
+                .try_into()
+                .map_err(|e| pin_err(&links_dir, e))?;
             links.push(pin(l, &links_dir, hook)?);
         }
         let p: &mut SockOps = prog(&mut self.bpf, "ferry_sockops")?;
-        let id = p.attach(&cg, CgroupAttachMode::Single).map_err(prog_err("ferry_sockops"))?;
-        let l: FdLink = p.take_link(id).map_err(prog_err("ferry_sockops"))?.try_into().map_err(|e| pin_err(&links_dir, e))?;
+        let id = p
+            .attach(&cg, CgroupAttachMode::Single)
+            .map_err(prog_err("ferry_sockops"))?;
+        let l: FdLink = p
+            .take_link(id)
+            .map_err(prog_err("ferry_sockops"))?
+            .try_into()
+            .map_err(|e| pin_err(&links_dir, e))?;
         links.push(pin(l, &links_dir, "sockops")?);
         let p: &mut CgroupSkb = prog(&mut self.bpf, "ferry_mark_delivery")?;
         let id = p
             .attach(&cg, CgroupSkbAttachType::Ingress, CgroupAttachMode::Single)
             .map_err(prog_err("ferry_mark_delivery"))?;
-        let l: FdLink = p.take_link(id).map_err(prog_err("ferry_mark_delivery"))?.try_into().map_err(|e| pin_err(&links_dir, e))?;
+        let l: FdLink = p
+            .take_link(id)
+            .map_err(prog_err("ferry_mark_delivery"))?
+            .try_into()
+            .map_err(|e| pin_err(&links_dir, e))?;
         links.push(pin(l, &links_dir, "mark_delivery")?);
 
         let p: &mut SkLookup = prog(&mut self.bpf, "ferry_sk_lookup")?;
@@ -265,22 +310,47 @@ impl Redirector {
             ] {
                 let p: &mut SchedClassifier = prog(&mut self.bpf, name)?;
                 let id = p.attach(veth, dir).map_err(prog_err(static_name(name)))?;
-                let l: FdLink = p.take_link(id).map_err(prog_err(static_name(name)))?.try_into().map_err(|e| pin_err(&links_dir, e))?;
+                let l: FdLink = p
+                    .take_link(id)
+                    .map_err(prog_err(static_name(name)))?
+                    .try_into()
+                    .map_err(|e| pin_err(&links_dir, e))?;
                 links.push(pin(l, &links_dir, hook)?);
             }
             ifindex = ifindex_of(veth);
         }
 
         let mut inbound: SockHash<&mut MapData, InboundKey> =
-            SockHash::try_from(self.bpf.map_mut("ferry_inbound").expect("ferry_inbound")).map_err(map_err("ferry_inbound"))?;
-        let key = InboundKey { ip4: u32::from(pod.ip).to_be() };
-        inbound.insert(key, pod.inbound_listener.as_raw_fd(), 0).map_err(map_err("ferry_inbound"))?;
+            SockHash::try_from(self.bpf.map_mut("ferry_inbound").expect("ferry_inbound"))
+                .map_err(map_err("ferry_inbound"))?;
+        let key = InboundKey {
+            ip4: u32::from(pod.ip).to_be(),
+        };
+        inbound
+            .insert(key, pod.inbound_listener.as_raw_fd(), 0)
+            .map_err(map_err("ferry_inbound"))?;
 
         let mut pods: BpfHash<&mut MapData, u64, Pod> =
             BpfHash::try_from(self.bpf.map_mut("ferry_pods").expect("ferry_pods")).map_err(map_err("ferry_pods"))?;
-        pods.insert(pod.netns_cookie, Pod { pod_id: pod.pod_id, flags: 0 }, 0).map_err(map_err("ferry_pods"))?;
+        pods.insert(
+            pod.netns_cookie,
+            Pod {
+                pod_id: pod.pod_id,
+                flags: 0,
+            },
+            0,
+        )
+        .map_err(map_err("ferry_pods"))?;
         drop(old);
-        self.pods.insert(pod.uid.to_owned(), Enrolled { netns_cookie: pod.netns_cookie, ip: pod.ip, ifindex, links });
+        self.pods.insert(
+            pod.uid.to_owned(),
+            Enrolled {
+                netns_cookie: pod.netns_cookie,
+                ip: pod.ip,
+                ifindex,
+                links,
+            },
+        );
         Ok(())
     }
 
@@ -289,11 +359,15 @@ impl Redirector {
         let dir = self.dir.join("links").join(uid);
         if let Some(e) = self.pods.remove(uid) {
             let mut pods: BpfHash<&mut MapData, u64, Pod> =
-                BpfHash::try_from(self.bpf.map_mut("ferry_pods").expect("ferry_pods")).map_err(map_err("ferry_pods"))?;
+                BpfHash::try_from(self.bpf.map_mut("ferry_pods").expect("ferry_pods"))
+                    .map_err(map_err("ferry_pods"))?;
             let _ = pods.remove(&e.netns_cookie);
             let mut inbound: SockHash<&mut MapData, InboundKey> =
-                SockHash::try_from(self.bpf.map_mut("ferry_inbound").expect("ferry_inbound")).map_err(map_err("ferry_inbound"))?;
-            let _ = inbound.remove(&InboundKey { ip4: u32::from(e.ip).to_be() });
+                SockHash::try_from(self.bpf.map_mut("ferry_inbound").expect("ferry_inbound"))
+                    .map_err(map_err("ferry_inbound"))?;
+            let _ = inbound.remove(&InboundKey {
+                ip4: u32::from(e.ip).to_be(),
+            });
             if let Some(ifindex) = e.ifindex {
                 if let Ok(mut t) = aya::maps::PerCpuHashMap::<&mut MapData, u32, maps::Traffic>::try_from(
                     self.bpf.map_mut("ferry_traffic").expect("ferry_traffic"),
@@ -311,7 +385,9 @@ impl Redirector {
     /// Removes pinned links of pods that are not enrolled any more (left by a
     /// previous agent run). Call after the first reconcile.
     pub fn prune_stale_links(&mut self) {
-        let Ok(rd) = fs::read_dir(self.dir.join("links")) else { return };
+        let Ok(rd) = fs::read_dir(self.dir.join("links")) else {
+            return;
+        };
         for e in rd.flatten() {
             let name = e.file_name().to_string_lossy().into_owned();
             if name != "agent" && !self.pods.contains_key(&name) {
@@ -325,7 +401,8 @@ impl Redirector {
     /// Makes `ferry_mesh_dst` equal to `want`.
     pub fn set_mesh_destinations(&mut self, want: &BTreeMap<(Ipv4Addr, u16), u32>) -> Result<()> {
         let mut m: BpfHash<&mut MapData, DstKey, Dst> =
-            BpfHash::try_from(self.bpf.map_mut("ferry_mesh_dst").expect("ferry_mesh_dst")).map_err(map_err("ferry_mesh_dst"))?;
+            BpfHash::try_from(self.bpf.map_mut("ferry_mesh_dst").expect("ferry_mesh_dst"))
+                .map_err(map_err("ferry_mesh_dst"))?;
         let have: Vec<DstKey> = m.keys().filter_map(|k| k.ok()).collect();
         for k in have {
             if !want.contains_key(&(k.ip(), k.port)) {
@@ -333,7 +410,8 @@ impl Redirector {
             }
         }
         for (&(ip, port), &kind) in want {
-            m.insert(DstKey::new(ip, port), Dst { kind, pad: 0 }, 0).map_err(map_err("ferry_mesh_dst"))?;
+            m.insert(DstKey::new(ip, port), Dst { kind, pad: 0 }, 0)
+                .map_err(map_err("ferry_mesh_dst"))?;
         }
         Ok(())
     }
@@ -373,15 +451,25 @@ where
 }
 
 fn open(what: &'static str, path: &Path) -> Result<fs::File> {
-    fs::File::open(path).map_err(|source| RedirectError::Open { what, path: path.to_owned(), source })
+    fs::File::open(path).map_err(|source| RedirectError::Open {
+        what,
+        path: path.to_owned(),
+        source,
+    })
 }
 
 fn pin_err(path: &Path, e: impl std::fmt::Display) -> RedirectError {
-    RedirectError::Pin { path: path.to_owned(), reason: e.to_string() }
+    RedirectError::Pin {
+        path: path.to_owned(),
+        reason: e.to_string(),
+    }
 }
 
 fn pin(link: FdLink, dir: &Path, hook: &str) -> Result<PathBuf> {
-    fs::create_dir_all(dir).map_err(|source| RedirectError::PinDir { path: dir.to_owned(), source })?;
+    fs::create_dir_all(dir).map_err(|source| RedirectError::PinDir {
+        path: dir.to_owned(),
+        source,
+    })?;
     let path = dir.join(hook);
     let pinned = link.pin(&path).map_err(|e| pin_err(&path, e))?;
     // The pin keeps the attachment alive; dropping our handle does not detach.

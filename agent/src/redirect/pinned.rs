@@ -78,13 +78,19 @@ impl Pinned {
     }
 
     fn map(&self, name: &str) -> Result<Map, PinnedError> {
-        let err = |source| PinnedError::Map { name: name.to_owned(), source };
+        let err = |source| PinnedError::Map {
+            name: name.to_owned(),
+            source,
+        };
         let data = MapData::from_pin(self.dir.join(name)).map_err(err)?;
         Map::from_map_data(data).map_err(err)
     }
 
     fn err(name: &str) -> impl FnOnce(aya::maps::MapError) -> PinnedError + '_ {
-        move |source| PinnedError::Map { name: name.to_owned(), source }
+        move |source| PinnedError::Map {
+            name: name.to_owned(),
+            source,
+        }
     }
 
     pub fn maps(&self) -> Result<Vec<MapRow>, PinnedError> {
@@ -92,7 +98,10 @@ impl Pinned {
         for &name in maps::MAP_NAMES {
             let data = MapData::from_pin(self.dir.join(name)).map_err(Self::err(name))?;
             let info = data.info().map_err(Self::err(name))?;
-            let kind = info.map_type().map(|t| format!("{t:?}")).unwrap_or_else(|_| "unknown".into());
+            let kind = info
+                .map_type()
+                .map(|t| format!("{t:?}"))
+                .unwrap_or_else(|_| "unknown".into());
             let entries = match name {
                 "ferry_pods" => Some(self.pods()?.len()),
                 "ferry_mesh_dst" => Some(self.mesh_dst()?.len()),
@@ -114,17 +123,25 @@ impl Pinned {
     }
 
     pub fn config(&self) -> Result<maps::Config, PinnedError> {
-        let a: Array<_, maps::Config> = Array::try_from(self.map("ferry_config")?).map_err(Self::err("ferry_config"))?;
+        let a: Array<_, maps::Config> =
+            Array::try_from(self.map("ferry_config")?).map_err(Self::err("ferry_config"))?;
         a.get(&0, 0).map_err(Self::err("ferry_config"))
     }
 
     pub fn pods(&self) -> Result<Vec<PodRow>, PinnedError> {
         let m: HashMap<_, u64, Pod> = HashMap::try_from(self.map("ferry_pods")?).map_err(Self::err("ferry_pods"))?;
-        Ok(m.iter().filter_map(Result::ok).map(|(k, v)| PodRow { netns_cookie: k, pod_id: v.pod_id }).collect())
+        Ok(m.iter()
+            .filter_map(Result::ok)
+            .map(|(k, v)| PodRow {
+                netns_cookie: k,
+                pod_id: v.pod_id,
+            })
+            .collect())
     }
 
     pub fn mesh_dst(&self) -> Result<Vec<DstRow>, PinnedError> {
-        let m: HashMap<_, DstKey, Dst> = HashMap::try_from(self.map("ferry_mesh_dst")?).map_err(Self::err("ferry_mesh_dst"))?;
+        let m: HashMap<_, DstKey, Dst> =
+            HashMap::try_from(self.map("ferry_mesh_dst")?).map_err(Self::err("ferry_mesh_dst"))?;
         let mut v: Vec<_> = m
             .iter()
             .filter_map(Result::ok)
@@ -139,7 +156,8 @@ impl Pinned {
     }
 
     pub fn orig_dst(&self) -> Result<Vec<OrigDstRow>, PinnedError> {
-        let m: HashMap<_, SockKey, OrigDst> = HashMap::try_from(self.map("ferry_orig_dst")?).map_err(Self::err("ferry_orig_dst"))?;
+        let m: HashMap<_, SockKey, OrigDst> =
+            HashMap::try_from(self.map("ferry_orig_dst")?).map_err(Self::err("ferry_orig_dst"))?;
         Ok(m.iter()
             .filter_map(Result::ok)
             .map(|(k, v)| OrigDstRow {
@@ -170,7 +188,8 @@ impl Pinned {
 
     /// The eBPF-side counters, summed over CPUs, by name.
     pub fn stats(&self) -> Result<Vec<(&'static str, u64)>, PinnedError> {
-        let a: PerCpuArray<_, u64> = PerCpuArray::try_from(self.map("ferry_stats")?).map_err(Self::err("ferry_stats"))?;
+        let a: PerCpuArray<_, u64> =
+            PerCpuArray::try_from(self.map("ferry_stats")?).map_err(Self::err("ferry_stats"))?;
         maps::STAT_NAMES
             .iter()
             .map(|&(i, name)| Ok((name, a.get(&i, 0).map_err(Self::err("ferry_stats"))?.iter().sum())))

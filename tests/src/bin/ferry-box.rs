@@ -54,7 +54,10 @@ fn main() -> Result<()> {
             BoxOp::Up => {
                 let b = ClusterBox::up(Spec::demo(), default_bin_dir())?;
                 let st = b.keep();
-                println!("box {} is up; `cargo xtask box exec <pod> -- CMD`, `cargo xtask box down {}`", st.id, st.id);
+                println!(
+                    "box {} is up; `cargo xtask box exec <pod> -- CMD`, `cargo xtask box down {}`",
+                    st.id, st.id
+                );
                 Ok(())
             }
             BoxOp::Down { id } => {
@@ -89,10 +92,14 @@ fn main() -> Result<()> {
                     Some(n) if n >= 1 => st.node_command(n - 1, &cmd[0], &args)?,
                     _ => st.pod_command(&target, &cmd[0], &args)?,
                 };
-                let status = c.env("PATH", format!("{}:{}", st.bin_dir.display(), std::env::var("PATH").unwrap_or_default())).status()?;
+                let status = c
+                    .env(
+                        "PATH",
+                        format!("{}:{}", st.bin_dir.display(), std::env::var("PATH").unwrap_or_default()),
+                    )
+                    .status()?;
                 std::process::exit(status.code().unwrap_or(1));
             }
         },
     }
 }
-

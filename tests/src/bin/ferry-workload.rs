@@ -38,15 +38,36 @@ enum Cmd {
 #[derive(Subcommand)]
 enum Op {
     /// Ask who answers (prints the server pod and the client address it saw).
-    Who { #[arg(long)] to: SocketAddr },
+    Who {
+        #[arg(long)]
+        to: SocketAddr,
+    },
     /// Echo BYTES through the server and compare checksums (half-closes after sending).
-    Echo { #[arg(long)] to: SocketAddr, #[arg(long)] bytes: u64 },
+    Echo {
+        #[arg(long)]
+        to: SocketAddr,
+        #[arg(long)]
+        bytes: u64,
+    },
     /// CONNS concurrent echoes of BYTES each.
-    Stress { #[arg(long)] to: SocketAddr, #[arg(long)] conns: usize, #[arg(long)] bytes: u64 },
+    Stress {
+        #[arg(long)]
+        to: SocketAddr,
+        #[arg(long)]
+        conns: usize,
+        #[arg(long)]
+        bytes: u64,
+    },
     /// Send a little and reset the connection mid-stream.
-    EarlyClose { #[arg(long)] to: SocketAddr },
+    EarlyClose {
+        #[arg(long)]
+        to: SocketAddr,
+    },
     /// Try to connect; prints whether it worked (never fails).
-    Probe { #[arg(long)] to: SocketAddr },
+    Probe {
+        #[arg(long)]
+        to: SocketAddr,
+    },
 }
 
 fn main() -> Result<()> {
@@ -160,14 +181,19 @@ fn client(op: Op) -> Result<()> {
             let mut line = String::new();
             BufReader::new(s).read_line(&mut line)?;
             let mut it = line.split_whitespace();
-            let (Some(server), Some(seen)) = (it.next(), it.next()) else { bail!("bad WHO answer {line:?}") };
+            let (Some(server), Some(seen)) = (it.next(), it.next()) else {
+                bail!("bad WHO answer {line:?}")
+            };
             println!("{}", serde_json::json!({"server": server, "client_seen_as": seen}));
         }
         Op::Echo { to, bytes } => {
             let t = Instant::now();
             let (sha, got) = echo(to, bytes)?;
             let ok = got == bytes && sha == sha256_of_pattern(bytes);
-            println!("{}", serde_json::json!({"bytes": got, "ok": ok, "ms": t.elapsed().as_millis() as u64}));
+            println!(
+                "{}",
+                serde_json::json!({"bytes": got, "ok": ok, "ms": t.elapsed().as_millis() as u64})
+            );
             if !ok {
                 bail!("echo mismatch: sent {bytes}, got {got}");
             }
@@ -180,7 +206,11 @@ fn client(op: Op) -> Result<()> {
                     std::thread::spawn(move || matches!(echo(to, bytes), Ok((sha, n)) if n == bytes && sha == *want))
                 })
                 .collect();
-            let ok = hs.into_iter().map(|h| h.join().unwrap_or(false)).filter(|ok| *ok).count();
+            let ok = hs
+                .into_iter()
+                .map(|h| h.join().unwrap_or(false))
+                .filter(|ok| *ok)
+                .count();
             println!("{}", serde_json::json!({"conns": conns, "ok": ok}));
             if ok != conns {
                 bail!("{} of {conns} connections failed", conns - ok);
@@ -195,7 +225,10 @@ fn client(op: Op) -> Result<()> {
         }
         Op::Probe { to } => {
             let r = TcpStream::connect_timeout(&to, Duration::from_secs(2));
-            println!("{}", serde_json::json!({"connected": r.is_ok(), "error": r.err().map(|e| e.to_string())}));
+            println!(
+                "{}",
+                serde_json::json!({"connected": r.is_ok(), "error": r.err().map(|e| e.to_string())})
+            );
         }
     }
     Ok(())
