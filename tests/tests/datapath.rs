@@ -218,3 +218,96 @@ fn bad_config_file_is_a_clear_error_and_a_bad_reload_keeps_the_last_good_state()
     assert_eq!(s.config_version(0).unwrap(), v);
     assert!(s.who("client", VIP).is_ok());
 }
+
+#[test]
+fn ferryctl_reads_pins_and_agent_and_fails_clearly() {
+    let mut b = up(Spec::demo());
+    let s = b.state.clone();
+    // Two connections: round robin sends the second across nodes, out of the
+    // client pod's own eth0 (the tunnel hop starts in the source pod's netns).
+    s.who("client", VIP).unwrap();
+    s.who("client", VIP).unwrap();
+    let json = |args: &[&str]| -> serde_json::Value {
+        let mut all = args.to_vec();
+        all.extend(["-o", "json"]);
+        let out = s.ferryctl(0, &all).unwrap();
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let maps = json(&["bpf", "maps"]);
+    let pods_map = maps
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["name"] == "ferry_pods")
+        .unwrap()
+        .clone();
+    assert_eq!(pods_map["entries"], 2, "client and echo-1 enrolled on node1: {maps}");
+    let dst = json(&["bpf", "dump", "mesh-dst"]);
+    assert!(dst
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|d| d["ip"] == "10.96.0.10" && d["port"] == 80 && d["kind"] == "service"));
+    let stats = json(&["bpf", "dump", "stats"]);
+    let redirects = stats
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["counter"] == "redirects")
+        .unwrap()["value"]
+        .as_u64();
+    assert_eq!(redirects, Some(2));
+    let traffic = json(&["bpf", "dump", "traffic"]);
+    let veth0 = traffic
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["interface"] == "veth0")
+        .unwrap()
+        .clone();
+    assert!(
+        veth0["tx_packets"].as_u64().unwrap() > 0 && veth0["rx_bytes"].as_u64().unwrap() > 0,
+        "{traffic}"
+    );
+    let workloads = json(&["workloads"]);
+    assert!(workloads
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|w| w["name"] == "client" && w["enrolled"] == true));
+    // A live connection shows up in `conns` with where it goes.
+    let mut long = s
+        .pod_command(
+            "client",
+            &s.bin("ferry-workload"),
+            &["client", "echo", "--to", VIP, "--bytes", "400000000"],
+        )
+        .unwrap();
+    let mut child = long.stdout(std::process::Stdio::null()).spawn().unwrap();
+    assert!(eventually(Duration::from_secs(5), || {
+        let c = json(&["conns"]);
+        c.as_array().is_some_and(|a| {
+            a.iter()
+                .any(|c| c["orig_dst"] == VIP && c["service"] == "default/echo" && c["sent"].as_u64() > Some(0))
+        })
+    }));
+    let _ = child.kill();
+    let _ = child.wait();
+    // Agent down: exit code 3 with a hint; pins still readable.
+    b.stop_agent(0).unwrap();
+    let out = s.ferryctl(0, &["conns"]).unwrap();
+    assert_eq!(out.status.code(), Some(3), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not reachable"));
+    assert!(
+        s.ferryctl(0, &["bpf", "maps"]).unwrap().status.success(),
+        "pins outlive the agent"
+    );
+    // No maps: exit code 4.
+    let out = s.ferryctl(0, &["--pin-root", "/nonexistent", "bpf", "maps"]).unwrap();
+    assert_eq!(out.status.code(), Some(4), "{}", String::from_utf8_lossy(&out.stderr));
+}

@@ -157,7 +157,14 @@ fn run(args: &Args) -> Result<(), CtlError> {
                 DumpMap::Traffic => emit(
                     args,
                     &p.traffic()?,
-                    &["ifindex", "rx_packets", "rx_bytes", "tx_packets", "tx_bytes"],
+                    &[
+                        "ifindex",
+                        "interface",
+                        "rx_packets",
+                        "rx_bytes",
+                        "tx_packets",
+                        "tx_bytes",
+                    ],
                 ),
                 DumpMap::Stats => {
                     let rows: Vec<Value> = p

@@ -60,6 +60,8 @@ pub struct OrigDstRow {
 #[derive(Debug, Serialize)]
 pub struct TrafficRow {
     pub ifindex: u32,
+    /// The interface's name in the caller's netns (the node's), if it exists.
+    pub interface: Option<String>,
     #[serde(flatten)]
     pub traffic: Traffic,
 }
@@ -179,7 +181,11 @@ impl Pinned {
             .map(|(ifindex, per_cpu)| {
                 let mut t = Traffic::default();
                 per_cpu.iter().for_each(|c| t += *c);
-                TrafficRow { ifindex, traffic: t }
+                TrafficRow {
+                    ifindex,
+                    interface: if_name(ifindex),
+                    traffic: t,
+                }
             })
             .collect();
         v.sort_by_key(|r| r.ifindex);
@@ -202,4 +208,15 @@ fn count_keys<K: aya::Pod>(m: Map) -> usize {
         Ok(h) => h.keys().count(),
         Err(_) => 0,
     }
+}
+
+fn if_name(ifindex: u32) -> Option<String> {
+    let mut buf = [0u8; libc::IF_NAMESIZE];
+    // SAFETY: if_indextoname writes at most IF_NAMESIZE bytes, NUL included, into buf.
+    let p = unsafe { libc::if_indextoname(ifindex, buf.as_mut_ptr().cast()) };
+    if p.is_null() {
+        return None;
+    }
+    let end = buf.iter().position(|&b| b == 0)?;
+    Some(String::from_utf8_lossy(&buf[..end]).into_owned())
 }
