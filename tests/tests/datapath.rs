@@ -61,6 +61,15 @@ fn service_vip_lands_on_endpoints_same_node_and_cross_node_keeping_client_ip() {
         .any(
             |l| l["direction"] == "Tunnel" && l["client"].as_str().unwrap_or("").starts_with(&client_ip)
         )));
+    // eBPF ring-buffer events became tracing events in the agent's log.
+    let agent_log = std::fs::read_to_string(s.agent_log(0)).unwrap();
+    assert!(agent_log.contains("connect redirected to agent") && agent_log.contains("\"orig_dst\":\"10.96.0.10:80\""));
+    // An IPv6 socket to the IPv4-mapped VIP is steered too (connect6).
+    let (server, seen) = s.who("client", "[::ffff:10.96.0.10]:80").unwrap();
+    assert!(
+        server.starts_with("echo-") && seen.starts_with(&client_ip),
+        "{server} {seen}"
+    );
     // The mapped original destinations were consumed (nothing left behind).
     let p = ferry_agent::redirect::pinned::Pinned::open(std::path::Path::new(ferry_box::PIN_ROOT), &s.node_name(0))
         .unwrap();
