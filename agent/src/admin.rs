@@ -39,8 +39,42 @@ struct ConfigDump<'a> {
     services: &'a [crate::config::Service],
 }
 
-pub fn route(agent: &Agent, path: &str) -> Response<Body> {
+/// Changes the log filter at runtime (set by the binary that owns the subscriber).
+pub type LogReload = Box<dyn Fn(&str) -> Result<(), String> + Send + Sync>;
+static LOG_RELOAD: std::sync::OnceLock<LogReload> = std::sync::OnceLock::new();
+
+pub fn set_log_reload(f: LogReload) {
+    let _ = LOG_RELOAD.set(f);
+}
+
+fn logging(query: Option<&str>) -> Response<Body> {
+    let Some(level) = query.and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("level="))) else {
+        return text(
+            StatusCode::BAD_REQUEST,
+            "usage: POST /logging?level=<filter, e.g. debug or info,ferry::ebpf=debug>\n",
+        );
+    };
+    match LOG_RELOAD.get() {
+        None => text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "log level is not reloadable in this process\n",
+        ),
+        Some(f) => match f(level) {
+            Ok(()) => text(StatusCode::OK, &format!("log filter now {level}\n")),
+            Err(e) => text(StatusCode::BAD_REQUEST, &format!("bad filter {level:?}: {e}\n")),
+        },
+    }
+}
+
+pub fn route(agent: &Agent, method: &hyper::Method, path: &str, query: Option<&str>) -> Response<Body> {
     let state = agent.state();
+    if path == "/logging" {
+        return if method == hyper::Method::POST {
+            logging(query)
+        } else {
+            text(StatusCode::METHOD_NOT_ALLOWED, "POST /logging?level=...\n")
+        };
+    }
     match path {
         "/healthz" => text(StatusCode::OK, "ok\n"),
         "/ready" => {
@@ -67,10 +101,10 @@ pub fn route(agent: &Agent, path: &str) -> Response<Body> {
                 .map(|c| c.view())
                 .collect::<Vec<_>>(),
         ),
-        "/stats" => json(&agent.proxy.telemetry.counters),
+        "/stats" => json(&*agent.proxy.telemetry.counters),
         _ => text(
             StatusCode::NOT_FOUND,
-            "not found; try /healthz /ready /config_dump /conns /stats\n",
+            "not found; try /healthz /ready /config_dump /conns /stats, POST /logging?level=\n",
         ),
     }
 }
@@ -83,7 +117,7 @@ pub async fn serve(agent: Arc<Agent>, listener: TcpListener) {
         let agent = agent.clone();
         tokio::spawn(async move {
             let svc = service_fn(move |req: Request<Incoming>| {
-                let resp = route(&agent, req.uri().path());
+                let resp = route(&agent, req.method(), req.uri().path(), req.uri().query());
                 async move { Ok::<_, Infallible>(resp) }
             });
             let _ = http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await;
@@ -93,4 +127,28 @@ pub async fn serve(agent: Arc<Agent>, listener: TcpListener) {
 
 pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     TcpListener::bind(addr).await
+}
+
+/// Serves `/metrics` (Prometheus text format) for scrapers.
+pub async fn serve_metrics(agent: Arc<Agent>, listener: TcpListener) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let agent = agent.clone();
+        tokio::spawn(async move {
+            let svc = service_fn(move |req: Request<Incoming>| {
+                let resp = if req.uri().path() == "/metrics" {
+                    Response::builder()
+                        .header("content-type", "text/plain; version=0.0.4; charset=utf-8")
+                        .body(Full::new(Bytes::from(agent.proxy.telemetry.metrics.encode())))
+                        .expect("static response")
+                } else {
+                    text(StatusCode::NOT_FOUND, "try /metrics\n")
+                };
+                async move { Ok::<_, Infallible>(resp) }
+            });
+            let _ = http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await;
+        });
+    }
 }

@@ -126,7 +126,7 @@ impl Agent {
             pods: RwLock::new(HashMap::new()),
             orig: r.orig_dst(),
             tunnel: Tunnel::Plain,
-            telemetry: Telemetry::default(),
+            telemetry: Telemetry::new(opts.pin_root.clone(), node.to_owned()),
         });
         Ok(Arc::new(Self {
             proxy,
@@ -236,6 +236,13 @@ impl Agent {
             }
             status.insert(w.uid.clone(), st);
         }
+        let t = &self.proxy.telemetry;
+        *t.access_log.write().unwrap_or_else(|e| e.into_inner()) = state.settings.access_log.clone();
+        t.metrics.enrolled_pods.set(enrolled.len() as i64);
+        t.metrics
+            .enroll_errors
+            .set(status.values().filter(|s| s.error.is_some()).count() as i64);
+        t.metrics.config_version.set(state.version as i64);
         *self.status.write().unwrap_or_else(|e| e.into_inner()) = status;
 
         if let Err(e) = redirect.set_mesh_destinations(&state.mesh_destinations()) {

@@ -33,6 +33,9 @@ pub struct Settings {
     /// Where pod cgroups live (kubelet layout: a dir named after the pod UID below it).
     #[serde(default)]
     pub cgroup_root: Option<PathBuf>,
+    /// Access logs: `mode: off|sampled|full`, `sampleRate`, per-namespace `namespaces`.
+    #[serde(default)]
+    pub access_log: crate::telemetry::accesslog::AccessLog,
 }
 
 fn yes() -> bool {
@@ -45,6 +48,7 @@ impl Default for Settings {
             splice: false,
             events: true,
             cgroup_root: None,
+            access_log: Default::default(),
         }
     }
 }
@@ -175,6 +179,10 @@ impl ConfigFile {
             if w.node.is_empty() {
                 p.push(format!("{at}.node: must not be empty"));
             }
+        }
+        let rate = self.settings.access_log.sample_rate;
+        if !(0.0..=1.0).contains(&rate) {
+            p.push(format!("settings.accessLog.sampleRate: {rate} is not between 0 and 1"));
         }
         let mut vips = BTreeMap::new();
         for (i, s) in self.services.iter().enumerate() {

@@ -18,6 +18,16 @@ fn ferryctl(b: &ClusterBox, node: usize, args: &[&str]) -> Result<()> {
     Ok(())
 }
 
+/// A counter or gauge sample's value (OpenMetrics `_total` samples parse as untyped).
+fn sample_value(v: &prometheus_parse::Value) -> f64 {
+    match v {
+        prometheus_parse::Value::Counter(v)
+        | prometheus_parse::Value::Gauge(v)
+        | prometheus_parse::Value::Untyped(v) => *v,
+        _ => f64::NAN,
+    }
+}
+
 pub fn run(bins: PathBuf, keep: bool) -> Result<()> {
     section("Bringing up the cluster-in-a-box");
     let b = ClusterBox::up(Spec::demo(), bins)?;
@@ -85,6 +95,40 @@ pub fn run(bins: PathBuf, keep: bool) -> Result<()> {
                 f("sent"),
                 f("received")
             );
+        }
+    }
+
+    section("Metrics scraped from each agent's :15020/metrics (Istio standard names)");
+    for n in 0..s.spec.nodes {
+        let scrape = s.scrape(n)?;
+        for m in scrape
+            .samples
+            .iter()
+            .filter(|m| m.metric == "istio_tcp_connections_opened_total")
+        {
+            let l = |k: &str| m.labels.get(k).unwrap_or("-").to_owned();
+            let v = sample_value(&m.value);
+            if l("source_workload") == "unknown" {
+                continue; // the box's own readiness probes from the node
+            }
+            println!(
+                "  node{} reporter={:<11} {} -> {} ({}) security={}: {v} opened",
+                n + 1,
+                l("reporter"),
+                l("source_workload"),
+                l("destination_workload"),
+                l("destination_service"),
+                l("connection_security_policy")
+            );
+        }
+        for m in scrape
+            .samples
+            .iter()
+            .filter(|m| m.metric == "ferry_ebpf_redirects_total")
+        {
+            if let prometheus_parse::Value::Counter(v) = m.value {
+                println!("  node{} ferry_ebpf_redirects_total {v}", n + 1);
+            }
         }
     }
 

@@ -60,6 +60,8 @@ pub struct Spec {
     pub pods: Vec<PodSpec>,
     pub services: Vec<ServiceSpec>,
     pub splice: bool,
+    #[serde(default)]
+    pub access_log: ferry_agent::telemetry::accesslog::AccessLog,
 }
 
 impl Spec {
@@ -92,6 +94,7 @@ impl Spec {
                 endpoints: vec!["echo-1".into(), "echo-2".into()],
             }],
             splice: false,
+            access_log: Default::default(),
         }
     }
 }
@@ -213,6 +216,7 @@ impl BoxState {
                 splice: self.spec.splice,
                 events: true,
                 cgroup_root: Some(self.kubepods(node)),
+                access_log: self.spec.access_log.clone(),
             },
             workloads,
             services,
@@ -281,16 +285,25 @@ impl BoxState {
 
     /// GET on a node agent's admin endpoint (inside that node's netns).
     pub fn admin_get(&self, node: usize, path: &str) -> Result<(u16, String)> {
+        self.http(node, "GET", "127.0.0.1:15000", path)
+    }
+
+    /// An HTTP/1.0 request from inside a node's netns (admin, metrics).
+    pub fn http(&self, node: usize, method: &str, addr: &str, path: &str) -> Result<(u16, String)> {
         let ns = fs::File::open(format!("/run/netns/{}", self.node_netns(node)))?;
-        let path = path.to_owned();
+        let (method, addr, path) = (
+            method.to_owned(),
+            addr.parse::<std::net::SocketAddr>()?,
+            path.to_owned(),
+        );
         std::thread::spawn(move || -> Result<(u16, String)> {
             // SAFETY: setns on this short-lived thread only; the fd is open.
             if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
                 bail!("setns: {}", std::io::Error::last_os_error());
             }
-            let mut s = TcpStream::connect_timeout(&"127.0.0.1:15000".parse()?, Duration::from_secs(2))?;
+            let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
             s.set_read_timeout(Some(Duration::from_secs(5)))?;
-            write!(s, "GET {path} HTTP/1.0\r\nHost: admin\r\n\r\n")?;
+            write!(s, "{method} {path} HTTP/1.0\r\nHost: ferry\r\n\r\n")?;
             let mut resp = String::new();
             s.read_to_string(&mut resp)?;
             let code = resp.get(9..12).and_then(|c| c.parse().ok()).unwrap_or(0);
@@ -555,6 +568,8 @@ impl ClusterBox {
             &[
                 "--config",
                 s.config_path(node).to_str().unwrap(),
+                "--node",
+                &s.node_name(node),
                 "--pin-root",
                 PIN_ROOT,
                 "--log-json",
@@ -718,6 +733,15 @@ impl BoxState {
             .filter(|v| v["target"] == "ferry::access")
             .map(|v| v["fields"].clone())
             .collect()
+    }
+
+    /// Scrapes a node agent's Prometheus endpoint and parses it.
+    pub fn scrape(&self, node: usize) -> Result<prometheus_parse::Scrape> {
+        let (code, body) = self.http(node, "GET", "127.0.0.1:15020", "/metrics")?;
+        if code != 200 {
+            bail!("metrics on node {}: HTTP {code}", node + 1);
+        }
+        Ok(prometheus_parse::Scrape::parse(body.lines().map(|l| Ok(l.to_owned())))?)
     }
 
     /// Runs ferryctl in a node's netns (so its admin endpoint is 127.0.0.1:15000).

@@ -6,7 +6,7 @@ use std::{net::SocketAddr, path::PathBuf, time::Duration};
 use anyhow::Context;
 use clap::Parser;
 use ferry_agent::{admin, agent, config::ConfigFile};
-use tracing_subscriber::EnvFilter;
+use tracing_subscriber::{layer::SubscriberExt, reload, util::SubscriberInitExt, EnvFilter, Layer};
 
 #[derive(Parser, Debug)]
 #[command(version, about)]
@@ -23,6 +23,13 @@ struct Args {
     /// Admin endpoint. Keep it on localhost: it shows workload state.
     #[arg(long, default_value = "127.0.0.1:15000")]
     admin: SocketAddr,
+    /// Prometheus metrics endpoint (/metrics).
+    #[arg(long, default_value = "0.0.0.0:15020")]
+    metrics: SocketAddr,
+    /// This node's name (else taken from the config file). With it, the agent
+    /// starts, not ready, before its config file exists.
+    #[arg(long, env = "NODE_NAME")]
+    node: Option<String>,
     /// Log as JSON lines (access logs included).
     #[arg(long)]
     log_json: bool,
@@ -41,30 +48,53 @@ fn config_stamp(path: &std::path::Path) -> Option<(std::time::SystemTime, u64)> 
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let filter = EnvFilter::try_from_env("FERRY_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
-    if args.log_json {
-        tracing_subscriber::fmt().json().with_env_filter(filter).init();
+    let (filter, reload_handle) = reload::Layer::new(filter);
+    let fmt = if args.log_json {
+        tracing_subscriber::fmt::layer().json().boxed()
     } else {
-        tracing_subscriber::fmt().with_env_filter(filter).init();
-    }
+        tracing_subscriber::fmt::layer().boxed()
+    };
+    tracing_subscriber::registry().with(filter).with(fmt).init();
+    admin::set_log_reload(Box::new(move |f: &str| {
+        let new = EnvFilter::try_new(f).map_err(|e| e.to_string())?;
+        reload_handle.reload(new).map_err(|e| e.to_string())
+    }));
 
-    let cfg = ConfigFile::load(&args.config)?;
-    let node = cfg.node.clone();
-    let agent = agent::Agent::new(
-        &node,
-        agent::Options {
-            pin_root: args.pin_root.clone(),
-            cgroup_root: args.cgroup_root.clone(),
-        },
-    )
-    .with_context(|| format!("starting the agent for node {node}"))?;
+    // A config that exists must be valid; a missing one is waited for (not
+    // ready meanwhile) when the node name is known.
+    let initial = match (&args.node, args.config.exists()) {
+        (Some(_), false) => None,
+        _ => Some(ConfigFile::load(&args.config)?),
+    };
+    let node = match (&args.node, &initial) {
+        (Some(n), _) => n.clone(),
+        (None, Some(c)) => c.node.clone(),
+        (None, None) => anyhow::bail!("no config and no --node"),
+    };
+    let opts = agent::Options {
+        pin_root: args.pin_root.clone(),
+        cgroup_root: args.cgroup_root.clone(),
+    };
+    let agent = agent::Agent::new(&node, opts).with_context(|| format!("starting the agent for node {node}"))?;
     let admin_l = admin::bind(args.admin)
         .await
         .with_context(|| format!("binding admin endpoint {}", args.admin))?;
     tokio::spawn(admin::serve(agent.clone(), admin_l));
-    agent.apply(cfg).await;
-    tracing::info!(node = %node, admin = %args.admin, "ferry-agent running");
+    let metrics_l = admin::bind(args.metrics)
+        .await
+        .with_context(|| format!("binding metrics endpoint {}", args.metrics))?;
+    tokio::spawn(admin::serve_metrics(agent.clone(), metrics_l));
+    let mut stamp = None;
+    match initial {
+        Some(cfg) if cfg.node == node => {
+            stamp = config_stamp(&args.config);
+            agent.apply(cfg).await;
+        }
+        Some(cfg) => anyhow::bail!("config {} is for node {}, not {node}", args.config.display(), cfg.node),
+        None => tracing::info!(config = %args.config.display(), "waiting for the config file (not ready)"),
+    }
+    tracing::info!(node = %node, admin = %args.admin, metrics = %args.metrics, "ferry-agent running");
 
-    let mut stamp = config_stamp(&args.config);
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut tick = tokio::time::interval(Duration::from_millis(200));
     loop {
@@ -75,8 +105,14 @@ async fn main() -> anyhow::Result<()> {
                     stamp = now;
                     match ConfigFile::load(&args.config) {
                         Ok(c) if c.node == node => agent.apply(c).await,
-                        Ok(c) => tracing::error!(old = %node, new = %c.node, "config names another node; keeping the last good config"),
-                        Err(e) => tracing::error!(error = %e, "config rejected; keeping the last good config"),
+                        Ok(c) => {
+                            agent.proxy.telemetry.metrics.config_rejected.inc();
+                            tracing::error!(old = %node, new = %c.node, "config names another node; keeping the last good config")
+                        }
+                        Err(e) => {
+                            agent.proxy.telemetry.metrics.config_rejected.inc();
+                            tracing::error!(error = %e, "config rejected; keeping the last good config")
+                        }
                     }
                 }
             }

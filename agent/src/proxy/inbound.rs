@@ -7,7 +7,13 @@ use std::sync::Arc;
 use tokio::net::{TcpListener, TcpStream};
 
 use super::{copy, PodCtx, Proxy};
-use crate::{sockets, telemetry::Direction};
+use crate::{
+    sockets,
+    telemetry::{
+        metrics::{tcp_labels, Peer, Reporter},
+        Direction,
+    },
+};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Kind {
@@ -45,12 +51,23 @@ async fn handle(proxy: &Proxy, pod: &PodCtx, mut client: TcpStream, kind: Kind) 
             }
         },
     };
-    let source = proxy
-        .state()
-        .workload_by_ip(*peer.ip())
+    let state = proxy.state();
+    let src = state.workload_by_ip(*peer.ip());
+    let source = src
         .map(|w| format!("{}/{}", w.namespace, w.name))
         .unwrap_or_else(|| peer.ip().to_string());
-    let mut g = proxy.telemetry.open(direction, source, peer, target);
+    let mut g = proxy
+        .telemetry
+        .open(direction, &pod.workload.namespace, source, peer, target);
+    let src = Peer {
+        workload: src,
+        authenticated: false,
+    };
+    let dst = Peer {
+        workload: Some(&pod.workload),
+        authenticated: false,
+    };
+    g.report(&tcp_labels(Reporter::Destination, src, dst, None, false));
     if *target.ip() != pod.ip() {
         g.outcome = Some(format!("target {target} is not this pod ({})", pod.ip()));
         return;

@@ -6,7 +6,15 @@ use std::sync::Arc;
 use tokio::net::{TcpListener, TcpStream};
 
 use super::{copy, PodCtx, Proxy};
-use crate::{redirect::maps::SockKey, sockets, state::Hop, telemetry::Direction};
+use crate::{
+    redirect::maps::SockKey,
+    sockets,
+    state::Hop,
+    telemetry::{
+        metrics::{tcp_labels, Peer, Reporter},
+        Direction,
+    },
+};
 
 pub async fn serve(proxy: Arc<Proxy>, pod: Arc<PodCtx>, listener: TcpListener) {
     loop {
@@ -39,7 +47,9 @@ async fn handle(proxy: &Proxy, pod: &PodCtx, client: TcpStream) {
         return;
     };
     let orig = orig.addr();
-    let mut g = proxy.telemetry.open(Direction::Outbound, pod.label(), peer, orig);
+    let mut g = proxy
+        .telemetry
+        .open(Direction::Outbound, &pod.workload.namespace, pod.label(), peer, orig);
     let route = match proxy.state().route(orig) {
         Ok(r) => r,
         Err(e) => {
@@ -48,6 +58,28 @@ async fn handle(proxy: &Proxy, pod: &PodCtx, client: TcpStream) {
         }
     };
     g.routed(route.service.clone(), route.endpoint, route.hop);
+    {
+        let state = proxy.state();
+        let src = Peer {
+            workload: Some(&pod.workload),
+            authenticated: false,
+        };
+        let dst = Peer {
+            workload: state.workload_by_ip(*route.endpoint.ip()),
+            authenticated: false,
+        };
+        g.report(&tcp_labels(Reporter::Source, src, dst, route.service.as_deref(), false));
+        if route.hop == Hop::Local {
+            // For a same-node hop this agent is also the destination's proxy.
+            g.report(&tcp_labels(
+                Reporter::Destination,
+                src,
+                dst,
+                route.service.as_deref(),
+                false,
+            ));
+        }
+    }
     let upstream = match route.hop {
         Hop::Local => match proxy.local_pod_by_ip(*route.endpoint.ip()) {
             Some(dst) => proxy.deliver(&dst, pod.ip(), route.endpoint).await,

@@ -1,5 +1,10 @@
-//! Live connections and counters, plus the access log line written when a
-//! connection closes. Counters are per agent, with no per-connection labels.
+//! Live connections and counters, Prometheus metrics ([`metrics`]) and the
+//! access-log line written when a connection closes ([`accesslog`] decides
+//! which). Nothing here is per byte: byte counts are atomics updated by the
+//! copy loop and added to the metrics once, when the connection closes.
+
+pub mod accesslog;
+pub mod metrics;
 
 use std::{
     collections::HashMap,
@@ -14,6 +19,7 @@ use std::{
 use serde::Serialize;
 
 use crate::state::Hop;
+use metrics::{Metrics, TcpCounters, TcpLabels};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -99,11 +105,12 @@ pub struct Counters {
     pub hop_direct: AtomicU64,
 }
 
-#[derive(Default)]
 pub struct Telemetry {
     next: AtomicU64,
     live: Mutex<HashMap<u64, Arc<Conn>>>,
-    pub counters: Counters,
+    pub counters: Arc<Counters>,
+    pub metrics: Metrics,
+    pub access_log: std::sync::RwLock<accesslog::AccessLog>,
 }
 
 /// Removes the connection from the live table and writes its access log line
@@ -112,12 +119,27 @@ pub struct ConnGuard<'a> {
     t: &'a Telemetry,
     pub conn: Arc<Conn>,
     pub outcome: Option<String>,
+    tcp: Vec<TcpCounters>,
+    log: bool,
 }
 
 impl Telemetry {
+    pub fn new(pin_root: std::path::PathBuf, node: String) -> Self {
+        let counters = Arc::new(Counters::default());
+        Self {
+            next: AtomicU64::new(0),
+            live: Mutex::new(HashMap::new()),
+            metrics: Metrics::new(pin_root, node, counters.clone()),
+            counters,
+            access_log: Default::default(),
+        }
+    }
+
+    /// A new live connection. `namespace` picks the access-log policy.
     pub fn open(
         &self,
         direction: Direction,
+        namespace: &str,
         source: String,
         client: SocketAddrV4,
         orig_dst: SocketAddrV4,
@@ -144,10 +166,17 @@ impl Telemetry {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .insert(id, conn.clone());
+        let log = self
+            .access_log
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .should_log(namespace, id);
         ConnGuard {
             t: self,
             conn,
             outcome: None,
+            tcp: Vec::new(),
+            log,
         }
     }
 
@@ -176,6 +205,14 @@ impl ConnGuard<'_> {
         .fetch_add(1, Ordering::Relaxed);
         let _ = self.conn.route.set(Routed { service, endpoint, hop });
     }
+
+    /// Counts this connection in the Istio TCP metrics under `labels` (once
+    /// per reporter: a same-node connection is reported by both sides).
+    pub fn report(&mut self, labels: &TcpLabels) {
+        let c = self.t.metrics.tcp(labels);
+        c.opened.inc();
+        self.tcp.push(c);
+    }
 }
 
 impl Drop for ConnGuard<'_> {
@@ -190,6 +227,14 @@ impl Drop for ConnGuard<'_> {
         let outcome = self.outcome.as_deref().unwrap_or("ok");
         if outcome != "ok" {
             k.failed.fetch_add(1, Ordering::Relaxed);
+        }
+        for t in &self.tcp {
+            t.closed.inc();
+            t.received.inc_by(sent);
+            t.sent.inc_by(received);
+        }
+        if !self.log {
+            return;
         }
         tracing::info!(
             target: "ferry::access",
