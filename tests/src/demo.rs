@@ -126,9 +126,7 @@ pub fn run(bins: PathBuf, keep: bool) -> Result<()> {
             .iter()
             .filter(|m| m.metric == "ferry_ebpf_redirects_total")
         {
-            if let prometheus_parse::Value::Counter(v) = m.value {
-                println!("  node{} ferry_ebpf_redirects_total {v}", n + 1);
-            }
+            println!("  node{} ferry_ebpf_redirects_total {}", n + 1, sample_value(&m.value));
         }
     }
 
