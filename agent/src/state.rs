@@ -11,7 +11,7 @@ use std::{
 use serde::Serialize;
 
 use crate::config::{ConfigFile, Service, Settings, Workload};
-use crate::redirect::maps::{DstKey, DST_POD, DST_SERVICE};
+use crate::redirect::maps::{DST_POD, DST_SERVICE};
 
 #[derive(Debug, Default)]
 pub struct State {
@@ -129,11 +129,6 @@ impl State {
             hop,
         })
     }
-}
-
-/// The `ferry_mesh_dst` key for a mesh destination.
-pub fn dst_key((ip, port): (Ipv4Addr, u16)) -> DstKey {
-    DstKey::new(ip, port)
 }
 
 #[cfg(test)]

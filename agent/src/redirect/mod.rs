@@ -122,7 +122,6 @@ struct Enrolled {
     netns_cookie: u64,
     ip: Ipv4Addr,
     ifindex: Option<u32>,
-    links: Vec<PathBuf>,
 }
 
 pub struct Redirector {
@@ -151,6 +150,21 @@ impl OrigDstSource for OrigDstTable {
     }
 }
 
+/// Attaches program `$name` (of type `$ty`) with `$attach` and pins its link
+/// as `<dir>/<hook>`; evaluates to the pin path.
+macro_rules! attach_pinned {
+    ($self:ident, $dir:expr, $ty:ty, $name:expr, $hook:expr, |$p:ident| $attach:expr) => {{
+        let $p: &mut $ty = prog(&mut $self.bpf, $name)?;
+        let id = $attach.map_err(prog_err($name))?;
+        let link: FdLink = $p
+            .take_link(id)
+            .map_err(prog_err($name))?
+            .try_into()
+            .map_err(|e| pin_err($dir, e))?;
+        pin(link, $dir, $hook)?
+    }};
+}
+
 impl Redirector {
     /// Loads the object, reusing this node's pinned maps if present.
     pub fn load(pin_root: &Path, node: &str, config: Config) -> Result<Self> {
@@ -166,7 +180,7 @@ impl Redirector {
 
         for name in ["ferry_connect4", "ferry_connect6"] {
             let p: &mut CgroupSockAddr = prog(&mut bpf, name)?;
-            p.load().map_err(prog_err(static_name(name)))?;
+            p.load().map_err(prog_err(name))?;
         }
         let p: &mut SockOps = prog(&mut bpf, "ferry_sockops")?;
         p.load().map_err(prog_err("ferry_sockops"))?;
@@ -176,7 +190,7 @@ impl Redirector {
         p.load().map_err(prog_err("ferry_mark_delivery"))?;
         for name in ["ferry_tc_ingress", "ferry_tc_egress"] {
             let p: &mut SchedClassifier = prog(&mut bpf, name)?;
-            p.load().map_err(prog_err(static_name(name)))?;
+            p.load().map_err(prog_err(name))?;
         }
         // sk_msg is attached to the splice sockhash itself; it only acts on
         // sockets that sockops put there, which it does only with splicing on.
@@ -262,61 +276,38 @@ impl Redirector {
     pub fn enroll(&mut self, pod: &PodHooks<'_>) -> Result<()> {
         let links_dir = self.dir.join("links").join(pod.uid);
         let old = take_pins(&links_dir);
-        let mut links = Vec::new();
         let cg = open("pod cgroup", pod.cgroup)?;
-        for (name, hook) in [("ferry_connect4", "connect4"), ("ferry_connect6", "connect6")] {
-            let p: &mut CgroupSockAddr = prog(&mut self.bpf, name)?;
-            let id = p
-                .attach(&cg, CgroupAttachMode::Single)
-                .map_err(prog_err(static_name(name)))?;
-            let l: FdLink = p
-                .take_link(id)
-                .map_err(prog_err(static_name(name)))?
-                .try_into()
-                .map_err(|e| pin_err(&links_dir, e))?;
-            links.push(pin(l, &links_dir, hook)?);
-        }
-        let p: &mut SockOps = prog(&mut self.bpf, "ferry_sockops")?;
-        let id = p
-            .attach(&cg, CgroupAttachMode::Single)
-            .map_err(prog_err("ferry_sockops"))?;
-        let l: FdLink = p
-            .take_link(id)
-            .map_err(prog_err("ferry_sockops"))?
-            .try_into()
-            .map_err(|e| pin_err(&links_dir, e))?;
-        links.push(pin(l, &links_dir, "sockops")?);
-        let p: &mut CgroupSkb = prog(&mut self.bpf, "ferry_mark_delivery")?;
-        let id = p
-            .attach(&cg, CgroupSkbAttachType::Ingress, CgroupAttachMode::Single)
-            .map_err(prog_err("ferry_mark_delivery"))?;
-        let l: FdLink = p
-            .take_link(id)
-            .map_err(prog_err("ferry_mark_delivery"))?
-            .try_into()
-            .map_err(|e| pin_err(&links_dir, e))?;
-        links.push(pin(l, &links_dir, "mark_delivery")?);
-
-        let p: &mut SkLookup = prog(&mut self.bpf, "ferry_sk_lookup")?;
-        let id = p.attach(pod.netns).map_err(prog_err("ferry_sk_lookup"))?;
-        let l: FdLink = p.take_link(id).map_err(prog_err("ferry_sk_lookup"))?.into();
-        links.push(pin(l, &links_dir, "sk_lookup")?);
-
+        let dir = &links_dir;
+        let mut links = vec![
+            attach_pinned!(self, dir, CgroupSockAddr, "ferry_connect4", "connect4", |p| p
+                .attach(&cg, CgroupAttachMode::Single)),
+            attach_pinned!(self, dir, CgroupSockAddr, "ferry_connect6", "connect6", |p| p
+                .attach(&cg, CgroupAttachMode::Single)),
+            attach_pinned!(self, dir, SockOps, "ferry_sockops", "sockops", |p| p
+                .attach(&cg, CgroupAttachMode::Single)),
+            attach_pinned!(self, dir, CgroupSkb, "ferry_mark_delivery", "mark_delivery", |p| p
+                .attach(&cg, CgroupSkbAttachType::Ingress, CgroupAttachMode::Single)),
+            attach_pinned!(self, dir, SkLookup, "ferry_sk_lookup", "sk_lookup", |p| p
+                .attach(pod.netns)),
+        ];
         let mut ifindex = None;
         if let Some(veth) = pod.host_veth {
-            for (name, hook, dir) in [
-                ("ferry_tc_ingress", "tc_ingress", TcAttachType::Ingress),
-                ("ferry_tc_egress", "tc_egress", TcAttachType::Egress),
-            ] {
-                let p: &mut SchedClassifier = prog(&mut self.bpf, name)?;
-                let id = p.attach(veth, dir).map_err(prog_err(static_name(name)))?;
-                let l: FdLink = p
-                    .take_link(id)
-                    .map_err(prog_err(static_name(name)))?
-                    .try_into()
-                    .map_err(|e| pin_err(&links_dir, e))?;
-                links.push(pin(l, &links_dir, hook)?);
-            }
+            links.push(attach_pinned!(
+                self,
+                dir,
+                SchedClassifier,
+                "ferry_tc_ingress",
+                "tc_ingress",
+                |p| p.attach(veth, TcAttachType::Ingress)
+            ));
+            links.push(attach_pinned!(
+                self,
+                dir,
+                SchedClassifier,
+                "ferry_tc_egress",
+                "tc_egress",
+                |p| p.attach(veth, TcAttachType::Egress)
+            ));
             ifindex = ifindex_of(veth);
         }
 
@@ -342,13 +333,13 @@ impl Redirector {
         )
         .map_err(map_err("ferry_pods"))?;
         drop(old);
+        tracing::debug!(pod = pod.uid, ?links, "hooks attached and pinned");
         self.pods.insert(
             pod.uid.to_owned(),
             Enrolled {
                 netns_cookie: pod.netns_cookie,
                 ip: pod.ip,
                 ifindex,
-                links,
             },
         );
         Ok(())
@@ -375,7 +366,6 @@ impl Redirector {
                     let _ = t.remove(&ifindex);
                 }
             }
-            debug_assert!(e.links.iter().all(|l| l.starts_with(&dir)));
         }
         drop(take_pins(&dir));
         let _ = fs::remove_dir(&dir);
@@ -415,13 +405,6 @@ impl Redirector {
         }
         Ok(())
     }
-
-    /// Removes everything this node pinned (uninstall / `box down`).
-    pub fn remove_pins(self) -> io::Result<()> {
-        let dir = self.dir.clone();
-        drop(self);
-        remove_node_pins(&dir)
-    }
 }
 
 /// Removes a node's pin directory: links first (which detaches them), then maps.
@@ -430,16 +413,6 @@ pub fn remove_node_pins(dir: &Path) -> io::Result<()> {
         return Ok(());
     }
     fs::remove_dir_all(dir)
-}
-
-fn static_name(name: &str) -> &'static str {
-    match name {
-        "ferry_connect4" => "ferry_connect4",
-        "ferry_connect6" => "ferry_connect6",
-        "ferry_tc_ingress" => "ferry_tc_ingress",
-        "ferry_tc_egress" => "ferry_tc_egress",
-        _ => "program",
-    }
 }
 
 fn prog<'a, T>(bpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T>
