@@ -13,6 +13,7 @@ pub mod cgroup;
 pub mod config;
 pub mod netns;
 pub mod podnet;
+pub mod preflight;
 pub mod proxy;
 pub mod redirect;
 pub mod sockets;

@@ -1,6 +1,7 @@
 //! ferryctl: inspect a node's pinned eBPF maps and its agent's state.
 //!
-//! Exit codes: 0 ok, 1 other error, 2 usage, 3 agent not reachable, 4 no Ferry maps.
+//! Exit codes: 0 ok, 1 other error, 2 usage, 3 agent not reachable, 4 no Ferry
+//! maps, 5 `check` found the node cannot run Ferry.
 
 use std::{
     io::{Read, Write},
@@ -57,6 +58,12 @@ enum Cmd {
     Conns,
     /// The agent's connection counters.
     Stats,
+    /// Preflight: can this node run Ferry? (exit 5 if not)
+    Check {
+        /// Also check the kubelet's pod cgroup root.
+        #[arg(long)]
+        cgroup_root: Option<PathBuf>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -88,6 +95,8 @@ enum CtlError {
     Pinned(#[from] PinnedError),
     #[error("{0}")]
     Other(String),
+    #[error("{0} check(s) failed: this node cannot run Ferry as it is (see the remedy column)")]
+    CheckFailed(usize),
 }
 
 impl CtlError {
@@ -95,6 +104,7 @@ impl CtlError {
         match self {
             CtlError::AgentDown(..) => 3,
             CtlError::Pinned(PinnedError::NotFound(_)) => 4,
+            CtlError::CheckFailed(_) => 5,
             _ => 1,
         }
     }
@@ -226,6 +236,14 @@ fn run(args: &Args) -> Result<(), CtlError> {
                     "age_ms",
                 ],
             )
+        }
+        Cmd::Check { cgroup_root } => {
+            let rows = ferry_agent::preflight::run(&args.pin_root, cgroup_root.as_deref());
+            emit(args, &rows, &["check", "ok", "detail", "remedy"])?;
+            if rows.iter().any(|r| !r.ok) {
+                return Err(CtlError::CheckFailed(rows.iter().filter(|r| !r.ok).count()));
+            }
+            Ok(())
         }
         Cmd::Stats => {
             let s = admin_get(args.admin, "/stats")?;

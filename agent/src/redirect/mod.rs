@@ -106,6 +106,48 @@ pub fn is_bpffs(path: &Path) -> bool {
     rc == 0 && st.f_type as i64 == BPF_FS_MAGIC
 }
 
+/// Loads every program of the object (without attaching), with its maps
+/// pinned in a scratch directory under `pin_root` that is removed afterwards.
+/// Returns each program's name and whether the kernel accepted it.
+pub fn probe_programs(pin_root: &Path) -> Vec<(String, Result<(), String>)> {
+    // bpffs refuses names with dots.
+    let dir = pin_root.join(format!("probe-{}", std::process::id()));
+    if let Err(e) = fs::create_dir_all(&dir) {
+        return vec![("object".into(), Err(format!("cannot create {}: {e}", dir.display())))];
+    }
+    let out = match EbpfLoader::new().default_map_pin_directory(&dir).load(OBJECT) {
+        Err(e) => vec![("object".into(), Err(e.to_string()))],
+        Ok(mut bpf) => {
+            let names: Vec<String> = bpf.programs().map(|(n, _)| n.to_owned()).collect();
+            let mut rows: Vec<_> = names
+                .into_iter()
+                .map(|n| {
+                    let res = match bpf.program_mut(&n) {
+                        Some(aya::programs::Program::CgroupSockAddr(p)) => p.load(),
+                        Some(aya::programs::Program::SockOps(p)) => p.load(),
+                        Some(aya::programs::Program::SkMsg(p)) => p.load(),
+                        Some(aya::programs::Program::SkLookup(p)) => p.load(),
+                        Some(aya::programs::Program::CgroupSkb(p)) => p.load(),
+                        Some(aya::programs::Program::SchedClassifier(p)) => p.load(),
+                        _ => Ok(()),
+                    };
+                    // The verifier log is long: keep its last lines, which say why.
+                    let res = res.map_err(|e| {
+                        let full = format!("{e:#}");
+                        let tail: Vec<&str> = full.lines().rev().take(4).collect();
+                        tail.into_iter().rev().collect::<Vec<_>>().join(" | ")
+                    });
+                    (n, res)
+                })
+                .collect();
+            rows.sort_by(|a, b| a.0.cmp(&b.0));
+            rows
+        }
+    };
+    let _ = fs::remove_dir_all(&dir);
+    out
+}
+
 /// Where a pod's hooks go.
 pub struct PodHooks<'a> {
     pub uid: &'a str,
