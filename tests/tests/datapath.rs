@@ -283,6 +283,33 @@ fn ferryctl_reads_pins_and_agent_and_fails_clearly() {
         veth0["tx_packets"].as_u64().unwrap() > 0 && veth0["rx_bytes"].as_u64().unwrap() > 0,
         "{traffic}"
     );
+    let progs = json(&["bpf", "progs"]);
+    let client_uid = s.pod_uid("client");
+    let hooks: Vec<&str> = progs
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|p| p["owner"] == client_uid.as_str())
+        .filter_map(|p| p["hook"].as_str())
+        .collect();
+    assert_eq!(
+        hooks,
+        [
+            "connect4",
+            "connect6",
+            "mark_delivery",
+            "sk_lookup",
+            "sockops",
+            "tc_egress",
+            "tc_ingress"
+        ],
+        "{progs}"
+    );
+    assert!(progs
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|p| p["owner"] == "agent" && p["program"] == "ferry_sockops"));
     let workloads = json(&["workloads"]);
     assert!(workloads
         .as_array()

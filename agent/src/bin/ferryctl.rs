@@ -70,6 +70,8 @@ enum Cmd {
 enum BpfOp {
     /// Every pinned Ferry map: type, sizes, entries in use.
     Maps,
+    /// Attached programs: where (pod or agent, hook), link and program ids, run counts.
+    Progs,
     /// Decoded entries of one map.
     Dump {
         #[arg(value_enum)]
@@ -152,6 +154,19 @@ fn run(args: &Args) -> Result<(), CtlError> {
                 &["name", "kind", "key_size", "value_size", "max_entries", "entries"],
             )
         }
+        Cmd::Bpf { op: BpfOp::Progs } => emit(
+            args,
+            &pinned(args)?.progs()?,
+            &[
+                "owner",
+                "hook",
+                "program",
+                "link_id",
+                "prog_id",
+                "run_count",
+                "run_time_ns",
+            ],
+        ),
         Cmd::Bpf {
             op: BpfOp::Dump { map },
         } => {

@@ -26,8 +26,10 @@ where
     }
 }
 
-/// Copies both ways until both directions end. `up` counts a -> b bytes,
-/// `down` counts b -> a. Returns the first error, if any.
+/// Copies both ways until both directions end, or until either fails: an
+/// error (a reset, say) on one side ends the whole connection at once, since
+/// the other side would otherwise wait forever for an EOF that never comes.
+/// `up` counts a -> b bytes, `down` counts b -> a.
 pub async fn bidi<A, B>(a: A, b: B, up: &AtomicU64, down: &AtomicU64) -> std::io::Result<()>
 where
     A: AsyncRead + AsyncWrite + Unpin,
@@ -35,8 +37,13 @@ where
 {
     let (ar, aw) = tokio::io::split(a);
     let (br, bw) = tokio::io::split(b);
-    let (x, y) = tokio::join!(one_way(ar, bw, up), one_way(br, aw, down));
-    x.and(y)
+    let to_b = one_way(ar, bw, up);
+    let to_a = one_way(br, aw, down);
+    tokio::pin!(to_b, to_a);
+    tokio::select! {
+        r = &mut to_b => { r?; to_a.await }
+        r = &mut to_a => { r?; to_b.await }
+    }
 }
 
 #[cfg(test)]
@@ -65,5 +72,49 @@ mod tests {
         };
         tokio::join!(proxy, ends);
         assert_eq!((up.load(Ordering::Relaxed), down.load(Ordering::Relaxed)), (5, 6));
+    }
+
+    /// A side that fails must not leave the proxy waiting on the other one.
+    #[tokio::test]
+    async fn an_error_on_one_side_ends_the_connection() {
+        struct Broken;
+        impl AsyncRead for Broken {
+            fn poll_read(
+                self: std::pin::Pin<&mut Self>,
+                _: &mut std::task::Context<'_>,
+                _: &mut tokio::io::ReadBuf<'_>,
+            ) -> std::task::Poll<std::io::Result<()>> {
+                std::task::Poll::Ready(Err(std::io::ErrorKind::ConnectionReset.into()))
+            }
+        }
+        impl AsyncWrite for Broken {
+            fn poll_write(
+                self: std::pin::Pin<&mut Self>,
+                _: &mut std::task::Context<'_>,
+                b: &[u8],
+            ) -> std::task::Poll<std::io::Result<usize>> {
+                std::task::Poll::Ready(Ok(b.len()))
+            }
+            fn poll_flush(
+                self: std::pin::Pin<&mut Self>,
+                _: &mut std::task::Context<'_>,
+            ) -> std::task::Poll<std::io::Result<()>> {
+                std::task::Poll::Ready(Ok(()))
+            }
+            fn poll_shutdown(
+                self: std::pin::Pin<&mut Self>,
+                _: &mut std::task::Context<'_>,
+            ) -> std::task::Poll<std::io::Result<()>> {
+                std::task::Poll::Ready(Ok(()))
+            }
+        }
+        // The upstream never sends and never closes: only the error can end this.
+        let (_upstream_peer, upstream) = duplex(1024);
+        let (up, down) = (AtomicU64::new(0), AtomicU64::new(0));
+        let r = tokio::time::timeout(std::time::Duration::from_secs(5), bidi(Broken, upstream, &up, &down)).await;
+        assert_eq!(
+            r.expect("bidi must not hang").unwrap_err().kind(),
+            std::io::ErrorKind::ConnectionReset
+        );
     }
 }

@@ -66,6 +66,19 @@ pub struct TrafficRow {
     pub traffic: Traffic,
 }
 
+#[derive(Debug, Serialize)]
+pub struct ProgRow {
+    /// The pod UID the attachment belongs to, or `agent`.
+    pub owner: String,
+    pub hook: String,
+    pub link_id: u32,
+    pub prog_id: u32,
+    pub program: String,
+    /// Runs and time spent, counted only while `kernel.bpf_stats_enabled=1`.
+    pub run_count: u64,
+    pub run_time_ns: u64,
+}
+
 impl Pinned {
     pub fn open(pin_root: &Path, node: &str) -> Result<Self, PinnedError> {
         let dir = pin_root.join(node);
@@ -121,6 +134,39 @@ impl Pinned {
                 entries,
             });
         }
+        Ok(rows)
+    }
+
+    /// Every pinned attachment (links/<owner>/<hook>) with its program.
+    /// (`ferry_sk_msg` is attached to the `ferry_splice` map, not by a link.)
+    pub fn progs(&self) -> Result<Vec<ProgRow>, PinnedError> {
+        let progs: std::collections::HashMap<u32, aya::programs::ProgramInfo> = aya::programs::loaded_programs()
+            .filter_map(Result::ok)
+            .map(|p| (p.id(), p))
+            .collect();
+        let mut rows = Vec::new();
+        let owners = std::fs::read_dir(self.dir.join("links")).map_err(|_| PinnedError::NotFound(self.dir.clone()))?;
+        for owner in owners.flatten() {
+            for hook in std::fs::read_dir(owner.path()).into_iter().flatten().flatten() {
+                let Ok(link) = aya::programs::links::PinnedLink::from_pin(hook.path()) else {
+                    continue;
+                };
+                let link: aya::programs::links::FdLink = link.into();
+                let Ok(info) = link.info() else { continue };
+                let prog = progs.get(&info.program_id());
+                rows.push(ProgRow {
+                    owner: owner.file_name().to_string_lossy().into_owned(),
+                    hook: hook.file_name().to_string_lossy().into_owned(),
+                    link_id: info.id(),
+                    prog_id: info.program_id(),
+                    program: prog.and_then(|p| p.name_as_str()).unwrap_or("?").to_owned(),
+                    run_count: prog.map_or(0, |p| p.run_count()),
+                    run_time_ns: prog.map_or(0, |p| p.run_time().as_nanos() as u64),
+                });
+                // Dropping `link` closes our fd only: the pin keeps it attached.
+            }
+        }
+        rows.sort_by(|a, b| (&a.owner, &a.hook).cmp(&(&b.owner, &b.hook)));
         Ok(rows)
     }
 
