@@ -109,7 +109,12 @@ pub fn route(agent: &Agent, method: &hyper::Method, path: &str, query: Option<&s
     }
 }
 
-pub async fn serve(agent: Arc<Agent>, listener: TcpListener) {
+/// Serves HTTP/1 on `listener`, answering each request with `handle`.
+async fn serve_with(
+    agent: Arc<Agent>,
+    listener: TcpListener,
+    handle: fn(&Agent, &Request<Incoming>) -> Response<Body>,
+) {
     loop {
         let Ok((stream, _)) = listener.accept().await else {
             continue;
@@ -117,38 +122,37 @@ pub async fn serve(agent: Arc<Agent>, listener: TcpListener) {
         let agent = agent.clone();
         tokio::spawn(async move {
             let svc = service_fn(move |req: Request<Incoming>| {
-                let resp = route(&agent, req.method(), req.uri().path(), req.uri().query());
+                let resp = handle(&agent, &req);
                 async move { Ok::<_, Infallible>(resp) }
             });
             let _ = http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await;
         });
     }
+}
+
+/// The admin endpoint (keep it on localhost).
+pub async fn serve(agent: Arc<Agent>, listener: TcpListener) {
+    serve_with(agent, listener, |a, req| {
+        route(a, req.method(), req.uri().path(), req.uri().query())
+    })
+    .await
+}
+
+/// `/metrics` (Prometheus text format) for scrapers.
+pub async fn serve_metrics(agent: Arc<Agent>, listener: TcpListener) {
+    serve_with(agent, listener, |a, req| {
+        if req.uri().path() == "/metrics" {
+            Response::builder()
+                .header("content-type", "text/plain; version=0.0.4; charset=utf-8")
+                .body(Full::new(Bytes::from(a.proxy.telemetry.metrics.encode())))
+                .expect("static response")
+        } else {
+            text(StatusCode::NOT_FOUND, "try /metrics\n")
+        }
+    })
+    .await
 }
 
 pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     TcpListener::bind(addr).await
-}
-
-/// Serves `/metrics` (Prometheus text format) for scrapers.
-pub async fn serve_metrics(agent: Arc<Agent>, listener: TcpListener) {
-    loop {
-        let Ok((stream, _)) = listener.accept().await else {
-            continue;
-        };
-        let agent = agent.clone();
-        tokio::spawn(async move {
-            let svc = service_fn(move |req: Request<Incoming>| {
-                let resp = if req.uri().path() == "/metrics" {
-                    Response::builder()
-                        .header("content-type", "text/plain; version=0.0.4; charset=utf-8")
-                        .body(Full::new(Bytes::from(agent.proxy.telemetry.metrics.encode())))
-                        .expect("static response")
-                } else {
-                    text(StatusCode::NOT_FOUND, "try /metrics\n")
-                };
-                async move { Ok::<_, Infallible>(resp) }
-            });
-            let _ = http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await;
-        });
-    }
 }
