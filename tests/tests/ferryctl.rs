@@ -4,6 +4,8 @@ use std::process::Command;
 
 fn check(args: &[&str]) -> (Option<i32>, serde_json::Value) {
     ferry_box::require_root();
+    // As the agent's environment would be: bpffs mounted (the box does the same).
+    ferry_box::sys::ensure_bpffs().unwrap();
     let bin = ferry_box::default_bin_dir().join("ferryctl");
     let out = Command::new(bin)
         .arg("check")
