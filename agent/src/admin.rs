@@ -102,6 +102,7 @@ pub fn route(agent: &Agent, method: &hyper::Method, path: &str, query: Option<&s
                 .collect::<Vec<_>>(),
         ),
         "/stats" => json(&*agent.proxy.telemetry.counters),
+        "/certs" => json(&agent.ids.as_ref().map(|i| i.views()).unwrap_or_default()),
         _ => text(
             StatusCode::NOT_FOUND,
             "not found; try /healthz /ready /config_dump /conns /stats, POST /logging?level=\n",

@@ -33,6 +33,9 @@ pub struct Options {
     pub pin_root: PathBuf,
     /// Fallback cgroup root when the config has none (kubelet's kubepods).
     pub cgroup_root: PathBuf,
+    /// The CA to get workload certificates from; with it the tunnel is mTLS
+    /// (HBONE), without it plain (development, benchmarks).
+    pub identity: Option<crate::identity::Options>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -93,6 +96,7 @@ pub struct Agent {
     status: RwLock<BTreeMap<String, PodStatus>>,
     opts: Options,
     next_pod_id: std::sync::atomic::AtomicU32,
+    pub ids: Option<Arc<crate::identity::Identities>>,
     /// Version of the last config fully applied (0: none yet). Published
     /// last, so "applied" means every enrollment of that version is done.
     applied: std::sync::atomic::AtomicU64,
@@ -121,11 +125,15 @@ impl Agent {
         if let Some(ring) = r.take_events() {
             tokio::spawn(redirect::events::run(ring, node.to_owned()));
         }
+        let ids = opts.identity.clone().map(crate::identity::Identities::new);
         let proxy = Arc::new(Proxy {
             state: RwLock::new(Arc::new(State::default())),
             pods: RwLock::new(HashMap::new()),
             orig: r.orig_dst(),
-            tunnel: Tunnel::Plain,
+            tunnel: match &ids {
+                Some(ids) => Tunnel::Hbone(Arc::new(crate::tunnel::hbone::Hbone::new(ids.clone()))),
+                None => Tunnel::Plain,
+            },
             telemetry: Telemetry::new(opts.pin_root.clone(), node.to_owned()),
         });
         Ok(Arc::new(Self {
@@ -136,6 +144,7 @@ impl Agent {
             opts,
             next_pod_id: 1.into(),
             applied: 0.into(),
+            ids,
         }))
     }
 
@@ -187,6 +196,9 @@ impl Agent {
         for uid in gone {
             if let Some(e) = enrolled.remove(&uid) {
                 self.proxy.pods.write().unwrap_or_else(|e| e.into_inner()).remove(&uid);
+                if let Some(ids) = &self.ids {
+                    ids.forget(&uid);
+                }
                 if let Err(err) = redirect.unenroll(&uid) {
                     tracing::error!(pod = %e.ctx.label(), error = %err, "unenroll failed");
                 }
@@ -293,6 +305,15 @@ impl Agent {
         let in_l = listen(SocketAddrV4::new(w.ip, INBOUND_PORT))?;
         let tun_l = listen(SocketAddrV4::new(w.ip, TUNNEL_PORT))?;
         let pod_id = self.next_pod_id.fetch_add(1, Ordering::Relaxed);
+        if let Some(ids) = &self.ids {
+            // Have a certificate before steering starts, so the pod's first
+            // cross-node connection can use it; keep_fresh retries if not.
+            match tokio::time::timeout(std::time::Duration::from_secs(3), ids.fetch(&w.uid)).await {
+                Ok(Ok(c)) => tracing::info!(pod = %w.name, spiffe_id = %c.spiffe_id, "workload certificate installed"),
+                Ok(Err(e)) => tracing::warn!(pod = %w.name, error = %e, "no certificate yet"),
+                Err(_) => tracing::warn!(pod = %w.name, "no certificate yet: the CA did not answer in 3s"),
+            }
+        }
         redirect.enroll(&PodHooks {
             uid: &w.uid,
             pod_id,
@@ -319,6 +340,10 @@ impl Agent {
             tokio::spawn(inbound::serve(p.clone(), ctx.clone(), in_l, inbound::Kind::Plain)).abort_handle(),
             tokio::spawn(inbound::serve(p.clone(), ctx.clone(), tun_l, inbound::Kind::Tunnel)).abort_handle(),
         ];
+        let mut tasks = tasks;
+        if let Some(ids) = &self.ids {
+            tasks.push(ids.keep_fresh(w.uid.clone()));
+        }
         Ok(Enrolled {
             ctx,
             pod_id,

@@ -32,6 +32,8 @@ use ferry_agent::config::{ConfigFile, Endpoint, Service, ServicePort, Settings, 
 
 pub const STATE_DIR: &str = "/run/ferry-box";
 pub const PIN_ROOT: &str = "/sys/fs/bpf/ferry";
+/// ferry-control's gRPC address: node1's pod-network address (reachable from node2 over the underlay).
+pub const CONTROL_ADDR: &str = "10.1.1.1:15012";
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct PodSpec {
@@ -54,12 +56,25 @@ pub struct ServiceSpec {
     pub endpoints: Vec<String>,
 }
 
+fn yes() -> bool {
+    true
+}
+fn day() -> u64 {
+    86400
+}
+
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Spec {
     pub nodes: usize,
     pub pods: Vec<PodSpec>,
     pub services: Vec<ServiceSpec>,
     pub splice: bool,
+    /// Run ferry-control (the CA) and tunnel between nodes with mTLS (HBONE).
+    #[serde(default = "yes")]
+    pub mtls: bool,
+    /// Workload certificate lifetime requested by the agents.
+    #[serde(default = "day")]
+    pub cert_ttl_seconds: u64,
     #[serde(default)]
     pub access_log: ferry_agent::telemetry::accesslog::AccessLog,
 }
@@ -94,6 +109,8 @@ impl Spec {
                 endpoints: vec!["echo-1".into(), "echo-2".into()],
             }],
             splice: false,
+            mtls: true,
+            cert_ttl_seconds: day(),
             access_log: Default::default(),
         }
     }
@@ -109,12 +126,15 @@ pub struct BoxState {
     pub bin_dir: PathBuf,
     pub agent_pids: Vec<u32>,
     pub server_pids: Vec<u32>,
+    #[serde(default)]
+    pub control_pid: u32,
 }
 
 pub struct ClusterBox {
     pub state: BoxState,
     agents: Vec<Option<Child>>,
     servers: Vec<Child>,
+    control: Option<Child>,
     /// Remove everything on drop (tests); `box up` keeps it.
     pub teardown_on_drop: bool,
 }
@@ -159,6 +179,12 @@ impl BoxState {
     }
     pub fn agent_log(&self, node: usize) -> PathBuf {
         self.dir.join(format!("agent-node{}.log", node + 1))
+    }
+    pub fn ca_dir(&self) -> PathBuf {
+        self.dir.join("ca")
+    }
+    pub fn token_path(&self, node: usize) -> PathBuf {
+        self.dir.join(format!("token-node{}", node + 1))
     }
     pub fn pin_dir(&self, node: usize) -> PathBuf {
         Path::new(PIN_ROOT).join(self.node_name(node))
@@ -430,6 +456,7 @@ impl ClusterBox {
             spec,
             bin_dir,
             agent_pids: vec![],
+            control_pid: 0,
             server_pids: vec![],
         };
         fs::create_dir_all(&state.dir)?;
@@ -438,6 +465,7 @@ impl ClusterBox {
             state,
             agents: vec![],
             servers: vec![],
+            control: None,
             teardown_on_drop: true,
         };
         if let Err(e) = b.build() {
@@ -504,6 +532,10 @@ impl ClusterBox {
             fs::create_dir_all(s.agent_cgroup(n))?;
         }
         s.write_configs()?;
+        if s.spec.mtls {
+            self.start_control()?;
+        }
+        let s = &self.state;
         for n in 0..s.spec.nodes {
             self.start_agent(n)?;
         }
@@ -554,6 +586,57 @@ impl ClusterBox {
         .map_err(|_| anyhow::anyhow!("wait thread panicked"))?
     }
 
+    /// Starts the CA (ferry-control) in node1's netns on CONTROL_ADDR, with a
+    /// bootstrap token per node.
+    pub fn start_control(&mut self) -> Result<()> {
+        let s = &self.state;
+        let mut tokens = String::new();
+        for n in 0..s.spec.nodes {
+            let t = format!("{:08x}{:08x}", sys::rand_u32(), sys::rand_u32());
+            tokens.push_str(&format!("{}: {t}\n", s.node_name(n)));
+            fs::write(s.token_path(n), &t)?;
+        }
+        // Not in the box dir itself: ferry-control reads every *.yaml there as cluster state.
+        fs::create_dir_all(s.ca_dir())?;
+        fs::write(s.ca_dir().join("tokens.yaml"), tokens)?;
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(s.dir.join("control.log"))?;
+        let dir = s.dir.display().to_string();
+        let child = s
+            .node_command(
+                0,
+                &s.bin("ferry-control"),
+                &[
+                    "--ca-dir",
+                    &s.ca_dir().display().to_string(),
+                    "--cluster-dir",
+                    &dir,
+                    "--tokens",
+                    &s.ca_dir().join("tokens.yaml").display().to_string(),
+                    "--listen",
+                    CONTROL_ADDR,
+                ],
+            )?
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()?;
+        self.state.control_pid = child.id();
+        self.control = Some(child);
+        self.state.save()?;
+        self.wait_port(0, CONTROL_ADDR.parse()?)
+    }
+
+    /// Stops the CA (agents keep their certificates).
+    pub fn stop_control(&mut self) {
+        if let Some(mut c) = self.control.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
     /// Starts (or restarts) the agent of `node`.
     pub fn start_agent(&mut self, node: usize) -> Result<()> {
         let s = &self.state;
@@ -577,6 +660,18 @@ impl ClusterBox {
             Some(procs),
             ns,
         );
+        if s.spec.mtls {
+            cmd.args([
+                "--control",
+                &format!("https://{CONTROL_ADDR}"),
+                "--control-ca",
+                &s.ca_dir().join("ca.cert.pem").display().to_string(),
+                "--token-file",
+                &s.token_path(node).display().to_string(),
+                "--cert-ttl-seconds",
+                &s.spec.cert_ttl_seconds.to_string(),
+            ]);
+        }
         cmd.env(
             "FERRY_LOG",
             std::env::var("FERRY_LOG").unwrap_or_else(|_| "info,ferry::ebpf=debug".into()),
@@ -664,7 +759,13 @@ impl Drop for ClusterBox {
 pub fn down(id: &str) -> Result<()> {
     let st = BoxState::load(id).ok();
     if let Some(st) = &st {
-        for pid in st.agent_pids.iter().chain(&st.server_pids).filter(|p| **p > 0) {
+        for pid in st
+            .agent_pids
+            .iter()
+            .chain(&st.server_pids)
+            .chain([&st.control_pid])
+            .filter(|p| **p > 0)
+        {
             // SAFETY: kill(2) on pids this box started (they are also in its cgroups).
             unsafe { libc::kill(*pid as i32, libc::SIGKILL) };
         }

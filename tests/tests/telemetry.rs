@@ -55,11 +55,23 @@ fn istio_tcp_metrics_have_exact_counts_and_labels() {
         ("destination_service_name", "echo"),
         ("destination_service_namespace", "default"),
         ("request_protocol", "tcp"),
-        ("connection_security_policy", "none"),
     ];
-    for (dst, reporter) in [("echo-1", "source"), ("echo-2", "source"), ("echo-1", "destination")] {
+    // Same node: never leaves the node, no TLS. Cross node: the HBONE tunnel,
+    // mutual TLS, both principals proven.
+    let local = [("connection_security_policy", "none"), ("source_principal", "unknown")];
+    let mtls = [
+        ("connection_security_policy", "mutual_tls"),
+        ("source_principal", "spiffe://cluster.local/ns/default/sa/client"),
+        ("destination_principal", "spiffe://cluster.local/ns/default/sa/echo-2"),
+    ];
+    for (dst, reporter, security) in [
+        ("echo-1", "source", &local[..]),
+        ("echo-2", "source", &mtls[..]),
+        ("echo-1", "destination", &local[..]),
+    ] {
         let mut want = common.to_vec();
         want.extend([("destination_workload", dst), ("reporter", reporter)]);
+        want.extend_from_slice(security);
         assert_eq!(
             find(&n1, "istio_tcp_connections_opened_total", &want),
             Some(1.0),
@@ -85,6 +97,9 @@ fn istio_tcp_metrics_have_exact_counts_and_labels() {
         ("reporter", "destination"),
         ("source_workload", "client"),
         ("destination_workload", "echo-2"),
+        ("connection_security_policy", "mutual_tls"),
+        ("source_principal", "spiffe://cluster.local/ns/default/sa/client"),
+        ("destination_principal", "spiffe://cluster.local/ns/default/sa/echo-2"),
     ];
     assert_eq!(find(&n2, "istio_tcp_connections_opened_total", &want), Some(1.0));
     assert_eq!(find(&n2, "istio_tcp_received_bytes_total", &want), Some(4.0));

@@ -33,6 +33,18 @@ struct Args {
     /// Log as JSON lines (access logs included).
     #[arg(long)]
     log_json: bool,
+    /// The CA (ferry-control) gRPC endpoint; enables the mTLS tunnel.
+    #[arg(long, requires_all = ["control_ca", "token_file"])]
+    control: Option<String>,
+    /// PEM root that signed ferry-control's serving certificate.
+    #[arg(long)]
+    control_ca: Option<PathBuf>,
+    /// This node's bootstrap credential (a file holding the token).
+    #[arg(long)]
+    token_file: Option<PathBuf>,
+    /// Requested workload certificate lifetime, seconds (renewed at half).
+    #[arg(long, default_value_t = 86400)]
+    cert_ttl_seconds: u64,
     /// On exit, detach everything and remove this node's pins (uninstall).
     /// Without it, steering stays pinned so a restarted agent resumes it.
     #[arg(long)]
@@ -71,9 +83,19 @@ async fn main() -> anyhow::Result<()> {
         (None, Some(c)) => c.node.clone(),
         (None, None) => anyhow::bail!("no config and no --node"),
     };
+    let identity = match (&args.control, &args.control_ca, &args.token_file) {
+        (Some(c), Some(ca), Some(t)) => Some(ferry_agent::identity::Options {
+            control: c.clone(),
+            control_ca: ca.clone(),
+            token_file: t.clone(),
+            ttl: Duration::from_secs(args.cert_ttl_seconds),
+        }),
+        _ => None,
+    };
     let opts = agent::Options {
         pin_root: args.pin_root.clone(),
         cgroup_root: args.cgroup_root.clone(),
+        identity,
     };
     let agent = agent::Agent::new(&node, opts).with_context(|| format!("starting the agent for node {node}"))?;
     let admin_l = admin::bind(args.admin)

@@ -13,6 +13,7 @@ use crate::{
         metrics::{tcp_labels, Peer, Reporter},
         Direction,
     },
+    tunnel::{hbone, Tunnel},
 };
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -26,7 +27,14 @@ pub async fn serve(proxy: Arc<Proxy>, pod: Arc<PodCtx>, listener: TcpListener, k
         match listener.accept().await {
             Ok((s, _)) => {
                 let (proxy, pod) = (proxy.clone(), pod.clone());
-                tokio::spawn(async move { handle(&proxy, &pod, s, kind).await });
+                match (&proxy.tunnel, kind) {
+                    (Tunnel::Hbone(hb), Kind::Tunnel) => {
+                        tokio::spawn(hbone::serve(proxy.clone(), pod, s, hb.clone()));
+                    }
+                    _ => {
+                        tokio::spawn(async move { handle(&proxy, &pod, s, kind).await });
+                    }
+                }
             }
             Err(e) => {
                 tracing::warn!(pod = %pod.label(), error = %e, "inbound accept failed");

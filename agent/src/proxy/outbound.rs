@@ -7,6 +7,7 @@ use tokio::net::{TcpListener, TcpStream};
 
 use super::{copy, PodCtx, Proxy};
 use crate::{
+    identity::spiffe_id,
     redirect::maps::SockKey,
     sockets,
     state::Hop,
@@ -14,6 +15,7 @@ use crate::{
         metrics::{tcp_labels, Peer, Reporter},
         Direction,
     },
+    tunnel::BoxStream,
 };
 
 pub async fn serve(proxy: Arc<Proxy>, pod: Arc<PodCtx>, listener: TcpListener) {
@@ -58,37 +60,44 @@ async fn handle(proxy: &Proxy, pod: &PodCtx, client: TcpStream) {
         }
     };
     g.routed(route.service.clone(), route.endpoint, route.hop);
-    {
-        let state = proxy.state();
-        let src = Peer {
-            workload: Some(&pod.workload),
-            authenticated: false,
-        };
-        let dst = Peer {
-            workload: state.workload_by_ip(*route.endpoint.ip()),
-            authenticated: false,
-        };
-        g.report(&tcp_labels(Reporter::Source, src, dst, route.service.as_deref(), false));
-        if route.hop == Hop::Local {
-            // For a same-node hop this agent is also the destination's proxy.
-            g.report(&tcp_labels(
-                Reporter::Destination,
-                src,
-                dst,
-                route.service.as_deref(),
-                false,
-            ));
-        }
+    let state = proxy.state();
+    let dst = state.workload_by_ip(*route.endpoint.ip());
+    // Only the tunnel leaves the node; it is mutual TLS when a CA is configured.
+    let mtls = route.hop == Hop::Tunnel && proxy.tunnel.is_mtls();
+    let src_peer = Peer {
+        workload: Some(&pod.workload),
+        authenticated: mtls,
+    };
+    let dst_peer = Peer {
+        workload: dst,
+        authenticated: mtls,
+    };
+    let svc = route.service.as_deref();
+    g.report(&tcp_labels(Reporter::Source, src_peer, dst_peer, svc, mtls));
+    if route.hop == Hop::Local {
+        // For a same-node hop this agent is also the destination's proxy.
+        g.report(&tcp_labels(Reporter::Destination, src_peer, dst_peer, svc, mtls));
     }
-    let upstream = match route.hop {
-        Hop::Local => match proxy.local_pod_by_ip(*route.endpoint.ip()) {
-            Some(dst) => proxy.deliver(&dst, pod.ip(), route.endpoint).await,
+    let upstream: std::io::Result<BoxStream> = match (route.hop, dst) {
+        (Hop::Local, _) => match proxy.local_pod_by_ip(*route.endpoint.ip()) {
+            Some(d) => proxy
+                .deliver(&d, pod.ip(), route.endpoint)
+                .await
+                .map(|s| Box::new(s) as BoxStream),
             None => Err(std::io::Error::other(
                 "destination pod is not enrolled on this node yet",
             )),
         },
-        Hop::Tunnel => proxy.tunnel.open(&pod.netns, route.endpoint).await,
-        Hop::Direct => sockets::connect(Some(&pod.netns), sockets::Source::Any, route.endpoint).await,
+        (Hop::Tunnel, Some(d)) => {
+            proxy
+                .tunnel
+                .open(pod, route.endpoint, &spiffe_id(&d.namespace, &d.service_account))
+                .await
+        }
+        (Hop::Tunnel, None) => Err(std::io::Error::other("tunnel destination is not a known workload")),
+        (Hop::Direct, _) => sockets::connect(Some(&pod.netns), sockets::Source::Any, route.endpoint)
+            .await
+            .map(|s| Box::new(s) as BoxStream),
     };
     let upstream = match upstream {
         Ok(u) => u,

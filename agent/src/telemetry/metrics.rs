@@ -47,7 +47,8 @@ pub struct TcpLabels {
 }
 
 pub const CLUSTER: &str = "Kubernetes";
-pub const TRUST_DOMAIN: &str = "cluster.local";
+/// DNS domain of services (`<svc>.<ns>.svc.<domain>`).
+pub const CLUSTER_DOMAIN: &str = "cluster.local";
 const UNKNOWN: &str = "unknown";
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -93,7 +94,7 @@ fn side(p: Peer<'_>) -> Side {
             workload: w.name.clone(),
             namespace: w.namespace.clone(),
             principal: if p.authenticated {
-                format!("spiffe://{TRUST_DOMAIN}/ns/{}/sa/{}", w.namespace, w.service_account)
+                crate::identity::spiffe_id(&w.namespace, &w.service_account)
             } else {
                 UNKNOWN.into()
             },
@@ -124,7 +125,7 @@ pub fn tcp_labels(reporter: Reporter, src: Peer<'_>, dst: Peer<'_>, service: Opt
     let (s, d) = (side(src), side(dst));
     let (svc_ns, svc_name) = service.and_then(|s| s.split_once('/')).unwrap_or((UNKNOWN, UNKNOWN));
     let destination_service = match service {
-        Some(_) => format!("{svc_name}.{svc_ns}.svc.{TRUST_DOMAIN}"),
+        Some(_) => format!("{svc_name}.{svc_ns}.svc.{CLUSTER_DOMAIN}"),
         None => UNKNOWN.into(),
     };
     TcpLabels {

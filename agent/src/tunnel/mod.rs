@@ -1,7 +1,11 @@
-//! The hop between nodes. Today: plain TCP from the source pod's netns to the
-//! destination pod's tunnel port (15008), opened by a fixed 12-byte preface that
-//! names the target (`FERRY\x01` + IPv4 + port). The mTLS HTTP/2 CONNECT
-//! tunnel (HBONE) replaces the preface behind this same interface.
+//! The hop between nodes, from the source pod's netns to the destination pod's
+//! tunnel port (15008):
+//! - [`hbone`] (default when a CA is configured): HTTP/2 CONNECT over mutual
+//!   TLS 1.3, each side proving a SPIFFE identity;
+//! - plain (no CA: development and the "mTLS off" benchmark): plain TCP opened
+//!   by a 12-byte preface naming the target (`FERRY\x01` + IPv4 + port).
+
+pub mod hbone;
 
 use std::{
     io,
@@ -14,7 +18,7 @@ use tokio::{
     net::TcpStream,
 };
 
-use crate::{netns::Netns, sockets};
+use crate::sockets;
 
 pub const TUNNEL_PORT: u16 = 15008;
 const MAGIC: &[u8; 6] = b"FERRY\x01";
@@ -49,28 +53,41 @@ pub fn decode(b: &[u8; PREFACE_LEN]) -> Result<SocketAddrV4, PrefaceError> {
     Ok(SocketAddrV4::new(ip, port))
 }
 
+/// A byte stream the proxy can copy to and from.
+pub trait Stream: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Stream for T {}
+pub type BoxStream = Box<dyn Stream>;
+
 /// How the agent reaches a pod on another node.
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Default)]
 pub enum Tunnel {
     #[default]
     Plain,
+    Hbone(std::sync::Arc<hbone::Hbone>),
 }
 
 impl Tunnel {
-    /// Opens a stream from `src` (the source pod's netns) to `target` on another node.
-    pub async fn open(&self, src: &Netns, target: SocketAddrV4) -> io::Result<TcpStream> {
+    /// Opens a stream from `src` (the source pod) to `target` on another node,
+    /// whose workload must prove `expected` (a SPIFFE id) when mTLS is on.
+    pub async fn open(
+        &self,
+        src: &crate::proxy::PodCtx,
+        target: SocketAddrV4,
+        expected: &str,
+    ) -> io::Result<BoxStream> {
         match self {
             Tunnel::Plain => {
-                let mut s = sockets::connect(
-                    Some(src),
-                    sockets::Source::Any,
-                    SocketAddrV4::new(*target.ip(), TUNNEL_PORT),
-                )
-                .await?;
+                let to = SocketAddrV4::new(*target.ip(), TUNNEL_PORT);
+                let mut s = sockets::connect(Some(&src.netns), sockets::Source::Any, to).await?;
                 s.write_all(&encode(target)).await?;
-                Ok(s)
+                Ok(Box::new(s))
             }
+            Tunnel::Hbone(h) => h.open(src, target, expected).await,
         }
+    }
+
+    pub fn is_mtls(&self) -> bool {
+        matches!(self, Tunnel::Hbone(_))
     }
 
     /// Reads the target of an accepted tunnel stream.

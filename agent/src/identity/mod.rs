@@ -1,0 +1,247 @@
+//! Workload identities on this node: a key pair per local enrolled workload
+//! (made here, never sent anywhere), a certificate for it from the CA
+//! (ferry-control, gRPC over TLS, authenticated by the node's bootstrap
+//! credential), renewed at half its lifetime with jitter. Renewal swaps the
+//! certificate for new connections; live connections keep theirs.
+
+pub mod tls;
+
+use std::{
+    collections::HashMap,
+    path::PathBuf,
+    sync::{Arc, RwLock},
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use ferry_api::identity::{identity_client::IdentityClient, SignRequest};
+use rustls::{ClientConfig, ServerConfig};
+use serde::Serialize;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
+
+pub const TRUST_DOMAIN: &str = "cluster.local";
+
+/// A workload's SPIFFE id.
+pub fn spiffe_id(namespace: &str, service_account: &str) -> String {
+    format!("spiffe://{TRUST_DOMAIN}/ns/{namespace}/sa/{service_account}")
+}
+
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// The CA's gRPC endpoint, e.g. https://10.1.1.1:15012.
+    pub control: String,
+    /// Root that signed the CA's serving certificate (bootstrap trust).
+    pub control_ca: PathBuf,
+    /// This node's bootstrap credential.
+    pub token_file: PathBuf,
+    pub ttl: Duration,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum IdentityError {
+    #[error("reading {0}: {1}")]
+    File(PathBuf, std::io::Error),
+    #[error("connecting to the CA at {0}: {1}")]
+    Connect(String, String),
+    #[error("the CA refused: {0}")]
+    Refused(String),
+    #[error("key or CSR: {0}")]
+    Key(String),
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
+}
+
+/// A workload's current certificate and the TLS configs built from it.
+pub struct WorkloadCert {
+    pub spiffe_id: String,
+    pub serial: String,
+    pub not_after_unix: i64,
+    pub issued_at: SystemTime,
+    pub server: Arc<ServerConfig>,
+    pub client: Arc<ClientConfig>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct CertView {
+    pub uid: String,
+    pub spiffe_id: String,
+    pub serial: String,
+    pub not_after_unix: i64,
+    pub seconds_to_expiry: i64,
+    pub seconds_to_rotation: i64,
+}
+
+pub struct Identities {
+    opts: Options,
+    certs: RwLock<HashMap<String, Arc<WorkloadCert>>>,
+    pub rotations: std::sync::atomic::AtomicU64,
+    pub failures: std::sync::atomic::AtomicU64,
+}
+
+fn now_unix() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
+}
+
+/// When to renew: half the lifetime, minus up to 10% jitter so a node's
+/// workloads do not all renew at once.
+pub fn renew_after(issued_at: SystemTime, not_after_unix: i64, jitter: f64) -> Duration {
+    let issued = issued_at.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64);
+    let life = (not_after_unix - issued).max(2) as f64;
+    Duration::from_secs_f64((life / 2.0) * (1.0 - 0.1 * jitter.clamp(0.0, 1.0)))
+}
+
+impl Identities {
+    pub fn new(opts: Options) -> Arc<Self> {
+        Arc::new(Self {
+            opts,
+            certs: RwLock::new(HashMap::new()),
+            rotations: 0.into(),
+            failures: 0.into(),
+        })
+    }
+
+    pub fn get(&self, uid: &str) -> Option<Arc<WorkloadCert>> {
+        self.certs.read().unwrap_or_else(|e| e.into_inner()).get(uid).cloned()
+    }
+
+    pub fn forget(&self, uid: &str) {
+        self.certs.write().unwrap_or_else(|e| e.into_inner()).remove(uid);
+    }
+
+    pub fn views(&self) -> Vec<CertView> {
+        let now = now_unix();
+        let mut v: Vec<_> = self
+            .certs
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .map(|(uid, c)| CertView {
+                uid: uid.clone(),
+                spiffe_id: c.spiffe_id.clone(),
+                serial: c.serial.clone(),
+                not_after_unix: c.not_after_unix,
+                seconds_to_expiry: c.not_after_unix - now,
+                seconds_to_rotation: renew_after(c.issued_at, c.not_after_unix, 0.0).as_secs() as i64
+                    - c.issued_at.elapsed().map_or(0, |d| d.as_secs() as i64),
+            })
+            .collect();
+        v.sort_by(|a, b| a.uid.cmp(&b.uid));
+        v
+    }
+
+    async fn client(&self) -> Result<IdentityClient<Channel>, IdentityError> {
+        let ca = std::fs::read_to_string(&self.opts.control_ca)
+            .map_err(|e| IdentityError::File(self.opts.control_ca.clone(), e))?;
+        let tls = ClientTlsConfig::new()
+            .ca_certificate(Certificate::from_pem(ca))
+            .domain_name("ferry-control");
+        let ch = Endpoint::from_shared(self.opts.control.clone())
+            .map_err(|e| IdentityError::Connect(self.opts.control.clone(), e.to_string()))?
+            .tls_config(tls)
+            .map_err(|e| IdentityError::Connect(self.opts.control.clone(), e.to_string()))?
+            .connect_timeout(Duration::from_secs(3))
+            .connect()
+            .await
+            .map_err(|e| IdentityError::Connect(self.opts.control.clone(), format!("{e:?}")))?;
+        Ok(IdentityClient::new(ch))
+    }
+
+    /// Makes a key, has the CA sign it, and installs the result for `uid`.
+    pub async fn fetch(&self, uid: &str) -> Result<Arc<WorkloadCert>, IdentityError> {
+        let token = std::fs::read_to_string(&self.opts.token_file)
+            .map_err(|e| IdentityError::File(self.opts.token_file.clone(), e))?;
+        let key = rcgen::KeyPair::generate().map_err(|e| IdentityError::Key(e.to_string()))?;
+        let csr = rcgen::CertificateParams::default()
+            .serialize_request(&key)
+            .and_then(|c| c.pem())
+            .map_err(|e| IdentityError::Key(e.to_string()))?;
+        let mut req = tonic::Request::new(SignRequest {
+            pod_uid: uid.to_owned(),
+            csr_pem: csr,
+            ttl_seconds: self.opts.ttl.as_secs() as u32,
+        });
+        let auth = format!("Bearer {}", token.trim())
+            .parse()
+            .map_err(|_| IdentityError::Key("token is not valid metadata".into()))?;
+        req.metadata_mut().insert("authorization", auth);
+        let resp = self
+            .client()
+            .await?
+            .sign(req)
+            .await
+            .map_err(|s| IdentityError::Refused(s.message().to_owned()))?
+            .into_inner();
+        let chain = tls::certs_from_pem(&resp.cert_chain_pem)?;
+        let roots = tls::roots(&resp.trust_bundle_pem)?;
+        let key_der = tls::key_from_pem(&key.serialize_pem())?;
+        let serial = chain
+            .first()
+            .and_then(tls::serial_and_expiry)
+            .map(|(s, _)| s)
+            .unwrap_or_default();
+        let cert = Arc::new(WorkloadCert {
+            spiffe_id: resp.spiffe_id,
+            serial,
+            not_after_unix: resp.not_after_unix,
+            issued_at: SystemTime::now(),
+            server: tls::server_config(chain.clone(), key_der.clone_key(), roots.clone())?,
+            client: tls::client_config(chain, key_der, roots)?,
+        });
+        self.certs
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(uid.to_owned(), cert.clone());
+        Ok(cert)
+    }
+
+    /// Keeps `uid`'s certificate fresh until `uid` is forgotten. Retries with
+    /// backoff while the CA is unreachable; the current certificate keeps
+    /// serving meanwhile.
+    pub fn keep_fresh(self: &Arc<Self>, uid: String) -> tokio::task::AbortHandle {
+        let me = self.clone();
+        tokio::spawn(async move {
+            let mut backoff = Duration::from_millis(200);
+            loop {
+                let wait = match me.get(&uid) {
+                    Some(c) => renew_after(c.issued_at, c.not_after_unix, rand::random::<f64>())
+                        .saturating_sub(c.issued_at.elapsed().unwrap_or_default()),
+                    None => Duration::ZERO,
+                };
+                tokio::time::sleep(wait).await;
+                let had = me.get(&uid).is_some();
+                match me.fetch(&uid).await {
+                    Ok(c) => {
+                        backoff = Duration::from_millis(200);
+                        if had {
+                            me.rotations.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        }
+                        tracing::info!(pod = %uid, spiffe_id = %c.spiffe_id, serial = %c.serial, not_after = c.not_after_unix, "workload certificate installed");
+                    }
+                    Err(e) => {
+                        me.failures.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        tracing::warn!(pod = %uid, error = %e, retry_in_ms = backoff.as_millis() as u64, "certificate request failed");
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(Duration::from_secs(30));
+                    }
+                }
+            }
+        })
+        .abort_handle()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renewal_is_at_half_life_minus_jitter() {
+        let t0 = UNIX_EPOCH + Duration::from_secs(1000);
+        assert_eq!(renew_after(t0, 1000 + 86400, 0.0), Duration::from_secs(43200));
+        assert_eq!(
+            renew_after(t0, 1000 + 86400, 1.0),
+            Duration::from_secs_f64(43200.0 * 0.9)
+        );
+    }
+}

@@ -1,0 +1,284 @@
+//! HBONE-style tunnel: HTTP/2 `CONNECT <dst ip:port>` over mutual TLS 1.3 on
+//! port 15008, opened from the source pod's netns to the destination pod's IP.
+//! The client presents the source workload's certificate and checks the
+//! server's SPIFFE id against the destination it expects; the server requires
+//! a client chain to the trust bundle and learns the peer's identity.
+//!
+//! Pool invariants: one HTTP/2 connection per (source workload, its current
+//! certificate serial, destination IP), shared by that pair's streams. A
+//! renewed certificate has a new serial, so new streams go over a new
+//! connection with it while old streams finish on the old one. A closed
+//! connection is dropped from the pool on next use.
+
+use std::{
+    collections::HashMap,
+    io,
+    net::{Ipv4Addr, SocketAddrV4},
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc,
+    },
+    time::Duration,
+};
+
+use bytes::Bytes;
+use http_body_util::Empty;
+use hyper::{client::conn::http2::SendRequest, Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use rustls::pki_types::ServerName;
+use serde::Serialize;
+use tokio::net::TcpStream;
+
+use super::{BoxStream, TUNNEL_PORT};
+use crate::{
+    identity::{tls::spiffe_id, Identities},
+    proxy::{copy, PodCtx, Proxy},
+    sockets,
+    telemetry::{
+        metrics::{tcp_labels, Peer, Reporter},
+        Direction,
+    },
+};
+
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Larger than h2's 64 KiB default: one window per stream would otherwise cap
+/// a stream at ~64 KiB per round trip.
+const STREAM_WINDOW: u32 = 4 * 1024 * 1024;
+const CONN_WINDOW: u32 = 16 * 1024 * 1024;
+
+type PoolKey = (String, String, Ipv4Addr);
+
+#[derive(Default, Debug, Serialize)]
+pub struct TunnelStats {
+    pub pooled_connections_opened: AtomicU64,
+    pub streams_opened: AtomicU64,
+    pub handshakes_ok: AtomicU64,
+    pub handshakes_failed: AtomicU64,
+    pub refused_inbound: AtomicU64,
+}
+
+pub struct Hbone {
+    pub ids: Arc<Identities>,
+    pool: tokio::sync::Mutex<HashMap<PoolKey, SendRequest<Empty<Bytes>>>>,
+    pub stats: TunnelStats,
+}
+
+fn err(kind: io::ErrorKind, msg: impl Into<String>) -> io::Error {
+    io::Error::new(kind, msg.into())
+}
+
+impl Hbone {
+    pub fn new(ids: Arc<Identities>) -> Self {
+        Self {
+            ids,
+            pool: Default::default(),
+            stats: Default::default(),
+        }
+    }
+
+    /// A CONNECT stream from `src` to `target`, over a pooled connection.
+    pub async fn open(&self, src: &PodCtx, target: SocketAddrV4, expected: &str) -> io::Result<BoxStream> {
+        let uid = &src.workload.uid;
+        let cert = self
+            .ids
+            .get(uid)
+            .ok_or_else(|| err(io::ErrorKind::NotConnected, "no workload certificate yet"))?;
+        let key = (uid.clone(), cert.serial.clone(), *target.ip());
+        let mut sender = {
+            let mut pool = self.pool.lock().await;
+            match pool.get(&key).filter(|s| !s.is_closed()).cloned() {
+                Some(s) => s,
+                None => {
+                    let s = self.dial(src, &cert.client, *target.ip(), expected).await?;
+                    pool.retain(|_, s| !s.is_closed());
+                    pool.insert(key, s.clone());
+                    s
+                }
+            }
+        };
+        let req = Request::builder()
+            .method(Method::CONNECT)
+            .uri(target.to_string())
+            .body(Empty::<Bytes>::new())
+            .map_err(|e| err(io::ErrorKind::InvalidInput, e.to_string()))?;
+        sender
+            .ready()
+            .await
+            .map_err(|e| err(io::ErrorKind::BrokenPipe, e.to_string()))?;
+        let resp = sender
+            .send_request(req)
+            .await
+            .map_err(|e| err(io::ErrorKind::BrokenPipe, e.to_string()))?;
+        if resp.status() != StatusCode::OK {
+            return Err(err(
+                io::ErrorKind::ConnectionRefused,
+                format!("tunnel CONNECT {target}: {}", resp.status()),
+            ));
+        }
+        let up = hyper::upgrade::on(resp)
+            .await
+            .map_err(|e| err(io::ErrorKind::BrokenPipe, e.to_string()))?;
+        self.stats.streams_opened.fetch_add(1, Ordering::Relaxed);
+        Ok(Box::new(TokioIo::new(up)))
+    }
+
+    async fn dial(
+        &self,
+        src: &PodCtx,
+        client: &Arc<rustls::ClientConfig>,
+        ip: Ipv4Addr,
+        expected: &str,
+    ) -> io::Result<SendRequest<Empty<Bytes>>> {
+        let tcp = sockets::connect(
+            Some(&src.netns),
+            sockets::Source::Any,
+            SocketAddrV4::new(ip, TUNNEL_PORT),
+        )
+        .await?;
+        let connector = tokio_rustls::TlsConnector::from(client.clone());
+        let tls = match tokio::time::timeout(
+            HANDSHAKE_TIMEOUT,
+            connector.connect(ServerName::IpAddress(ip.into()), tcp),
+        )
+        .await
+        {
+            Ok(Ok(t)) => t,
+            Ok(Err(e)) => {
+                self.stats.handshakes_failed.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(src = %src.label(), dst = %ip, reason = %e, "tunnel handshake failed");
+                return Err(e);
+            }
+            Err(_) => {
+                self.stats.handshakes_failed.fetch_add(1, Ordering::Relaxed);
+                return Err(err(io::ErrorKind::TimedOut, "tunnel handshake timed out"));
+            }
+        };
+        let peer = tls
+            .get_ref()
+            .1
+            .peer_certificates()
+            .and_then(|c| c.first())
+            .and_then(spiffe_id);
+        if peer.as_deref() != Some(expected) {
+            self.stats.handshakes_failed.fetch_add(1, Ordering::Relaxed);
+            let reason = format!("destination {ip} proved {:?}, expected {expected}", peer);
+            tracing::warn!(src = %src.label(), reason = %reason, "tunnel refused: wrong identity");
+            return Err(err(io::ErrorKind::PermissionDenied, reason));
+        }
+        self.stats.handshakes_ok.fetch_add(1, Ordering::Relaxed);
+        let (sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+            .initial_stream_window_size(STREAM_WINDOW)
+            .initial_connection_window_size(CONN_WINDOW)
+            .handshake(TokioIo::new(tls))
+            .await
+            .map_err(|e| err(io::ErrorKind::BrokenPipe, e.to_string()))?;
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        self.stats.pooled_connections_opened.fetch_add(1, Ordering::Relaxed);
+        Ok(sender)
+    }
+}
+
+/// Serves one accepted connection on a pod's tunnel listener.
+pub async fn serve(proxy: Arc<Proxy>, pod: Arc<PodCtx>, tcp: TcpStream, hb: Arc<Hbone>) {
+    let Ok((_, peer)) = sockets::v4_addrs(&tcp) else { return };
+    let refuse = |reason: String| {
+        hb.stats.refused_inbound.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(pod = %pod.label(), client = %peer, reason = %reason, "refused tunnel connection");
+    };
+    let Some(cert) = hb.ids.get(&pod.workload.uid) else {
+        return refuse("this pod has no certificate yet".into());
+    };
+    let acceptor = tokio_rustls::TlsAcceptor::from(cert.server.clone());
+    let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+        Ok(Ok(t)) => t,
+        Ok(Err(e)) => return refuse(format!("TLS handshake: {e}")),
+        Err(_) => return refuse("TLS handshake timed out".into()),
+    };
+    let Some(peer_id) = tls
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|c| c.first())
+        .and_then(spiffe_id)
+    else {
+        return refuse("client certificate has no SPIFFE id".into());
+    };
+    let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+        let (proxy, pod, peer_id) = (proxy.clone(), pod.clone(), peer_id.clone());
+        async move { Ok::<_, std::convert::Infallible>(connect(proxy, pod, peer, peer_id, req).await) }
+    });
+    let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+        .initial_stream_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONN_WINDOW)
+        .serve_connection(TokioIo::new(tls), svc)
+        .await;
+}
+
+fn status(code: StatusCode) -> Response<Empty<Bytes>> {
+    let mut r = Response::new(Empty::new());
+    *r.status_mut() = code;
+    r
+}
+
+/// One CONNECT stream: deliver to the app in `pod` from the client's address.
+async fn connect(
+    proxy: Arc<Proxy>,
+    pod: Arc<PodCtx>,
+    peer: SocketAddrV4,
+    peer_id: String,
+    req: Request<hyper::body::Incoming>,
+) -> Response<Empty<Bytes>> {
+    if req.method() != Method::CONNECT {
+        return status(StatusCode::METHOD_NOT_ALLOWED);
+    }
+    let Some(target) = req
+        .uri()
+        .authority()
+        .and_then(|a| a.as_str().parse::<SocketAddrV4>().ok())
+    else {
+        return status(StatusCode::BAD_REQUEST);
+    };
+    if *target.ip() != pod.ip() {
+        tracing::warn!(pod = %pod.label(), %target, "tunnel CONNECT for another pod");
+        return status(StatusCode::MISDIRECTED_REQUEST);
+    }
+    let app = match proxy.deliver(&pod, *peer.ip(), target).await {
+        Ok(a) => a,
+        Err(e) => {
+            tracing::warn!(pod = %pod.label(), %target, error = %e, "tunnel delivery failed");
+            return status(StatusCode::SERVICE_UNAVAILABLE);
+        }
+    };
+    tokio::spawn(async move {
+        let state = proxy.state();
+        let src = state.workload_by_ip(*peer.ip());
+        let source = src
+            .map(|w| format!("{}/{}", w.namespace, w.name))
+            .unwrap_or_else(|| peer_id.clone());
+        let mut g = proxy
+            .telemetry
+            .open(Direction::Tunnel, &pod.workload.namespace, source, peer, target);
+        let (s, d) = (
+            Peer {
+                workload: src,
+                authenticated: true,
+            },
+            Peer {
+                workload: Some(&pod.workload),
+                authenticated: true,
+            },
+        );
+        g.report(&tcp_labels(Reporter::Destination, s, d, None, true));
+        match hyper::upgrade::on(req).await {
+            Ok(up) => {
+                if let Err(e) = copy::bidi(TokioIo::new(up), app, &g.conn.sent, &g.conn.received).await {
+                    g.outcome = Some(e.to_string());
+                }
+            }
+            Err(e) => g.outcome = Some(format!("upgrade: {e}")),
+        }
+    });
+    status(StatusCode::OK)
+}

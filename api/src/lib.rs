@@ -1,0 +1,5 @@
+//! Ferry's protobufs, shared by ferry-control and ferry-agent.
+
+pub mod identity {
+    tonic::include_proto!("ferry.identity.v1");
+}
