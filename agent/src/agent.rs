@@ -126,15 +126,15 @@ impl Agent {
             tokio::spawn(redirect::events::run(ring, node.to_owned()));
         }
         let ids = opts.identity.clone().map(crate::identity::Identities::new);
+        let hbone = ids
+            .as_ref()
+            .map(|ids| Arc::new(crate::tunnel::hbone::Hbone::new(ids.clone())));
         let proxy = Arc::new(Proxy {
             state: RwLock::new(Arc::new(State::default())),
             pods: RwLock::new(HashMap::new()),
             orig: r.orig_dst(),
-            tunnel: match &ids {
-                Some(ids) => Tunnel::Hbone(Arc::new(crate::tunnel::hbone::Hbone::new(ids.clone()))),
-                None => Tunnel::Plain,
-            },
-            telemetry: Telemetry::new(opts.pin_root.clone(), node.to_owned()),
+            tunnel: hbone.clone().map_or(Tunnel::Plain, Tunnel::Hbone),
+            telemetry: Telemetry::new(opts.pin_root.clone(), node.to_owned(), hbone),
         });
         Ok(Arc::new(Self {
             proxy,

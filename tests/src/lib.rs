@@ -836,6 +836,20 @@ impl BoxState {
             .collect()
     }
 
+    /// Runs `f` on a fresh thread inside a node's netns (sockets it makes live there).
+    pub fn in_node<T: Send + 'static>(&self, node: usize, f: impl FnOnce() -> T + Send + 'static) -> Result<T> {
+        let ns = fs::File::open(format!("/run/netns/{}", self.node_netns(node)))?;
+        std::thread::spawn(move || {
+            // SAFETY: setns on this dedicated thread only; the fd is open.
+            if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                return Err(anyhow::anyhow!("setns: {}", std::io::Error::last_os_error()));
+            }
+            Ok(f())
+        })
+        .join()
+        .map_err(|_| anyhow::anyhow!("thread panicked"))?
+    }
+
     /// Scrapes a node agent's Prometheus endpoint and parses it.
     pub fn scrape(&self, node: usize) -> Result<prometheus_parse::Scrape> {
         let (code, body) = self.http(node, "GET", "127.0.0.1:15020", "/metrics")?;

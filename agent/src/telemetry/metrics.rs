@@ -250,8 +250,79 @@ impl Collector for ProxyCollector {
     }
 }
 
+/// Tunnel and certificate metrics (present only with mTLS on).
+#[derive(Debug)]
+pub struct MeshCollector {
+    pub hbone: Arc<crate::tunnel::hbone::Hbone>,
+}
+
+impl Collector for MeshCollector {
+    fn encode(&self, mut enc: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let load = |a: &AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
+        let (t, ids) = (&self.hbone.stats, &self.hbone.ids);
+        for (name, v, help) in [
+            (
+                "ferry_tunnel_pool_connections",
+                load(&t.pooled_connections_opened),
+                "pooled HTTP/2 connections opened",
+            ),
+            (
+                "ferry_tunnel_streams",
+                load(&t.streams_opened),
+                "CONNECT streams opened",
+            ),
+            (
+                "ferry_tunnel_handshakes",
+                load(&t.handshakes_ok),
+                "outgoing tunnel handshakes that proved the expected identity",
+            ),
+            (
+                "ferry_tunnel_handshake_failures",
+                load(&t.handshakes_failed),
+                "outgoing tunnel handshakes that failed (TLS or identity)",
+            ),
+            (
+                "ferry_tunnel_refused",
+                load(&t.refused_inbound),
+                "incoming tunnel connections refused (reason in the log)",
+            ),
+            (
+                "ferry_cert_rotations",
+                load(&ids.rotations),
+                "workload certificates renewed",
+            ),
+            (
+                "ferry_cert_request_failures",
+                load(&ids.failures),
+                "certificate requests that failed",
+            ),
+        ] {
+            let k = ConstCounter::new(v);
+            let m = enc.encode_descriptor(name, help, None, k.metric_type())?;
+            k.encode(m)?;
+        }
+        let soonest = ids.views().iter().map(|c| c.seconds_to_expiry).min();
+        if let Some(s) = soonest {
+            let g = prometheus_client::metrics::gauge::ConstGauge::new(s);
+            let m = enc.encode_descriptor(
+                "ferry_cert_expiry_seconds",
+                "seconds until the soonest workload certificate expires",
+                None,
+                g.metric_type(),
+            )?;
+            g.encode(m)?;
+        }
+        Ok(())
+    }
+}
+
 impl Metrics {
-    pub fn new(pin_root: PathBuf, node: String, counters: Arc<super::Counters>) -> Self {
+    pub fn new(
+        pin_root: PathBuf,
+        node: String,
+        counters: Arc<super::Counters>,
+        hbone: Option<Arc<crate::tunnel::hbone::Hbone>>,
+    ) -> Self {
         let mut registry = Registry::default();
         let (opened, closed, sent, received) = (
             Family::default(),
@@ -306,6 +377,9 @@ impl Metrics {
         );
         registry.register_collector(Box::new(EbpfCollector { pin_root, node }));
         registry.register_collector(Box::new(ProxyCollector(counters)));
+        if let Some(hbone) = hbone {
+            registry.register_collector(Box::new(MeshCollector { hbone }));
+        }
         Self { registry, ..m }
     }
 

@@ -124,12 +124,12 @@ pub struct ConnGuard<'a> {
 }
 
 impl Telemetry {
-    pub fn new(pin_root: std::path::PathBuf, node: String) -> Self {
+    pub fn new(pin_root: std::path::PathBuf, node: String, hbone: Option<Arc<crate::tunnel::hbone::Hbone>>) -> Self {
         let counters = Arc::new(Counters::default());
         Self {
             next: AtomicU64::new(0),
             live: Mutex::new(HashMap::new()),
-            metrics: Metrics::new(pin_root, node, counters.clone()),
+            metrics: Metrics::new(pin_root, node, counters.clone(), hbone),
             counters,
             access_log: Default::default(),
         }

@@ -67,6 +67,14 @@ fn err(kind: io::ErrorKind, msg: impl Into<String>) -> io::Error {
     io::Error::new(kind, msg.into())
 }
 
+impl std::fmt::Debug for Hbone {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Hbone")
+            .field("stats", &self.stats)
+            .finish_non_exhaustive()
+    }
+}
+
 impl Hbone {
     pub fn new(ids: Arc<Identities>) -> Self {
         Self {

@@ -63,6 +63,15 @@ enum Op {
         #[arg(long)]
         to: SocketAddr,
     },
+    /// Echo MARKER repeated COUNT times (for capture tests).
+    Marker {
+        #[arg(long)]
+        to: SocketAddr,
+        #[arg(long)]
+        marker: String,
+        #[arg(long)]
+        count: usize,
+    },
     /// Try to connect; prints whether it worked (never fails).
     Probe {
         #[arg(long)]
@@ -215,6 +224,19 @@ fn client(op: Op) -> Result<()> {
             if ok != conns {
                 bail!("{} of {conns} connections failed", conns - ok);
             }
+        }
+        Op::Marker { to, marker, count } => {
+            let mut s = connect(to)?;
+            s.write_all(b"ECHO\n")?;
+            let data = marker.repeat(count);
+            s.write_all(data.as_bytes())?;
+            s.shutdown(Shutdown::Write)?;
+            let mut back = Vec::new();
+            s.read_to_end(&mut back)?;
+            println!(
+                "{}",
+                serde_json::json!({"bytes": back.len(), "ok": back == data.as_bytes()})
+            );
         }
         Op::EarlyClose { to } => {
             let mut s = connect(to)?;
