@@ -19,6 +19,9 @@ pub struct ConfigFile {
     pub workloads: Vec<Workload>,
     #[serde(default)]
     pub services: Vec<Service>,
+    /// Istio `PeerAuthentication` objects, as is (STRICT/PERMISSIVE per namespace or workload).
+    #[serde(default)]
+    pub peer_authentications: Vec<crate::policy::PeerAuthentication>,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
@@ -36,6 +39,10 @@ pub struct Settings {
     /// Access logs: `mode: off|sampled|full`, `sampleRate`, per-namespace `namespaces`.
     #[serde(default)]
     pub access_log: crate::telemetry::accesslog::AccessLog,
+    /// This node's own addresses: kubelet health probes come from them and
+    /// are let in as plaintext even under STRICT mTLS.
+    #[serde(default)]
+    pub node_addresses: Vec<Ipv4Addr>,
 }
 
 fn yes() -> bool {
@@ -49,6 +56,7 @@ impl Default for Settings {
             events: true,
             cgroup_root: None,
             access_log: Default::default(),
+            node_addresses: Vec::new(),
         }
     }
 }

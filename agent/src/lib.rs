@@ -14,6 +14,7 @@ pub mod config;
 pub mod identity;
 pub mod netns;
 pub mod podnet;
+pub mod policy;
 pub mod preflight;
 pub mod proxy;
 pub mod redirect;

@@ -21,6 +21,7 @@ pub struct State {
     pub version: u64,
     pub workloads: BTreeMap<String, Workload>,
     pub services: Vec<Service>,
+    pub peer_authentications: Vec<crate::policy::PeerAuthentication>,
     by_ip: HashMap<Ipv4Addr, String>,
     /// (vip, port) -> (service index, port index)
     by_vip: HashMap<(Ipv4Addr, u16), (usize, usize)>,
@@ -73,6 +74,7 @@ impl State {
             rr: cfg.services.iter().map(|_| AtomicUsize::new(0)).collect(),
             workloads: cfg.workloads.into_iter().map(|w| (w.uid.clone(), w)).collect(),
             services: cfg.services,
+            peer_authentications: cfg.peer_authentications,
             by_ip,
             by_vip,
         }

@@ -77,6 +77,8 @@ pub struct Spec {
     pub cert_ttl_seconds: u64,
     #[serde(default)]
     pub access_log: ferry_agent::telemetry::accesslog::AccessLog,
+    #[serde(default)]
+    pub peer_authentications: Vec<ferry_agent::policy::PeerAuthentication>,
 }
 
 impl Spec {
@@ -112,6 +114,7 @@ impl Spec {
             mtls: true,
             cert_ttl_seconds: day(),
             access_log: Default::default(),
+            peer_authentications: Vec::new(),
         }
     }
 }
@@ -243,9 +246,11 @@ impl BoxState {
                 events: true,
                 cgroup_root: Some(self.kubepods(node)),
                 access_log: self.spec.access_log.clone(),
+                node_addresses: vec![Ipv4Addr::new(10, 1, node as u8 + 1, 1)],
             },
             workloads,
             services,
+            peer_authentications: self.spec.peer_authentications.clone(),
         }
     }
 

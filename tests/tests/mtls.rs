@@ -382,3 +382,49 @@ fn certificates_rotate_under_live_traffic() {
     let rot = m.samples.iter().any(|x| x.metric == "ferry_cert_rotations_total");
     assert!(rot);
 }
+
+#[test]
+fn strict_refuses_plaintext_permissive_lets_it_in_and_probes_always_pass() {
+    let mut b = up(|_| {});
+    let echo1 = format!("{}:8080", b.state.pod_ip("echo-1").unwrap());
+    // PERMISSIVE (no policy): the un-enrolled outsider gets in, as plaintext.
+    assert_eq!(b.state.who("outsider", &echo1).unwrap().0, "echo-1");
+    // The seed's PeerAuthentication, as is: STRICT for namespace default.
+    let seed = include_str!("../fixtures/reviews-routing-circuit-breaking-mtls.yaml");
+    let strict = ferry_agent::policy::peer_authentications_in(seed).unwrap();
+    b.update(|s| s.peer_authentications = strict.clone()).unwrap();
+    assert!(b.state.who("outsider", &echo1).is_err(), "STRICT must refuse plaintext");
+    assert!(eventually(Duration::from_secs(5), || log(&b.state, 0)
+        .contains("refused plaintext connection")));
+    // Mesh traffic still flows (cross node: mTLS; same node: handed over inside the agent).
+    assert!(b.state.who("client", VIP).is_ok());
+    assert!(b.state.who("client", &echo1).is_ok());
+    // A kubelet-style probe from the node's own address still works.
+    let to = echo1.clone();
+    let reply = b
+        .state
+        .in_node(0, move || -> std::io::Result<String> {
+            let mut c = TcpStream::connect_timeout(&to.parse().unwrap(), Duration::from_secs(3))?;
+            c.set_read_timeout(Some(Duration::from_secs(3)))?;
+            c.write_all(b"WHO\n")?;
+            let mut out = String::new();
+            c.read_to_string(&mut out)?;
+            Ok(out)
+        })
+        .unwrap()
+        .unwrap();
+    assert!(
+        reply.starts_with("echo-1 10.1.1.1:"),
+        "a probe from the node must reach the app: {reply:?}"
+    );
+    // Switching back to PERMISSIVE at runtime lets new plaintext connections in.
+    b.update(|s| {
+        for p in &mut s.peer_authentications {
+            p.spec.mtls = Some(ferry_agent::policy::Mtls {
+                mode: ferry_agent::policy::Mode::Permissive,
+            });
+        }
+    })
+    .unwrap();
+    assert_eq!(b.state.who("outsider", &echo1).unwrap().0, "echo-1");
+}

@@ -76,6 +76,21 @@ async fn handle(proxy: &Proxy, pod: &PodCtx, mut client: TcpStream, kind: Kind) 
         authenticated: false,
     };
     g.report(&tcp_labels(Reporter::Destination, src, dst, None, false));
+    if direction == Direction::Inbound {
+        // Plaintext from outside the mesh: allowed unless the workload is
+        // STRICT (kubelet probes from the node's own addresses always pass).
+        let mode = crate::policy::mode_for(&pod.workload, &state.peer_authentications);
+        if mode == crate::policy::Mode::Strict && !state.settings.node_addresses.contains(peer.ip()) {
+            proxy
+                .telemetry
+                .counters
+                .refused_plaintext
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            g.outcome = Some("refused: plaintext to a STRICT mTLS workload".into());
+            tracing::warn!(pod = %pod.label(), client = %peer, reason = "PeerAuthentication STRICT: plaintext not accepted", "refused plaintext connection");
+            return;
+        }
+    }
     if *target.ip() != pod.ip() {
         g.outcome = Some(format!("target {target} is not this pod ({})", pod.ip()));
         return;

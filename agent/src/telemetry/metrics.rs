@@ -238,6 +238,13 @@ impl Collector for ProxyCollector {
                     "accepted connections with no recorded original destination",
                 ),
             ),
+            (
+                "ferry_inbound_refused_plaintext",
+                (
+                    load(&c.refused_plaintext),
+                    "plaintext inbound refused under STRICT mTLS",
+                ),
+            ),
         ]
         .into_iter()
         .collect();

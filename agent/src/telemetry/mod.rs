@@ -98,6 +98,8 @@ pub struct Counters {
     pub closed: AtomicU64,
     pub failed: AtomicU64,
     pub no_orig_dst: AtomicU64,
+    /// Plaintext inbound refused because the workload is STRICT.
+    pub refused_plaintext: AtomicU64,
     pub bytes_sent: AtomicU64,
     pub bytes_received: AtomicU64,
     pub hop_local: AtomicU64,
