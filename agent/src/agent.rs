@@ -250,6 +250,7 @@ impl Agent {
         }
         let t = &self.proxy.telemetry;
         *t.access_log.write().unwrap_or_else(|e| e.into_inner()) = state.settings.access_log.clone();
+        t.metrics_on.store(state.settings.metrics, Ordering::Relaxed);
         t.metrics.enrolled_pods.set(enrolled.len() as i64);
         t.metrics
             .enroll_errors

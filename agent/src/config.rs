@@ -39,6 +39,10 @@ pub struct Settings {
     /// Access logs: `mode: off|sampled|full`, `sampleRate`, per-namespace `namespaces`.
     #[serde(default)]
     pub access_log: crate::telemetry::accesslog::AccessLog,
+    /// Istio-standard per-connection metrics (label lookups per connection);
+    /// off only to measure their cost.
+    #[serde(default = "yes")]
+    pub metrics: bool,
     /// This node's own addresses: kubelet health probes come from them and
     /// are let in as plaintext even under STRICT mTLS.
     #[serde(default)]
@@ -57,6 +61,7 @@ impl Default for Settings {
             cgroup_root: None,
             access_log: Default::default(),
             node_addresses: Vec::new(),
+            metrics: true,
         }
     }
 }

@@ -11,6 +11,7 @@
 //! inside the box's namespaces (no route leaves the machine). A state file in
 //! /run/ferry-box/ lets `down` remove everything, also after a crash.
 
+pub mod bench;
 pub mod demo;
 pub mod proto;
 pub mod sys;
@@ -79,6 +80,9 @@ pub struct Spec {
     pub access_log: ferry_agent::telemetry::accesslog::AccessLog,
     #[serde(default)]
     pub peer_authentications: Vec<ferry_agent::policy::PeerAuthentication>,
+    /// Istio per-connection metrics (off only to measure their cost).
+    #[serde(default = "yes")]
+    pub metrics: bool,
 }
 
 impl Spec {
@@ -115,6 +119,7 @@ impl Spec {
             cert_ttl_seconds: day(),
             access_log: Default::default(),
             peer_authentications: Vec::new(),
+            metrics: true,
         }
     }
 }
@@ -247,6 +252,7 @@ impl BoxState {
                 cgroup_root: Some(self.kubepods(node)),
                 access_log: self.spec.access_log.clone(),
                 node_addresses: vec![Ipv4Addr::new(10, 1, node as u8 + 1, 1)],
+                metrics: self.spec.metrics,
             },
             workloads,
             services,

@@ -32,6 +32,15 @@ enum Cmd {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Benchmarks on the box with release builds: report in docs/benchmarks.{md,json}.
+    Bench {
+        /// About a minute; what `cargo xtask test` runs (checks it works, not its numbers).
+        #[arg(long)]
+        quick: bool,
+        /// Report path without extension.
+        #[arg(long, default_value = "docs/benchmarks")]
+        out: String,
+    },
     /// The cluster-in-a-box: `box up`, `box down [ID]`, `box list`, `box exec POD -- CMD`.
     Box {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
@@ -54,9 +63,22 @@ fn main() -> Result<()> {
             all.extend(args);
             ferry_box(&all)
         }
+        Cmd::Bench { quick, out } => {
+            deps::ensure()?;
+            let bins = build_bins(true)?;
+            let mut args = vec!["bench".to_owned(), "--out".into(), out];
+            if quick {
+                args.push("--quick".into());
+            }
+            let st = Command::new(bins.join("ferry-box"))
+                .args(&args)
+                .env("FERRY_BIN_DIR", &bins)
+                .status()?;
+            std::process::exit(st.code().unwrap_or(1));
+        }
         Cmd::Test { args } => {
             deps::ensure()?;
-            let bins = build_bins()?;
+            let bins = build_bins(false)?;
             let st = Command::new("cargo")
                 .args(["test", "--workspace"])
                 .args(&args)
@@ -73,7 +95,7 @@ fn main() -> Result<()> {
 /// Runs the box CLI after making sure prerequisites and binaries are there.
 fn ferry_box(args: &[String]) -> Result<()> {
     deps::ensure()?;
-    let bins = build_bins()?;
+    let bins = build_bins(false)?;
     let st = Command::new(bins.join("ferry-box"))
         .args(args)
         .env("FERRY_BIN_DIR", &bins)
@@ -82,11 +104,13 @@ fn ferry_box(args: &[String]) -> Result<()> {
 }
 
 /// Builds every binary and returns the directory holding them.
-fn build_bins() -> Result<PathBuf> {
-    let st = Command::new("cargo")
-        .args(["build", "--quiet", "--workspace", "--bins"])
-        .status()
-        .context("running cargo build")?;
+fn build_bins(release: bool) -> Result<PathBuf> {
+    let mut cmd = Command::new("cargo");
+    cmd.args(["build", "--quiet", "--workspace", "--bins"]);
+    if release {
+        cmd.arg("--release");
+    }
+    let st = cmd.status().context("running cargo build")?;
     if !st.success() {
         bail!("cargo build failed");
     }
@@ -97,5 +121,5 @@ fn build_bins() -> Result<PathBuf> {
     let target = meta["target_directory"]
         .as_str()
         .context("cargo metadata: no target_directory")?;
-    Ok(PathBuf::from(target).join("debug"))
+    Ok(PathBuf::from(target).join(if release { "release" } else { "debug" }))
 }

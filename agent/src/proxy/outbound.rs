@@ -22,6 +22,9 @@ pub async fn serve(proxy: Arc<Proxy>, pod: Arc<PodCtx>, listener: TcpListener) {
     loop {
         match listener.accept().await {
             Ok((s, _)) => {
+                // Small writes (handshakes, HTTP/2 frames, request/response
+                // protocols) must not wait for Nagle + delayed ACK (~40 ms).
+                let _ = s.set_nodelay(true);
                 let (proxy, pod) = (proxy.clone(), pod.clone());
                 tokio::spawn(async move { handle(&proxy, &pod, s).await });
             }

@@ -113,6 +113,8 @@ pub struct Telemetry {
     pub counters: Arc<Counters>,
     pub metrics: Metrics,
     pub access_log: std::sync::RwLock<accesslog::AccessLog>,
+    /// `settings.metrics`.
+    pub metrics_on: std::sync::atomic::AtomicBool,
 }
 
 /// Removes the connection from the live table and writes its access log line
@@ -134,6 +136,7 @@ impl Telemetry {
             metrics: Metrics::new(pin_root, node, counters.clone(), hbone),
             counters,
             access_log: Default::default(),
+            metrics_on: true.into(),
         }
     }
 
@@ -211,6 +214,9 @@ impl ConnGuard<'_> {
     /// Counts this connection in the Istio TCP metrics under `labels` (once
     /// per reporter: a same-node connection is reported by both sides).
     pub fn report(&mut self, labels: &TcpLabels) {
+        if !self.t.metrics_on.load(Ordering::Relaxed) {
+            return;
+        }
         let c = self.t.metrics.tcp(labels);
         c.opened.inc();
         self.tcp.push(c);

@@ -21,6 +21,14 @@ enum Cmd {
         #[arg(long)]
         keep: bool,
     },
+    /// Benchmarks on the box (writes <out>.json and <out>.md).
+    Bench {
+        /// A short run (CI checks it runs, not its numbers).
+        #[arg(long)]
+        quick: bool,
+        #[arg(long, default_value = "docs/benchmarks")]
+        out: std::path::PathBuf,
+    },
     /// Manage a cluster-in-a-box.
     Box {
         #[command(subcommand)]
@@ -50,6 +58,14 @@ fn main() -> Result<()> {
     let args = Args::parse();
     match args.cmd {
         Cmd::Demo { keep } => demo::run(default_bin_dir(), keep),
+        Cmd::Bench { quick, out } => {
+            let sizes = if quick {
+                ferry_box::bench::QUICK
+            } else {
+                ferry_box::bench::FULL
+            };
+            ferry_box::bench::bench(sizes, quick, &default_bin_dir(), &out)
+        }
         Cmd::Box { op } => match op {
             BoxOp::Up => {
                 let b = ClusterBox::up(Spec::demo(), default_bin_dir())?;

@@ -63,6 +63,19 @@ enum Op {
         #[arg(long)]
         to: SocketAddr,
     },
+    /// Request/response latency: COUNT 1-byte round trips, over one
+    /// connection or a new connection each (`--new-conn`); prints percentiles (µs).
+    Rr {
+        #[arg(long)]
+        to: SocketAddr,
+        #[arg(long)]
+        count: usize,
+        #[arg(long)]
+        new_conn: bool,
+        /// Message size in bytes.
+        #[arg(long, default_value_t = 1)]
+        size: usize,
+    },
     /// Echo MARKER repeated COUNT times (for capture tests).
     Marker {
         #[arg(long)]
@@ -224,6 +237,41 @@ fn client(op: Op) -> Result<()> {
             if ok != conns {
                 bail!("{} of {conns} connections failed", conns - ok);
             }
+        }
+        Op::Rr {
+            to,
+            count,
+            new_conn,
+            size,
+        } => {
+            let msg = vec![b'x'; size];
+            let mut back = vec![0u8; size];
+            let mut lat = Vec::with_capacity(count);
+            let mut conn: Option<TcpStream> = None;
+            let started = Instant::now();
+            for _ in 0..count {
+                let t = Instant::now();
+                if new_conn || conn.is_none() {
+                    let mut c = connect(to)?;
+                    c.set_nodelay(true)?;
+                    c.write_all(b"ECHO\n")?;
+                    conn = Some(c);
+                }
+                let c = conn.as_mut().expect("connected");
+                c.write_all(&msg)?;
+                c.read_exact(&mut back)?;
+                lat.push(t.elapsed().as_micros() as u64);
+                if new_conn {
+                    conn = None;
+                }
+            }
+            let secs = started.elapsed().as_secs_f64();
+            lat.sort_unstable();
+            let p = |q: f64| lat[((lat.len() as f64 * q) as usize).min(lat.len() - 1)];
+            println!(
+                "{}",
+                serde_json::json!({"count": count, "p50_us": p(0.5), "p90_us": p(0.9), "p99_us": p(0.99), "p999_us": p(0.999), "ops_per_s": count as f64 / secs})
+            );
         }
         Op::Marker { to, marker, count } => {
             let mut s = connect(to)?;

@@ -1,0 +1,218 @@
+//! `cargo xtask bench`: what Ferry costs, measured on the cluster-in-a-box,
+//! every scenario back to back in one run so ratios are fair on a noisy
+//! machine. Each scenario is its own box; figures come from the sample client
+//! (`ferry-workload client echo|rr`) run as the client pod.
+//!
+//! Covered so far: direct vs Ferry same-node / cross-node plain / cross-node
+//! mTLS, and metrics on vs off; single-stream echo throughput, 1-byte
+//! request/response latency over one connection and over new connections.
+//! Still to come (issue "Benchmarks"): 4 streams, fixed-rate latency, CPU and
+//! RSS of the agent, the sidecar model, splicing on/off, plots.
+
+use std::{path::Path, process::Command, time::Instant};
+
+use anyhow::{Context, Result};
+use serde::Serialize;
+use serde_json::Value;
+
+use crate::{ClusterBox, Spec};
+
+#[derive(Clone, Copy)]
+pub struct Sizes {
+    pub echo_bytes: u64,
+    pub rr_count: usize,
+    pub rr_new_count: usize,
+}
+
+pub const QUICK: Sizes = Sizes {
+    echo_bytes: 32 << 20,
+    rr_count: 1000,
+    rr_new_count: 200,
+};
+pub const FULL: Sizes = Sizes {
+    echo_bytes: 512 << 20,
+    rr_count: 20_000,
+    rr_new_count: 3_000,
+};
+
+struct Scenario {
+    name: &'static str,
+    /// Baseline this scenario's ratios are against.
+    baseline: &'static str,
+    mesh: bool,
+    cross_node: bool,
+    mtls: bool,
+    metrics: bool,
+}
+
+const SCENARIOS: &[Scenario] = &[
+    Scenario {
+        name: "direct same-node",
+        baseline: "direct same-node",
+        mesh: false,
+        cross_node: false,
+        mtls: false,
+        metrics: true,
+    },
+    Scenario {
+        name: "direct cross-node",
+        baseline: "direct cross-node",
+        mesh: false,
+        cross_node: true,
+        mtls: false,
+        metrics: true,
+    },
+    Scenario {
+        name: "ferry same-node",
+        baseline: "direct same-node",
+        mesh: true,
+        cross_node: false,
+        mtls: true,
+        metrics: true,
+    },
+    Scenario {
+        name: "ferry cross-node plain",
+        baseline: "direct cross-node",
+        mesh: true,
+        cross_node: true,
+        mtls: false,
+        metrics: true,
+    },
+    Scenario {
+        name: "ferry cross-node mTLS",
+        baseline: "direct cross-node",
+        mesh: true,
+        cross_node: true,
+        mtls: true,
+        metrics: true,
+    },
+    Scenario {
+        name: "ferry cross-node mTLS, metrics off",
+        baseline: "direct cross-node",
+        mesh: true,
+        cross_node: true,
+        mtls: true,
+        metrics: false,
+    },
+];
+
+#[derive(Debug, Serialize)]
+pub struct Row {
+    pub scenario: String,
+    pub baseline: String,
+    pub echo_gbit_s: f64,
+    pub rr_p50_us: u64,
+    pub rr_p99_us: u64,
+    pub rr_p999_us: u64,
+    pub new_conn_p50_us: u64,
+    pub new_conn_p99_us: u64,
+    pub new_conns_per_s: f64,
+}
+
+fn json(out: &str) -> Result<Value> {
+    serde_json::from_str(out.trim()).with_context(|| format!("client output {out:?}"))
+}
+
+fn run(sc: &Scenario, sizes: Sizes, bins: &Path) -> Result<Row> {
+    let mut spec = Spec::demo();
+    let target = if sc.cross_node { "echo-2" } else { "echo-1" };
+    spec.services[0].endpoints = vec![target.into()];
+    spec.mtls = sc.mtls;
+    spec.metrics = sc.metrics;
+    spec.access_log.mode = ferry_agent::telemetry::accesslog::Mode::Off;
+    for p in &mut spec.pods {
+        p.enrolled = sc.mesh;
+    }
+    let b = ClusterBox::up(spec, bins.to_owned())?;
+    let s = &b.state;
+    let to = if sc.mesh {
+        "10.96.0.10:80".to_owned()
+    } else {
+        format!("{}:8080", s.pod_ip(target)?)
+    };
+    let bytes = sizes.echo_bytes.to_string();
+    // Warm-up: pooled tunnel, ARP, page cache.
+    s.client("client", &["echo", "--to", &to, "--bytes", "1048576"])?;
+    let e = json(&s.client("client", &["echo", "--to", &to, "--bytes", &bytes])?)?;
+    let ms = e["ms"].as_f64().unwrap_or(f64::NAN).max(1.0);
+    let rr = json(&s.client("client", &["rr", "--to", &to, "--count", &sizes.rr_count.to_string()])?)?;
+    let nc = json(&s.client(
+        "client",
+        &[
+            "rr",
+            "--to",
+            &to,
+            "--count",
+            &sizes.rr_new_count.to_string(),
+            "--new-conn",
+        ],
+    )?)?;
+    let u = |v: &Value, k: &str| v[k].as_u64().unwrap_or(0);
+    Ok(Row {
+        scenario: sc.name.into(),
+        baseline: sc.baseline.into(),
+        echo_gbit_s: sizes.echo_bytes as f64 * 8.0 / (ms / 1000.0) / 1e9,
+        rr_p50_us: u(&rr, "p50_us"),
+        rr_p99_us: u(&rr, "p99_us"),
+        rr_p999_us: u(&rr, "p999_us"),
+        new_conn_p50_us: u(&nc, "p50_us"),
+        new_conn_p99_us: u(&nc, "p99_us"),
+        new_conns_per_s: nc["ops_per_s"].as_f64().unwrap_or(0.0),
+    })
+}
+
+fn sh(cmd: &str, args: &[&str]) -> String {
+    Command::new(cmd)
+        .args(args)
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_default()
+}
+
+/// Runs every scenario and writes `<out>.json` and `<out>.md`.
+pub fn bench(sizes: Sizes, quick: bool, bins: &Path, out: &Path) -> Result<()> {
+    let started = Instant::now();
+    let mut rows = Vec::new();
+    for sc in SCENARIOS {
+        eprintln!("bench: {} ...", sc.name);
+        rows.push(run(sc, sizes, bins)?);
+    }
+    let machine = serde_json::json!({
+        "kernel": sh("uname", &["-r"]),
+        "cores": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+        "commit": sh("git", &["rev-parse", "--short", "HEAD"]),
+        "quick": quick,
+        "echo_bytes": sizes.echo_bytes,
+        "rr_count": sizes.rr_count,
+        "rr_new_count": sizes.rr_new_count,
+        "seconds": started.elapsed().as_secs(),
+    });
+    std::fs::write(
+        out.with_extension("json"),
+        serde_json::to_vec_pretty(&serde_json::json!({"machine": machine, "rows": rows}))?,
+    )?;
+    let base = |name: &str| rows.iter().find(|r| r.scenario == name);
+    let mut md = format!(
+        "| scenario | echo Gbit/s (each way) | vs direct | rr p50 µs | rr p99 µs | rr p99.9 µs | p99 vs direct | new-conn p50 µs | new-conn p99 µs | new conns/s |\n|---|---|---|---|---|---|---|---|---|---|\n"
+    );
+    for r in &rows {
+        let b = base(&r.baseline).expect("baseline runs first");
+        md.push_str(&format!(
+            "| {} | {:.2} | {:.2}× | {} | {} | {} | {:.2}× | {} | {} | {:.0} |\n",
+            r.scenario,
+            r.echo_gbit_s,
+            r.echo_gbit_s / b.echo_gbit_s,
+            r.rr_p50_us,
+            r.rr_p99_us,
+            r.rr_p999_us,
+            r.rr_p99_us as f64 / b.rr_p99_us.max(1) as f64,
+            r.new_conn_p50_us,
+            r.new_conn_p99_us,
+            r.new_conns_per_s
+        ));
+    }
+    md.push_str(&format!("\nMachine: {machine}\n"));
+    std::fs::write(out.with_extension("md"), &md)?;
+    print!("{md}");
+    Ok(())
+}

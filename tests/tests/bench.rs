@@ -1,0 +1,30 @@
+//! The benchmark harness runs (quick mode) and writes a complete report. Its
+//! numbers are not checked here: speed targets live in the report, not in tests.
+
+#[test]
+fn quick_benchmark_runs_and_writes_the_report() {
+    ferry_box::require_root();
+    let dir = std::env::temp_dir().join(format!("ferry-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let out = dir.join("report");
+    let bins = ferry_box::default_bin_dir();
+    let st = std::process::Command::new(bins.join("ferry-box"))
+        .args(["bench", "--quick", "--out", out.to_str().unwrap()])
+        .env("FERRY_BIN_DIR", &bins)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.with_extension("json")).unwrap()).unwrap();
+    let rows = report["rows"].as_array().unwrap();
+    assert_eq!(rows.len(), 6);
+    for r in rows {
+        assert!(
+            r["echo_gbit_s"].as_f64().unwrap() > 0.0 && r["rr_p50_us"].as_u64().unwrap() > 0,
+            "{r}"
+        );
+    }
+    let md = std::fs::read_to_string(out.with_extension("md")).unwrap();
+    assert!(md.contains("ferry cross-node mTLS") && md.contains("vs direct"));
+    let _ = std::fs::remove_dir_all(dir);
+}
