@@ -192,8 +192,8 @@ pub fn bench(sizes: Sizes, quick: bool, bins: &Path, out: &Path) -> Result<()> {
         serde_json::to_vec_pretty(&serde_json::json!({"machine": machine, "rows": rows}))?,
     )?;
     let base = |name: &str| rows.iter().find(|r| r.scenario == name);
-    let mut md = format!(
-        "| scenario | echo Gbit/s (each way) | vs direct | rr p50 µs | rr p99 µs | rr p99.9 µs | p99 vs direct | new-conn p50 µs | new-conn p99 µs | new conns/s |\n|---|---|---|---|---|---|---|---|---|---|\n"
+    let mut md = String::from(
+        "| scenario | echo Gbit/s (each way) | vs direct | rr p50 µs | rr p99 µs | rr p99.9 µs | p99 vs direct | new-conn p50 µs | new-conn p99 µs | new conns/s |\n|---|---|---|---|---|---|---|---|---|---|\n",
     );
     for r in &rows {
         let b = base(&r.baseline).expect("baseline runs first");
