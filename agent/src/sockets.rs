@@ -61,6 +61,10 @@ pub async fn connect(ns: Option<&Netns>, src: Source, dst: SocketAddrV4) -> io::
         Source::Transparent(ip) => {
             sock.set_mark(DELIVER_MARK)?;
             sock.set_ip_transparent_v4(true)?;
+            // Delivery sockets close first, so their ports sit in TIME_WAIT;
+            // SO_REUSEADDR lets a port be bound again meanwhile (the kernel
+            // still refuses a 4-tuple that is not safely reusable).
+            sock.set_reuse_address(true)?;
             bind_delivery_port(&sock, ip)?;
         }
     }
