@@ -138,6 +138,8 @@ pub fn run(bins: PathBuf, keep: bool) -> Result<()> {
     ferryctl(&b, 0, &["bpf", "dump", "stats"])?;
     section("ferryctl bpf dump traffic (node1): per-pod tc counters on host veths");
     ferryctl(&b, 0, &["bpf", "dump", "traffic"])?;
+    section("ferryctl certs (node1): workload identities from the CA");
+    ferryctl(&b, 0, &["certs"])?;
     section("ferryctl stats (node2)");
     ferryctl(&b, 1, &["stats"])?;
 

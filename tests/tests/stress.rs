@@ -44,6 +44,13 @@ fn stress_set() {
         .unwrap();
     assert!(out.contains("\"ok\":200"), "{out}");
 
+    // More new connections in a row than there are delivery ports (900):
+    // ports in TIME_WAIT must be reusable.
+    let out = s
+        .client("client", &["rr", "--to", VIP, "--count", "1500", "--new-conn"])
+        .unwrap();
+    assert!(out.contains("\"count\":1500"), "{out}");
+
     for _ in 0..20 {
         s.client("client", &["early-close", "--to", VIP]).unwrap();
     }

@@ -58,6 +58,8 @@ enum Cmd {
     Conns,
     /// The agent's connection counters.
     Stats,
+    /// Workload certificates: identity, serial, expiry, time to rotation (from the agent).
+    Certs,
     /// Preflight: can this node run Ferry? (exit 5 if not)
     Check {
         /// Also check the kubelet's pod cgroup root.
@@ -250,6 +252,15 @@ fn run(args: &Args) -> Result<(), CtlError> {
                     "received",
                     "age_ms",
                 ],
+            )
+        }
+        Cmd::Certs => {
+            let certs = admin_get(args.admin, "/certs")?;
+            let rows = certs.as_array().cloned().unwrap_or_default();
+            emit(
+                args,
+                &rows,
+                &["uid", "spiffe_id", "serial", "seconds_to_expiry", "seconds_to_rotation"],
             )
         }
         Cmd::Check { cgroup_root } => {
