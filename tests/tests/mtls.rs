@@ -337,6 +337,26 @@ fn the_tunnel_refuses_bad_peers_and_says_why() {
         "a peer with the wrong identity must be refused"
     );
     assert!(log(s, 0).contains("wrong identity") && log(s, 0).contains("sa/someone-else"));
+    // The same refusals, counted by reason (bounded label values).
+    let by_reason = |node: usize, metric: &str, reason: &str| -> f64 {
+        s.scrape(node)
+            .unwrap()
+            .samples
+            .iter()
+            .filter(|x| x.metric == metric && x.labels.get("reason") == Some(reason))
+            .map(|x| match x.value {
+                prometheus_parse::Value::Counter(v) | prometheus_parse::Value::Untyped(v) => v,
+                _ => 0.0,
+            })
+            .sum()
+    };
+    assert_eq!(
+        by_reason(1, "ferry_tunnel_refused_total", "tls"),
+        2.0,
+        "foreign CA + expired"
+    );
+    assert_eq!(by_reason(1, "ferry_tunnel_refused_total", "no_spiffe_id"), 1.0);
+    assert!(by_reason(0, "ferry_tunnel_handshake_failures_total", "identity") >= 1.0);
 }
 
 #[test]

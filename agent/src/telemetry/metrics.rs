@@ -284,16 +284,6 @@ impl Collector for MeshCollector {
                 "outgoing tunnel handshakes that proved the expected identity",
             ),
             (
-                "ferry_tunnel_handshake_failures",
-                load(&t.handshakes_failed),
-                "outgoing tunnel handshakes that failed (TLS or identity)",
-            ),
-            (
-                "ferry_tunnel_refused",
-                load(&t.refused_inbound),
-                "incoming tunnel connections refused (reason in the log)",
-            ),
-            (
                 "ferry_cert_rotations",
                 load(&ids.rotations),
                 "workload certificates renewed",
@@ -385,6 +375,16 @@ impl Metrics {
         registry.register_collector(Box::new(EbpfCollector { pin_root, node }));
         registry.register_collector(Box::new(ProxyCollector(counters)));
         if let Some(hbone) = hbone {
+            registry.register(
+                "ferry_tunnel_handshake_failures",
+                "outgoing tunnel handshakes that failed, by reason",
+                hbone.stats.handshake_failures.clone(),
+            );
+            registry.register(
+                "ferry_tunnel_refused",
+                "incoming tunnel connections refused, by reason (detail in the log)",
+                hbone.stats.refused.clone(),
+            );
             registry.register_collector(Box::new(MeshCollector { hbone }));
         }
         Self { registry, ..m }

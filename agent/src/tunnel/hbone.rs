@@ -25,8 +25,11 @@ use bytes::Bytes;
 use http_body_util::Empty;
 use hyper::{client::conn::http2::SendRequest, Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioExecutor, TokioIo};
+use prometheus_client::{
+    encoding::EncodeLabelSet,
+    metrics::{counter::Counter, family::Family},
+};
 use rustls::pki_types::ServerName;
-use serde::Serialize;
 use tokio::net::TcpStream;
 
 use super::{BoxStream, TUNNEL_PORT};
@@ -60,13 +63,26 @@ fn conn_window() -> u32 {
 
 type PoolKey = (String, String, Ipv4Addr);
 
-#[derive(Default, Debug, Serialize)]
+/// A bounded set of failure reasons (the detail goes to the log).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Reason {
+    pub reason: &'static str,
+}
+
+fn count(f: &Family<Reason, Counter>, reason: &'static str) {
+    f.get_or_create(&Reason { reason }).inc();
+}
+
+#[derive(Default, Debug)]
 pub struct TunnelStats {
     pub pooled_connections_opened: AtomicU64,
     pub streams_opened: AtomicU64,
     pub handshakes_ok: AtomicU64,
-    pub handshakes_failed: AtomicU64,
-    pub refused_inbound: AtomicU64,
+    /// Outgoing handshakes that failed, by reason (`tls`, `timeout`, `identity`).
+    pub handshake_failures: Family<Reason, Counter>,
+    /// Incoming tunnel connections refused, by reason (`no_certificate`,
+    /// `tls`, `timeout`, `no_spiffe_id`).
+    pub refused: Family<Reason, Counter>,
 }
 
 pub struct Hbone {
@@ -164,12 +180,12 @@ impl Hbone {
         {
             Ok(Ok(t)) => t,
             Ok(Err(e)) => {
-                self.stats.handshakes_failed.fetch_add(1, Ordering::Relaxed);
+                count(&self.stats.handshake_failures, "tls");
                 tracing::warn!(src = %src.label(), dst = %ip, reason = %e, "tunnel handshake failed");
                 return Err(e);
             }
             Err(_) => {
-                self.stats.handshakes_failed.fetch_add(1, Ordering::Relaxed);
+                count(&self.stats.handshake_failures, "timeout");
                 return Err(err(io::ErrorKind::TimedOut, "tunnel handshake timed out"));
             }
         };
@@ -180,7 +196,7 @@ impl Hbone {
             .and_then(|c| c.first())
             .and_then(spiffe_id);
         if peer.as_deref() != Some(expected) {
-            self.stats.handshakes_failed.fetch_add(1, Ordering::Relaxed);
+            count(&self.stats.handshake_failures, "identity");
             let reason = format!("destination {ip} proved {:?}, expected {expected}", peer);
             tracing::warn!(src = %src.label(), reason = %reason, "tunnel refused: wrong identity");
             return Err(err(io::ErrorKind::PermissionDenied, reason));
@@ -203,18 +219,18 @@ impl Hbone {
 /// Serves one accepted connection on a pod's tunnel listener.
 pub async fn serve(proxy: Arc<Proxy>, pod: Arc<PodCtx>, tcp: TcpStream, hb: Arc<Hbone>) {
     let Ok((_, peer)) = sockets::v4_addrs(&tcp) else { return };
-    let refuse = |reason: String| {
-        hb.stats.refused_inbound.fetch_add(1, Ordering::Relaxed);
+    let refuse = |kind: &'static str, reason: String| {
+        count(&hb.stats.refused, kind);
         tracing::warn!(pod = %pod.label(), client = %peer, reason = %reason, "refused tunnel connection");
     };
     let Some(cert) = hb.ids.get(&pod.workload.uid) else {
-        return refuse("this pod has no certificate yet".into());
+        return refuse("no_certificate", "this pod has no certificate yet".into());
     };
     let acceptor = tokio_rustls::TlsAcceptor::from(cert.server.clone());
     let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
         Ok(Ok(t)) => t,
-        Ok(Err(e)) => return refuse(format!("TLS handshake: {e}")),
-        Err(_) => return refuse("TLS handshake timed out".into()),
+        Ok(Err(e)) => return refuse("tls", format!("TLS handshake: {e}")),
+        Err(_) => return refuse("timeout", "TLS handshake timed out".into()),
     };
     let Some(peer_id) = tls
         .get_ref()
@@ -223,7 +239,7 @@ pub async fn serve(proxy: Arc<Proxy>, pod: Arc<PodCtx>, tcp: TcpStream, hb: Arc<
         .and_then(|c| c.first())
         .and_then(spiffe_id)
     else {
-        return refuse("client certificate has no SPIFFE id".into());
+        return refuse("no_spiffe_id", "client certificate has no SPIFFE id".into());
     };
     let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
         let (proxy, pod, peer_id) = (proxy.clone(), pod.clone(), peer_id.clone());
