@@ -116,6 +116,14 @@ fn the_underlay_carries_tls_records_never_the_plaintext() {
         "plaintext marker visible on the underlay"
     );
     assert!(contains(&pcap, &[0x17, 0x03, 0x03]), "no TLS application-data records");
+    // The access logs name the identity each side proved.
+    let st = &b.state;
+    assert!(eventually(Duration::from_secs(5), || st.access_log(0).iter().any(
+        |l| l["direction"] == "Outbound" && l["peer_identity"] == "spiffe://cluster.local/ns/default/sa/echo-2"
+    )));
+    assert!(eventually(Duration::from_secs(5), || st.access_log(1).iter().any(
+        |l| l["direction"] == "Tunnel" && l["peer_identity"] == "spiffe://cluster.local/ns/default/sa/client"
+    )));
     drop(b);
     // Control: with mTLS off the same capture does see the marker, so the
     // check above can fail.

@@ -92,10 +92,13 @@ async fn handle(proxy: &Proxy, pod: &PodCtx, client: TcpStream) {
             )),
         },
         (Hop::Tunnel, Some(d)) => {
-            proxy
-                .tunnel
-                .open(pod, route.endpoint, &spiffe_id(&d.namespace, &d.service_account))
-                .await
+            let expected = spiffe_id(&d.namespace, &d.service_account);
+            let s = proxy.tunnel.open(pod, route.endpoint, &expected).await;
+            if s.is_ok() && proxy.tunnel.is_mtls() {
+                // open() succeeds only if the peer proved exactly this id.
+                let _ = g.conn.peer_identity.set(expected);
+            }
+            s
         }
         (Hop::Tunnel, None) => Err(std::io::Error::other("tunnel destination is not a known workload")),
         (Hop::Direct, _) => sockets::connect(Some(&pod.netns), sockets::Source::Any, route.endpoint)

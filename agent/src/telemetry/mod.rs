@@ -41,6 +41,9 @@ pub struct Conn {
     pub orig_dst: SocketAddrV4,
     /// Set once the route is chosen.
     pub route: OnceLock<Routed>,
+    /// The peer's proven SPIFFE id: the destination's (outbound through the
+    /// tunnel) or the source's (inbound from the tunnel).
+    pub peer_identity: OnceLock<String>,
     /// Bytes from the client towards the destination.
     pub sent: AtomicU64,
     /// Bytes from the destination back to the client.
@@ -66,6 +69,7 @@ pub struct ConnView {
     pub service: Option<String>,
     pub endpoint: Option<String>,
     pub hop: Option<String>,
+    pub peer_identity: Option<String>,
     pub sent: u64,
     pub received: u64,
     pub age_ms: u64,
@@ -83,6 +87,7 @@ impl Conn {
             service: r.and_then(|r| r.service.clone()),
             endpoint: r.map(|r| r.endpoint.to_string()),
             hop: r.map(|r| format!("{:?}", r.hop).to_lowercase()),
+            peer_identity: self.peer_identity.get().cloned(),
             sent: self.sent.load(Ordering::Relaxed),
             received: self.received.load(Ordering::Relaxed),
             age_ms: self.started.elapsed().as_millis() as u64,
@@ -163,6 +168,7 @@ impl Telemetry {
             client,
             orig_dst,
             route: OnceLock::new(),
+            peer_identity: OnceLock::new(),
             sent: AtomicU64::new(0),
             received: AtomicU64::new(0),
             started: Instant::now(),
@@ -254,6 +260,7 @@ impl Drop for ConnGuard<'_> {
             service = c.route.get().and_then(|r| r.service.as_deref()).unwrap_or("-"),
             endpoint = %c.route.get().map(|r| r.endpoint.to_string()).unwrap_or_else(|| "-".into()),
             hop = ?c.route.get().map(|r| r.hop),
+            peer_identity = c.peer_identity.get().map(String::as_str).unwrap_or("-"),
             sent,
             received,
             duration_ms = c.started.elapsed().as_millis() as u64,

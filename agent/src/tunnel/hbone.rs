@@ -296,6 +296,7 @@ async fn connect(
         let mut g = proxy
             .telemetry
             .open(Direction::Tunnel, &pod.workload.namespace, source, peer, target);
+        let _ = g.conn.peer_identity.set(peer_id);
         let (s, d) = (
             Peer {
                 workload: src,
