@@ -316,6 +316,28 @@ fn ferryctl_reads_pins_and_agent_and_fails_clearly() {
         .unwrap()
         .iter()
         .any(|p| p["owner"] == "agent" && p["program"] == "ferry_sockops"));
+    // Dumps are joined with workload names and can be filtered.
+    let pods = json(&["bpf", "dump", "pods"]);
+    assert!(
+        pods.as_array()
+            .unwrap()
+            .iter()
+            .any(|p| p["name"] == "client" && p["ip"] == "10.1.1.10"),
+        "{pods}"
+    );
+    let client_traffic = json(&["bpf", "dump", "traffic", "--pod", "client"]);
+    assert_eq!(client_traffic.as_array().unwrap().len(), 1, "{client_traffic}");
+    assert_eq!(client_traffic[0]["interface"], "veth0");
+    let vip = json(&["bpf", "dump", "mesh-dst", "--ip", "10.96.0.10"]);
+    assert_eq!(vip.as_array().unwrap().len(), 1, "{vip}");
+    let yaml = s.ferryctl(0, &["bpf", "dump", "pods", "-o", "yaml"]).unwrap();
+    let from_yaml: serde_json::Value = serde_norway::from_slice(&yaml.stdout).unwrap();
+    assert_eq!(from_yaml, pods, "yaml and json agree");
+    let dump = s.ferryctl(0, &["config-dump"]).unwrap();
+    let dump: serde_json::Value = serde_json::from_slice(&dump.stdout).unwrap();
+    assert_eq!(dump["node"], s.node_name(0));
+    let comp = s.ferryctl(0, &["completions", "bash"]).unwrap();
+    assert!(String::from_utf8_lossy(&comp.stdout).contains("_ferryctl()"));
     let workloads = json(&["workloads"]);
     assert!(workloads
         .as_array()
@@ -349,6 +371,20 @@ fn ferryctl_reads_pins_and_agent_and_fails_clearly() {
         s.ferryctl(0, &["bpf", "maps"]).unwrap().status.success(),
         "pins outlive the agent"
     );
+    // With the agent down steering stays pinned: a connect is still rewritten
+    // (and refused, nobody listens) and its original destination stays in
+    // the map, decoded by ferryctl.
+    assert!(!s.probe("client", VIP).unwrap());
+    let orig = json(&["bpf", "dump", "orig-dst", "--ip", "10.96.0.10"]);
+    let row = &orig.as_array().unwrap()[0];
+    assert_eq!(
+        (row["orig_dst"].as_str(), row["agent"].as_str()),
+        (Some(VIP), Some("127.0.0.1:15001")),
+        "{orig}"
+    );
+    let out = s.ferryctl(0, &["bpf", "dump", "traffic", "--pod", "client"]).unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--pod needs the agent"));
     // No maps: exit code 4.
     let out = s.ferryctl(0, &["--pin-root", "/nonexistent", "bpf", "maps"]).unwrap();
     assert_eq!(out.status.code(), Some(4), "{}", String::from_utf8_lossy(&out.stderr));

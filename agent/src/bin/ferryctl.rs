@@ -43,6 +43,7 @@ const EXAMPLES: &str = "Examples:
 enum Output {
     Table,
     Json,
+    Yaml,
 }
 
 #[derive(Subcommand)]
@@ -60,6 +61,13 @@ enum Cmd {
     Stats,
     /// Workload certificates: identity, serial, expiry, time to rotation (from the agent).
     Certs,
+    /// The agent's whole state (admin /config_dump), as JSON or YAML.
+    ConfigDump,
+    /// Shell completions: `ferryctl completions bash > /etc/bash_completion.d/ferryctl`.
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
     /// Preflight: can this node run Ferry? (exit 5 if not)
     Check {
         /// Also check the kubelet's pod cgroup root.
@@ -74,10 +82,20 @@ enum BpfOp {
     Maps,
     /// Attached programs: where (pod or agent, hook), link and program ids, run counts.
     Progs,
-    /// Decoded entries of one map.
+    /// Decoded entries of one map (pods and traffic are joined with the
+    /// agent's workload names when it is reachable).
     Dump {
         #[arg(value_enum)]
         map: DumpMap,
+        /// Only rows of this pod (name or namespace/name; needs the agent for names).
+        #[arg(long)]
+        pod: Option<String>,
+        /// Only rows mentioning this IPv4 address.
+        #[arg(long)]
+        ip: Option<String>,
+        /// Redraw every second until interrupted.
+        #[arg(long)]
+        watch: bool,
     },
 }
 
@@ -170,51 +188,30 @@ fn run(args: &Args) -> Result<(), CtlError> {
             ],
         ),
         Cmd::Bpf {
-            op: BpfOp::Dump { map },
-        } => {
-            let p = pinned(args)?;
-            match map {
-                DumpMap::Pods => emit(args, &p.pods()?, &["netns_cookie", "pod_id"]),
-                DumpMap::MeshDst => emit(args, &p.mesh_dst()?, &["ip", "port", "kind"]),
-                DumpMap::OrigDst => emit(
-                    args,
-                    &p.orig_dst()?,
-                    &["netns_cookie", "client", "agent", "orig_dst", "pod_id"],
-                ),
-                DumpMap::Traffic => emit(
-                    args,
-                    &p.traffic()?,
-                    &[
-                        "ifindex",
-                        "interface",
-                        "rx_packets",
-                        "rx_bytes",
-                        "tx_packets",
-                        "tx_bytes",
-                    ],
-                ),
-                DumpMap::Stats => {
-                    let rows: Vec<Value> = p
-                        .stats()?
-                        .into_iter()
-                        .map(|(k, v)| serde_json::json!({"counter": k, "value": v}))
-                        .collect();
-                    emit(args, &rows, &["counter", "value"])
-                }
-                DumpMap::Config => emit(
-                    args,
-                    &[p.config()?],
-                    &[
-                        "flags",
-                        "agent_mark",
-                        "outbound_port",
-                        "inbound_port",
-                        "tunnel_port",
-                        "deliver_port_lo",
-                        "deliver_port_hi",
-                    ],
-                ),
+            op: BpfOp::Dump { map, pod, ip, watch },
+        } => loop {
+            let (rows, columns) = dump(args, *map, pod.as_deref(), ip.as_deref())?;
+            if *watch {
+                print!("\x1b[2J\x1b[H");
             }
+            emit(args, &rows, columns)?;
+            if !*watch {
+                return Ok(());
+            }
+            std::thread::sleep(std::time::Duration::from_secs(1));
+        },
+        Cmd::ConfigDump => {
+            let v = admin_get(args.admin, "/config_dump")?;
+            match args.output {
+                Output::Yaml => print!("{}", serde_norway::to_string(&v).unwrap_or_default()),
+                _ => println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default()),
+            }
+            Ok(())
+        }
+        Cmd::Completions { shell } => {
+            use clap::CommandFactory;
+            clap_complete::generate(*shell, &mut Args::command(), "ferryctl", &mut std::io::stdout());
+            Ok(())
         }
         Cmd::Workloads => {
             let dump = admin_get(args.admin, "/config_dump")?;
@@ -311,12 +308,124 @@ fn emit<T: Serialize>(args: &Args, rows: &[T], columns: &[&str]) -> Result<(), C
         .iter()
         .map(|r| serde_json::to_value(r).unwrap_or(Value::Null))
         .collect();
-    if args.output == Output::Json {
-        println!("{}", serde_json::to_string_pretty(&values).unwrap_or_default());
-        return Ok(());
+    match args.output {
+        Output::Json => println!("{}", serde_json::to_string_pretty(&values).unwrap_or_default()),
+        Output::Yaml => print!("{}", serde_norway::to_string(&values).unwrap_or_default()),
+        Output::Table => print!("{}", table(&values, columns)),
     }
-    print!("{}", table(&values, columns));
     Ok(())
+}
+
+/// Local workloads from the agent, when it answers (for names in dumps).
+fn workloads(args: &Args) -> Option<Vec<Value>> {
+    admin_get(args.admin, "/config_dump").ok()?["pods"].as_array().cloned()
+}
+
+/// Rows of one pinned map, joined with workload names, filtered.
+fn dump(
+    args: &Args,
+    map: DumpMap,
+    pod: Option<&str>,
+    ip: Option<&str>,
+) -> Result<(Vec<Value>, &'static [&'static str]), CtlError> {
+    let p = pinned(args)?;
+    fn values<T: Serialize>(rows: Vec<T>) -> Vec<Value> {
+        rows.into_iter()
+            .map(|r| serde_json::to_value(r).unwrap_or(Value::Null))
+            .collect()
+    }
+    let (mut rows, columns): (Vec<Value>, &'static [&'static str]) = match map {
+        DumpMap::Pods => (
+            values(p.pods()?),
+            &[
+                "netns_cookie",
+                "pod_id",
+                "namespace",
+                "name",
+                "ip",
+                "host_veth",
+                "cgroup",
+            ],
+        ),
+        DumpMap::MeshDst => (values(p.mesh_dst()?), &["ip", "port", "kind"]),
+        DumpMap::OrigDst => (
+            values(p.orig_dst()?),
+            &["netns_cookie", "client", "agent", "orig_dst", "pod_id"],
+        ),
+        DumpMap::Traffic => (
+            values(p.traffic()?),
+            &[
+                "ifindex",
+                "interface",
+                "namespace",
+                "name",
+                "rx_packets",
+                "rx_bytes",
+                "tx_packets",
+                "tx_bytes",
+            ],
+        ),
+        DumpMap::Stats => (
+            p.stats()?
+                .into_iter()
+                .map(|(k, v)| serde_json::json!({"counter": k, "value": v}))
+                .collect(),
+            &["counter", "value"],
+        ),
+        DumpMap::Config => (
+            values(vec![p.config()?]),
+            &[
+                "flags",
+                "agent_mark",
+                "outbound_port",
+                "inbound_port",
+                "tunnel_port",
+                "deliver_port_lo",
+                "deliver_port_hi",
+            ],
+        ),
+    };
+    let wls = workloads(args).unwrap_or_default();
+    // Join: pods by netns cookie, traffic by host veth.
+    for r in &mut rows {
+        let w = wls.iter().find(|w| {
+            (r.get("netns_cookie").is_some() && w["netns_cookie"] == r["netns_cookie"])
+                || (r.get("interface").is_some_and(|i| !i.is_null()) && w["host_veth"] == r["interface"])
+        });
+        if let (Some(w), Some(obj)) = (w, r.as_object_mut()) {
+            for k in ["namespace", "name", "ip", "host_veth", "cgroup", "uid"] {
+                obj.entry(k).or_insert(w[k].clone());
+            }
+        }
+    }
+    if let Some(pod) = pod {
+        if wls.is_empty() {
+            return Err(CtlError::Other(
+                "--pod needs the agent (for pod names); use --ip instead".into(),
+            ));
+        }
+        let (ns, name) = pod.split_once('/').map_or((None, pod), |(n, p)| (Some(n), p));
+        let w = wls
+            .iter()
+            .find(|w| w["name"] == name && ns.is_none_or(|n| w["namespace"] == n))
+            .ok_or_else(|| CtlError::Other(format!("no local workload named {pod}")))?
+            .clone();
+        rows.retain(|r| {
+            (r.get("netns_cookie").is_some() && r["netns_cookie"] == w["netns_cookie"])
+                || (r.get("pod_id").is_some() && r["pod_id"] == w["pod_id"])
+                || r.get("name").is_some_and(|n| *n == w["name"])
+        });
+    }
+    if let Some(ip) = ip {
+        let port_prefix = format!("{ip}:");
+        rows.retain(|r| {
+            r.as_object().is_some_and(|o| {
+                o.values()
+                    .any(|v| v.as_str().is_some_and(|s| s == ip || s.starts_with(&port_prefix)))
+            })
+        });
+    }
+    Ok((rows, columns))
 }
 
 fn cell(v: &Value) -> String {
