@@ -338,6 +338,23 @@ fn ferryctl_reads_pins_and_agent_and_fails_clearly() {
     assert_eq!(dump["node"], s.node_name(0));
     let comp = s.ferryctl(0, &["completions", "bash"]).unwrap();
     assert!(String::from_utf8_lossy(&comp.stdout).contains("_ferryctl()"));
+    let services = json(&["services"]);
+    assert_eq!(
+        (services[0]["vip"].as_str(), services[0]["ports"].as_str()),
+        (Some("10.96.0.10"), Some("80->8080")),
+        "{services}"
+    );
+    let inbound = maps
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["name"] == "ferry_inbound")
+        .unwrap()
+        .clone();
+    assert_eq!(
+        inbound["entries"], 2,
+        "one inbound listener per enrolled pod: {inbound}"
+    );
     let workloads = json(&["workloads"]);
     assert!(workloads
         .as_array()

@@ -55,6 +55,8 @@ enum Cmd {
     },
     /// Local workloads and their enrollment (from the agent).
     Workloads,
+    /// Services this node knows: VIPs, ports, endpoints (from the agent).
+    Services,
     /// Live proxied connections (from the agent).
     Conns,
     /// The agent's connection counters.
@@ -251,6 +253,31 @@ fn run(args: &Args) -> Result<(), CtlError> {
                 ],
             )
         }
+        Cmd::Services => {
+            let dump = admin_get(args.admin, "/config_dump")?;
+            let rows: Vec<Value> = dump["services"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default()
+                .into_iter()
+                .map(|s| {
+                    let ports: Vec<String> = s["ports"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .map(|p| format!("{}->{}", p["port"], p["targetPort"]))
+                        .collect();
+                    let eps: Vec<String> = s["endpoints"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .map(|e| format!("{}{}", e["ip"].as_str().unwrap_or("?"), if e["ready"] == false { " (not ready)" } else { "" }))
+                        .collect();
+                    serde_json::json!({"namespace": s["namespace"], "name": s["name"], "vip": s["vip"], "ports": ports.join(","), "endpoints": eps.join(",")})
+                })
+                .collect();
+            emit(args, &rows, &["namespace", "name", "vip", "ports", "endpoints"])
+        }
         Cmd::Certs => {
             let certs = admin_get(args.admin, "/certs")?;
             let rows = certs.as_array().cloned().unwrap_or_default();
@@ -393,7 +420,7 @@ fn dump(
                 || (r.get("interface").is_some_and(|i| !i.is_null()) && w["host_veth"] == r["interface"])
         });
         if let (Some(w), Some(obj)) = (w, r.as_object_mut()) {
-            for k in ["namespace", "name", "ip", "host_veth", "cgroup", "uid"] {
+            for k in ["namespace", "name", "ip", "host_veth", "cgroup", "netns", "uid"] {
                 obj.entry(k).or_insert(w[k].clone());
             }
         }

@@ -122,7 +122,10 @@ impl Pinned {
                 "ferry_mesh_dst" => Some(self.mesh_dst()?.len()),
                 "ferry_orig_dst" => Some(self.orig_dst()?.len()),
                 "ferry_traffic" => Some(self.traffic()?.len()),
-                "ferry_orig_cookie" => Some(count_keys::<u64>(self.map(name)?)),
+                "ferry_orig_cookie" => Some(count_keys_of::<u64, OrigDst>(self.map(name)?)),
+                "ferry_splice_off" => Some(count_keys_of::<SockKey, u32>(self.map(name)?)),
+                "ferry_inbound" => Some(sockhash_len::<maps::InboundKey>(self.map(name)?)),
+                "ferry_splice" => Some(sockhash_len::<SockKey>(self.map(name)?)),
                 _ => None,
             };
             rows.push(MapRow {
@@ -249,13 +252,6 @@ impl Pinned {
     }
 }
 
-fn count_keys<K: aya::Pod>(m: Map) -> usize {
-    match HashMap::<MapData, K, maps::OrigDst>::try_from(m) {
-        Ok(h) => h.keys().count(),
-        Err(_) => 0,
-    }
-}
-
 fn if_name(ifindex: u32) -> Option<String> {
     let mut buf = [0u8; libc::IF_NAMESIZE];
     // SAFETY: if_indextoname writes at most IF_NAMESIZE bytes, NUL included, into buf.
@@ -265,4 +261,17 @@ fn if_name(ifindex: u32) -> Option<String> {
     }
     let end = buf.iter().position(|&b| b == 0)?;
     Some(String::from_utf8_lossy(&buf[..end]).into_owned())
+}
+
+fn count_keys_of<K: aya::Pod, V: aya::Pod>(m: Map) -> usize {
+    HashMap::<MapData, K, V>::try_from(m)
+        .map(|h| h.keys().count())
+        .unwrap_or(0)
+}
+
+/// Sockets in a sockhash (its occupancy).
+fn sockhash_len<K: aya::Pod>(m: Map) -> usize {
+    aya::maps::SockHash::<MapData, K>::try_from(m)
+        .map(|h| h.keys().count())
+        .unwrap_or(0)
 }
