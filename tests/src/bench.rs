@@ -101,12 +101,55 @@ pub struct Row {
     pub scenario: String,
     pub baseline: String,
     pub echo_gbit_s: f64,
+    /// Four concurrent echo streams, aggregate each way.
+    pub echo4_gbit_s: f64,
+    /// CPU seconds of the agents (both nodes) per GiB moved each way, during the single-stream echo.
+    pub agent_cpu_s_per_gib: f64,
+    /// CPU seconds of the agents per 10k request/response round trips.
+    pub agent_cpu_s_per_10k_rr: f64,
+    /// Largest agent RSS, right after the box came up and after all runs.
+    pub agent_rss_idle_kib: u64,
+    pub agent_rss_after_kib: u64,
     pub rr_p50_us: u64,
     pub rr_p99_us: u64,
     pub rr_p999_us: u64,
     pub new_conn_p50_us: u64,
     pub new_conn_p99_us: u64,
     pub new_conns_per_s: f64,
+}
+
+fn clk_tck() -> f64 {
+    // SAFETY: sysconf has no preconditions.
+    (unsafe { libc::sysconf(libc::_SC_CLK_TCK) }).max(1) as f64
+}
+
+/// utime + stime of a process, in seconds.
+fn cpu_s(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the ")" that ends the command name: utime and stime are the 12th and 13th.
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let field = |i: usize| f.get(i).and_then(|x| x.parse::<u64>().ok()).unwrap_or(0);
+    (field(11) + field(12)) as f64 / clk_tck()
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("VmRSS:")
+                .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+fn agents_cpu(s: &crate::BoxState) -> f64 {
+    s.agent_pids.iter().map(|p| cpu_s(*p)).sum()
+}
+
+fn agents_rss(s: &crate::BoxState) -> u64 {
+    s.agent_pids.iter().map(|p| rss_kib(*p)).max().unwrap_or(0)
 }
 
 fn json(out: &str) -> Result<Value> {
@@ -125,6 +168,7 @@ fn run(sc: &Scenario, sizes: Sizes, bins: &Path) -> Result<Row> {
     }
     let b = ClusterBox::up(spec, bins.to_owned())?;
     let s = &b.state;
+    let rss_idle = agents_rss(s);
     let to = if sc.mesh {
         "10.96.0.10:80".to_owned()
     } else {
@@ -133,9 +177,26 @@ fn run(sc: &Scenario, sizes: Sizes, bins: &Path) -> Result<Row> {
     let bytes = sizes.echo_bytes.to_string();
     // Warm-up: pooled tunnel, ARP, page cache.
     s.client("client", &["echo", "--to", &to, "--bytes", "1048576"])?;
+    let cpu0 = agents_cpu(s);
     let e = json(&s.client("client", &["echo", "--to", &to, "--bytes", &bytes])?)?;
+    let cpu_echo = agents_cpu(s) - cpu0;
     let ms = e["ms"].as_f64().unwrap_or(f64::NAN).max(1.0);
+    // Four streams at once, a quarter of the bytes each.
+    let quarter = (sizes.echo_bytes / 4).to_string();
+    let t4 = Instant::now();
+    let four: Vec<_> = (0..4)
+        .map(|_| {
+            let (s, to, q) = (s.clone(), to.clone(), quarter.clone());
+            std::thread::spawn(move || s.client("client", &["echo", "--to", &to, "--bytes", &q]))
+        })
+        .collect();
+    for h in four {
+        h.join().map_err(|_| anyhow::anyhow!("echo thread panicked"))??;
+    }
+    let secs4 = t4.elapsed().as_secs_f64();
+    let cpu1 = agents_cpu(s);
     let rr = json(&s.client("client", &["rr", "--to", &to, "--count", &sizes.rr_count.to_string()])?)?;
+    let cpu_rr = agents_cpu(s) - cpu1;
     let nc = json(&s.client(
         "client",
         &[
@@ -152,6 +213,11 @@ fn run(sc: &Scenario, sizes: Sizes, bins: &Path) -> Result<Row> {
         scenario: sc.name.into(),
         baseline: sc.baseline.into(),
         echo_gbit_s: sizes.echo_bytes as f64 * 8.0 / (ms / 1000.0) / 1e9,
+        echo4_gbit_s: sizes.echo_bytes as f64 * 8.0 / secs4 / 1e9,
+        agent_cpu_s_per_gib: cpu_echo / (sizes.echo_bytes as f64 / (1u64 << 30) as f64),
+        agent_cpu_s_per_10k_rr: cpu_rr * 10_000.0 / sizes.rr_count as f64,
+        agent_rss_idle_kib: rss_idle,
+        agent_rss_after_kib: agents_rss(s),
         rr_p50_us: u(&rr, "p50_us"),
         rr_p99_us: u(&rr, "p99_us"),
         rr_p999_us: u(&rr, "p999_us"),
@@ -159,6 +225,43 @@ fn run(sc: &Scenario, sizes: Sizes, bins: &Path) -> Result<Row> {
         new_conn_p99_us: u(&nc, "p99_us"),
         new_conns_per_s: nc["ops_per_s"].as_f64().unwrap_or(0.0),
     })
+}
+
+/// Node 1's agent RSS (KiB) before and after its config grows by `n`
+/// workloads (on another node) and `n` services.
+fn rss_with_workloads(bins: &Path, n: usize) -> Result<(u64, u64)> {
+    let b = ClusterBox::up(Spec::demo(), bins.to_owned())?;
+    let s = &b.state;
+    let before = rss_kib(s.agent_pids[0]);
+    let mut cfg = s.agent_config(0);
+    let template = cfg.workloads[0].clone();
+    let svc = cfg.services[0].clone();
+    for i in 0..n {
+        let ip = std::net::Ipv4Addr::new(10, 2, (i / 250) as u8, (i % 250) as u8 + 1);
+        let mut w = template.clone();
+        (w.uid, w.name, w.node, w.ip, w.netns, w.host_veth) = (
+            format!("bench-{i}"),
+            format!("bench-{i}"),
+            "elsewhere".into(),
+            ip,
+            None,
+            None,
+        );
+        cfg.workloads.push(w);
+        let mut v = svc.clone();
+        v.name = format!("bench-{i}");
+        v.vip = std::net::Ipv4Addr::new(10, 97, (i / 250) as u8, (i % 250) as u8 + 1);
+        v.endpoints = vec![ferry_agent::config::Endpoint { ip, ready: true }];
+        cfg.services.push(v);
+    }
+    let version = s.config_version(0)?;
+    std::fs::write(s.config_path(0), serde_norway::to_string(&cfg)?)?;
+    let deadline = Instant::now() + std::time::Duration::from_secs(30);
+    while s.config_version(0)? <= version {
+        anyhow::ensure!(Instant::now() < deadline, "agent did not apply the large config");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    Ok((before, rss_kib(s.agent_pids[0])))
 }
 
 fn sh(cmd: &str, args: &[&str]) -> String {
@@ -177,7 +280,11 @@ pub fn bench(sizes: Sizes, quick: bool, bins: &Path, out: &Path) -> Result<()> {
         eprintln!("bench: {} ...", sc.name);
         rows.push(run(sc, sizes, bins)?);
     }
+    eprintln!("bench: agent memory with 1000 workloads ...");
+    let (rss_small, rss_1000) = rss_with_workloads(bins, 1000)?;
     let machine = serde_json::json!({
+        "agent_rss_kib_demo_config": rss_small,
+        "agent_rss_kib_with_1000_workloads_and_services": rss_1000,
         "kernel": sh("uname", &["-r"]),
         "cores": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
         "commit": sh("git", &["rev-parse", "--short", "HEAD"]),
@@ -211,6 +318,23 @@ pub fn bench(sizes: Sizes, quick: bool, bins: &Path, out: &Path) -> Result<()> {
             r.new_conns_per_s
         ));
     }
+    md.push_str(
+        "\n| scenario | 4 streams Gbit/s | agents CPU s / GiB | agents CPU s / 10k rr | agent RSS idle KiB | agent RSS after KiB |\n|---|---|---|---|---|---|\n",
+    );
+    for r in &rows {
+        md.push_str(&format!(
+            "| {} | {:.2} | {:.2} | {:.2} | {} | {} |\n",
+            r.scenario,
+            r.echo4_gbit_s,
+            r.agent_cpu_s_per_gib,
+            r.agent_cpu_s_per_10k_rr,
+            r.agent_rss_idle_kib,
+            r.agent_rss_after_kib
+        ));
+    }
+    md.push_str(&format!(
+        "\nAgent RSS with the demo config: {rss_small} KiB; with 1000 more workloads and 1000 services: {rss_1000} KiB.\n"
+    ));
     md.push_str(&format!("\nMachine: {machine}\n"));
     let cmd = if quick {
         "cargo xtask bench --quick"
@@ -224,7 +348,9 @@ pub fn bench(sizes: Sizes, quick: bool, bins: &Path, out: &Path) -> Result<()> {
          - echo: one connection, the client sends {} MiB and reads them back concurrently; Gbit/s each way.\n\
          - rr: 1-byte request/response round trips over one connection ({} of them), closed loop.\n\
          - new-conn: connect + 1-byte round trip, new connection each time ({}); conns/s is closed-loop.\n\
-         - Not yet measured (issue \"Benchmarks\"): 4 streams, fixed-rate latency, agent CPU and RSS, the \
+         - 4 streams: four echo connections at once, aggregate each way. Agent CPU: utime+stime of both \
+         agents during the runs; RSS: the larger agent's VmRSS.\n\
+         - Not yet measured (issue \"Benchmarks\"): fixed-rate (coordinated-omission-safe) latency, the \
          sidecar model, splicing on/off, plots.\n\n{md}",
         sizes.echo_bytes >> 20,
         sizes.rr_count,
