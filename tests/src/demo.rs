@@ -18,16 +18,6 @@ fn ferryctl(b: &ClusterBox, node: usize, args: &[&str]) -> Result<()> {
     Ok(())
 }
 
-/// A counter or gauge sample's value (OpenMetrics `_total` samples parse as untyped).
-fn sample_value(v: &prometheus_parse::Value) -> f64 {
-    match v {
-        prometheus_parse::Value::Counter(v)
-        | prometheus_parse::Value::Gauge(v)
-        | prometheus_parse::Value::Untyped(v) => *v,
-        _ => f64::NAN,
-    }
-}
-
 pub fn run(bins: PathBuf, keep: bool) -> Result<()> {
     section("Bringing up the cluster-in-a-box");
     let b = ClusterBox::up(Spec::demo(), bins)?;
@@ -107,7 +97,7 @@ pub fn run(bins: PathBuf, keep: bool) -> Result<()> {
             .filter(|m| m.metric == "istio_tcp_connections_opened_total")
         {
             let l = |k: &str| m.labels.get(k).unwrap_or("-").to_owned();
-            let v = sample_value(&m.value);
+            let v = crate::sample_value(&m.value);
             if l("source_workload") == "unknown" {
                 continue; // the box's own readiness probes from the node
             }
@@ -126,7 +116,11 @@ pub fn run(bins: PathBuf, keep: bool) -> Result<()> {
             .iter()
             .filter(|m| m.metric == "ferry_ebpf_redirects_total")
         {
-            println!("  node{} ferry_ebpf_redirects_total {}", n + 1, sample_value(&m.value));
+            println!(
+                "  node{} ferry_ebpf_redirects_total {}",
+                n + 1,
+                crate::sample_value(&m.value)
+            );
         }
     }
 

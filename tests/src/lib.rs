@@ -879,6 +879,16 @@ impl BoxState {
     }
 }
 
+/// A counter or gauge sample's value (OpenMetrics `_total` samples parse as untyped).
+pub fn sample_value(v: &prometheus_parse::Value) -> f64 {
+    match v {
+        prometheus_parse::Value::Counter(v)
+        | prometheus_parse::Value::Gauge(v)
+        | prometheus_parse::Value::Untyped(v) => *v,
+        _ => f64::NAN,
+    }
+}
+
 /// Fails clearly when not root (the box needs namespaces, cgroups and BPF).
 pub fn require_root() {
     // SAFETY: geteuid has no preconditions.

@@ -352,10 +352,7 @@ fn the_tunnel_refuses_bad_peers_and_says_why() {
             .samples
             .iter()
             .filter(|x| x.metric == metric && x.labels.get("reason") == Some(reason))
-            .map(|x| match x.value {
-                prometheus_parse::Value::Counter(v) | prometheus_parse::Value::Untyped(v) => v,
-                _ => 0.0,
-            })
+            .map(|x| ferry_box::sample_value(&x.value))
             .sum()
     };
     assert_eq!(
@@ -402,10 +399,7 @@ fn certificates_rotate_under_live_traffic() {
         .samples
         .iter()
         .find(|x| x.metric == "ferry_tunnel_pool_connections_total")
-        .map(|x| match x.value {
-            prometheus_parse::Value::Counter(v) | prometheus_parse::Value::Untyped(v) => v,
-            _ => 0.0,
-        });
+        .map(|x| ferry_box::sample_value(&x.value));
     assert!(pool.unwrap_or(0.0) >= 2.0, "pooled connections: {pool:?}");
     let rot = m.samples.iter().any(|x| x.metric == "ferry_cert_rotations_total");
     assert!(rot);

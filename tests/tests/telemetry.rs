@@ -4,20 +4,13 @@
 use std::{collections::HashMap, time::Duration};
 
 use ferry_box::{eventually, require_root, ClusterBox, Spec};
-use prometheus_parse::{Sample, Scrape, Value};
+use prometheus_parse::Scrape;
 
 const VIP: &str = "10.96.0.10:80";
 
 fn up(spec: Spec) -> ClusterBox {
     require_root();
     ClusterBox::up(spec, ferry_box::default_bin_dir()).expect("box up")
-}
-
-fn value(s: &Sample) -> f64 {
-    match s.value {
-        Value::Counter(v) | Value::Gauge(v) | Value::Untyped(v) => v,
-        _ => f64::NAN,
-    }
 }
 
 /// The one sample of `metric` whose labels include all of `want`.
@@ -28,7 +21,7 @@ fn find(scrape: &Scrape, metric: &str, want: &[(&str, &str)]) -> Option<f64> {
         .filter(|s| s.metric == metric && want.iter().all(|(k, v)| s.labels.get(k) == Some(*v)))
         .collect();
     assert!(hits.len() <= 1, "{metric} {want:?} matches {} samples", hits.len());
-    hits.first().map(|s| value(s))
+    hits.first().map(|s| ferry_box::sample_value(&s.value))
 }
 
 #[test]

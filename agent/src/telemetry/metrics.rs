@@ -197,13 +197,22 @@ impl Collector for EbpfCollector {
         };
         let Ok(stats) = p.stats() else { return Ok(()) };
         for (name, v) in stats {
-            let c = ConstCounter::new(v);
-            let (metric, help) = (format!("ferry_ebpf_{name}"), format!("eBPF counter {name}"));
-            let m = enc.encode_descriptor(&metric, &help, None, c.metric_type())?;
-            c.encode(m)?;
+            const_counter(
+                &mut enc,
+                &format!("ferry_ebpf_{name}"),
+                &format!("eBPF counter {name}"),
+                v,
+            )?;
         }
         Ok(())
     }
+}
+
+/// Encodes one unlabelled counter read at scrape time.
+fn const_counter(enc: &mut DescriptorEncoder, name: &str, help: &str, v: u64) -> Result<(), std::fmt::Error> {
+    let c = ConstCounter::new(v);
+    let m = enc.encode_descriptor(name, help, None, c.metric_type())?;
+    c.encode(m)
 }
 
 /// Proxy-side counters that live in `Counters` (no per-label state).
@@ -249,9 +258,7 @@ impl Collector for ProxyCollector {
         .into_iter()
         .collect();
         for (name, (v, help)) in rows {
-            let k = ConstCounter::new(v);
-            let m = enc.encode_descriptor(name, help, None, k.metric_type())?;
-            k.encode(m)?;
+            const_counter(&mut enc, name, help, v)?;
         }
         Ok(())
     }
@@ -294,9 +301,7 @@ impl Collector for MeshCollector {
                 "certificate requests that failed",
             ),
         ] {
-            let k = ConstCounter::new(v);
-            let m = enc.encode_descriptor(name, help, None, k.metric_type())?;
-            k.encode(m)?;
+            const_counter(&mut enc, name, help, v)?;
         }
         let soonest = ids.views().iter().map(|c| c.seconds_to_expiry).min();
         if let Some(s) = soonest {
