@@ -22,17 +22,24 @@ pub struct Sizes {
     pub echo_bytes: u64,
     pub rr_count: usize,
     pub rr_new_count: usize,
+    /// Open-loop requests per second, and how many.
+    pub fixed_rate: u64,
+    pub fixed_count: usize,
 }
 
 pub const QUICK: Sizes = Sizes {
     echo_bytes: 32 << 20,
     rr_count: 1000,
     rr_new_count: 200,
+    fixed_rate: 1000,
+    fixed_count: 1000,
 };
 pub const FULL: Sizes = Sizes {
     echo_bytes: 512 << 20,
     rr_count: 20_000,
     rr_new_count: 3_000,
+    fixed_rate: 2000,
+    fixed_count: 20_000,
 };
 
 struct Scenario {
@@ -113,6 +120,11 @@ pub struct Row {
     pub rr_p50_us: u64,
     pub rr_p99_us: u64,
     pub rr_p999_us: u64,
+    /// Fixed-rate (open-loop, coordinated-omission-safe) 1-byte round trips.
+    pub fixed_rate_per_s: u64,
+    pub fixed_p50_us: u64,
+    pub fixed_p99_us: u64,
+    pub fixed_p999_us: u64,
     pub new_conn_p50_us: u64,
     pub new_conn_p99_us: u64,
     pub new_conns_per_s: f64,
@@ -197,6 +209,8 @@ fn run(sc: &Scenario, sizes: Sizes, bins: &Path) -> Result<Row> {
     let cpu1 = agents_cpu(s);
     let rr = json(&s.client("client", &["rr", "--to", &to, "--count", &sizes.rr_count.to_string()])?)?;
     let cpu_rr = agents_cpu(s) - cpu1;
+    let (rate, n) = (sizes.fixed_rate.to_string(), sizes.fixed_count.to_string());
+    let fixed = json(&s.client("client", &["rr", "--to", &to, "--count", &n, "--rate", &rate])?)?;
     let nc = json(&s.client(
         "client",
         &[
@@ -221,6 +235,10 @@ fn run(sc: &Scenario, sizes: Sizes, bins: &Path) -> Result<Row> {
         rr_p50_us: u(&rr, "p50_us"),
         rr_p99_us: u(&rr, "p99_us"),
         rr_p999_us: u(&rr, "p999_us"),
+        fixed_rate_per_s: sizes.fixed_rate,
+        fixed_p50_us: u(&fixed, "p50_us"),
+        fixed_p99_us: u(&fixed, "p99_us"),
+        fixed_p999_us: u(&fixed, "p999_us"),
         new_conn_p50_us: u(&nc, "p50_us"),
         new_conn_p99_us: u(&nc, "p99_us"),
         new_conns_per_s: nc["ops_per_s"].as_f64().unwrap_or(0.0),
@@ -262,6 +280,55 @@ fn rss_with_workloads(bins: &Path, n: usize) -> Result<(u64, u64)> {
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
     Ok((before, rss_kib(s.agent_pids[0])))
+}
+
+/// A horizontal bar chart (log scale) of the fixed-rate latency percentiles
+/// per scenario, as SVG: people would rather look than read.
+pub fn latency_svg(rows: &[Row]) -> String {
+    let (left, width, bar, gap) = (300.0, 560.0, 12.0, 14.0);
+    let (lo, hi) = (10f64.log10(), 100_000f64.log10()); // 10 µs .. 100 ms
+    let x = |us: u64| left + width * (((us.max(10) as f64).log10() - lo) / (hi - lo)).clamp(0.0, 1.0);
+    let height = 40.0 + rows.len() as f64 * (3.0 * bar + gap) + 30.0;
+    let mut svg = format!(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"900\" height=\"{height}\" font-family=\"sans-serif\" font-size=\"12\">\n\
+         <text x=\"10\" y=\"20\" font-size=\"14\">Fixed-rate 1-byte request/response latency (µs, log scale): p50, p99, p99.9</text>\n"
+    );
+    for (i, t) in [10u64, 100, 1_000, 10_000, 100_000].iter().enumerate() {
+        let tx = x(*t);
+        svg.push_str(&format!(
+            "<line x1=\"{tx}\" y1=\"30\" x2=\"{tx}\" y2=\"{}\" stroke=\"#ddd\"/><text x=\"{tx}\" y=\"{}\" text-anchor=\"middle\">{}</text>\n",
+            height - 25.0,
+            height - 10.0,
+            ["10", "100", "1 ms", "10 ms", "100 ms"][i]
+        ));
+    }
+    for (i, r) in rows.iter().enumerate() {
+        let y0 = 40.0 + i as f64 * (3.0 * bar + gap);
+        svg.push_str(&format!(
+            "<text x=\"10\" y=\"{}\">{}</text>\n",
+            y0 + 1.5 * bar + 4.0,
+            r.scenario
+        ));
+        for (k, (v, color)) in [
+            (r.fixed_p50_us, "#4c78a8"),
+            (r.fixed_p99_us, "#f58518"),
+            (r.fixed_p999_us, "#e45756"),
+        ]
+        .iter()
+        .enumerate()
+        {
+            let y = y0 + k as f64 * bar;
+            svg.push_str(&format!(
+                "<rect x=\"{left}\" y=\"{y}\" width=\"{}\" height=\"{}\" fill=\"{color}\"/><text x=\"{}\" y=\"{}\" font-size=\"10\">{v}</text>\n",
+                x(*v) - left,
+                bar - 2.0,
+                x(*v) + 4.0,
+                y + bar - 3.0
+            ));
+        }
+    }
+    svg.push_str("</svg>\n");
+    svg
 }
 
 fn sh(cmd: &str, args: &[&str]) -> String {
@@ -319,12 +386,15 @@ pub fn bench(sizes: Sizes, quick: bool, bins: &Path, out: &Path) -> Result<()> {
         ));
     }
     md.push_str(
-        "\n| scenario | 4 streams Gbit/s | agents CPU s / GiB | agents CPU s / 10k rr | agent RSS idle KiB | agent RSS after KiB |\n|---|---|---|---|---|---|\n",
+        "\n| scenario | fixed-rate p50 µs | fixed-rate p99 µs | fixed-rate p99.9 µs | 4 streams Gbit/s | agents CPU s / GiB | agents CPU s / 10k rr | agent RSS idle KiB | agent RSS after KiB |\n|---|---|---|---|---|---|---|---|---|\n",
     );
     for r in &rows {
         md.push_str(&format!(
-            "| {} | {:.2} | {:.2} | {:.2} | {} | {} |\n",
+            "| {} | {} | {} | {} | {:.2} | {:.2} | {:.2} | {} | {} |\n",
             r.scenario,
+            r.fixed_p50_us,
+            r.fixed_p99_us,
+            r.fixed_p999_us,
             r.echo4_gbit_s,
             r.agent_cpu_s_per_gib,
             r.agent_cpu_s_per_10k_rr,
@@ -350,12 +420,23 @@ pub fn bench(sizes: Sizes, quick: bool, bins: &Path, out: &Path) -> Result<()> {
          - new-conn: connect + 1-byte round trip, new connection each time ({}); conns/s is closed-loop.\n\
          - 4 streams: four echo connections at once, aggregate each way. Agent CPU: utime+stime of both \
          agents during the runs; RSS: the larger agent's VmRSS.\n\
-         - Not yet measured (issue \"Benchmarks\"): fixed-rate (coordinated-omission-safe) latency, the \
-         sidecar model, splicing on/off, plots.\n\n{md}",
+         - fixed-rate: {} 1-byte round trips at {}/s on a schedule; each latency counts from when the \
+         request was due, so stalls are not hidden (no coordinated omission).\n\
+         - Not yet measured (issue \"Benchmarks\"): the sidecar model, splicing on/off (it breaks blocking \
+         readers on this kernel: docs/architecture.md).\n\n{md}",
         sizes.echo_bytes >> 20,
         sizes.rr_count,
-        sizes.rr_new_count
+        sizes.rr_new_count,
+        sizes.fixed_count,
+        sizes.fixed_rate
     );
+    std::fs::write(out.with_extension("svg"), latency_svg(&rows))?;
+    let name = out
+        .with_extension("svg")
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let md = format!("{md}\n![fixed-rate latency per scenario]({name})\n");
     std::fs::write(out.with_extension("md"), &md)?;
     print!("{md}");
     Ok(())

@@ -26,5 +26,10 @@ fn quick_benchmark_runs_and_writes_the_report() {
     }
     let md = std::fs::read_to_string(out.with_extension("md")).unwrap();
     assert!(md.contains("ferry cross-node mTLS") && md.contains("vs direct"));
+    let svg = std::fs::read_to_string(out.with_extension("svg")).unwrap();
+    assert!(
+        svg.starts_with("<svg") && svg.matches("<rect").count() == 18,
+        "3 bars x 6 scenarios"
+    );
     let _ = std::fs::remove_dir_all(dir);
 }

@@ -75,6 +75,11 @@ enum Op {
         /// Message size in bytes.
         #[arg(long, default_value_t = 1)]
         size: usize,
+        /// Open loop at this many requests/s: each latency is measured from
+        /// when the request was due, not when it was sent, so a stall counts
+        /// against every request it delayed (no coordinated omission).
+        #[arg(long)]
+        rate: Option<f64>,
     },
     /// Echo MARKER repeated COUNT times (for capture tests).
     Marker {
@@ -243,14 +248,24 @@ fn client(op: Op) -> Result<()> {
             count,
             new_conn,
             size,
+            rate,
         } => {
             let msg = vec![b'x'; size];
             let mut back = vec![0u8; size];
             let mut lat = Vec::with_capacity(count);
             let mut conn: Option<TcpStream> = None;
             let started = Instant::now();
-            for _ in 0..count {
-                let t = Instant::now();
+            for i in 0..count {
+                let t = match rate {
+                    Some(r) => {
+                        let due = started + std::time::Duration::from_secs_f64(i as f64 / r);
+                        if let Some(wait) = due.checked_duration_since(Instant::now()) {
+                            std::thread::sleep(wait);
+                        }
+                        due
+                    }
+                    None => Instant::now(),
+                };
                 if new_conn || conn.is_none() {
                     let mut c = connect(to)?;
                     c.set_nodelay(true)?;
