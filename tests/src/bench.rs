@@ -50,6 +50,8 @@ struct Scenario {
     cross_node: bool,
     mtls: bool,
     metrics: bool,
+    /// The sidecar model: an HAProxy L4 proxy in each pod, no Ferry.
+    sidecar: bool,
 }
 
 const SCENARIOS: &[Scenario] = &[
@@ -60,6 +62,7 @@ const SCENARIOS: &[Scenario] = &[
         cross_node: false,
         mtls: false,
         metrics: true,
+        sidecar: false,
     },
     Scenario {
         name: "direct cross-node",
@@ -68,6 +71,7 @@ const SCENARIOS: &[Scenario] = &[
         cross_node: true,
         mtls: false,
         metrics: true,
+        sidecar: false,
     },
     Scenario {
         name: "ferry same-node",
@@ -76,6 +80,7 @@ const SCENARIOS: &[Scenario] = &[
         cross_node: false,
         mtls: true,
         metrics: true,
+        sidecar: false,
     },
     Scenario {
         name: "ferry cross-node plain",
@@ -84,6 +89,7 @@ const SCENARIOS: &[Scenario] = &[
         cross_node: true,
         mtls: false,
         metrics: true,
+        sidecar: false,
     },
     Scenario {
         name: "ferry cross-node mTLS",
@@ -92,6 +98,7 @@ const SCENARIOS: &[Scenario] = &[
         cross_node: true,
         mtls: true,
         metrics: true,
+        sidecar: false,
     },
     Scenario {
         name: "ferry cross-node mTLS, metrics off",
@@ -100,6 +107,16 @@ const SCENARIOS: &[Scenario] = &[
         cross_node: true,
         mtls: true,
         metrics: false,
+        sidecar: false,
+    },
+    Scenario {
+        name: "sidecar model cross-node plain (HAProxy per pod)",
+        baseline: "direct cross-node",
+        mesh: false,
+        cross_node: true,
+        mtls: false,
+        metrics: true,
+        sidecar: true,
     },
 ];
 
@@ -181,7 +198,10 @@ fn run(sc: &Scenario, sizes: Sizes, bins: &Path) -> Result<Row> {
     let b = ClusterBox::up(spec, bins.to_owned())?;
     let s = &b.state;
     let rss_idle = agents_rss(s);
-    let to = if sc.mesh {
+    let to = if sc.sidecar {
+        start_sidecars(s, target)?;
+        "127.0.0.1:15001".to_owned()
+    } else if sc.mesh {
         "10.96.0.10:80".to_owned()
     } else {
         format!("{}:8080", s.pod_ip(target)?)
@@ -331,6 +351,47 @@ pub fn latency_svg(rows: &[Row]) -> String {
     svg
 }
 
+/// The sidecar model: HAProxy as a plain L4 proxy inside the client pod
+/// (127.0.0.1:15001, the app connects to it) and inside the server pod (pod IP
+/// :15006, forwarding to the app on loopback). Killed with the box.
+fn start_sidecars(s: &crate::BoxState, server: &str) -> Result<()> {
+    let server_ip = s.pod_ip(server)?;
+    let conf = |name: &str, bind: String, to: String| -> Result<String> {
+        let path = s.dir.join(format!("haproxy-{name}.cfg"));
+        std::fs::write(
+            &path,
+            format!(
+                "global\n  maxconn 4000\ndefaults\n  mode tcp\n  timeout connect 5s\n  timeout client 120s\n  \
+                 timeout server 120s\nlisten sidecar\n  bind {bind}\n  server upstream {to}\n"
+            ),
+        )?;
+        Ok(path.display().to_string())
+    };
+    for (pod, cfg) in [
+        (
+            "client",
+            conf("client", "127.0.0.1:15001".into(), format!("{server_ip}:15006"))?,
+        ),
+        (
+            server,
+            conf(server, format!("{server_ip}:15006"), "127.0.0.1:8080".into())?,
+        ),
+    ] {
+        s.pod_command(pod, "haproxy", &["-f", &cfg, "-db", "-q"])?
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .context("starting haproxy (cargo xtask deps installs it)")?;
+    }
+    let deadline = Instant::now() + std::time::Duration::from_secs(10);
+    while s.who("client", "127.0.0.1:15001").is_err() {
+        anyhow::ensure!(Instant::now() < deadline, "sidecars did not come up");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    Ok(())
+}
+
 fn sh(cmd: &str, args: &[&str]) -> String {
     Command::new(cmd)
         .args(args)
@@ -422,8 +483,9 @@ pub fn bench(sizes: Sizes, quick: bool, bins: &Path, out: &Path) -> Result<()> {
          agents during the runs; RSS: the larger agent's VmRSS.\n\
          - fixed-rate: {} 1-byte round trips at {}/s on a schedule; each latency counts from when the \
          request was due, so stalls are not hidden (no coordinated omission).\n\
-         - Not yet measured (issue \"Benchmarks\"): the sidecar model, splicing on/off (it breaks blocking \
-         readers on this kernel: docs/architecture.md).\n\n{md}",
+         - sidecar model: HAProxy (Debian) as a plain L4 proxy in each pod, the client app talking to its \
+         local sidecar; compare with Ferry's cross-node plain path (neither uses TLS).\n\
+         - Not yet measured: splicing on/off (it breaks blocking readers on this kernel: docs/architecture.md).\n\n{md}",
         sizes.echo_bytes >> 20,
         sizes.rr_count,
         sizes.rr_new_count,

@@ -17,7 +17,7 @@ fn quick_benchmark_runs_and_writes_the_report() {
     let report: serde_json::Value =
         serde_json::from_slice(&std::fs::read(out.with_extension("json")).unwrap()).unwrap();
     let rows = report["rows"].as_array().unwrap();
-    assert_eq!(rows.len(), 6);
+    assert_eq!(rows.len(), 7);
     for r in rows {
         assert!(
             r["echo_gbit_s"].as_f64().unwrap() > 0.0 && r["rr_p50_us"].as_u64().unwrap() > 0,
@@ -28,8 +28,8 @@ fn quick_benchmark_runs_and_writes_the_report() {
     assert!(md.contains("ferry cross-node mTLS") && md.contains("vs direct"));
     let svg = std::fs::read_to_string(out.with_extension("svg")).unwrap();
     assert!(
-        svg.starts_with("<svg") && svg.matches("<rect").count() == 18,
-        "3 bars x 6 scenarios"
+        svg.starts_with("<svg") && svg.matches("<rect").count() == 21,
+        "3 bars x 7 scenarios"
     );
     let _ = std::fs::remove_dir_all(dir);
 }

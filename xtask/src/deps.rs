@@ -14,6 +14,7 @@ const NEEDED: &[(&str, &str)] = &[
     ("ip", "iproute2"),
     ("iperf3", "iperf3"),
     ("tcpdump", "tcpdump"),
+    ("haproxy", "haproxy"),
 ];
 
 fn present(what: &str) -> bool {
@@ -40,7 +41,7 @@ extern "C" {
 pub fn ensure() -> Result<()> {
     let missing: Vec<&str> = NEEDED.iter().filter(|(c, _)| !present(c)).map(|(_, p)| *p).collect();
     if missing.is_empty() {
-        eprintln!("deps: all present (clang, llvm, libbpf-dev, bpftool, iproute2, iperf3, tcpdump)");
+        eprintln!("deps: all present (clang, llvm, libbpf-dev, bpftool, iproute2, iperf3, tcpdump, haproxy)");
         return Ok(());
     }
     if !is_root() {
