@@ -336,12 +336,11 @@ impl Agent {
             .unwrap_or_else(|e| e.into_inner())
             .insert(w.uid.clone(), ctx.clone());
         let p = &self.proxy;
-        let tasks = vec![
+        let mut tasks = vec![
             tokio::spawn(outbound::serve(p.clone(), ctx.clone(), out_l)).abort_handle(),
             tokio::spawn(inbound::serve(p.clone(), ctx.clone(), in_l, inbound::Kind::Plain)).abort_handle(),
             tokio::spawn(inbound::serve(p.clone(), ctx.clone(), tun_l, inbound::Kind::Tunnel)).abort_handle(),
         ];
-        let mut tasks = tasks;
         if let Some(ids) = &self.ids {
             tasks.push(ids.keep_fresh(w.uid.clone()));
         }
