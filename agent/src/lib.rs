@@ -11,6 +11,7 @@ pub mod admin;
 pub mod agent;
 pub mod cgroup;
 pub mod config;
+pub mod discovery;
 pub mod identity;
 pub mod netns;
 pub mod podnet;

@@ -3,3 +3,7 @@
 pub mod identity {
     tonic::include_proto!("ferry.identity.v1");
 }
+
+pub mod discovery {
+    tonic::include_proto!("ferry.discovery.v1");
+}

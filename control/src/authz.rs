@@ -20,6 +20,13 @@ pub fn spiffe_id(w: &Workload) -> String {
     ferry_agent::identity::spiffe_id(&w.namespace, &w.service_account)
 }
 
+/// The node a credential belongs to.
+pub fn node_of<'a>(tokens: &'a BTreeMap<String, String>, token: Option<&str>) -> Result<&'a String, Denied> {
+    token
+        .and_then(|t| tokens.iter().find(|(_, v)| v.as_str() == t).map(|(n, _)| n))
+        .ok_or(Denied::Unauthenticated)
+}
+
 /// The SPIFFE id `token`'s node may have certified for pod `uid`.
 pub fn authorize(
     tokens: &BTreeMap<String, String>,
@@ -27,9 +34,7 @@ pub fn authorize(
     token: Option<&str>,
     uid: &str,
 ) -> Result<String, Denied> {
-    let node = token
-        .and_then(|t| tokens.iter().find(|(_, v)| v.as_str() == t).map(|(n, _)| n))
-        .ok_or(Denied::Unauthenticated)?;
+    let node = node_of(tokens, token)?;
     let w = pods.get(uid).ok_or_else(|| Denied::NoSuchPod(uid.to_owned()))?;
     if &w.node != node {
         return Err(Denied::WrongNode {

@@ -1,32 +1,29 @@
-//! ferry-control: Ferry's control plane. Today it is the CA: it signs workload
-//! certificates over gRPC (tonic, TLS) for agents, and only for pods that run
-//! on the calling node. Its cluster view is a directory of the same YAML the
-//! agents read (the cluster-in-a-box); the Kubernetes watcher is a later issue.
+//! ferry-control: Ferry's control plane. It reads the cluster (Kubernetes
+//! watches or a directory of YAML) into one typed model ([`model`]), turns it
+//! into what each node needs ([`compute`]), streams that to the agents
+//! ([`discovery`]), and is the CA: it signs workload certificates only for
+//! pods that run on the calling node.
 
+pub mod analyze;
 pub mod authz;
 pub mod ca;
+pub mod compute;
+pub mod discovery;
+pub mod model;
+pub mod source;
 
 use std::{collections::BTreeMap, path::PathBuf, sync::Arc, time::Duration};
 
-use ferry_agent::config::{ConfigFile, Workload};
 use ferry_api::identity::{identity_server::Identity, SignRequest, SignResponse};
 use tonic::{Request, Response, Status};
 
-/// The pods of every YAML file in `dir` (a broken file is skipped and logged).
-pub fn cluster_pods(dir: &std::path::Path) -> BTreeMap<String, Workload> {
-    let mut pods = BTreeMap::new();
-    let Ok(rd) = std::fs::read_dir(dir) else { return pods };
-    for e in rd.flatten() {
-        let p = e.path();
-        if p.extension().and_then(|x| x.to_str()) != Some("yaml") {
-            continue;
-        }
-        match ConfigFile::load(&p) {
-            Ok(c) => pods.extend(c.workloads.into_iter().map(|w| (w.uid.clone(), w))),
-            Err(err) => tracing::warn!(error = %err, "skipping cluster file"),
-        }
-    }
-    pods
+/// The node credential of a request (`authorization: Bearer <token>`).
+pub fn bearer<T>(req: &Request<T>) -> Option<String> {
+    req.metadata()
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::to_owned)
 }
 
 /// `node: token` pairs (the per-node bootstrap credentials).
@@ -37,7 +34,7 @@ pub fn load_tokens(path: &std::path::Path) -> anyhow::Result<BTreeMap<String, St
 
 pub struct IdentityService {
     pub ca: Arc<ca::Ca>,
-    pub cluster_dir: PathBuf,
+    pub store: Arc<discovery::Store>,
     pub tokens: PathBuf,
     pub max_ttl: Duration,
 }
@@ -45,16 +42,11 @@ pub struct IdentityService {
 #[tonic::async_trait]
 impl Identity for IdentityService {
     async fn sign(&self, req: Request<SignRequest>) -> Result<Response<SignResponse>, Status> {
-        let token = req
-            .metadata()
-            .get("authorization")
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .map(str::to_owned);
+        let token = bearer(&req);
         let req = req.into_inner();
         let tokens = load_tokens(&self.tokens).map_err(|e| Status::internal(e.to_string()))?;
-        let pods = cluster_pods(&self.cluster_dir);
-        let id = match authz::authorize(&tokens, &pods, token.as_deref(), &req.pod_uid) {
+        let snap = self.store.current();
+        let id = match authz::authorize(&tokens, &snap.pods, token.as_deref(), &req.pod_uid) {
             Ok(id) => id,
             Err(d) => {
                 tracing::warn!(pod = %req.pod_uid, reason = %d, "certificate request denied");

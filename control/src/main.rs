@@ -1,11 +1,21 @@
-//! ferry-control: the CA's gRPC endpoint (TLS).
+//! ferry-control: watches the cluster (a YAML directory here; Kubernetes with
+//! --kubernetes), streams per-node config to agents and signs workload
+//! certificates, on one gRPC endpoint (TLS).
 
-use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
+use std::{
+    collections::BTreeSet,
+    net::SocketAddr,
+    path::PathBuf,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
 
 use anyhow::Context;
 use clap::Parser;
-use ferry_api::identity::identity_server::IdentityServer;
-use ferry_control::{ca::Ca, IdentityService};
+use ferry_api::{discovery::discovery_server::DiscoveryServer, identity::identity_server::IdentityServer};
+use ferry_control::{
+    analyze, ca::Ca, compute, discovery::DiscoveryService, discovery::Store, model::Problem, source, IdentityService,
+};
 use tonic::transport::{Identity, Server, ServerTlsConfig};
 
 #[derive(Parser)]
@@ -14,9 +24,13 @@ struct Args {
     /// CA directory: ca.cert.pem + ca.key.pem (created if absent), optional trust-bundle.pem.
     #[arg(long)]
     ca_dir: PathBuf,
-    /// Directory of cluster YAML (where pods run).
-    #[arg(long)]
-    cluster_dir: PathBuf,
+    /// Directory of cluster YAML (Kubernetes shapes: Namespaces, Pods,
+    /// Services, EndpointSlices, Istio and Gateway API objects), re-read on change.
+    #[arg(long, required_unless_present = "kubernetes")]
+    cluster_dir: Option<PathBuf>,
+    /// Watch the Kubernetes API (in-cluster config or KUBECONFIG) instead of a directory.
+    #[arg(long, conflicts_with = "cluster_dir")]
+    kubernetes: bool,
     /// YAML map of node name -> bootstrap token.
     #[arg(long)]
     tokens: PathBuf,
@@ -25,6 +39,45 @@ struct Args {
     /// Longest certificate lifetime granted.
     #[arg(long, default_value_t = 86400)]
     max_ttl_seconds: u64,
+}
+
+/// Logs problems not logged before (each once while it lasts).
+fn log_new(seen: &mut BTreeSet<String>, problems: &[Problem]) {
+    let now: BTreeSet<String> = problems.iter().map(|p| p.to_string()).collect();
+    for p in problems {
+        let text = p.to_string();
+        if !seen.contains(&text) {
+            match p.severity {
+                ferry_control::model::Severity::Error => tracing::error!(problem = %text, "cluster config problem"),
+                ferry_control::model::Severity::Warning => tracing::warn!(problem = %text, "cluster config problem"),
+                ferry_control::model::Severity::Info => tracing::debug!(problem = %text, "cluster config note"),
+            }
+        }
+    }
+    *seen = now;
+}
+
+/// Re-reads the directory every 200 ms and publishes what changed.
+async fn watch_dir(dir: PathBuf, store: Arc<Store>) {
+    let mut src = source::files::FileSource::new(&dir);
+    let mut seen = BTreeSet::new();
+    let mut tick = tokio::time::interval(Duration::from_millis(200));
+    loop {
+        tick.tick().await;
+        let (changed, mut problems) = src.refresh();
+        if !changed {
+            continue;
+        }
+        let (cluster, dups) = src.cluster();
+        problems.extend(dups);
+        problems.extend(analyze::analyze(&cluster));
+        log_new(&mut seen, &problems);
+        let view = compute::mesh_view(&cluster, true);
+        let (pods, services) = (view.workloads.len(), view.services.len());
+        if let Some(v) = store.publish(view) {
+            tracing::info!(version = v, pods, services, "cluster state changed");
+        }
+    }
 }
 
 #[tokio::main]
@@ -37,18 +90,41 @@ async fn main() -> anyhow::Result<()> {
     let ca = Arc::new(Ca::load_or_create(&args.ca_dir)?);
     ferry_control::load_tokens(&args.tokens)?;
     let (cert, key) = ca.server_cert("ferry-control")?;
-    let svc = IdentityService {
+    let store = Arc::new(Store::default());
+    match &args.cluster_dir {
+        Some(dir) => {
+            anyhow::ensure!(dir.is_dir(), "--cluster-dir {}: not a directory", dir.display());
+            tokio::spawn(watch_dir(dir.clone(), store.clone()));
+        }
+        None => {
+            let client = kube_client().await?;
+            tokio::spawn(source::kube::run(client, store.clone()));
+        }
+    }
+    let identity = IdentityService {
         ca,
-        cluster_dir: args.cluster_dir,
-        tokens: args.tokens,
+        store: store.clone(),
+        tokens: args.tokens.clone(),
         max_ttl: Duration::from_secs(args.max_ttl_seconds),
     };
-    tracing::info!(listen = %args.listen, "ferry-control CA serving");
+    let discovery = DiscoveryService {
+        store,
+        tokens: args.tokens,
+        status: Arc::new(Mutex::new(Default::default())),
+    };
+    tracing::info!(listen = %args.listen, "ferry-control serving (CA and config stream)");
     Server::builder()
         .tls_config(ServerTlsConfig::new().identity(Identity::from_pem(cert, key)))
         .context("TLS config")?
-        .add_service(IdentityServer::new(svc))
+        .add_service(IdentityServer::new(identity))
+        .add_service(DiscoveryServer::new(discovery))
         .serve(args.listen)
         .await
         .context("gRPC server")
+}
+
+async fn kube_client() -> anyhow::Result<kube::Client> {
+    kube::Client::try_default()
+        .await
+        .context("no Kubernetes client config (in-cluster or KUBECONFIG)")
 }

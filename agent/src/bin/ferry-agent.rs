@@ -11,9 +11,15 @@ use tracing_subscriber::{layer::SubscriberExt, reload, util::SubscriberInitExt, 
 #[derive(Parser, Debug)]
 #[command(version, about)]
 struct Args {
-    /// Config file (node, workloads, services); re-read when it changes.
+    /// Config file (node, settings, and without --discovery the workloads,
+    /// services and policies); re-read when it changes.
     #[arg(long, short)]
     config: PathBuf,
+    /// Take workloads, services and policies from ferry-control's config
+    /// stream (--control) instead of the file, which then holds only the
+    /// node's settings.
+    #[arg(long, requires = "control")]
+    discovery: bool,
     /// bpffs directory for pins; this node's live under <pin-root>/<node>/.
     #[arg(long, default_value = "/sys/fs/bpf/ferry")]
     pin_root: PathBuf,
@@ -107,6 +113,9 @@ async fn main() -> anyhow::Result<()> {
         .with_context(|| format!("binding metrics endpoint {}", args.metrics))?;
     tokio::spawn(admin::serve_metrics(agent.clone(), metrics_l));
     let mut stamp = None;
+    if args.discovery {
+        return run_discovery(agent, &args, node, initial).await;
+    }
     match initial {
         Some(cfg) if cfg.node == node => {
             stamp = config_stamp(&args.config);
@@ -143,6 +152,60 @@ async fn main() -> anyhow::Result<()> {
         }
     }
 
+    shutdown(agent, &args).await
+}
+
+/// The file only for settings; the rest from the control plane's stream.
+async fn run_discovery(
+    agent: std::sync::Arc<agent::Agent>,
+    args: &Args,
+    node: String,
+    initial: Option<ConfigFile>,
+) -> anyhow::Result<()> {
+    let settings_of = |c: ConfigFile| -> anyhow::Result<_> {
+        anyhow::ensure!(c.node == node, "config is for node {}, not {node}", c.node);
+        anyhow::ensure!(
+            c.workloads.is_empty() && c.services.is_empty() && c.peer_authentications.is_empty(),
+            "with --discovery, workloads, services and policies come from the control plane: \
+             the config file may only hold `node` and `settings`"
+        );
+        Ok(c.settings)
+    };
+    let first = initial.map(settings_of).transpose()?.unwrap_or_default();
+    let (tx, rx) = tokio::sync::watch::channel(first);
+    let opts = ferry_agent::discovery::client::Options {
+        control: args.control.clone().context("--discovery needs --control")?,
+        control_ca: args.control_ca.clone().context("--discovery needs --control-ca")?,
+        token_file: args.token_file.clone().context("--discovery needs --token-file")?,
+    };
+    tokio::spawn(ferry_agent::discovery::client::run(agent.clone(), opts, node.clone(), rx));
+    tracing::info!(node = %node, admin = %args.admin, control = ?args.control, "ferry-agent running (config from the control plane)");
+    let mut stamp = config_stamp(&args.config);
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let mut tick = tokio::time::interval(Duration::from_millis(200));
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {
+                let now = config_stamp(&args.config);
+                if now != stamp {
+                    stamp = now;
+                    match ConfigFile::load(&args.config).map_err(anyhow::Error::from).and_then(settings_of) {
+                        Ok(s) => { let _ = tx.send(s); }
+                        Err(e) => {
+                            agent.proxy.telemetry.metrics.config_rejected.inc();
+                            tracing::error!(error = %e, "settings rejected; keeping the last good ones")
+                        }
+                    }
+                }
+            }
+            _ = term.recv() => break,
+            _ = tokio::signal::ctrl_c() => break,
+        }
+    }
+    shutdown(agent, args).await
+}
+
+async fn shutdown(agent: std::sync::Arc<agent::Agent>, args: &Args) -> anyhow::Result<()> {
     tracing::info!("shutting down: closing listeners, draining connections");
     agent.stop_listeners().await;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(5);

@@ -181,6 +181,8 @@ pub struct Metrics {
     pub config_rejected: Counter,
     pub enrolled_pods: Gauge,
     pub enroll_errors: Gauge,
+    /// 1 while the config stream from the control plane is up.
+    pub control_connected: Gauge,
 }
 
 /// eBPF-side counters, read from the node's pinned maps at scrape time.
@@ -354,6 +356,7 @@ impl Metrics {
             config_rejected: Counter::default(),
             enrolled_pods: Gauge::default(),
             enroll_errors: Gauge::default(),
+            control_connected: Gauge::default(),
             registry,
         };
         let mut registry = m.registry;
@@ -376,6 +379,11 @@ impl Metrics {
             "ferry_enroll_errors",
             "Pods that asked to be enrolled but could not be",
             m.enroll_errors.clone(),
+        );
+        registry.register(
+            "ferry_control_connected",
+            "1 while the config stream from the control plane is up",
+            m.control_connected.clone(),
         );
         registry.register_collector(Box::new(EbpfCollector { pin_root, node }));
         registry.register_collector(Box::new(ProxyCollector(counters)));

@@ -1,0 +1,187 @@
+//! The subscription: connect to ferry-control (TLS, node credential), say
+//! what this node already holds, then apply each response whole or NACK it.
+//! Disconnected, the agent keeps serving its last-known config and retries
+//! with capped, jittered backoff; a reconnect resumes from what it holds.
+
+use std::{path::PathBuf, sync::Arc, time::Duration};
+
+use ferry_api::discovery::{self as pb, discovery_client::DiscoveryClient};
+use futures::{channel::mpsc, SinkExt};
+use tokio::sync::watch;
+use tonic::transport::{Certificate, ClientTlsConfig, Endpoint};
+
+use super::Resources;
+use crate::{agent::Agent, config::Settings};
+
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// ferry-control's gRPC endpoint, e.g. https://10.1.1.1:15012.
+    pub control: String,
+    /// Root that signed ferry-control's serving certificate.
+    pub control_ca: PathBuf,
+    /// This node's credential.
+    pub token_file: PathBuf,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StreamError {
+    #[error("reading {0}: {1}")]
+    File(PathBuf, std::io::Error),
+    #[error("connecting to {0}: {1}")]
+    Connect(String, String),
+    #[error("the control plane refused the subscription: {0}")]
+    Refused(String),
+    #[error("stream broken: {0}")]
+    Broken(String),
+}
+
+const BACKOFF_MIN: Duration = Duration::from_millis(200);
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
+
+/// Runs forever: keeps the node subscribed and its config current.
+/// `settings` are the node's own (from its local file); a change re-applies.
+pub async fn run(agent: Arc<Agent>, opts: Options, node: String, mut settings: watch::Receiver<Settings>) {
+    let mut held: Option<Resources> = None;
+    let mut backoff = BACKOFF_MIN;
+    loop {
+        let got_response = match session(&agent, &opts, &node, &mut held, &mut settings).await {
+            Ok(got) => {
+                tracing::warn!("the control plane closed the config stream; reconnecting");
+                got
+            }
+            Err((got, e)) => {
+                tracing::warn!(error = %e, "config stream down; serving the last-known config");
+                got
+            }
+        };
+        agent.proxy.telemetry.metrics.control_connected.set(0);
+        if got_response {
+            backoff = BACKOFF_MIN;
+        }
+        let jitter = backoff.mul_f64(rand::random::<f64>() * 0.2);
+        let sleep = tokio::time::sleep(backoff + jitter);
+        tokio::pin!(sleep);
+        // Local settings still apply while the control plane is away.
+        loop {
+            tokio::select! {
+                _ = &mut sleep => break,
+                r = settings.changed() => {
+                    if r.is_err() { return; }
+                    let s = settings.borrow_and_update().clone();
+                    reapply(&agent, &node, held.as_ref(), &s).await;
+                }
+            }
+        }
+        backoff = (backoff * 2).min(BACKOFF_MAX);
+    }
+}
+
+async fn reapply(agent: &Agent, node: &str, held: Option<&Resources>, settings: &Settings) {
+    let Some(held) = held else { return };
+    match held.to_config(node, settings) {
+        Ok(cfg) => agent.apply(cfg).await,
+        Err(p) => tracing::error!(problems = ?p, "new local settings rejected"),
+    }
+}
+
+/// One connection. Returns whether any response arrived (for backoff).
+async fn session(
+    agent: &Agent,
+    opts: &Options,
+    node: &str,
+    held: &mut Option<Resources>,
+    settings: &mut watch::Receiver<Settings>,
+) -> Result<bool, (bool, StreamError)> {
+    let fail = |e| (false, e);
+    let token = std::fs::read_to_string(&opts.token_file)
+        .map_err(|e| fail(StreamError::File(opts.token_file.clone(), e)))?;
+    let ca = std::fs::read_to_string(&opts.control_ca)
+        .map_err(|e| fail(StreamError::File(opts.control_ca.clone(), e)))?;
+    let connect_err = |e: String| fail(StreamError::Connect(opts.control.clone(), e));
+    let channel = Endpoint::from_shared(opts.control.clone())
+        .map_err(|e| connect_err(e.to_string()))?
+        .tls_config(
+            ClientTlsConfig::new()
+                .ca_certificate(Certificate::from_pem(ca))
+                .domain_name("ferry-control"),
+        )
+        .map_err(|e| connect_err(e.to_string()))?
+        .connect_timeout(Duration::from_secs(3))
+        .http2_keep_alive_interval(Duration::from_secs(10))
+        .keep_alive_timeout(Duration::from_secs(5))
+        .connect()
+        .await
+        .map_err(|e| connect_err(format!("{e:?}")))?;
+
+    let (mut tx, rx) = mpsc::unbounded::<pb::DiscoveryRequest>();
+    let first = pb::DiscoveryRequest {
+        node: node.to_owned(),
+        initial_versions: held.as_ref().map(Resources::versions).unwrap_or_default(),
+        ..Default::default()
+    };
+    let resumed = first.initial_versions.len();
+    let _ = tx.send(first).await;
+    let mut req = tonic::Request::new(rx);
+    let auth = format!("Bearer {}", token.trim())
+        .parse()
+        .map_err(|_| fail(StreamError::Refused("the token is not valid metadata".into())))?;
+    req.metadata_mut().insert("authorization", auth);
+    let mut stream = DiscoveryClient::new(channel)
+        .stream(req)
+        .await
+        .map_err(|s| fail(StreamError::Refused(s.message().to_owned())))?
+        .into_inner();
+    agent.proxy.telemetry.metrics.control_connected.set(1);
+    tracing::info!(control = %opts.control, resumed_resources = resumed, "subscribed to the control plane");
+
+    let mut got = false;
+    loop {
+        tokio::select! {
+            msg = stream.message() => {
+                let resp = match msg {
+                    Ok(Some(r)) => r,
+                    Ok(None) => return Ok(got),
+                    Err(s) => return Err((got, StreamError::Broken(s.to_string()))),
+                };
+                got = true;
+                let base = held.clone().unwrap_or_default();
+                let next = base.with(&resp);
+                let settings_now = settings.borrow().clone();
+                let answer = match next.to_config(node, &settings_now) {
+                    Ok(cfg) => {
+                        agent.apply(cfg).await;
+                        tracing::info!(
+                            nonce = %resp.nonce,
+                            system_version = resp.system_version,
+                            changed = resp.resources.len(),
+                            removed = resp.removed.len(),
+                            held = next.0.len(),
+                            "config update applied (ACK)"
+                        );
+                        *held = Some(next);
+                        String::new()
+                    }
+                    Err(problems) => {
+                        agent.proxy.telemetry.metrics.config_rejected.inc();
+                        let why = problems.join("; ");
+                        tracing::error!(nonce = %resp.nonce, reason = %why, "config update rejected (NACK); keeping the previous config");
+                        why
+                    }
+                };
+                let ack = pb::DiscoveryRequest {
+                    response_nonce: resp.nonce,
+                    error_detail: answer,
+                    ..Default::default()
+                };
+                if tx.send(ack).await.is_err() {
+                    return Err((got, StreamError::Broken("request stream closed".into())));
+                }
+            }
+            r = settings.changed() => {
+                if r.is_err() { return Ok(got); }
+                let s = settings.borrow_and_update().clone();
+                reapply(agent, node, held.as_ref(), &s).await;
+            }
+        }
+    }
+}

@@ -1,0 +1,207 @@
+//! Checks across objects (what `ferryctl analyze` and the control plane's
+//! log report): references to services that do not exist, subsets no
+//! DestinationRule defines, weights that do not add up, routes to services
+//! without endpoints, opt-in labels and annotations that do nothing.
+//! Parse-level errors (types, unknown fields) come from `model::parse`.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use crate::{
+    compute::{mesh_view, MeshView},
+    model::{parse::MESH_ANNOTATION, Cluster, Key, Located, Object, Problem, Severity},
+};
+
+/// (namespace, name) of the service a host names, seen from namespace `ns`.
+/// None for wildcards and hosts outside the cluster.
+pub fn service_of_host(host: &str, ns: &str) -> Option<(String, String)> {
+    if host.contains('*') {
+        return None;
+    }
+    let parts: Vec<&str> = host.trim_end_matches('.').split('.').collect();
+    match parts.as_slice() {
+        [name] => Some((ns.into(), (*name).into())),
+        [name, n] | [name, n, "svc"] | [name, n, "svc", "cluster", "local"] => Some(((*n).into(), (*name).into())),
+        _ => None,
+    }
+}
+
+struct Ctx<'a> {
+    cluster: &'a Cluster,
+    view: MeshView,
+    out: Vec<Problem>,
+}
+
+impl Ctx<'_> {
+    fn add(&mut self, severity: Severity, key: &Key, at: &Located, field: String, reason: String) {
+        self.out.push(Problem {
+            severity,
+            file: at.file.clone(),
+            line: at.line,
+            object: key.to_string(),
+            field,
+            reason,
+        });
+    }
+
+    /// Checks one destination: the service exists, has endpoints, and the
+    /// subset (if any) is defined.
+    fn destination(&mut self, key: &Key, at: &Located, field: String, host: &str, subset: Option<&str>) {
+        let Some((ns, name)) = service_of_host(host, &key.namespace) else { return };
+        if self.cluster.service(&ns, &name).is_none() {
+            self.add(Severity::Error, key, at, field, format!("host {host:?}: no Service {ns}/{name}"));
+            return;
+        }
+        let endpoints = self
+            .view
+            .services
+            .iter()
+            .find(|(s, _)| s.namespace == ns && s.name == name)
+            .map_or(0, |(s, _)| s.endpoints.iter().filter(|e| e.ready).count());
+        if endpoints == 0 {
+            self.add(Severity::Warning, key, at, field.clone(), format!("Service {ns}/{name} has no ready endpoints"));
+        }
+        if let Some(subset) = subset {
+            let defined = self.subsets(&ns, &name);
+            if !defined.contains(subset) {
+                self.add(
+                    Severity::Warning,
+                    key,
+                    at,
+                    format!("{field}.subset"),
+                    format!("no DestinationRule for {ns}/{name} defines subset {subset:?}"),
+                );
+            }
+        }
+    }
+
+    fn subsets(&self, ns: &str, name: &str) -> BTreeSet<String> {
+        self.cluster
+            .objects
+            .iter()
+            .filter_map(|(k, l)| match &l.object {
+                Object::DestinationRule(dr)
+                    if service_of_host(&dr.spec.host, &k.namespace) == Some((ns.into(), name.into())) =>
+                {
+                    Some(dr.spec.subsets.iter().map(|s| s.name.clone()))
+                }
+                _ => None,
+            })
+            .flatten()
+            .collect()
+    }
+}
+
+fn weights(ws: &[Option<i64>]) -> Option<i64> {
+    let given: Vec<i64> = ws.iter().flatten().copied().collect();
+    let sum: i64 = given.iter().sum();
+    (ws.len() > 1 && sum != 100).then_some(sum)
+}
+
+pub fn analyze(cluster: &Cluster) -> Vec<Problem> {
+    let mut c = Ctx {
+        cluster,
+        view: mesh_view(cluster, true),
+        out: Vec::new(),
+    };
+    let mut vs_hosts: BTreeMap<(String, String), Key> = BTreeMap::new();
+    for (key, at) in &cluster.objects {
+        match &at.object {
+            Object::VirtualService(vs) => {
+                for (i, h) in vs.spec.hosts.iter().enumerate() {
+                    if let Some(svc) = service_of_host(h, &key.namespace) {
+                        if let Some(other) = vs_hosts.insert(svc, key.clone()) {
+                            c.add(
+                                Severity::Warning,
+                                key,
+                                at,
+                                format!("spec.hosts[{i}]"),
+                                format!("{other} also routes {h:?}: only one applies"),
+                            );
+                        }
+                    }
+                }
+                for (i, r) in vs.spec.http.iter().enumerate() {
+                    for (j, d) in r.route.iter().enumerate() {
+                        let field = format!("spec.http[{i}].route[{j}].destination");
+                        c.destination(key, at, field, &d.destination.host, d.destination.subset.as_deref());
+                    }
+                    let ws: Vec<Option<i64>> = r.route.iter().map(|d| d.weight).collect();
+                    if let Some(sum) = weights(&ws) {
+                        c.add(Severity::Warning, key, at, format!("spec.http[{i}].route"), format!("weights add up to {sum}, not 100"));
+                    }
+                }
+                for (i, r) in vs.spec.tcp.iter().enumerate() {
+                    for (j, d) in r.route.iter().enumerate() {
+                        let field = format!("spec.tcp[{i}].route[{j}].destination");
+                        c.destination(key, at, field, &d.destination.host, d.destination.subset.as_deref());
+                    }
+                }
+            }
+            Object::DestinationRule(dr) => {
+                if let Some((ns, name)) = service_of_host(&dr.spec.host, &key.namespace) {
+                    if cluster.service(&ns, &name).is_none() {
+                        c.add(Severity::Warning, key, at, "spec.host".into(), format!("no Service {ns}/{name}"));
+                    }
+                    for (i, s) in dr.spec.subsets.iter().enumerate() {
+                        let any = c.view.workloads.iter().any(|w| {
+                            w.namespace == ns && s.labels.iter().all(|(k, v)| w.labels.get(k) == Some(v))
+                        });
+                        if !any && !c.view.workloads.is_empty() {
+                            c.add(Severity::Warning, key, at, format!("spec.subsets[{i}]"), format!("no pod has the labels of subset {:?}", s.name));
+                        }
+                    }
+                }
+            }
+            Object::HttpRoute(r) => {
+                for (i, p) in r.spec.parent_refs.iter().enumerate() {
+                    let ns = p.namespace.clone().unwrap_or_else(|| key.namespace.clone());
+                    if p.is_service() && cluster.service(&ns, &p.name).is_none() {
+                        c.add(Severity::Error, key, at, format!("spec.parentRefs[{i}]"), format!("no Service {ns}/{}", p.name));
+                    }
+                }
+                for (i, rule) in r.spec.rules.iter().enumerate() {
+                    for (j, b) in rule.backend_refs.iter().enumerate() {
+                        let ns = b.namespace.clone().unwrap_or_else(|| key.namespace.clone());
+                        c.destination(key, at, format!("spec.rules[{i}].backendRefs[{j}]"), &format!("{}.{ns}", b.name), None);
+                    }
+                }
+            }
+            Object::Pod(p) => {
+                let annotations = p.metadata.annotations.clone().unwrap_or_default();
+                for k in annotations.keys().filter(|k| k.starts_with("ferry.dev/") && *k != MESH_ANNOTATION) {
+                    c.add(Severity::Warning, key, at, format!("metadata.annotations[{k}]"), "not a Ferry annotation (did you mean ferry.dev/mesh?)".into());
+                }
+                let host_net = p.spec.as_ref().and_then(|s| s.host_network) == Some(true);
+                if host_net && annotations.get(MESH_ANNOTATION).map(String::as_str) == Some("enabled") {
+                    c.add(Severity::Warning, key, at, "spec.hostNetwork".into(), "pods on the host network cannot be captured; not enrolled".into());
+                }
+            }
+            Object::Namespace(n) => {
+                if let Some(v) = n.metadata.labels.as_ref().and_then(|l| l.get(MESH_ANNOTATION)) {
+                    if v != "enabled" && v != "disabled" {
+                        c.add(Severity::Warning, key, at, format!("metadata.labels[{MESH_ANNOTATION}]"), format!("{v:?} is neither \"enabled\" nor \"disabled\": the namespace is not enrolled"));
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    c.out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hosts_resolve_like_kubernetes_dns() {
+        assert_eq!(service_of_host("reviews", "default"), Some(("default".into(), "reviews".into())));
+        assert_eq!(service_of_host("reviews.shop", "default"), Some(("shop".into(), "reviews".into())));
+        assert_eq!(
+            service_of_host("reviews.shop.svc.cluster.local", "default"),
+            Some(("shop".into(), "reviews".into()))
+        );
+        assert_eq!(service_of_host("*.shop", "default"), None);
+        assert_eq!(service_of_host("example.com.evil.org.x", "default"), None);
+    }
+}

@@ -1,0 +1,379 @@
+//! Cluster model -> what agents need. Pure functions: who is enrolled, what
+//! each service's endpoints are, and which resources each node receives.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    net::Ipv4Addr,
+    sync::Arc,
+};
+
+use ferry_agent::{
+    config::{Endpoint, Service, ServicePort, Workload},
+    discovery as disc,
+    policy::PeerAuthentication,
+};
+use ferry_api::discovery as pb;
+use k8s_openapi::{
+    api::core::v1::{Pod, Service as KService},
+    apimachinery::pkg::util::intstr::IntOrString,
+};
+
+use crate::model::{parse::MESH_ANNOTATION, Cluster, Object};
+
+/// Namespace labels that enroll every pod in the namespace: Ferry's own, and
+/// Istio's sidecar and ambient labels so a namespace migrates as is.
+pub const NAMESPACE_OPT_IN: &[(&str, &str)] = &[
+    ("ferry.dev/mesh", "enabled"),
+    ("istio-injection", "enabled"),
+    ("istio.io/dataplane-mode", "ambient"),
+];
+
+/// Whether a pod is in the mesh: its annotation decides when set
+/// (`enabled`/`disabled`), else its namespace's labels.
+pub fn enrolled(pod_annotations: Option<&BTreeMap<String, String>>, ns_labels: Option<&BTreeMap<String, String>>) -> bool {
+    match pod_annotations.and_then(|a| a.get(MESH_ANNOTATION)).map(String::as_str) {
+        Some("enabled") => true,
+        Some(_) => false,
+        None => ns_labels.is_some_and(|l| NAMESPACE_OPT_IN.iter().any(|(k, v)| l.get(*k).map(String::as_str) == Some(v))),
+    }
+}
+
+/// The mesh as agents see it, for every node.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct MeshView {
+    /// Scheduled pods with an address, enrolled or not.
+    pub workloads: Vec<Workload>,
+    /// Services with a cluster IP, endpoints resolved; with each port's protocol hint.
+    pub services: Vec<(Service, Vec<String>)>,
+    pub peer_authentications: Vec<PeerAuthentication>,
+}
+
+fn pod_ipv4(p: &Pod) -> Option<Ipv4Addr> {
+    let st = p.status.as_ref()?;
+    st.pod_ip
+        .iter()
+        .chain(st.pod_ips.iter().flatten().map(|i| &i.ip))
+        .find_map(|ip| ip.parse().ok())
+}
+
+fn workload(cluster: &Cluster, p: &Pod) -> Option<Workload> {
+    let spec = p.spec.as_ref()?;
+    let node = spec.node_name.clone()?;
+    let phase = p.status.as_ref().and_then(|s| s.phase.as_deref());
+    if matches!(phase, Some("Succeeded" | "Failed")) {
+        return None;
+    }
+    let ip = pod_ipv4(p)?;
+    let namespace = p.metadata.namespace.clone().unwrap_or_else(|| "default".into());
+    let name = p.metadata.name.clone()?;
+    let ns_labels = cluster.namespace(&namespace).and_then(|n| n.metadata.labels.as_ref());
+    // Pods on the host network share the node's namespace: never captured.
+    let host_network = spec.host_network == Some(true);
+    Some(Workload {
+        uid: p.metadata.uid.clone().unwrap_or_else(|| format!("{namespace}.{name}")),
+        enrolled: !host_network && enrolled(p.metadata.annotations.as_ref(), ns_labels),
+        name,
+        namespace,
+        service_account: spec.service_account_name.clone().unwrap_or_else(|| "default".into()),
+        node,
+        ip,
+        labels: p.metadata.labels.clone().unwrap_or_default(),
+        netns: None,
+        host_veth: None,
+    })
+}
+
+/// Istio's protocol selection: `appProtocol`, else the port name's prefix.
+pub fn protocol_hint(name: Option<&str>, app_protocol: Option<&str>) -> String {
+    if let Some(a) = app_protocol {
+        return a.to_ascii_lowercase();
+    }
+    let name = name.unwrap_or_default().to_ascii_lowercase();
+    let prefix = name.split('-').next().unwrap_or_default();
+    match prefix {
+        "http" | "http2" | "grpc" | "grpc-web" | "tcp" | "tls" | "https" | "mongo" | "mysql" | "redis" => prefix.into(),
+        _ => String::new(),
+    }
+}
+
+/// Endpoints of a service: from its EndpointSlices; with none and
+/// `derive_endpoints` (the file source, which runs no endpoint controller),
+/// from the pods its selector matches.
+fn service(
+    cluster: &Cluster,
+    s: &KService,
+    workloads: &[Workload],
+    by_uid: &HashMap<&str, &Pod>,
+    derive_endpoints: bool,
+) -> Option<(Service, Vec<String>)> {
+    let spec = s.spec.as_ref()?;
+    let vip: Ipv4Addr = spec.cluster_ip.as_deref()?.parse().ok()?;
+    let namespace = s.metadata.namespace.clone().unwrap_or_else(|| "default".into());
+    let name = s.metadata.name.clone()?;
+    let slices: Vec<_> = cluster.endpoint_slices(&namespace, &name).collect();
+    let mut ports = Vec::new();
+    let mut protocols = Vec::new();
+    let mut endpoints: Vec<Endpoint> = Vec::new();
+    let selected: Vec<&Workload> = match &spec.selector {
+        Some(sel) if !sel.is_empty() && slices.is_empty() && derive_endpoints => workloads
+            .iter()
+            .filter(|w| w.namespace == namespace && sel.iter().all(|(k, v)| w.labels.get(k) == Some(v)))
+            .collect(),
+        _ => Vec::new(),
+    };
+    for p in spec.ports.iter().flatten() {
+        let Ok(port) = u16::try_from(p.port) else { continue };
+        let from_slice = slices.iter().flat_map(|s| s.ports.iter().flatten()).find(|sp| sp.name == p.name);
+        let target = match (&p.target_port, from_slice.and_then(|sp| sp.port)) {
+            (_, Some(t)) => u16::try_from(t).ok(),
+            (Some(IntOrString::Int(t)), None) => u16::try_from(*t).ok(),
+            (None, None) => Some(port),
+            // A named target port: resolved from a selected pod's container ports.
+            (Some(IntOrString::String(n)), None) => selected.iter().find_map(|w| {
+                let pod = by_uid.get(w.uid.as_str())?;
+                pod.spec.as_ref()?.containers.iter().flat_map(|c| c.ports.iter().flatten()).find_map(|cp| {
+                    (cp.name.as_deref() == Some(n.as_str())).then(|| u16::try_from(cp.container_port).ok())?
+                })
+            }),
+        };
+        let Some(target_port) = target.filter(|t| *t != 0) else { continue };
+        ports.push(ServicePort {
+            port,
+            target_port,
+            name: p.name.clone(),
+        });
+        protocols.push(protocol_hint(p.name.as_deref(), p.app_protocol.as_deref()));
+    }
+    if ports.is_empty() {
+        return None;
+    }
+    for sl in &slices {
+        if sl.address_type != "IPv4" {
+            continue;
+        }
+        for e in &sl.endpoints {
+            let ready = e.conditions.as_ref().and_then(|c| c.ready).unwrap_or(true);
+            for a in &e.addresses {
+                if let Ok(ip) = a.parse() {
+                    endpoints.push(Endpoint { ip, ready });
+                }
+            }
+        }
+    }
+    endpoints.extend(selected.iter().map(|w| Endpoint { ip: w.ip, ready: true }));
+    endpoints.sort_by_key(|e| e.ip);
+    endpoints.dedup_by_key(|e| e.ip);
+    Some((
+        Service {
+            name,
+            namespace,
+            vip,
+            ports,
+            endpoints,
+        },
+        protocols,
+    ))
+}
+
+pub fn mesh_view(cluster: &Cluster, derive_endpoints: bool) -> MeshView {
+    let workloads: Vec<Workload> = cluster.pods().filter_map(|p| workload(cluster, p)).collect();
+    let by_uid: HashMap<&str, &Pod> = cluster
+        .pods()
+        .filter_map(|p| Some((p.metadata.uid.as_deref()?, p)))
+        .collect();
+    let services = cluster
+        .services()
+        .filter_map(|s| service(cluster, s, &workloads, &by_uid, derive_endpoints))
+        .collect();
+    let peer_authentications = cluster
+        .objects
+        .values()
+        .filter_map(|l| match &l.object {
+            Object::PeerAuthentication(p) => Some(p.as_ref().clone()),
+            _ => None,
+        })
+        .collect();
+    MeshView {
+        workloads,
+        services,
+        peer_authentications,
+    }
+}
+
+/// Every resource once (encoded and digested once), and which nodes get it.
+#[derive(Debug, Default)]
+pub struct Resources {
+    /// Sent to every node (services, policies, enrolled workloads).
+    pub shared: Vec<Arc<pb::Resource>>,
+    /// A node's own pods (enrolled or not): sent to that node only.
+    pub local: BTreeMap<String, Vec<Arc<pb::Resource>>>,
+}
+
+impl Resources {
+    pub fn of(view: &MeshView) -> Self {
+        let mut r = Resources::default();
+        for w in &view.workloads {
+            let res = Arc::new(disc::resource(disc::workload_to(w)));
+            r.local.entry(w.node.clone()).or_default().push(res.clone());
+            if w.enrolled {
+                r.shared.push(res);
+            }
+        }
+        for (s, protocols) in &view.services {
+            r.shared.push(Arc::new(disc::resource(disc::service_to(s, protocols))));
+        }
+        for p in &view.peer_authentications {
+            r.shared.push(Arc::new(disc::resource(disc::peer_authentication_to(p))));
+        }
+        r
+    }
+
+    /// What `node` holds when in sync: name -> resource.
+    pub fn for_node(&self, node: &str) -> BTreeMap<&str, &Arc<pb::Resource>> {
+        self.shared
+            .iter()
+            .chain(self.local.get(node).into_iter().flatten())
+            .map(|r| (r.name.as_str(), r))
+            .collect()
+    }
+}
+
+/// What to send a node that holds `held` (name -> version) to bring it to `want`.
+pub fn delta(held: &BTreeMap<String, String>, want: &BTreeMap<&str, &Arc<pb::Resource>>) -> (Vec<pb::Resource>, Vec<String>) {
+    let changed = want
+        .values()
+        .filter(|r| held.get(&r.name) != Some(&r.version))
+        .map(|r| r.as_ref().clone())
+        .collect();
+    let removed = held.keys().filter(|n| !want.contains_key(n.as_str())).cloned().collect();
+    (changed, removed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{parse_file, Located};
+
+    pub(crate) fn cluster(text: &str) -> Cluster {
+        let (docs, problems) = parse_file("t.yaml", text);
+        assert!(problems.iter().all(|p| p.severity != crate::model::Severity::Error), "{problems:?}");
+        Cluster {
+            objects: docs
+                .into_iter()
+                .map(|d| {
+                    (
+                        d.key,
+                        Located {
+                            object: d.object,
+                            file: "t.yaml".into(),
+                            line: Some(d.line),
+                        },
+                    )
+                })
+                .collect(),
+        }
+    }
+
+    const APP: &str = r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: shop, labels: {istio-injection: enabled}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: web, namespace: shop, uid: u1, labels: {app: web}}
+spec: {nodeName: n1, serviceAccountName: web, containers: [{name: c, ports: [{name: http, containerPort: 8080}]}]}
+status: {podIP: 10.1.1.2}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: legacy, namespace: shop, uid: u2, labels: {app: web}, annotations: {ferry.dev/mesh: disabled}}
+spec: {nodeName: n2, containers: [{name: c}]}
+status: {podIP: 10.1.2.2}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: solo, uid: u3, annotations: {ferry.dev/mesh: enabled}}
+spec: {nodeName: n2, containers: [{name: c}]}
+status: {podIP: 10.1.2.3}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: pending, uid: u4}
+spec: {containers: [{name: c}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: shop}
+spec:
+  clusterIP: 10.96.0.10
+  selector: {app: web}
+  ports: [{name: http-web, port: 80, targetPort: http}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: db}
+spec:
+  clusterIP: 10.96.0.11
+  ports: [{port: 5432, appProtocol: postgresql}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: db-x, labels: {kubernetes.io/service-name: db}}
+addressType: IPv4
+ports: [{port: 15432}]
+endpoints:
+- addresses: [10.1.2.3]
+- addresses: [10.1.2.9]
+  conditions: {ready: false}
+"#;
+
+    #[test]
+    fn enrollment_follows_annotations_then_namespace_labels() {
+        let v = mesh_view(&cluster(APP), true);
+        let e: BTreeMap<&str, bool> = v.workloads.iter().map(|w| (w.name.as_str(), w.enrolled)).collect();
+        assert_eq!(e, BTreeMap::from([("web", true), ("legacy", false), ("solo", true)]), "pending has no IP");
+        let web = v.workloads.iter().find(|w| w.name == "web").unwrap();
+        assert_eq!((web.service_account.as_str(), web.node.as_str()), ("web", "n1"));
+        for (k, val) in NAMESPACE_OPT_IN {
+            assert!(enrolled(None, Some(&BTreeMap::from([(k.to_string(), val.to_string())]))));
+        }
+        assert!(!enrolled(None, Some(&BTreeMap::from([("istio-injection".into(), "disabled".into())]))));
+    }
+
+    #[test]
+    fn endpoints_from_slices_or_selectors() {
+        let v = mesh_view(&cluster(APP), true);
+        let web = &v.services.iter().find(|s| s.0.name == "web").unwrap();
+        assert_eq!(web.0.ports[0].target_port, 8080, "named port resolved from the pod");
+        assert_eq!(web.1, vec!["http".to_string()]);
+        let ips: Vec<String> = web.0.endpoints.iter().map(|e| e.ip.to_string()).collect();
+        assert_eq!(ips, ["10.1.1.2", "10.1.2.2"]);
+        let db = &v.services.iter().find(|s| s.0.name == "db").unwrap();
+        assert_eq!((db.0.ports[0].target_port, db.1[0].as_str()), (15432, "postgresql"));
+        assert_eq!(db.0.endpoints.iter().map(|e| e.ready).collect::<Vec<_>>(), [true, false]);
+        // Kubernetes mode: no endpoint controller is emulated.
+        let k = mesh_view(&cluster(APP), false);
+        assert!(k.services.iter().find(|s| s.0.name == "web").is_none(), "named port unresolvable, no endpoints");
+    }
+
+    #[test]
+    fn nodes_get_their_pods_and_the_mesh_members() {
+        let r = Resources::of(&mesh_view(&cluster(APP), true));
+        let n1: Vec<&str> = r.for_node("n1").keys().copied().collect();
+        assert_eq!(n1, ["service/default/db", "service/shop/web", "workload/u1", "workload/u3"]);
+        let n2: Vec<&str> = r.for_node("n2").keys().copied().collect();
+        assert_eq!(n2, ["service/default/db", "service/shop/web", "workload/u1", "workload/u2", "workload/u3"]);
+        // In sync: nothing to send. One change: one resource. A pod gone: removed.
+        let held: BTreeMap<String, String> = r.for_node("n2").iter().map(|(n, x)| (n.to_string(), x.version.clone())).collect();
+        assert_eq!(delta(&held, &r.for_node("n2")), (vec![], vec![]));
+        let r2 = Resources::of(&mesh_view(&cluster(&APP.replace("10.1.2.9", "10.1.2.8").replace("name: legacy", "name: legacy2")), true));
+        let (changed, removed) = delta(&held, &r2.for_node("n2"));
+        let names: Vec<&str> = changed.iter().map(|r| r.name.as_str()).collect();
+        assert_eq!(names, ["service/default/db", "workload/u2"]);
+        assert!(removed.is_empty());
+        let r3 = Resources::of(&mesh_view(&cluster(&APP.replace("uid: u2", "uid: u9")), true));
+        let (_, removed) = delta(&held, &r3.for_node("n2"));
+        assert_eq!(removed, ["workload/u2"]);
+    }
+}

@@ -1,0 +1,149 @@
+//! The Kubernetes source: one kube-rs watcher per kind (list, then watch from
+//! the list's resourceVersion, relisting when the watch expires with 410
+//! Gone, with backoff on errors), all feeding one object store. Each object
+//! goes through the same parser as the YAML files (its JSON is YAML), so both
+//! sources validate identically. Kinds whose CRDs are not installed are
+//! retried with backoff and do not hold back the others.
+
+use std::{
+    collections::BTreeMap,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use futures::StreamExt;
+use kube::{
+    api::{Api, ApiResource, DynamicObject, GroupVersionKind},
+    runtime::{watcher, WatchStreamExt},
+    Client,
+};
+use tokio::sync::Notify;
+
+use crate::{
+    compute,
+    discovery::Store,
+    model::{parse_file, Cluster, Key, Located, Problem},
+};
+
+/// (group, version, kind, plural) of everything Ferry watches. RBAC: get,
+/// list and watch on each (see docs/control-plane.md).
+pub const WATCHED: &[(&str, &str, &str, &str)] = &[
+    ("", "v1", "Namespace", "namespaces"),
+    ("", "v1", "Pod", "pods"),
+    ("", "v1", "Service", "services"),
+    ("discovery.k8s.io", "v1", "EndpointSlice", "endpointslices"),
+    ("security.istio.io", "v1", "PeerAuthentication", "peerauthentications"),
+    ("security.istio.io", "v1", "AuthorizationPolicy", "authorizationpolicies"),
+    ("networking.istio.io", "v1", "VirtualService", "virtualservices"),
+    ("networking.istio.io", "v1", "DestinationRule", "destinationrules"),
+    ("gateway.networking.k8s.io", "v1", "HTTPRoute", "httproutes"),
+];
+
+type Objects = Arc<Mutex<BTreeMap<Key, Located>>>;
+
+/// The typed object for a watched one, or the problems that reject it.
+pub fn convert(kind: &str, obj: &DynamicObject) -> Result<(Key, Located), Vec<Problem>> {
+    let ns = obj.metadata.namespace.as_deref().unwrap_or_default();
+    let name = obj.metadata.name.as_deref().unwrap_or_default();
+    let source = format!("kubernetes:{kind}/{ns}/{name}");
+    let json = serde_json::to_string(obj).map_err(|e| {
+        vec![Problem {
+            severity: crate::model::Severity::Error,
+            file: source.clone(),
+            line: None,
+            object: String::new(),
+            field: String::new(),
+            reason: e.to_string(),
+        }]
+    })?;
+    let (mut docs, problems) = parse_file(&source, &json);
+    match docs.pop() {
+        Some(d) if problems.iter().all(|p| p.severity != crate::model::Severity::Error) => Ok((
+            d.key,
+            Located {
+                object: d.object,
+                file: source,
+                line: None,
+            },
+        )),
+        _ => Err(problems),
+    }
+}
+
+async fn watch_kind(client: Client, gvk: (&'static str, &'static str, &'static str, &'static str), objects: Objects, changed: Arc<Notify>) {
+    let (group, version, kind, plural) = gvk;
+    let ar = ApiResource::from_gvk_with_plural(&GroupVersionKind::gvk(group, version, kind), plural);
+    let api: Api<DynamicObject> = Api::all_with(client, &ar);
+    let mut stream = watcher(api, watcher::Config::default()).default_backoff().boxed();
+    // Objects of this kind while a (re)list is in progress.
+    let mut relist: Option<BTreeMap<Key, Located>> = None;
+    let upsert = |objects: &mut BTreeMap<Key, Located>, obj: &DynamicObject| match convert(kind, obj) {
+        Ok((k, l)) => {
+            objects.insert(k, l);
+        }
+        Err(problems) => {
+            // Rejected: the previous version of this object (if any) stays.
+            for p in problems {
+                tracing::error!(problem = %p, "object rejected");
+            }
+        }
+    };
+    while let Some(ev) = stream.next().await {
+        match ev {
+            Ok(watcher::Event::Init) => relist = Some(BTreeMap::new()),
+            Ok(watcher::Event::InitApply(o)) => {
+                if let Some(r) = relist.as_mut() {
+                    upsert(r, &o);
+                }
+            }
+            Ok(watcher::Event::InitDone) => {
+                let fresh = relist.take().unwrap_or_default();
+                let n = fresh.len();
+                let mut all = objects.lock().unwrap_or_else(|e| e.into_inner());
+                all.retain(|k, _| k.kind != kind);
+                all.extend(fresh);
+                drop(all);
+                tracing::info!(kind, objects = n, "listed");
+                changed.notify_one();
+            }
+            Ok(watcher::Event::Apply(o)) => {
+                upsert(&mut objects.lock().unwrap_or_else(|e| e.into_inner()), &o);
+                changed.notify_one();
+            }
+            Ok(watcher::Event::Delete(o)) => {
+                let key = Key {
+                    kind: kind.into(),
+                    namespace: o.metadata.namespace.clone().unwrap_or_default(),
+                    name: o.metadata.name.clone().unwrap_or_default(),
+                };
+                objects.lock().unwrap_or_else(|e| e.into_inner()).remove(&key);
+                changed.notify_one();
+            }
+            Err(e) => tracing::warn!(kind, error = %e, "watch failed; retrying with backoff"),
+        }
+    }
+}
+
+/// Watches everything and publishes each change (coalesced over 50 ms).
+pub async fn run(client: Client, store: Arc<Store>) {
+    let objects: Objects = Default::default();
+    let changed = Arc::new(Notify::new());
+    for gvk in WATCHED {
+        tokio::spawn(watch_kind(client.clone(), *gvk, objects.clone(), changed.clone()));
+    }
+    loop {
+        changed.notified().await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let cluster = Cluster {
+            objects: objects.lock().unwrap_or_else(|e| e.into_inner()).clone(),
+        };
+        for p in crate::analyze::analyze(&cluster) {
+            tracing::debug!(problem = %p, "analysis");
+        }
+        let view = compute::mesh_view(&cluster, false);
+        let (pods, services) = (view.workloads.len(), view.services.len());
+        if let Some(v) = store.publish(view) {
+            tracing::info!(version = v, pods, services, "cluster state changed");
+        }
+    }
+}
