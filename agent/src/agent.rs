@@ -102,6 +102,18 @@ pub struct Agent {
     applied: std::sync::atomic::AtomicU64,
 }
 
+/// Whether an enrolled pod still matches its spec (a veth the agent found
+/// itself is not a change).
+fn same_pod(spec: &Workload, enrolled: &Workload) -> bool {
+    spec.host_veth.is_none()
+        && spec
+            == &Workload {
+                host_veth: None,
+                ..enrolled.clone()
+            }
+        || spec == enrolled
+}
+
 impl Agent {
     /// Loads the programs for `node` and hooks the agent's own cgroup.
     pub fn new(node: &str, opts: Options) -> Result<Arc<Self>, redirect::RedirectError> {
@@ -190,7 +202,7 @@ impl Agent {
         let want: HashMap<&str, &Workload> = state.local_enrolled().map(|w| (w.uid.as_str(), w)).collect();
         let gone: Vec<String> = enrolled
             .iter()
-            .filter(|(uid, e)| want.get(uid.as_str()).is_none_or(|w| **w != e.ctx.workload))
+            .filter(|(uid, e)| want.get(uid.as_str()).is_none_or(|w| !same_pod(w, &e.ctx.workload)))
             .map(|(uid, _)| uid.clone())
             .collect();
         for uid in gone {
@@ -245,6 +257,7 @@ impl Agent {
                 st.netns_cookie = Some(e.ctx.netns_cookie);
                 st.cgroup = Some(e.cgroup.display().to_string());
                 st.netns = Some(e.ctx.netns.path().display().to_string());
+                st.host_veth = e.ctx.workload.host_veth.clone();
             }
             status.insert(w.uid.clone(), st);
         }
@@ -293,6 +306,10 @@ impl Agent {
         };
         let cookie = netns.cookie()?;
         podnet::setup(&netns).await?;
+        let host_veth = match &w.host_veth {
+            Some(v) => Some(v.clone()),
+            None => podnet::host_veth(&netns).await,
+        };
         let listen = |addr: SocketAddrV4| {
             sockets::listen(Some(&netns), addr).map_err(|source| {
                 if source.kind() == std::io::ErrorKind::AddrInUse {
@@ -322,11 +339,11 @@ impl Agent {
             netns: &netns,
             netns_cookie: cookie,
             ip: w.ip,
-            host_veth: w.host_veth.as_deref(),
+            host_veth: host_veth.as_deref(),
             inbound_listener: &in_l,
         })?;
         let ctx = Arc::new(PodCtx {
-            workload: w.clone(),
+            workload: Workload { host_veth, ..w.clone() },
             netns,
             netns_cookie: cookie,
         });

@@ -250,7 +250,9 @@ fn peer_authentication_from(p: &pb::PeerAuthentication) -> Result<PeerAuthentica
             selector: (!p.match_labels.is_empty()).then(|| policy::Selector {
                 match_labels: p.match_labels.clone(),
             }),
-            mtls: Some(policy::Mtls { mode: mode_from(&p.mode)? }),
+            mtls: Some(policy::Mtls {
+                mode: mode_from(&p.mode)?,
+            }),
             port_level_mtls,
         },
     })
@@ -301,12 +303,18 @@ peerAuthentications:
         let back = resources(&c).to_config("n1", &c.settings).unwrap();
         assert_eq!(back.workloads, c.workloads);
         assert_eq!(back.services, c.services);
-        assert_eq!(back.peer_authentications[0].spec.selector, c.peer_authentications[0].spec.selector);
+        assert_eq!(
+            back.peer_authentications[0].spec.selector,
+            c.peer_authentications[0].spec.selector
+        );
         assert_eq!(
             policy::mode_for(&c.workloads[0], &back.peer_authentications),
             policy::mode_for(&c.workloads[0], &c.peer_authentications)
         );
-        assert_eq!(back.peer_authentications[0].spec.port_level_mtls, c.peer_authentications[0].spec.port_level_mtls);
+        assert_eq!(
+            back.peer_authentications[0].spec.port_level_mtls,
+            c.peer_authentications[0].spec.port_level_mtls
+        );
     }
 
     #[test]
@@ -318,7 +326,11 @@ peerAuthentications:
         let mut c2 = c.clone();
         c2.services[0].endpoints.pop();
         let d = resources(&c2);
-        let changed: Vec<_> = a.versions().into_iter().filter(|(n, v)| d.versions()[n] != *v).collect();
+        let changed: Vec<_> = a
+            .versions()
+            .into_iter()
+            .filter(|(n, v)| d.versions()[n] != *v)
+            .collect();
         assert_eq!(changed.len(), 1, "{changed:?}");
         assert_eq!(changed[0].0, "service/default/echo");
     }
@@ -345,14 +357,25 @@ peerAuthentications:
             removed: vec![],
         };
         let problems = held.with(&resp).to_config("n1", &c.settings).unwrap_err();
-        assert!(problems.iter().any(|p| p.contains("workload/c: ip: \"10.1.1.999\"")), "{problems:?}");
-        assert!(problems.iter().any(|p| p.contains("10.1.1.2 already used")), "{problems:?}");
+        assert!(
+            problems.iter().any(|p| p.contains("workload/c: ip: \"10.1.1.999\"")),
+            "{problems:?}"
+        );
+        assert!(
+            problems.iter().any(|p| p.contains("10.1.1.2 already used")),
+            "{problems:?}"
+        );
         // Removal works and the held set is untouched by a rejected response.
         let resp = pb::DiscoveryResponse {
             removed: vec!["service/default/echo".into()],
             ..Default::default()
         };
-        assert!(held.with(&resp).to_config("n1", &c.settings).unwrap().services.is_empty());
+        assert!(held
+            .with(&resp)
+            .to_config("n1", &c.settings)
+            .unwrap()
+            .services
+            .is_empty());
         assert_eq!(held, resources(&c));
     }
 }

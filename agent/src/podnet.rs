@@ -83,3 +83,38 @@ pub async fn setup(ns: &Netns) -> Result<(), PodNetError> {
     task.abort();
     Ok(())
 }
+
+/// The node-side name of the pod's veth (for per-pod tc counters), found
+/// from the pod's end: an interface whose peer lives in another netns,
+/// looked up by index in the agent's own netns (the node's).
+pub async fn host_veth(ns: &Netns) -> Option<String> {
+    use netlink_packet_route::link::LinkAttribute;
+    let (conn, handle, _) = ns.run(rtnetlink::new_connection).ok()?.ok()?;
+    let task = tokio::spawn(conn);
+    let links: Vec<_> = handle.link().get().execute().try_collect().await.ok()?;
+    task.abort();
+    let peer = links.iter().find_map(|l| {
+        let peer = l.attributes.iter().find_map(|a| match a {
+            LinkAttribute::Link(i) => Some(*i),
+            _ => None,
+        })?;
+        let other_ns = l.attributes.iter().any(|a| matches!(a, LinkAttribute::LinkNetNsId(_)));
+        other_ns.then_some(peer)
+    })?;
+    let (conn, handle, _) = rtnetlink::new_connection().ok()?;
+    let task = tokio::spawn(conn);
+    let link = handle
+        .link()
+        .get()
+        .match_index(peer)
+        .execute()
+        .try_next()
+        .await
+        .ok()
+        .flatten();
+    task.abort();
+    link?.attributes.into_iter().find_map(|a| match a {
+        LinkAttribute::IfName(n) => Some(n),
+        _ => None,
+    })
+}

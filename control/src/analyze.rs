@@ -46,9 +46,17 @@ impl Ctx<'_> {
     /// Checks one destination: the service exists, has endpoints, and the
     /// subset (if any) is defined.
     fn destination(&mut self, key: &Key, at: &Located, field: String, host: &str, subset: Option<&str>) {
-        let Some((ns, name)) = service_of_host(host, &key.namespace) else { return };
+        let Some((ns, name)) = service_of_host(host, &key.namespace) else {
+            return;
+        };
         if self.cluster.service(&ns, &name).is_none() {
-            self.add(Severity::Error, key, at, field, format!("host {host:?}: no Service {ns}/{name}"));
+            self.add(
+                Severity::Error,
+                key,
+                at,
+                field,
+                format!("host {host:?}: no Service {ns}/{name}"),
+            );
             return;
         }
         let endpoints = self
@@ -58,7 +66,13 @@ impl Ctx<'_> {
             .find(|(s, _)| s.namespace == ns && s.name == name)
             .map_or(0, |(s, _)| s.endpoints.iter().filter(|e| e.ready).count());
         if endpoints == 0 {
-            self.add(Severity::Warning, key, at, field.clone(), format!("Service {ns}/{name} has no ready endpoints"));
+            self.add(
+                Severity::Warning,
+                key,
+                at,
+                field.clone(),
+                format!("Service {ns}/{name} has no ready endpoints"),
+            );
         }
         if let Some(subset) = subset {
             let defined = self.subsets(&ns, &name);
@@ -127,7 +141,13 @@ pub fn analyze(cluster: &Cluster) -> Vec<Problem> {
                     }
                     let ws: Vec<Option<i64>> = r.route.iter().map(|d| d.weight).collect();
                     if let Some(sum) = weights(&ws) {
-                        c.add(Severity::Warning, key, at, format!("spec.http[{i}].route"), format!("weights add up to {sum}, not 100"));
+                        c.add(
+                            Severity::Warning,
+                            key,
+                            at,
+                            format!("spec.http[{i}].route"),
+                            format!("weights add up to {sum}, not 100"),
+                        );
                     }
                 }
                 for (i, r) in vs.spec.tcp.iter().enumerate() {
@@ -140,14 +160,28 @@ pub fn analyze(cluster: &Cluster) -> Vec<Problem> {
             Object::DestinationRule(dr) => {
                 if let Some((ns, name)) = service_of_host(&dr.spec.host, &key.namespace) {
                     if cluster.service(&ns, &name).is_none() {
-                        c.add(Severity::Warning, key, at, "spec.host".into(), format!("no Service {ns}/{name}"));
+                        c.add(
+                            Severity::Warning,
+                            key,
+                            at,
+                            "spec.host".into(),
+                            format!("no Service {ns}/{name}"),
+                        );
                     }
                     for (i, s) in dr.spec.subsets.iter().enumerate() {
-                        let any = c.view.workloads.iter().any(|w| {
-                            w.namespace == ns && s.labels.iter().all(|(k, v)| w.labels.get(k) == Some(v))
-                        });
+                        let any = c
+                            .view
+                            .workloads
+                            .iter()
+                            .any(|w| w.namespace == ns && s.labels.iter().all(|(k, v)| w.labels.get(k) == Some(v)));
                         if !any && !c.view.workloads.is_empty() {
-                            c.add(Severity::Warning, key, at, format!("spec.subsets[{i}]"), format!("no pod has the labels of subset {:?}", s.name));
+                            c.add(
+                                Severity::Warning,
+                                key,
+                                at,
+                                format!("spec.subsets[{i}]"),
+                                format!("no pod has the labels of subset {:?}", s.name),
+                            );
                         }
                     }
                 }
@@ -156,30 +190,63 @@ pub fn analyze(cluster: &Cluster) -> Vec<Problem> {
                 for (i, p) in r.spec.parent_refs.iter().enumerate() {
                     let ns = p.namespace.clone().unwrap_or_else(|| key.namespace.clone());
                     if p.is_service() && cluster.service(&ns, &p.name).is_none() {
-                        c.add(Severity::Error, key, at, format!("spec.parentRefs[{i}]"), format!("no Service {ns}/{}", p.name));
+                        c.add(
+                            Severity::Error,
+                            key,
+                            at,
+                            format!("spec.parentRefs[{i}]"),
+                            format!("no Service {ns}/{}", p.name),
+                        );
                     }
                 }
                 for (i, rule) in r.spec.rules.iter().enumerate() {
                     for (j, b) in rule.backend_refs.iter().enumerate() {
                         let ns = b.namespace.clone().unwrap_or_else(|| key.namespace.clone());
-                        c.destination(key, at, format!("spec.rules[{i}].backendRefs[{j}]"), &format!("{}.{ns}", b.name), None);
+                        c.destination(
+                            key,
+                            at,
+                            format!("spec.rules[{i}].backendRefs[{j}]"),
+                            &format!("{}.{ns}", b.name),
+                            None,
+                        );
                     }
                 }
             }
             Object::Pod(p) => {
                 let annotations = p.metadata.annotations.clone().unwrap_or_default();
-                for k in annotations.keys().filter(|k| k.starts_with("ferry.dev/") && *k != MESH_ANNOTATION) {
-                    c.add(Severity::Warning, key, at, format!("metadata.annotations[{k}]"), "not a Ferry annotation (did you mean ferry.dev/mesh?)".into());
+                for k in annotations
+                    .keys()
+                    .filter(|k| k.starts_with("ferry.dev/") && *k != MESH_ANNOTATION)
+                {
+                    c.add(
+                        Severity::Warning,
+                        key,
+                        at,
+                        format!("metadata.annotations[{k}]"),
+                        "not a Ferry annotation (did you mean ferry.dev/mesh?)".into(),
+                    );
                 }
                 let host_net = p.spec.as_ref().and_then(|s| s.host_network) == Some(true);
                 if host_net && annotations.get(MESH_ANNOTATION).map(String::as_str) == Some("enabled") {
-                    c.add(Severity::Warning, key, at, "spec.hostNetwork".into(), "pods on the host network cannot be captured; not enrolled".into());
+                    c.add(
+                        Severity::Warning,
+                        key,
+                        at,
+                        "spec.hostNetwork".into(),
+                        "pods on the host network cannot be captured; not enrolled".into(),
+                    );
                 }
             }
             Object::Namespace(n) => {
                 if let Some(v) = n.metadata.labels.as_ref().and_then(|l| l.get(MESH_ANNOTATION)) {
                     if v != "enabled" && v != "disabled" {
-                        c.add(Severity::Warning, key, at, format!("metadata.labels[{MESH_ANNOTATION}]"), format!("{v:?} is neither \"enabled\" nor \"disabled\": the namespace is not enrolled"));
+                        c.add(
+                            Severity::Warning,
+                            key,
+                            at,
+                            format!("metadata.labels[{MESH_ANNOTATION}]"),
+                            format!("{v:?} is neither \"enabled\" nor \"disabled\": the namespace is not enrolled"),
+                        );
                     }
                 }
             }
@@ -195,8 +262,14 @@ mod tests {
 
     #[test]
     fn hosts_resolve_like_kubernetes_dns() {
-        assert_eq!(service_of_host("reviews", "default"), Some(("default".into(), "reviews".into())));
-        assert_eq!(service_of_host("reviews.shop", "default"), Some(("shop".into(), "reviews".into())));
+        assert_eq!(
+            service_of_host("reviews", "default"),
+            Some(("default".into(), "reviews".into()))
+        );
+        assert_eq!(
+            service_of_host("reviews.shop", "default"),
+            Some(("shop".into(), "reviews".into()))
+        );
         assert_eq!(
             service_of_host("reviews.shop.svc.cluster.local", "default"),
             Some(("shop".into(), "reviews".into()))

@@ -30,11 +30,18 @@ pub const NAMESPACE_OPT_IN: &[(&str, &str)] = &[
 
 /// Whether a pod is in the mesh: its annotation decides when set
 /// (`enabled`/`disabled`), else its namespace's labels.
-pub fn enrolled(pod_annotations: Option<&BTreeMap<String, String>>, ns_labels: Option<&BTreeMap<String, String>>) -> bool {
+pub fn enrolled(
+    pod_annotations: Option<&BTreeMap<String, String>>,
+    ns_labels: Option<&BTreeMap<String, String>>,
+) -> bool {
     match pod_annotations.and_then(|a| a.get(MESH_ANNOTATION)).map(String::as_str) {
         Some("enabled") => true,
         Some(_) => false,
-        None => ns_labels.is_some_and(|l| NAMESPACE_OPT_IN.iter().any(|(k, v)| l.get(*k).map(String::as_str) == Some(v))),
+        None => ns_labels.is_some_and(|l| {
+            NAMESPACE_OPT_IN
+                .iter()
+                .any(|(k, v)| l.get(*k).map(String::as_str) == Some(v))
+        }),
     }
 }
 
@@ -123,7 +130,10 @@ fn service(
     };
     for p in spec.ports.iter().flatten() {
         let Ok(port) = u16::try_from(p.port) else { continue };
-        let from_slice = slices.iter().flat_map(|s| s.ports.iter().flatten()).find(|sp| sp.name == p.name);
+        let from_slice = slices
+            .iter()
+            .flat_map(|s| s.ports.iter().flatten())
+            .find(|sp| sp.name == p.name);
         let target = match (&p.target_port, from_slice.and_then(|sp| sp.port)) {
             (_, Some(t)) => u16::try_from(t).ok(),
             (Some(IntOrString::Int(t)), None) => u16::try_from(*t).ok(),
@@ -131,12 +141,19 @@ fn service(
             // A named target port: resolved from a selected pod's container ports.
             (Some(IntOrString::String(n)), None) => selected.iter().find_map(|w| {
                 let pod = by_uid.get(w.uid.as_str())?;
-                pod.spec.as_ref()?.containers.iter().flat_map(|c| c.ports.iter().flatten()).find_map(|cp| {
-                    (cp.name.as_deref() == Some(n.as_str())).then(|| u16::try_from(cp.container_port).ok())?
-                })
+                pod.spec
+                    .as_ref()?
+                    .containers
+                    .iter()
+                    .flat_map(|c| c.ports.iter().flatten())
+                    .find_map(|cp| {
+                        (cp.name.as_deref() == Some(n.as_str())).then(|| u16::try_from(cp.container_port).ok())?
+                    })
             }),
         };
-        let Some(target_port) = target.filter(|t| *t != 0) else { continue };
+        let Some(target_port) = target.filter(|t| *t != 0) else {
+            continue;
+        };
         ports.push(ServicePort {
             port,
             target_port,
@@ -239,13 +256,20 @@ impl Resources {
 }
 
 /// What to send a node that holds `held` (name -> version) to bring it to `want`.
-pub fn delta(held: &BTreeMap<String, String>, want: &BTreeMap<&str, &Arc<pb::Resource>>) -> (Vec<pb::Resource>, Vec<String>) {
+pub fn delta(
+    held: &BTreeMap<String, String>,
+    want: &BTreeMap<&str, &Arc<pb::Resource>>,
+) -> (Vec<pb::Resource>, Vec<String>) {
     let changed = want
         .values()
         .filter(|r| held.get(&r.name) != Some(&r.version))
         .map(|r| r.as_ref().clone())
         .collect();
-    let removed = held.keys().filter(|n| !want.contains_key(n.as_str())).cloned().collect();
+    let removed = held
+        .keys()
+        .filter(|n| !want.contains_key(n.as_str()))
+        .cloned()
+        .collect();
     (changed, removed)
 }
 
@@ -256,7 +280,10 @@ mod tests {
 
     pub(crate) fn cluster(text: &str) -> Cluster {
         let (docs, problems) = parse_file("t.yaml", text);
-        assert!(problems.iter().all(|p| p.severity != crate::model::Severity::Error), "{problems:?}");
+        assert!(
+            problems.iter().all(|p| p.severity != crate::model::Severity::Error),
+            "{problems:?}"
+        );
         Cluster {
             objects: docs
                 .into_iter()
@@ -332,13 +359,23 @@ endpoints:
     fn enrollment_follows_annotations_then_namespace_labels() {
         let v = mesh_view(&cluster(APP), true);
         let e: BTreeMap<&str, bool> = v.workloads.iter().map(|w| (w.name.as_str(), w.enrolled)).collect();
-        assert_eq!(e, BTreeMap::from([("web", true), ("legacy", false), ("solo", true)]), "pending has no IP");
+        assert_eq!(
+            e,
+            BTreeMap::from([("web", true), ("legacy", false), ("solo", true)]),
+            "pending has no IP"
+        );
         let web = v.workloads.iter().find(|w| w.name == "web").unwrap();
         assert_eq!((web.service_account.as_str(), web.node.as_str()), ("web", "n1"));
         for (k, val) in NAMESPACE_OPT_IN {
-            assert!(enrolled(None, Some(&BTreeMap::from([(k.to_string(), val.to_string())]))));
+            assert!(enrolled(
+                None,
+                Some(&BTreeMap::from([(k.to_string(), val.to_string())]))
+            ));
         }
-        assert!(!enrolled(None, Some(&BTreeMap::from([("istio-injection".into(), "disabled".into())]))));
+        assert!(!enrolled(
+            None,
+            Some(&BTreeMap::from([("istio-injection".into(), "disabled".into())]))
+        ));
     }
 
     #[test]
@@ -351,23 +388,51 @@ endpoints:
         assert_eq!(ips, ["10.1.1.2", "10.1.2.2"]);
         let db = &v.services.iter().find(|s| s.0.name == "db").unwrap();
         assert_eq!((db.0.ports[0].target_port, db.1[0].as_str()), (15432, "postgresql"));
-        assert_eq!(db.0.endpoints.iter().map(|e| e.ready).collect::<Vec<_>>(), [true, false]);
+        assert_eq!(
+            db.0.endpoints.iter().map(|e| e.ready).collect::<Vec<_>>(),
+            [true, false]
+        );
         // Kubernetes mode: no endpoint controller is emulated.
         let k = mesh_view(&cluster(APP), false);
-        assert!(k.services.iter().find(|s| s.0.name == "web").is_none(), "named port unresolvable, no endpoints");
+        assert!(
+            k.services.iter().find(|s| s.0.name == "web").is_none(),
+            "named port unresolvable, no endpoints"
+        );
     }
 
     #[test]
     fn nodes_get_their_pods_and_the_mesh_members() {
         let r = Resources::of(&mesh_view(&cluster(APP), true));
         let n1: Vec<&str> = r.for_node("n1").keys().copied().collect();
-        assert_eq!(n1, ["service/default/db", "service/shop/web", "workload/u1", "workload/u3"]);
+        assert_eq!(
+            n1,
+            ["service/default/db", "service/shop/web", "workload/u1", "workload/u3"]
+        );
         let n2: Vec<&str> = r.for_node("n2").keys().copied().collect();
-        assert_eq!(n2, ["service/default/db", "service/shop/web", "workload/u1", "workload/u2", "workload/u3"]);
+        assert_eq!(
+            n2,
+            [
+                "service/default/db",
+                "service/shop/web",
+                "workload/u1",
+                "workload/u2",
+                "workload/u3"
+            ]
+        );
         // In sync: nothing to send. One change: one resource. A pod gone: removed.
-        let held: BTreeMap<String, String> = r.for_node("n2").iter().map(|(n, x)| (n.to_string(), x.version.clone())).collect();
+        let held: BTreeMap<String, String> = r
+            .for_node("n2")
+            .iter()
+            .map(|(n, x)| (n.to_string(), x.version.clone()))
+            .collect();
         assert_eq!(delta(&held, &r.for_node("n2")), (vec![], vec![]));
-        let r2 = Resources::of(&mesh_view(&cluster(&APP.replace("10.1.2.9", "10.1.2.8").replace("name: legacy", "name: legacy2")), true));
+        let r2 = Resources::of(&mesh_view(
+            &cluster(
+                &APP.replace("10.1.2.9", "10.1.2.8")
+                    .replace("name: legacy", "name: legacy2"),
+            ),
+            true,
+        ));
         let (changed, removed) = delta(&held, &r2.for_node("n2"));
         let names: Vec<&str> = changed.iter().map(|r| r.name.as_str()).collect();
         assert_eq!(names, ["service/default/db", "workload/u2"]);

@@ -217,10 +217,15 @@ mod tests {
     #[test]
     fn only_changes_make_versions() {
         let s = Store::default();
-        assert_eq!(s.publish(MeshView::default()), Some(1), "the first snapshot always counts");
+        assert_eq!(
+            s.publish(MeshView::default()),
+            Some(1),
+            "the first snapshot always counts"
+        );
         assert_eq!(s.publish(MeshView::default()), None);
         let mut v = MeshView::default();
-        v.peer_authentications.push(serde_norway::from_str("metadata: {name: x}").unwrap());
+        v.peer_authentications
+            .push(serde_norway::from_str("metadata: {name: x}").unwrap());
         assert_eq!(s.publish(v), Some(2));
         assert_eq!(s.current().resources.shared.len(), 1);
     }

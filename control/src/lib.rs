@@ -4,6 +4,7 @@
 //! ([`discovery`]), and is the CA: it signs workload certificates only for
 //! pods that run on the calling node.
 
+pub mod admin;
 pub mod analyze;
 pub mod authz;
 pub mod ca;

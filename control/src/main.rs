@@ -14,7 +14,8 @@ use anyhow::Context;
 use clap::Parser;
 use ferry_api::{discovery::discovery_server::DiscoveryServer, identity::identity_server::IdentityServer};
 use ferry_control::{
-    analyze, ca::Ca, compute, discovery::DiscoveryService, discovery::Store, model::Problem, source, IdentityService,
+    admin::Admin, analyze, ca::Ca, compute, discovery::DiscoveryService, discovery::Store, model::Problem, source,
+    IdentityService,
 };
 use tonic::transport::{Identity, Server, ServerTlsConfig};
 
@@ -36,6 +37,9 @@ struct Args {
     tokens: PathBuf,
     #[arg(long, default_value = "0.0.0.0:15012")]
     listen: SocketAddr,
+    /// Admin endpoint (/version /nodes /problems). Keep it on localhost.
+    #[arg(long, default_value = "127.0.0.1:15014")]
+    admin: SocketAddr,
     /// Longest certificate lifetime granted.
     #[arg(long, default_value_t = 86400)]
     max_ttl_seconds: u64,
@@ -58,7 +62,7 @@ fn log_new(seen: &mut BTreeSet<String>, problems: &[Problem]) {
 }
 
 /// Re-reads the directory every 200 ms and publishes what changed.
-async fn watch_dir(dir: PathBuf, store: Arc<Store>) {
+async fn watch_dir(dir: PathBuf, store: Arc<Store>, current: Arc<Mutex<Vec<Problem>>>) {
     let mut src = source::files::FileSource::new(&dir);
     let mut seen = BTreeSet::new();
     let mut tick = tokio::time::interval(Duration::from_millis(200));
@@ -72,6 +76,7 @@ async fn watch_dir(dir: PathBuf, store: Arc<Store>) {
         problems.extend(dups);
         problems.extend(analyze::analyze(&cluster));
         log_new(&mut seen, &problems);
+        *current.lock().unwrap_or_else(|e| e.into_inner()) = problems;
         let view = compute::mesh_view(&cluster, true);
         let (pods, services) = (view.workloads.len(), view.services.len());
         if let Some(v) = store.publish(view) {
@@ -91,10 +96,12 @@ async fn main() -> anyhow::Result<()> {
     ferry_control::load_tokens(&args.tokens)?;
     let (cert, key) = ca.server_cert("ferry-control")?;
     let store = Arc::new(Store::default());
+    let problems = Arc::new(Mutex::new(Vec::new()));
+    let nodes = Arc::new(Mutex::new(Default::default()));
     match &args.cluster_dir {
         Some(dir) => {
             anyhow::ensure!(dir.is_dir(), "--cluster-dir {}: not a directory", dir.display());
-            tokio::spawn(watch_dir(dir.clone(), store.clone()));
+            tokio::spawn(watch_dir(dir.clone(), store.clone(), problems.clone()));
         }
         None => {
             let client = kube_client().await?;
@@ -107,10 +114,19 @@ async fn main() -> anyhow::Result<()> {
         tokens: args.tokens.clone(),
         max_ttl: Duration::from_secs(args.max_ttl_seconds),
     };
+    let admin = Arc::new(Admin {
+        store: store.clone(),
+        nodes: nodes.clone(),
+        problems,
+    });
+    let admin_l = tokio::net::TcpListener::bind(args.admin)
+        .await
+        .with_context(|| format!("binding admin endpoint {}", args.admin))?;
+    tokio::spawn(admin.serve(admin_l));
     let discovery = DiscoveryService {
         store,
         tokens: args.tokens,
-        status: Arc::new(Mutex::new(Default::default())),
+        status: nodes,
     };
     tracing::info!(listen = %args.listen, "ferry-control serving (CA and config stream)");
     Server::builder()

@@ -35,6 +35,8 @@ pub const STATE_DIR: &str = "/run/ferry-box";
 pub const PIN_ROOT: &str = "/sys/fs/bpf/ferry";
 /// ferry-control's gRPC address: node1's pod-network address (reachable from node2 over the underlay).
 pub const CONTROL_ADDR: &str = "10.1.1.1:15012";
+/// ferry-control's admin endpoint, inside node1's netns.
+pub const CONTROL_ADMIN: &str = "127.0.0.1:15014";
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct PodSpec {
@@ -83,6 +85,13 @@ pub struct Spec {
     /// Istio per-connection metrics (off only to measure their cost).
     #[serde(default = "yes")]
     pub metrics: bool,
+    /// Agents take workloads, services and policies from ferry-control's
+    /// stream (it reads the box's cluster YAML) instead of per-node files.
+    #[serde(default)]
+    pub discovery: bool,
+    /// More cluster YAML (file name, text): routes, policies, anything.
+    #[serde(default)]
+    pub cluster_yaml: Vec<(String, String)>,
 }
 
 impl Spec {
@@ -120,6 +129,8 @@ impl Spec {
             access_log: Default::default(),
             peer_authentications: Vec::new(),
             metrics: true,
+            discovery: false,
+            cluster_yaml: Vec::new(),
         }
     }
 }
@@ -260,10 +271,100 @@ impl BoxState {
         }
     }
 
+    /// Where ferry-control reads the cluster from.
+    pub fn cluster_dir(&self) -> PathBuf {
+        self.dir.join("cluster")
+    }
+
+    /// The spec as the Kubernetes objects an API server would hold: pods
+    /// (scheduled, with their addresses; enrolled ones annotated), services
+    /// with their EndpointSlices, and the PeerAuthentications.
+    pub fn cluster_objects(&self) -> Result<Vec<serde_json::Value>> {
+        use serde_json::json;
+        let mut out = vec![json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "default"}})];
+        for p in &self.spec.pods {
+            let mut meta = json!({
+                "name": p.name, "namespace": "default", "uid": self.pod_uid(&p.name),
+                "labels": p.labels.iter().cloned().collect::<std::collections::BTreeMap<_, _>>(),
+            });
+            if p.enrolled {
+                meta["annotations"] = json!({"ferry.dev/mesh": "enabled"});
+            }
+            let ports: Vec<_> = p.serve.iter().map(|port| json!({"containerPort": port})).collect();
+            out.push(json!({
+                "apiVersion": "v1", "kind": "Pod", "metadata": meta,
+                "spec": {
+                    "nodeName": self.node_name(p.node), "serviceAccountName": p.name,
+                    "containers": [{"name": "app", "image": "ferry-workload", "ports": ports}],
+                },
+                "status": {"phase": "Running", "podIP": self.pod_ip(&p.name)?.to_string()},
+            }));
+        }
+        for sv in &self.spec.services {
+            out.push(json!({
+                "apiVersion": "v1", "kind": "Service",
+                "metadata": {"name": sv.name, "namespace": "default"},
+                "spec": {"clusterIP": sv.vip.to_string(), "ports": [{"name": "tcp", "port": sv.port, "targetPort": sv.target_port}]},
+            }));
+            let endpoints = sv
+                .endpoints
+                .iter()
+                .map(|e| Ok(json!({"addresses": [self.pod_ip(e)?.to_string()], "conditions": {"ready": true}})))
+                .collect::<Result<Vec<_>>>()?;
+            out.push(json!({
+                "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+                "metadata": {"name": format!("{}-1", sv.name), "namespace": "default", "labels": {"kubernetes.io/service-name": sv.name}},
+                "addressType": "IPv4",
+                "ports": [{"name": "tcp", "port": sv.target_port}],
+                "endpoints": endpoints,
+            }));
+        }
+        for pa in &self.spec.peer_authentications {
+            out.push(serde_json::to_value(pa)?);
+        }
+        Ok(out)
+    }
+
+    /// Writes the cluster YAML atomically (ferry-control re-reads on change).
+    pub fn write_cluster(&self) -> Result<()> {
+        let dir = self.cluster_dir();
+        fs::create_dir_all(&dir)?;
+        let mut files: Vec<(String, String)> = vec![(
+            "box.yaml".into(),
+            self.cluster_objects()?
+                .iter()
+                .map(serde_norway::to_string)
+                .collect::<Result<Vec<_>, _>>()?
+                .join("---\n"),
+        )];
+        files.extend(self.spec.cluster_yaml.iter().cloned());
+        for (name, text) in &files {
+            let tmp = dir.join(format!(".{name}.tmp"));
+            fs::write(&tmp, text)?;
+            fs::rename(&tmp, dir.join(name))?;
+        }
+        // Files dropped from the spec are deleted.
+        for e in fs::read_dir(&dir)?.flatten() {
+            let n = e.file_name().to_string_lossy().into_owned();
+            if !n.starts_with('.') && !files.iter().any(|(f, _)| *f == n) {
+                let _ = fs::remove_file(e.path());
+            }
+        }
+        Ok(())
+    }
+
     /// Writes every node's config atomically (agents pick it up on change).
+    /// With discovery, the file holds only the node's settings.
     pub fn write_configs(&self) -> Result<()> {
+        self.write_cluster()?;
         for n in 0..self.spec.nodes {
-            let text = serde_norway::to_string(&self.agent_config(n))?;
+            let mut cfg = self.agent_config(n);
+            if self.spec.discovery {
+                cfg.workloads.clear();
+                cfg.services.clear();
+                cfg.peer_authentications.clear();
+            }
+            let text = serde_norway::to_string(&cfg)?;
             let tmp = self.config_path(n).with_extension("tmp");
             fs::write(&tmp, text)?;
             fs::rename(&tmp, self.config_path(n))?;
@@ -390,6 +491,46 @@ impl BoxState {
                 }
                 std::thread::sleep(Duration::from_millis(50));
             }
+        }
+        Ok(())
+    }
+
+    /// ferry-control's snapshot version.
+    pub fn control_version(&self) -> Result<u64> {
+        let (_, body) = self.http(0, "GET", CONTROL_ADMIN, "/version")?;
+        Ok(serde_json::from_str::<serde_json::Value>(&body)?["version"]
+            .as_u64()
+            .unwrap_or(0))
+    }
+
+    /// ferry-control's view of each node's stream.
+    pub fn control_nodes(&self) -> Result<serde_json::Value> {
+        let (_, body) = self.http(0, "GET", CONTROL_ADMIN, "/nodes")?;
+        Ok(serde_json::from_str(&body)?)
+    }
+
+    /// Waits until ferry-control is at snapshot `min` or later and every
+    /// node has acknowledged it (an ACK is sent once the update is applied).
+    pub fn wait_synced(&self, min: u64) -> Result<()> {
+        let mut last = (0, serde_json::Value::Null);
+        let ok = eventually(Duration::from_secs(20), || {
+            let (Ok(v), Ok(nodes)) = (self.control_version(), self.control_nodes()) else {
+                return false;
+            };
+            let synced = v >= min
+                && (0..self.spec.nodes).all(|n| {
+                    let st = &nodes[self.node_name(n)];
+                    st["connected"] == true && st["acked_version"].as_u64() == Some(v)
+                });
+            last = (v, nodes);
+            synced
+        });
+        if !ok {
+            bail!(
+                "agents not in sync with control version >= {min}: control at {}, nodes {}",
+                last.0,
+                last.1
+            );
         }
         Ok(())
     }
@@ -542,7 +683,22 @@ impl ClusterBox {
         for n in 0..s.spec.nodes {
             fs::create_dir_all(s.agent_cgroup(n))?;
         }
+        anyhow::ensure!(
+            s.spec.mtls || !s.spec.discovery,
+            "discovery needs ferry-control, which the box runs with mtls"
+        );
         s.write_configs()?;
+        // Every pod has a process from the start, as Kubernetes' pause
+        // container: agents find a pod's netns from its cgroup's processes.
+        let s = self.state.clone();
+        for p in &s.spec.pods {
+            let child = s
+                .pod_command(&p.name, "sleep", &["infinity"])?
+                .stdin(Stdio::null())
+                .spawn()?;
+            self.state.server_pids.push(child.id());
+            self.servers.push(child);
+        }
         if s.spec.mtls {
             self.start_control()?;
         }
@@ -607,14 +763,12 @@ impl ClusterBox {
             tokens.push_str(&format!("{}: {t}\n", s.node_name(n)));
             fs::write(s.token_path(n), &t)?;
         }
-        // Not in the box dir itself: ferry-control reads every *.yaml there as cluster state.
         fs::create_dir_all(s.ca_dir())?;
         fs::write(s.ca_dir().join("tokens.yaml"), tokens)?;
         let log = fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(s.dir.join("control.log"))?;
-        let dir = s.dir.display().to_string();
         let child = s
             .node_command(
                 0,
@@ -623,7 +777,9 @@ impl ClusterBox {
                     "--ca-dir",
                     &s.ca_dir().display().to_string(),
                     "--cluster-dir",
-                    &dir,
+                    &s.cluster_dir().display().to_string(),
+                    "--admin",
+                    CONTROL_ADMIN,
                     "--tokens",
                     &s.ca_dir().join("tokens.yaml").display().to_string(),
                     "--listen",
@@ -682,6 +838,9 @@ impl ClusterBox {
                 "--cert-ttl-seconds",
                 &s.spec.cert_ttl_seconds.to_string(),
             ]);
+            if s.spec.discovery {
+                cmd.arg("--discovery");
+            }
         }
         cmd.env(
             "FERRY_LOG",
@@ -716,6 +875,13 @@ impl ClusterBox {
 
     /// Changes the spec (e.g. enrollment) and waits for every agent to apply it.
     pub fn update(&mut self, f: impl FnOnce(&mut Spec)) -> Result<()> {
+        if self.state.spec.discovery {
+            let before = self.state.control_version()?;
+            f(&mut self.state.spec);
+            self.state.save()?;
+            self.state.write_configs()?;
+            return self.state.wait_synced(before + 1);
+        }
         let versions: Vec<u64> = (0..self.state.spec.nodes)
             .map(|n| self.state.config_version(n))
             .collect::<Result<_>>()?;

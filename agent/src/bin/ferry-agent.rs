@@ -178,7 +178,12 @@ async fn run_discovery(
         control_ca: args.control_ca.clone().context("--discovery needs --control-ca")?,
         token_file: args.token_file.clone().context("--discovery needs --token-file")?,
     };
-    tokio::spawn(ferry_agent::discovery::client::run(agent.clone(), opts, node.clone(), rx));
+    tokio::spawn(ferry_agent::discovery::client::run(
+        agent.clone(),
+        opts,
+        node.clone(),
+        rx,
+    ));
     tracing::info!(node = %node, admin = %args.admin, control = ?args.control, "ferry-agent running (config from the control plane)");
     let mut stamp = config_stamp(&args.config);
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;

@@ -93,10 +93,10 @@ async fn session(
     settings: &mut watch::Receiver<Settings>,
 ) -> Result<bool, (bool, StreamError)> {
     let fail = |e| (false, e);
-    let token = std::fs::read_to_string(&opts.token_file)
-        .map_err(|e| fail(StreamError::File(opts.token_file.clone(), e)))?;
-    let ca = std::fs::read_to_string(&opts.control_ca)
-        .map_err(|e| fail(StreamError::File(opts.control_ca.clone(), e)))?;
+    let token =
+        std::fs::read_to_string(&opts.token_file).map_err(|e| fail(StreamError::File(opts.token_file.clone(), e)))?;
+    let ca =
+        std::fs::read_to_string(&opts.control_ca).map_err(|e| fail(StreamError::File(opts.control_ca.clone(), e)))?;
     let connect_err = |e: String| fail(StreamError::Connect(opts.control.clone(), e));
     let channel = Endpoint::from_shared(opts.control.clone())
         .map_err(|e| connect_err(e.to_string()))?

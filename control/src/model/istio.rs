@@ -87,7 +87,11 @@ pub struct StringMatch {
 
 impl StringMatch {
     pub fn is_one_of_exact_prefix_regex(&self) -> bool {
-        [&self.exact, &self.prefix, &self.regex].iter().filter(|x| x.is_some()).count() == 1
+        [&self.exact, &self.prefix, &self.regex]
+            .iter()
+            .filter(|x| x.is_some())
+            .count()
+            == 1
     }
 }
 

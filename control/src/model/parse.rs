@@ -25,17 +25,34 @@ const KINDS: &[(&str, &[&str])] = &[
     ("Pod", &["v1"]),
     ("Service", &["v1"]),
     ("EndpointSlice", &["discovery.k8s.io/v1"]),
-    ("PeerAuthentication", &["security.istio.io/v1", "security.istio.io/v1beta1"]),
-    ("AuthorizationPolicy", &["security.istio.io/v1", "security.istio.io/v1beta1"]),
+    (
+        "PeerAuthentication",
+        &["security.istio.io/v1", "security.istio.io/v1beta1"],
+    ),
+    (
+        "AuthorizationPolicy",
+        &["security.istio.io/v1", "security.istio.io/v1beta1"],
+    ),
     (
         "VirtualService",
-        &["networking.istio.io/v1", "networking.istio.io/v1beta1", "networking.istio.io/v1alpha3"],
+        &[
+            "networking.istio.io/v1",
+            "networking.istio.io/v1beta1",
+            "networking.istio.io/v1alpha3",
+        ],
     ),
     (
         "DestinationRule",
-        &["networking.istio.io/v1", "networking.istio.io/v1beta1", "networking.istio.io/v1alpha3"],
+        &[
+            "networking.istio.io/v1",
+            "networking.istio.io/v1beta1",
+            "networking.istio.io/v1alpha3",
+        ],
     ),
-    ("HTTPRoute", &["gateway.networking.k8s.io/v1", "gateway.networking.k8s.io/v1beta1"]),
+    (
+        "HTTPRoute",
+        &["gateway.networking.k8s.io/v1", "gateway.networking.k8s.io/v1beta1"],
+    ),
 ];
 
 /// Documents of `text` with the line each starts on (1-based).
@@ -78,11 +95,19 @@ pub fn parse_file(file: &str, text: &str) -> (Vec<Doc>, Vec<Problem>) {
         }
         let text_of = |k: &str| value.get(k).and_then(|v| v.as_str()).map(str::to_owned);
         let (Some(api_version), Some(kind)) = (text_of("apiVersion"), text_of("kind")) else {
-            problem(Severity::Error, String::new(), "", "apiVersion and kind are required".into());
+            problem(
+                Severity::Error,
+                String::new(),
+                "",
+                "apiVersion and kind are required".into(),
+            );
             continue;
         };
         let meta = value.get("metadata");
-        let name = meta.and_then(|m| m.get("name")).and_then(|v| v.as_str()).unwrap_or_default();
+        let name = meta
+            .and_then(|m| m.get("name"))
+            .and_then(|v| v.as_str())
+            .unwrap_or_default();
         let namespace = meta
             .and_then(|m| m.get("namespace"))
             .and_then(|v| v.as_str())
@@ -115,14 +140,17 @@ pub fn parse_file(file: &str, text: &str) -> (Vec<Doc>, Vec<Problem>) {
                 Severity::Error,
                 key.to_string(),
                 "apiVersion",
-                format!("{api_version} is not a version of {kind} Ferry reads ({})", versions.join(", ")),
+                format!(
+                    "{api_version} is not a version of {kind} Ferry reads ({})",
+                    versions.join(", ")
+                ),
             );
             continue;
         }
         let object = match typed(&kind, &doc) {
             Ok(o) => o,
             Err(e) => {
-                let (field, reason) = split_serde_error(&e);
+                let (field, reason) = split_serde_error(&file_lines(&e, line));
                 problem(Severity::Error, key.to_string(), &field, reason);
                 continue;
             }
@@ -156,6 +184,22 @@ fn typed(kind: &str, doc: &str) -> Result<Object, String> {
         "HTTPRoute" => Object::HttpRoute(Box::new(de::<Custom<_>>(doc)?)),
         _ => Object::Other,
     })
+}
+
+/// Makes serde's "at line N" (within the document) a line of the file.
+fn file_lines(e: &str, doc_start: usize) -> String {
+    match e.rsplit_once(" at line ") {
+        Some((head, tail)) => {
+            let (n, rest) = tail.split_once(' ').unwrap_or((tail, ""));
+            match n.parse::<usize>() {
+                Ok(n) => format!("{head} at line {} {rest}", n + doc_start - 1)
+                    .trim_end()
+                    .to_owned(),
+                Err(_) => e.to_owned(),
+            }
+        }
+        None => e.to_owned(),
+    }
 }
 
 /// serde_norway says "spec.http[0].fault: unknown field ..., at line 9 column 7":
@@ -244,7 +288,10 @@ fn validate(o: &Object) -> Vec<(String, String)> {
             let mut seen = std::collections::BTreeSet::new();
             for (i, s) in dr.spec.subsets.iter().enumerate() {
                 if !seen.insert(&s.name) {
-                    p.push((format!("spec.subsets[{i}].name"), format!("{:?} is defined twice", s.name)));
+                    p.push((
+                        format!("spec.subsets[{i}].name"),
+                        format!("{:?} is defined twice", s.name),
+                    ));
                 }
             }
         }
@@ -259,11 +306,7 @@ fn validate(o: &Object) -> Vec<(String, String)> {
 }
 
 fn validate_pod(pod: &Pod, p: &mut Vec<(String, String)>) {
-    let value = pod
-        .metadata
-        .annotations
-        .as_ref()
-        .and_then(|a| a.get(MESH_ANNOTATION));
+    let value = pod.metadata.annotations.as_ref().and_then(|a| a.get(MESH_ANNOTATION));
     if let Some(v) = value.filter(|v| !["enabled", "disabled"].contains(&v.as_str())) {
         p.push((
             format!("metadata.annotations[{MESH_ANNOTATION}]"),
@@ -296,7 +339,13 @@ mod tests {
         }
         kinds.sort();
         kinds.dedup();
-        for k in ["Namespace", "VirtualService", "DestinationRule", "PeerAuthentication", "Deployment"] {
+        for k in [
+            "Namespace",
+            "VirtualService",
+            "DestinationRule",
+            "PeerAuthentication",
+            "Deployment",
+        ] {
             assert!(kinds.iter().any(|x| x == k), "{k} missing from {kinds:?}");
         }
     }
@@ -352,12 +401,26 @@ kind: Service
         let all: Vec<String> = problems.iter().map(|p| p.to_string()).collect();
         assert_eq!(problems.len(), 6, "{all:#?}");
         let typo = &problems[0];
-        assert_eq!((typo.line, typo.object.as_str()), (Some(10), "VirtualService shop/typo"));
+        assert_eq!(
+            (typo.line, typo.object.as_str()),
+            (Some(10), "VirtualService shop/typo")
+        );
         assert_eq!(typo.field, "spec.http[0].fault.delay", "{all:#?}");
         assert!(typo.reason.contains("unknown field `percnt`"), "{all:#?}");
-        assert!(all[1].contains("DestinationRule default/dur") && all[1].contains("\"5 minutes\" is not a duration"), "{all:#?}");
-        assert!(all[2].contains("ferry.dev/mesh") && all[2].contains("\"yes\" is neither"), "{all:#?}");
-        assert!(all[3].contains("spec.http[0].route[0].weight: 140 is not 0-100"), "{all:#?}");
+        assert!(
+            all[1].contains("DestinationRule default/dur")
+                && all[1].contains("\"5 minutes\" is not a duration")
+                && all[1].contains("at line 24 "),
+            "{all:#?}"
+        );
+        assert!(
+            all[2].contains("ferry.dev/mesh") && all[2].contains("\"yes\" is neither"),
+            "{all:#?}"
+        );
+        assert!(
+            all[3].contains("spec.http[0].route[0].weight: 140 is not 0-100"),
+            "{all:#?}"
+        );
         assert!(all[4].contains("apiVersion and kind are required"), "{all:#?}");
         assert!(all[5].contains("not YAML"), "{all:#?}");
     }

@@ -107,7 +107,11 @@ impl FileSource {
 
     /// Every object; a key defined in two files is an error, the first file wins.
     pub fn cluster(&self) -> (Cluster, Vec<Problem>) {
-        merge(self.files.iter().map(|(p, f)| (p.display().to_string(), f.docs.as_slice())))
+        merge(
+            self.files
+                .iter()
+                .map(|(p, f)| (p.display().to_string(), f.docs.as_slice())),
+        )
     }
 }
 
@@ -172,7 +176,10 @@ mod tests {
         let (changed, problems) = src.refresh();
         assert!(changed && problems.len() == 1, "{problems:?}");
         let c = src.cluster().0;
-        let ips: Vec<_> = c.pods().map(|p| p.status.as_ref().unwrap().pod_ip.clone().unwrap()).collect();
+        let ips: Vec<_> = c
+            .pods()
+            .map(|p| p.status.as_ref().unwrap().pod_ip.clone().unwrap())
+            .collect();
         assert_eq!(ips, ["10.0.0.9", "10.0.0.2", "10.0.0.3"]);
 
         // Fixed file without b: b is gone. Duplicate across files: reported, first kept.
@@ -181,7 +188,10 @@ mod tests {
         src.refresh();
         let (c, problems) = src.cluster();
         assert_eq!(c.pods().count(), 2);
-        assert!(problems[0].to_string().contains("Pod default/c: already defined in"), "{problems:?}");
+        assert!(
+            problems[0].to_string().contains("Pod default/c: already defined in"),
+            "{problems:?}"
+        );
         std::fs::remove_file(dir.join("other.yml")).unwrap();
         assert!(src.refresh().0);
         assert_eq!(src.cluster().0.pods().count(), 2, "c now from dup.yaml");

@@ -33,7 +33,12 @@ pub const WATCHED: &[(&str, &str, &str, &str)] = &[
     ("", "v1", "Service", "services"),
     ("discovery.k8s.io", "v1", "EndpointSlice", "endpointslices"),
     ("security.istio.io", "v1", "PeerAuthentication", "peerauthentications"),
-    ("security.istio.io", "v1", "AuthorizationPolicy", "authorizationpolicies"),
+    (
+        "security.istio.io",
+        "v1",
+        "AuthorizationPolicy",
+        "authorizationpolicies",
+    ),
     ("networking.istio.io", "v1", "VirtualService", "virtualservices"),
     ("networking.istio.io", "v1", "DestinationRule", "destinationrules"),
     ("gateway.networking.k8s.io", "v1", "HTTPRoute", "httproutes"),
@@ -70,7 +75,12 @@ pub fn convert(kind: &str, obj: &DynamicObject) -> Result<(Key, Located), Vec<Pr
     }
 }
 
-async fn watch_kind(client: Client, gvk: (&'static str, &'static str, &'static str, &'static str), objects: Objects, changed: Arc<Notify>) {
+async fn watch_kind(
+    client: Client,
+    gvk: (&'static str, &'static str, &'static str, &'static str),
+    objects: Objects,
+    changed: Arc<Notify>,
+) {
     let (group, version, kind, plural) = gvk;
     let ar = ApiResource::from_gvk_with_plural(&GroupVersionKind::gvk(group, version, kind), plural);
     let api: Api<DynamicObject> = Api::all_with(client, &ar);

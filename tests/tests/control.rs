@@ -1,0 +1,214 @@
+//! The control plane on the cluster-in-a-box: ferry-control reads the box's
+//! cluster YAML (Kubernetes shapes) and streams each node its config; the
+//! agents run with --discovery (no workloads in their files). Changes are
+//! made by editing the YAML, as `kubectl apply` would change the API.
+
+use std::time::Duration;
+
+use ferry_box::{eventually, require_root, ClusterBox, Spec};
+
+const VIP: &str = "10.96.0.10:80";
+
+fn up() -> ClusterBox {
+    require_root();
+    let spec = Spec {
+        discovery: true,
+        ..Spec::demo()
+    };
+    ClusterBox::up(spec, ferry_box::default_bin_dir()).expect("box up")
+}
+
+fn servers(b: &ClusterBox, n: usize) -> Vec<String> {
+    (0..n)
+        .map(|_| b.state.who("client", VIP).expect("who via the VIP").0)
+        .collect()
+}
+
+#[test]
+fn config_comes_from_the_control_plane_and_changes_apply_live() {
+    let mut b = up();
+    let s = b.state.clone();
+    // The agents' files hold no workloads: everything below came over the stream.
+    let file = std::fs::read_to_string(s.config_path(0)).unwrap();
+    assert!(!file.contains("echo-1"), "{file}");
+    let dump = s.admin_json(0, "/config_dump").unwrap();
+    let pods: Vec<&str> = dump["pods"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(pods, ["client", "echo-1"], "node 1's own pods: {dump}");
+    let m = s.scrape(0).unwrap();
+    let connected = m
+        .samples
+        .iter()
+        .find(|x| x.metric == "ferry_control_connected")
+        .unwrap();
+    assert_eq!(ferry_box::sample_value(&connected.value), 1.0);
+    // netns and host veth were found by the agent itself (pause process, netlink).
+    assert!(
+        dump["pods"][1]["host_veth"]
+            .as_str()
+            .is_some_and(|v| v.starts_with("veth")),
+        "{dump}"
+    );
+
+    let both = servers(&b, 6);
+    assert!(
+        both.contains(&"echo-1".into()) && both.contains(&"echo-2".into()),
+        "{both:?}"
+    );
+
+    // Unenroll the client (annotation removed): its connects are no longer steered.
+    let redirects = |b: &ClusterBox| b.state.bpf_stats(0).unwrap()["redirects"];
+    b.update(|sp| sp.pods[0].enrolled = false).unwrap();
+    let before = redirects(&b);
+    assert!(
+        !b.state.probe("client", VIP).unwrap(),
+        "no mesh, no kube-proxy: the VIP leads nowhere"
+    );
+    assert_eq!(redirects(&b), before, "an unenrolled pod's connect was steered");
+    let dump = b.state.admin_json(0, "/config_dump").unwrap();
+    assert_eq!(dump["pods"][0]["enrolled"], false, "{dump}");
+    // Re-enroll: steered again, without restarting anything.
+    b.update(|sp| sp.pods[0].enrolled = true).unwrap();
+    assert_eq!(servers(&b, 1).len(), 1);
+    assert_eq!(redirects(&b), before + 1);
+
+    // Scale the endpoint set: new connections follow it.
+    b.update(|sp| sp.services[0].endpoints = vec!["echo-2".into()]).unwrap();
+    assert!(servers(&b, 6).iter().all(|x| x == "echo-2"));
+    b.update(|sp| sp.services[0].endpoints = vec!["echo-1".into()]).unwrap();
+    assert!(servers(&b, 6).iter().all(|x| x == "echo-1"));
+
+    // Delete the service: its VIP is no longer captured.
+    b.update(|sp| sp.services.clear()).unwrap();
+    let dump = b.state.ferryctl(0, &["bpf", "dump", "mesh-dst", "-o", "json"]).unwrap();
+    let text = String::from_utf8_lossy(&dump.stdout);
+    assert!(!text.contains("10.96.0.10"), "{text}");
+    assert!(text.contains(&b.state.pod_ip("echo-1").unwrap().to_string()), "{text}");
+    let before = redirects(&b);
+    assert!(!b.state.probe("client", VIP).unwrap());
+    assert_eq!(redirects(&b), before, "a deleted service's VIP was still steered");
+}
+
+#[test]
+fn bad_cluster_yaml_is_reported_and_disturbs_nothing() {
+    let mut b = up();
+    let v0 = b.state.control_version().unwrap();
+    b.state.spec.cluster_yaml = vec![
+        ("garbage.yaml".into(), "kind: [\n".into()),
+        (
+            "routes.yaml".into(),
+            "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: typo}\nspec:\n  hosts: [echo]\n  http:\n  - timeout: 3 seconds\n---\napiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: nowhere}\nspec:\n  hosts: [nosuch]\n  http:\n  - route:\n    - destination: {host: nosuch}\n---\napiVersion: v1\nkind: Service\nmetadata: {name: wrong}\nspec: {ports: 80}\n".into(),
+        ),
+    ];
+    b.state.write_configs().unwrap();
+    let problems = || {
+        let (_, body) = b.state.http(0, "GET", ferry_box::CONTROL_ADMIN, "/problems").unwrap();
+        serde_json::from_str::<Vec<serde_json::Value>>(&body).unwrap()
+    };
+    assert!(
+        eventually(Duration::from_secs(5), || problems().len() >= 4),
+        "{:?}",
+        problems()
+    );
+    let p = problems();
+    let find = |needle: &str| p.iter().any(|x| x.to_string().contains(needle));
+    assert!(find("garbage.yaml") && find("not YAML"), "{p:#?}");
+    assert!(
+        find("VirtualService default/typo")
+            && find("spec.http[0]")
+            && find("\\\"3 seconds\\\" is not a duration")
+            && find("at line 7 column 5"),
+        "{p:#?}"
+    );
+    assert!(
+        find("VirtualService default/nowhere") && find("no Service default/nosuch"),
+        "{p:#?}"
+    );
+    assert!(find("Service default/wrong") && find("spec.ports"), "{p:#?}");
+    // Nothing else moved: same snapshot, traffic as before.
+    assert_eq!(b.state.control_version().unwrap(), v0);
+    let both = servers(&b, 6);
+    assert!(
+        both.contains(&"echo-1".into()) && both.contains(&"echo-2".into()),
+        "{both:?}"
+    );
+    // Break the main file: its objects stay as they were, and a later fix applies.
+    let main = b.state.cluster_dir().join("box.yaml");
+    let good = std::fs::read_to_string(&main).unwrap();
+    std::fs::write(&main, format!("{good}---\nkind: [\n")).unwrap();
+    std::thread::sleep(Duration::from_millis(600));
+    assert_eq!(b.state.control_version().unwrap(), v0);
+    assert_eq!(servers(&b, 2).len(), 2);
+    b.update(|sp| sp.services[0].endpoints = vec!["echo-2".into()]).unwrap();
+    assert!(servers(&b, 4).iter().all(|x| x == "echo-2"));
+}
+
+#[test]
+fn agents_keep_serving_without_the_control_plane_and_converge_after() {
+    let mut b = up();
+    let s = b.state.clone();
+    // A long transfer across nodes, running while the control plane dies.
+    let transfer = {
+        let s = s.clone();
+        std::thread::spawn(move || s.client("client", &["echo", "--to", VIP, "--bytes", "400000000"]))
+    };
+    std::thread::sleep(Duration::from_millis(300));
+    b.stop_control();
+    let connected = |n| {
+        let m = s.scrape(n).unwrap();
+        let c = m
+            .samples
+            .iter()
+            .find(|x| x.metric == "ferry_control_connected")
+            .unwrap();
+        ferry_box::sample_value(&c.value)
+    };
+    assert!(eventually(Duration::from_secs(10), || connected(0) == 0.0 && connected(1) == 0.0));
+    // New connections, both nodes, from the last-known config.
+    let both = servers(&b, 6);
+    assert!(
+        both.contains(&"echo-1".into()) && both.contains(&"echo-2".into()),
+        "{both:?}"
+    );
+    // A change made while the control plane is down is not seen...
+    b.state.spec.services[0].endpoints = vec!["echo-2".into()];
+    b.state.write_configs().unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(servers(&b, 6).contains(&"echo-1".into()));
+    // ...until it is back: agents reconnect (backoff) and converge.
+    b.start_control().unwrap();
+    b.state.wait_synced(1).unwrap();
+    assert!(eventually(Duration::from_secs(10), || servers(&b, 4)
+        .iter()
+        .all(|x| x == "echo-2")));
+    let out = transfer
+        .join()
+        .unwrap()
+        .expect("the transfer survived the control plane's restart");
+    assert!(out.contains("\"ok\":true"), "{out}");
+    // The reconnect resumed: the agent said what it held and got only the change.
+    let log = b.agent_log(0);
+    let resumed = log
+        .lines()
+        .filter(|l| l.contains("subscribed to the control plane"))
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter_map(|v| v["fields"]["resumed_resources"].as_u64())
+        .max()
+        .unwrap_or(0);
+    assert!(resumed >= 4, "{log}");
+    let last_update = log
+        .lines()
+        .rev()
+        .filter(|l| l.contains("config update applied (ACK)"))
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .next()
+        .unwrap();
+    assert_eq!(
+        last_update["fields"]["changed"], 1,
+        "only the changed service was resent: {last_update}"
+    );
+}
