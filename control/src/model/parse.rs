@@ -295,10 +295,8 @@ fn validate(o: &Object) -> Vec<(String, String)> {
                 }
             }
         }
-        Object::HttpRoute(r) => {
-            if r.spec.parent_refs.is_empty() {
-                p.push(("spec.parentRefs".into(), "at least one parent is required".into()));
-            }
+        Object::HttpRoute(r) if r.spec.parent_refs.is_empty() => {
+            p.push(("spec.parentRefs".into(), "at least one parent is required".into()));
         }
         _ => {}
     }
