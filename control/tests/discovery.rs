@@ -1,0 +1,249 @@
+//! The config stream over real gRPC (tonic server and client on loopback):
+//! first snapshot, deltas, ACK/NACK, resume, and who may subscribe.
+
+use std::{
+    collections::BTreeMap,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use ferry_api::discovery::{
+    self as pb, discovery_client::DiscoveryClient, discovery_server::DiscoveryServer, DiscoveryRequest,
+};
+use ferry_control::{
+    compute,
+    discovery::{DiscoveryService, Store},
+    model::{parse_file, Cluster, Located},
+};
+use futures::{channel::mpsc, SinkExt};
+use tonic::{transport::Channel, Streaming};
+
+fn cluster(text: &str) -> Cluster {
+    let (docs, problems) = parse_file("t.yaml", text);
+    assert!(
+        problems
+            .iter()
+            .all(|p| p.severity != ferry_control::model::Severity::Error),
+        "{problems:?}"
+    );
+    Cluster {
+        objects: docs
+            .into_iter()
+            .map(|d| {
+                (
+                    d.key,
+                    Located {
+                        object: d.object,
+                        file: "t.yaml".into(),
+                        line: None,
+                    },
+                )
+            })
+            .collect(),
+    }
+}
+
+fn pod(name: &str, node: &str, ip: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, uid: {name}, labels: {{app: echo}}, annotations: {{ferry.dev/mesh: enabled}}}}\nspec: {{nodeName: {node}, containers: [{{name: c}}]}}\nstatus: {{podIP: {ip}}}\n---\n"
+    )
+}
+
+const SVC: &str = "apiVersion: v1\nkind: Service\nmetadata: {name: echo}\nspec: {clusterIP: 10.96.0.10, selector: {app: echo}, ports: [{port: 80, targetPort: 8080}]}\n";
+
+struct Server {
+    store: Arc<Store>,
+    status: Arc<Mutex<BTreeMap<String, ferry_control::discovery::NodeStatus>>>,
+    addr: String,
+    _dir: TempDir,
+}
+
+struct TempDir(std::path::PathBuf);
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+async fn server() -> Server {
+    let dir = std::env::temp_dir().join(format!("ferry-disc-{}-{}", std::process::id(), rand_suffix()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let tokens = dir.join("tokens.yaml");
+    std::fs::write(&tokens, "n1: t1\nn2: t2\n").unwrap();
+    let store = Arc::new(Store::default());
+    store.publish(compute::mesh_view(
+        &cluster(&format!("{}{SVC}", pod("a", "n1", "10.1.1.2"))),
+        true,
+    ));
+    let status = Arc::new(Mutex::new(BTreeMap::new()));
+    let svc = DiscoveryService {
+        store: store.clone(),
+        tokens,
+        status: status.clone(),
+    };
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = format!("http://{}", l.local_addr().unwrap());
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(DiscoveryServer::new(svc))
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(l)),
+    );
+    Server {
+        store,
+        status,
+        addr,
+        _dir: TempDir(dir),
+    }
+}
+
+fn rand_suffix() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos() as u64
+}
+
+struct Agent {
+    tx: mpsc::UnboundedSender<DiscoveryRequest>,
+    rx: Streaming<pb::DiscoveryResponse>,
+}
+
+async fn subscribe(
+    addr: &str,
+    token: &str,
+    node: &str,
+    held: BTreeMap<String, String>,
+) -> Result<Agent, tonic::Status> {
+    let ch = Channel::from_shared(addr.to_owned()).unwrap().connect().await.unwrap();
+    let (mut tx, rx) = mpsc::unbounded();
+    tx.send(DiscoveryRequest {
+        node: node.into(),
+        initial_versions: held,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let mut req = tonic::Request::new(rx);
+    req.metadata_mut()
+        .insert("authorization", format!("Bearer {token}").parse().unwrap());
+    let rx = DiscoveryClient::new(ch).stream(req).await?.into_inner();
+    Ok(Agent { tx, rx })
+}
+
+impl Agent {
+    async fn next(&mut self) -> pb::DiscoveryResponse {
+        tokio::time::timeout(Duration::from_secs(5), self.rx.message())
+            .await
+            .expect("a response in time")
+            .unwrap()
+            .unwrap()
+    }
+    async fn answer(&mut self, r: &pb::DiscoveryResponse, error: &str) {
+        let m = DiscoveryRequest {
+            response_nonce: r.nonce.clone(),
+            error_detail: error.into(),
+            ..Default::default()
+        };
+        self.tx.send(m).await.unwrap();
+    }
+}
+
+fn names(r: &pb::DiscoveryResponse) -> Vec<&str> {
+    r.resources.iter().map(|x| x.name.as_str()).collect()
+}
+
+async fn wait_status(s: &Server, node: &str, f: impl Fn(&ferry_control::discovery::NodeStatus) -> bool) {
+    for _ in 0..100 {
+        if s.status.lock().unwrap().get(node).is_some_and(&f) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("status of {node}: {:?}", s.status.lock().unwrap().get(node));
+}
+
+#[tokio::test]
+async fn snapshot_then_deltas_with_ack_and_nack() {
+    let s = server().await;
+    let mut a = subscribe(&s.addr, "t1", "n1", BTreeMap::new()).await.unwrap();
+    let first = a.next().await;
+    assert_eq!(names(&first), ["service/default/echo", "workload/a"]);
+    assert!(first.removed.is_empty());
+    a.answer(&first, "").await;
+    wait_status(&s, "n1", |st| {
+        st.connected && st.acked_version == 1 && st.resources == 2
+    })
+    .await;
+
+    // A pod on another node joins: one new workload, one changed service.
+    let two = format!("{}{}{SVC}", pod("a", "n1", "10.1.1.2"), pod("b", "n2", "10.1.2.2"));
+    s.store.publish(compute::mesh_view(&cluster(&two), true));
+    let d = a.next().await;
+    assert_eq!(names(&d), ["service/default/echo", "workload/b"]);
+    assert_eq!(d.system_version, 2);
+    // NACK: the control plane records why and does not resend the same thing.
+    a.answer(&d, "workload/b: ip clash").await;
+    wait_status(&s, "n1", |st| {
+        st.last_nack.as_deref() == Some("workload/b: ip clash") && st.acked_version == 1
+    })
+    .await;
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), a.rx.message())
+            .await
+            .is_err(),
+        "resent after a NACK with no change"
+    );
+
+    // The next change is computed against what the node still holds (version 1).
+    s.store.publish(compute::mesh_view(
+        &cluster(&format!("{}{SVC}", pod("b", "n2", "10.1.2.2"))),
+        true,
+    ));
+    let d = a.next().await;
+    assert_eq!(names(&d), ["service/default/echo", "workload/b"]);
+    assert_eq!(d.removed, ["workload/a"]);
+    a.answer(&d, "").await;
+    wait_status(&s, "n1", |st| st.acked_version == 3 && st.resources == 2).await;
+}
+
+#[tokio::test]
+async fn a_reconnect_resumes_from_what_the_node_holds() {
+    let s = server().await;
+    let mut a = subscribe(&s.addr, "t1", "n1", BTreeMap::new()).await.unwrap();
+    let first = a.next().await;
+    let held: BTreeMap<String, String> = first
+        .resources
+        .iter()
+        .map(|r| (r.name.clone(), r.version.clone()))
+        .collect();
+    a.answer(&first, "").await;
+    drop(a);
+    // Same state: the first response is empty (nothing resent), but still sent (in sync).
+    let mut b = subscribe(&s.addr, "t1", "n1", held.clone()).await.unwrap();
+    let r = b.next().await;
+    assert!(r.resources.is_empty() && r.removed.is_empty(), "{r:?}");
+    b.answer(&r, "").await;
+    drop(b);
+    // One stale entry and one unknown: only those are corrected.
+    let mut stale = held.clone();
+    stale.insert("workload/a".into(), "old".into());
+    stale.insert("workload/gone".into(), "x".into());
+    let mut c = subscribe(&s.addr, "t1", "n1", stale).await.unwrap();
+    let r = c.next().await;
+    assert_eq!(names(&r), ["workload/a"]);
+    assert_eq!(r.removed, ["workload/gone"]);
+}
+
+#[tokio::test]
+async fn a_node_subscribes_only_as_itself() {
+    let s = server().await;
+    let err = |r: Result<Agent, tonic::Status>| r.err().expect("refused");
+    let e = err(subscribe(&s.addr, "t2", "n1", BTreeMap::new()).await);
+    assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
+    assert!(e.message().contains("node n2's"), "{e:?}");
+    let e = err(subscribe(&s.addr, "nope", "n1", BTreeMap::new()).await);
+    assert_eq!(e.code(), tonic::Code::Unauthenticated, "{e:?}");
+    // n2 gets n1's enrolled pod (a mesh member) and the services.
+    let mut b = subscribe(&s.addr, "t2", "n2", BTreeMap::new()).await.unwrap();
+    assert_eq!(names(&b.next().await), ["service/default/echo", "workload/a"]);
+}
