@@ -1,7 +1,8 @@
-//! ferryctl: inspect a node's pinned eBPF maps and its agent's state.
+//! ferryctl: inspect a node's pinned eBPF maps and its agent's state, and
+//! analyze mesh YAML offline.
 //!
 //! Exit codes: 0 ok, 1 other error, 2 usage, 3 agent not reachable, 4 no Ferry
-//! maps, 5 `check` found the node cannot run Ferry.
+//! maps, 5 `check` found the node cannot run Ferry, 6 `analyze` found errors.
 
 use std::{
     io::{Read, Write},
@@ -37,7 +38,8 @@ const EXAMPLES: &str = "Examples:
   ferryctl bpf maps
   ferryctl bpf dump mesh-dst -o json
   ferryctl --node node1 bpf dump traffic
-  ferryctl conns";
+  ferryctl conns
+  ferryctl analyze -f ./manifests/";
 
 #[derive(Clone, Copy, ValueEnum, PartialEq)]
 enum Output {
@@ -69,6 +71,16 @@ enum Cmd {
     Completions {
         #[arg(value_enum)]
         shell: clap_complete::Shell,
+    },
+    /// Check mesh YAML offline (like `istioctl analyze`): every problem with
+    /// file, line, object, field and reason; exit 6 if any is an error.
+    Analyze {
+        /// Files or directories (searched recursively for *.yaml, *.yml).
+        #[arg(short = 'f', long = "filename", required = true)]
+        paths: Vec<PathBuf>,
+        /// Also list notes (kinds Ferry ignores).
+        #[arg(long)]
+        all: bool,
     },
     /// Preflight: can this node run Ferry? (exit 5 if not)
     Check {
@@ -166,8 +178,60 @@ fn pinned(args: &Args) -> Result<Pinned, CtlError> {
     Ok(Pinned::open(&args.pin_root, &node(args)?)?)
 }
 
+/// Parses and cross-checks the given YAML as one cluster.
+fn analyze(args: &Args, paths: &[PathBuf], all: bool) -> Result<(), CtlError> {
+    use ferry_control::{
+        model::{parse_file, Severity},
+        source::files::{merge, yaml_files},
+    };
+    let mut files = Vec::new();
+    for p in paths {
+        if p.is_dir() {
+            files.extend(yaml_files(p));
+        } else if p.exists() {
+            files.push(p.clone());
+        } else {
+            return Err(CtlError::Other(format!("{}: no such file or directory", p.display())));
+        }
+    }
+    let mut problems = Vec::new();
+    let mut parsed = Vec::new();
+    for f in &files {
+        let name = f.display().to_string();
+        let text = std::fs::read_to_string(f).map_err(|e| CtlError::Other(format!("{name}: {e}")))?;
+        let (docs, found) = parse_file(&name, &text);
+        problems.extend(found);
+        parsed.push((name, docs));
+    }
+    let (cluster, dups) = merge(parsed.iter().map(|(n, d)| (n.clone(), d.as_slice())));
+    problems.extend(dups);
+    problems.extend(ferry_control::analyze::analyze(&cluster));
+    problems.retain(|p| all || p.severity != Severity::Info);
+    problems.sort_by(|a, b| (a.severity, &a.file, a.line).cmp(&(b.severity, &b.file, b.line)));
+    let errors = problems.iter().filter(|p| p.severity == Severity::Error).count();
+    match args.output {
+        Output::Table => {
+            for p in &problems {
+                println!("{p}");
+            }
+            let warnings = problems.iter().filter(|p| p.severity == Severity::Warning).count();
+            println!(
+                "{} file(s), {} object(s): {errors} error(s), {warnings} warning(s)",
+                files.len(),
+                cluster.objects.len()
+            );
+        }
+        _ => emit(args, &problems, &[])?,
+    }
+    if errors > 0 {
+        std::process::exit(6);
+    }
+    Ok(())
+}
+
 fn run(args: &Args) -> Result<(), CtlError> {
     match &args.cmd {
+        Cmd::Analyze { paths, all } => analyze(args, paths, *all),
         Cmd::Bpf { op: BpfOp::Maps } => {
             let rows = pinned(args)?.maps()?;
             emit(
