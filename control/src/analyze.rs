@@ -65,7 +65,24 @@ impl Ctx<'_> {
             .iter()
             .find(|(s, _)| s.namespace == ns && s.name == name)
             .map_or(0, |(s, _)| s.endpoints.iter().filter(|e| e.ready).count());
-        if endpoints == 0 {
+        // Offline (analyze -f), pods have no addresses yet: a selector that
+        // matches a pod is as good as an endpoint.
+        let selected = || {
+            let sel = self
+                .cluster
+                .service(&ns, &name)
+                .and_then(|s| s.spec.as_ref()?.selector.clone());
+            sel.is_some_and(|sel| {
+                !sel.is_empty()
+                    && self.cluster.pods().any(|p| {
+                        p.metadata.namespace.as_deref().unwrap_or("default") == ns
+                            && sel
+                                .iter()
+                                .all(|(k, v)| p.metadata.labels.as_ref().and_then(|l| l.get(k)) == Some(v))
+                    })
+            })
+        };
+        if endpoints == 0 && !selected() {
             self.add(
                 Severity::Warning,
                 key,

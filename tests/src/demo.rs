@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use crate::{ClusterBox, Spec};
+use crate::ClusterBox;
 use anyhow::Result;
 
 fn section(title: &str) {
@@ -18,53 +18,120 @@ fn ferryctl(b: &ClusterBox, node: usize, args: &[&str]) -> Result<()> {
     Ok(())
 }
 
-pub fn run(bins: PathBuf, keep: bool) -> Result<()> {
-    section("Bringing up the cluster-in-a-box");
-    let b = ClusterBox::up(Spec::demo(), bins)?;
+/// The demo app: Kubernetes YAML the box schedules and ferry-control reads.
+pub fn manifests() -> PathBuf {
+    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/bookinfo"))
+}
+
+fn pods_line(b: &ClusterBox) -> Result<()> {
     let s = &b.state;
-    println!(
-        "box {}: 2 nodes, each a network namespace running its own ferry-agent",
-        s.id
-    );
-    for p in &s.spec.pods {
-        println!(
-            "  pod {:<9} {:<10} on node{}  {}",
-            p.name,
-            s.pod_ip(&p.name)?,
-            p.node + 1,
-            if p.enrolled {
-                "enrolled (ferry.dev/mesh: enabled)"
-            } else {
-                "not in the mesh"
-            }
-        );
+    for n in 0..s.spec.nodes {
+        for p in s.admin_json(n, "/config_dump")?["pods"]
+            .as_array()
+            .into_iter()
+            .flatten()
+        {
+            let name = p["name"].as_str().unwrap_or_default();
+            println!(
+                "  pod {:<15} {:<10} on node{}  {}",
+                name,
+                p["ip"].as_str().unwrap_or_default(),
+                n + 1,
+                if p["enrolled"] == true {
+                    "in the mesh"
+                } else {
+                    "not in the mesh"
+                }
+            );
+        }
     }
+    Ok(())
+}
+
+pub fn run(bins: PathBuf, keep: bool) -> Result<()> {
+    section("The app: examples/bookinfo (Kubernetes YAML), checked offline first");
+    let dir = manifests();
+    let out = std::process::Command::new(bins.join("ferryctl"))
+        .args(["analyze", "-f"])
+        .arg(&dir)
+        .output()?;
+    println!("  $ ferryctl analyze -f examples/bookinfo");
+    print!("  {}", String::from_utf8_lossy(&out.stdout));
+
+    section("Bringing up the cluster-in-a-box, config from ferry-control");
+    let spec = crate::manifests::spec_from_dir(&dir, 2)?;
+    let mut b = ClusterBox::up(spec, bins)?;
+    let s = b.state.clone();
+    println!(
+        "box {}: 2 nodes (network namespaces), an agent on each with --discovery, ferry-control reading {}",
+        s.id,
+        s.cluster_dir().display()
+    );
+    println!(
+        "  control plane at snapshot {}; nodes: {}",
+        s.control_version()?,
+        s.control_nodes()?
+    );
+    pods_line(&b)?;
     for svc in &s.spec.services {
         println!(
-            "  service {} {}:{} -> {:?} port {}",
-            svc.name, svc.vip, svc.port, svc.endpoints, svc.target_port
+            "  service {:<12} {}:{} -> {:?}",
+            svc.name, svc.vip, svc.port, svc.endpoints
         );
     }
 
-    section("Traffic: client -> echo service VIP, four connections");
-    let vip = "10.96.0.10:80";
+    let reviews = "10.96.0.22:9080";
+    let details = "10.96.0.21:9080";
+    section("Traffic: productpage -> reviews service VIP, four connections");
     for _ in 0..4 {
-        let (server, seen) = s.who("client", vip)?;
-        println!("  client -> {vip}  answered by {server:<7} which saw the client as {seen}");
+        let (server, seen) = s.who("productpage-v1", reviews)?;
+        println!("  productpage -> {reviews}  answered by {server:<11} which saw the client as {seen}");
     }
-    section("Traffic: a 16 MiB echo through the mesh, checksummed");
+    section("Traffic: a 16 MiB echo productpage (node1) -> details (node2), mTLS between the agents");
     print!(
         "  {}",
-        s.client("client", &["echo", "--to", vip, "--bytes", "16777216"])?
+        s.client("productpage-v1", &["echo", "--to", details, "--bytes", "16777216"])?
     );
-    section("Traffic: the un-enrolled outsider");
-    let echo1 = format!("{}:8080", s.pod_ip("echo-1")?);
-    let (server, seen) = s.who("outsider", &echo1)?;
-    println!("  outsider -> {echo1} (a meshed pod): captured inbound by node1's agent, {server} saw {seen}");
+    section("Traffic: the pod that opted out (legacy, ferry.dev/mesh: disabled)");
+    let ratings = format!("{}:9080", s.pod_ip("ratings-v1")?);
+    match s.who("legacy", &ratings) {
+        Ok((server, _)) => println!("  legacy -> {ratings}: answered by {server}"),
+        Err(_) => println!(
+            "  legacy -> {ratings} (ratings, in the mesh): refused, plaintext under the STRICT PeerAuthentication from the YAML"
+        ),
+    }
     println!(
-        "  outsider -> {vip}: connected = {} (its connect() is not steered; there is no kube-proxy in the box)",
-        s.probe("outsider", vip)?
+        "  legacy -> {reviews}: connected = {} (its connect() is not steered; there is no kube-proxy in the box)",
+        s.probe("legacy", reviews)?
     );
+
+    section("Live: opt productpage out of the mesh by annotation, then back in");
+    let t = std::time::Instant::now();
+    b.update(|sp| {
+        if let Some(p) = sp.pods.iter_mut().find(|p| p.name == "productpage-v1") {
+            p.annotations.push(("ferry.dev/mesh".into(), "disabled".into()));
+        }
+    })?;
+    println!(
+        "  annotated ferry.dev/mesh=disabled: every agent had acknowledged the change {} ms after the YAML was written",
+        t.elapsed().as_millis()
+    );
+    println!(
+        "  productpage -> {reviews}: connected = {} (no longer steered)",
+        b.state.probe("productpage-v1", reviews)?
+    );
+    let t = std::time::Instant::now();
+    b.update(|sp| {
+        if let Some(p) = sp.pods.iter_mut().find(|p| p.name == "productpage-v1") {
+            p.annotations.retain(|(k, _)| k != "ferry.dev/mesh");
+        }
+    })?;
+    let (server, _) = b.state.who("productpage-v1", reviews)?;
+    println!(
+        "  annotation removed (the namespace label applies again): in sync after {} ms; productpage -> {reviews} answered by {server}",
+        t.elapsed().as_millis()
+    );
+    let s = b.state.clone();
 
     section("What the agents did (one access-log line per connection)");
     println!(
@@ -124,7 +191,7 @@ pub fn run(bins: PathBuf, keep: bool) -> Result<()> {
         }
     }
 
-    section("ferryctl workloads (node1)");
+    section("ferryctl workloads (node1): pods and enrollment, as streamed by ferry-control");
     ferryctl(&b, 0, &["workloads"])?;
     section("ferryctl bpf dump mesh-dst (node1): what connect4 steers");
     ferryctl(&b, 0, &["bpf", "dump", "mesh-dst"])?;
@@ -139,7 +206,9 @@ pub fn run(bins: PathBuf, keep: bool) -> Result<()> {
 
     if keep {
         let st = b.keep();
-        println!("\nThe box stays up: `cargo xtask box exec client -- ferry-workload client who --to {vip}`,");
+        println!(
+            "\nThe box stays up: `cargo xtask box exec productpage-v1 -- ferry-workload client who --to {reviews}`,"
+        );
         println!(
             "`cargo xtask box exec node1 -- ferryctl conns`, then `cargo xtask box down {}`.",
             st.id

@@ -13,6 +13,7 @@
 
 pub mod bench;
 pub mod demo;
+pub mod manifests;
 pub mod proto;
 pub mod sys;
 
@@ -47,6 +48,18 @@ pub struct PodSpec {
     pub serve: Vec<u16>,
     #[serde(default)]
     pub labels: Vec<(String, String)>,
+    /// More annotations (`enrolled` adds ferry.dev/mesh: enabled).
+    #[serde(default)]
+    pub annotations: Vec<(String, String)>,
+    /// Default: the pod's name.
+    #[serde(default)]
+    pub service_account: Option<String>,
+}
+
+impl PodSpec {
+    pub fn service_account(&self) -> String {
+        self.service_account.clone().unwrap_or_else(|| self.name.clone())
+    }
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -57,6 +70,10 @@ pub struct ServiceSpec {
     pub target_port: u16,
     /// Pod names backing it.
     pub endpoints: Vec<String>,
+    /// Defined in `cluster_yaml` with a selector (ferry-control derives the
+    /// endpoints): the box writes no Service or EndpointSlice for it.
+    #[serde(default)]
+    pub from_manifest: bool,
 }
 
 fn yes() -> bool {
@@ -92,6 +109,9 @@ pub struct Spec {
     /// More cluster YAML (file name, text): routes, policies, anything.
     #[serde(default)]
     pub cluster_yaml: Vec<(String, String)>,
+    /// Labels of the `default` namespace (e.g. istio.io/dataplane-mode: ambient).
+    #[serde(default)]
+    pub namespace_labels: Vec<(String, String)>,
 }
 
 impl Spec {
@@ -107,6 +127,8 @@ impl Spec {
                 "app".into(),
                 name.trim_end_matches(char::is_numeric).trim_end_matches('-').into(),
             )],
+            annotations: Vec::new(),
+            service_account: None,
         };
         Spec {
             nodes: 2,
@@ -122,6 +144,7 @@ impl Spec {
                 port: 80,
                 target_port: 8080,
                 endpoints: vec!["echo-1".into(), "echo-2".into()],
+                from_manifest: false,
             }],
             splice: false,
             mtls: true,
@@ -131,6 +154,7 @@ impl Spec {
             metrics: true,
             discovery: false,
             cluster_yaml: Vec::new(),
+            namespace_labels: Vec::new(),
         }
     }
 }
@@ -223,7 +247,7 @@ impl BoxState {
                 uid: self.pod_uid(&p.name),
                 name: p.name.clone(),
                 namespace: "default".into(),
-                service_account: p.name.clone(),
+                service_account: p.service_account(),
                 node: self.node_name(p.node),
                 ip: self.pod_ip(&p.name).expect("pod in spec"),
                 enrolled: p.enrolled,
@@ -281,26 +305,31 @@ impl BoxState {
     /// with their EndpointSlices, and the PeerAuthentications.
     pub fn cluster_objects(&self) -> Result<Vec<serde_json::Value>> {
         use serde_json::json;
-        let mut out = vec![json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "default"}})];
+        let ns_labels: std::collections::BTreeMap<_, _> = self.spec.namespace_labels.iter().cloned().collect();
+        let mut out = vec![
+            json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "default", "labels": ns_labels}}),
+        ];
         for p in &self.spec.pods {
             let mut meta = json!({
                 "name": p.name, "namespace": "default", "uid": self.pod_uid(&p.name),
                 "labels": p.labels.iter().cloned().collect::<std::collections::BTreeMap<_, _>>(),
             });
+            let mut annotations: std::collections::BTreeMap<_, _> = p.annotations.iter().cloned().collect();
             if p.enrolled {
-                meta["annotations"] = json!({"ferry.dev/mesh": "enabled"});
+                annotations.insert("ferry.dev/mesh".into(), "enabled".into());
             }
+            meta["annotations"] = json!(annotations);
             let ports: Vec<_> = p.serve.iter().map(|port| json!({"containerPort": port})).collect();
             out.push(json!({
                 "apiVersion": "v1", "kind": "Pod", "metadata": meta,
                 "spec": {
-                    "nodeName": self.node_name(p.node), "serviceAccountName": p.name,
+                    "nodeName": self.node_name(p.node), "serviceAccountName": p.service_account(),
                     "containers": [{"name": "app", "image": "ferry-workload", "ports": ports}],
                 },
                 "status": {"phase": "Running", "podIP": self.pod_ip(&p.name)?.to_string()},
             }));
         }
-        for sv in &self.spec.services {
+        for sv in self.spec.services.iter().filter(|s| !s.from_manifest) {
             out.push(json!({
                 "apiVersion": "v1", "kind": "Service",
                 "metadata": {"name": sv.name, "namespace": "default"},

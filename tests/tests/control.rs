@@ -75,6 +75,15 @@ fn config_comes_from_the_control_plane_and_changes_apply_live() {
     b.update(|sp| sp.pods[0].enrolled = true).unwrap();
     assert_eq!(servers(&b, 1).len(), 1);
     assert_eq!(redirects(&b), before + 1);
+    // Cross-node, so packets cross the client's veth (same-node hops stay inside the pods' netns).
+    let echo2 = format!("{}:8080", b.state.pod_ip("echo-2").unwrap());
+    assert_eq!(b.state.who("client", &echo2).unwrap().0, "echo-2");
+    let traffic = b.state.ferryctl(0, &["bpf", "dump", "traffic", "-o", "json"]).unwrap();
+    let traffic = String::from_utf8_lossy(&traffic.stdout).into_owned();
+    assert!(
+        traffic.contains("\"client\""),
+        "re-enrolled pod counted again by tc: {traffic}"
+    );
 
     // Scale the endpoint set: new connections follow it.
     b.update(|sp| sp.services[0].endpoints = vec!["echo-2".into()]).unwrap();
@@ -210,5 +219,46 @@ fn agents_keep_serving_without_the_control_plane_and_converge_after() {
     assert_eq!(
         last_update["fields"]["changed"], 1,
         "only the changed service was resent: {last_update}"
+    );
+}
+
+#[test]
+fn the_bookinfo_manifests_run_as_written() {
+    require_root();
+    let spec = ferry_box::manifests::spec_from_dir(&ferry_box::demo::manifests(), 2).unwrap();
+    let b = ClusterBox::up(spec, ferry_box::default_bin_dir()).expect("box up");
+    let s = &b.state;
+    // Enrollment: the namespace's Istio ambient label, except where the pod opts out.
+    let enrolled: Vec<(String, bool)> = (0..2)
+        .flat_map(|n| {
+            s.admin_json(n, "/config_dump").unwrap()["pods"]
+                .as_array()
+                .unwrap()
+                .clone()
+        })
+        .map(|p| (p["name"].as_str().unwrap().to_owned(), p["enrolled"] == true))
+        .collect();
+    for (name, e) in &enrolled {
+        assert_eq!(*e, name != "legacy", "{enrolled:?}");
+    }
+    assert_eq!(enrolled.len(), 6);
+    // Endpoints from the Service's selector.
+    let mut seen: Vec<String> = (0..6)
+        .map(|_| s.who("productpage-v1", "10.96.0.22:9080").unwrap().0)
+        .collect();
+    seen.sort();
+    seen.dedup();
+    assert_eq!(seen, ["reviews-v1", "reviews-v2"]);
+    // The seed's PeerAuthentication (STRICT) refuses the opted-out pod's plaintext.
+    let ratings = format!("{}:9080", s.pod_ip("ratings-v1").unwrap());
+    assert!(s.who("legacy", &ratings).is_err());
+    assert_eq!(s.who("details-v1", &ratings).unwrap().0, "ratings-v1");
+    // Identities from serviceAccountName.
+    let certs = s.admin_json(0, "/certs").unwrap();
+    assert!(
+        certs
+            .to_string()
+            .contains("spiffe://cluster.local/ns/default/sa/bookinfo-productpage"),
+        "{certs}"
     );
 }

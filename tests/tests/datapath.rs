@@ -185,6 +185,8 @@ fn application_on_a_mesh_port_gets_a_clear_enrollment_error() {
         enrolled: false,
         serve: vec![15001],
         labels: vec![],
+        annotations: vec![],
+        service_account: None,
     });
     let mut b = up(spec);
     b.update(|s| s.pods.last_mut().unwrap().enrolled = true).unwrap();
