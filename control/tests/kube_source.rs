@@ -18,6 +18,7 @@ use hyper_util::rt::TokioIo;
 use serde_json::json;
 
 type Body = BoxBody<Bytes, Infallible>;
+type Chunk = Result<Frame<Bytes>, Infallible>;
 
 fn pod(name: &str, ip: &str, rv: &str) -> serde_json::Value {
     json!({
@@ -33,7 +34,7 @@ struct Fake {
     /// Requests seen (path?query), in order.
     log: Mutex<Vec<String>>,
     /// Watch streams kept open (their senders must live).
-    open: Mutex<Vec<mpsc::Sender<Result<Frame<Bytes>, Infallible>>>>,
+    open: Mutex<Vec<mpsc::Sender<Chunk>>>,
     pod_lists: Mutex<u32>,
 }
 
@@ -43,7 +44,7 @@ fn list(kind: &str, rv: &str, items: Vec<serde_json::Value>) -> Response<Body> {
     Response::new(Full::new(Bytes::from(body.to_string())).boxed())
 }
 
-fn event(kind: &str, object: serde_json::Value) -> Result<Frame<Bytes>, Infallible> {
+fn event(kind: &str, object: serde_json::Value) -> Chunk {
     Ok(Frame::data(Bytes::from(format!(
         "{}\n",
         json!({"type": kind, "object": object})
@@ -51,7 +52,7 @@ fn event(kind: &str, object: serde_json::Value) -> Result<Frame<Bytes>, Infallib
 }
 
 impl Fake {
-    fn watch(&self, events: Vec<Result<Frame<Bytes>, Infallible>>, keep_open: bool) -> Response<Body> {
+    fn watch(&self, events: Vec<Chunk>, keep_open: bool) -> Response<Body> {
         let (mut tx, rx) = mpsc::channel(16);
         for e in events {
             tx.try_send(e).expect("room for the scripted events");
