@@ -3,7 +3,6 @@
 //! certificates, on one gRPC endpoint (TLS).
 
 use std::{
-    collections::BTreeSet,
     net::SocketAddr,
     path::PathBuf,
     sync::{Arc, Mutex},
@@ -13,10 +12,7 @@ use std::{
 use anyhow::Context;
 use clap::Parser;
 use ferry_api::{discovery::discovery_server::DiscoveryServer, identity::identity_server::IdentityServer};
-use ferry_control::{
-    admin::Admin, analyze, ca::Ca, compute, discovery::DiscoveryService, discovery::Store, model::Problem, source,
-    IdentityService,
-};
+use ferry_control::{admin::Admin, ca::Ca, discovery::DiscoveryService, discovery::Store, source, IdentityService};
 use tonic::transport::{Identity, Server, ServerTlsConfig};
 
 #[derive(Parser)]
@@ -45,46 +41,6 @@ struct Args {
     max_ttl_seconds: u64,
 }
 
-/// Logs problems not logged before (each once while it lasts).
-fn log_new(seen: &mut BTreeSet<String>, problems: &[Problem]) {
-    let now: BTreeSet<String> = problems.iter().map(|p| p.to_string()).collect();
-    for p in problems {
-        let text = p.to_string();
-        if !seen.contains(&text) {
-            match p.severity {
-                ferry_control::model::Severity::Error => tracing::error!(problem = %text, "cluster config problem"),
-                ferry_control::model::Severity::Warning => tracing::warn!(problem = %text, "cluster config problem"),
-                ferry_control::model::Severity::Info => tracing::debug!(problem = %text, "cluster config note"),
-            }
-        }
-    }
-    *seen = now;
-}
-
-/// Re-reads the directory every 200 ms and publishes what changed.
-async fn watch_dir(dir: PathBuf, store: Arc<Store>, current: Arc<Mutex<Vec<Problem>>>) {
-    let mut src = source::files::FileSource::new(&dir);
-    let mut seen = BTreeSet::new();
-    let mut tick = tokio::time::interval(Duration::from_millis(200));
-    loop {
-        tick.tick().await;
-        let (changed, mut problems) = src.refresh();
-        if !changed {
-            continue;
-        }
-        let (cluster, dups) = src.cluster();
-        problems.extend(dups);
-        problems.extend(analyze::analyze(&cluster));
-        log_new(&mut seen, &problems);
-        *current.lock().unwrap_or_else(|e| e.into_inner()) = problems;
-        let view = compute::mesh_view(&cluster, true);
-        let (pods, services) = (view.workloads.len(), view.services.len());
-        if let Some(v) = store.publish(view) {
-            tracing::info!(version = v, pods, services, "cluster state changed");
-        }
-    }
-}
-
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
@@ -101,7 +57,7 @@ async fn main() -> anyhow::Result<()> {
     match &args.cluster_dir {
         Some(dir) => {
             anyhow::ensure!(dir.is_dir(), "--cluster-dir {}: not a directory", dir.display());
-            tokio::spawn(watch_dir(dir.clone(), store.clone(), problems.clone()));
+            tokio::spawn(source::files::watch(dir.clone(), store.clone(), problems.clone()));
         }
         None => {
             let client = kube_client().await?;

@@ -1,15 +1,20 @@
 //! A directory of multi-document YAML (the same Kubernetes shapes, Pods
-//! included), re-read when a file changes. A file with errors keeps the
+//! included), re-read when a file changes (inotify, with a slow poll as a
+//! safety net). A file with errors keeps the
 //! objects it last had that did not parse now: a typo never deletes a pod or
 //! a policy. A removed file removes its objects.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     path::{Path, PathBuf},
-    time::SystemTime,
+    sync::{Arc, Mutex},
+    time::{Duration, SystemTime},
 };
 
-use crate::model::{parse_file, Cluster, Doc, Key, Located, Problem, Severity};
+use crate::{
+    discovery::Store,
+    model::{parse_file, Cluster, Doc, Key, Located, Problem, Severity},
+};
 
 #[derive(Debug, Default)]
 pub struct FileSource {
@@ -112,6 +117,71 @@ impl FileSource {
                 .iter()
                 .map(|(p, f)| (p.display().to_string(), f.docs.as_slice())),
         )
+    }
+}
+
+/// Logs problems not logged before (each once while it lasts).
+fn log_new(seen: &mut BTreeSet<String>, problems: &[Problem]) {
+    let now: BTreeSet<String> = problems.iter().map(|p| p.to_string()).collect();
+    for p in problems {
+        let text = p.to_string();
+        if !seen.contains(&text) {
+            match p.severity {
+                Severity::Error => tracing::error!(problem = %text, "cluster config problem"),
+                Severity::Warning => tracing::warn!(problem = %text, "cluster config problem"),
+                Severity::Info => tracing::debug!(problem = %text, "cluster config note"),
+            }
+        }
+    }
+    *seen = now;
+}
+
+/// Re-reads `dir` on every change and publishes the new view; `current`
+/// holds the problems of the last read (for the admin endpoint).
+pub async fn watch(dir: PathBuf, store: Arc<Store>, current: Arc<Mutex<Vec<Problem>>>) {
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let watcher = notify::recommended_watcher(move |ev: notify::Result<notify::Event>| {
+        if ev.is_ok() {
+            let _ = tx.send(());
+        }
+    })
+    .and_then(|mut w| {
+        use notify::Watcher;
+        w.watch(&dir, notify::RecursiveMode::Recursive).map(|_| w)
+    });
+    let poll = match &watcher {
+        Ok(_) => Duration::from_secs(2),
+        Err(e) => {
+            tracing::warn!(error = %e, "no file notifications; polling every 200 ms");
+            Duration::from_millis(200)
+        }
+    };
+    let mut src = FileSource::new(&dir);
+    let mut seen = BTreeSet::new();
+    let mut tick = tokio::time::interval(poll);
+    loop {
+        tokio::select! {
+            Some(()) = rx.recv() => {
+                // Coalesce a burst (an editor's write + rename).
+                tokio::time::sleep(Duration::from_millis(5)).await;
+                while rx.try_recv().is_ok() {}
+            }
+            _ = tick.tick() => {}
+        }
+        let (changed, mut problems) = src.refresh();
+        if !changed {
+            continue;
+        }
+        let (cluster, dups) = src.cluster();
+        problems.extend(dups);
+        problems.extend(crate::analyze::analyze(&cluster));
+        log_new(&mut seen, &problems);
+        *current.lock().unwrap_or_else(|e| e.into_inner()) = problems;
+        let view = crate::compute::mesh_view(&cluster, true);
+        let (pods, services) = (view.workloads.len(), view.services.len());
+        if let Some(v) = store.publish(view) {
+            tracing::info!(version = v, pods, services, "cluster state changed");
+        }
     }
 }
 
