@@ -392,7 +392,7 @@ fn start_sidecars(s: &crate::BoxState, server: &str) -> Result<()> {
     Ok(())
 }
 
-fn sh(cmd: &str, args: &[&str]) -> String {
+pub fn sh(cmd: &str, args: &[&str]) -> String {
     Command::new(cmd)
         .args(args)
         .output()

@@ -12,6 +12,7 @@
 //! /run/ferry-box/ lets `down` remove everything, also after a crash.
 
 pub mod bench;
+pub mod bench_control;
 pub mod demo;
 pub mod manifests;
 pub mod proto;

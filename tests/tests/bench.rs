@@ -33,3 +33,27 @@ fn quick_benchmark_runs_and_writes_the_report() {
     );
     let _ = std::fs::remove_dir_all(dir);
 }
+
+#[test]
+fn quick_control_plane_benchmark_runs_and_writes_the_report() {
+    let dir = std::env::temp_dir().join(format!("ferry-cp-bench-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let out = dir.join("report");
+    let bins = ferry_box::default_bin_dir();
+    let st = std::process::Command::new(bins.join("ferry-box"))
+        .args(["bench-control", "--quick", "--out", out.to_str().unwrap()])
+        .env("FERRY_BIN_DIR", &bins)
+        .stdout(std::process::Stdio::null())
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.with_extension("json")).unwrap()).unwrap();
+    let r = &report["report"];
+    // Every simulated agent got every change; each holds its pods, the mesh members and the services.
+    assert_eq!(r["samples"], 5 * 10, "{r}");
+    assert_eq!(r["resources_per_node"], 500 + 1 + 50, "{r}");
+    let md = std::fs::read_to_string(out.with_extension("md")).unwrap();
+    assert!(md.contains("change → agent p50"), "{md}");
+    let _ = std::fs::remove_dir_all(dir);
+}

@@ -32,7 +32,8 @@ enum Cmd {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
-    /// Benchmarks on the box with release builds: report in docs/benchmarks.{md,json}.
+    /// Benchmarks with release builds: the data path on the box (docs/benchmarks.{md,json,svg})
+    /// and the control plane at scale (docs/benchmarks-control-plane.{md,json}).
     Bench {
         /// About a minute; what `cargo xtask test` runs (checks it works, not its numbers).
         #[arg(long)]
@@ -66,15 +67,24 @@ fn main() -> Result<()> {
         Cmd::Bench { quick, out } => {
             deps::ensure()?;
             let bins = build_bins(true)?;
-            let mut args = vec!["bench".to_owned(), "--out".into(), out];
-            if quick {
-                args.push("--quick".into());
+            // The data path on the box, then the control plane at scale.
+            for (cmd, out) in [
+                ("bench", out.clone()),
+                ("bench-control", format!("{out}-control-plane")),
+            ] {
+                let mut args = vec![cmd.to_owned(), "--out".into(), out];
+                if quick {
+                    args.push("--quick".into());
+                }
+                let st = Command::new(bins.join("ferry-box"))
+                    .args(&args)
+                    .env("FERRY_BIN_DIR", &bins)
+                    .status()?;
+                if !st.success() {
+                    std::process::exit(st.code().unwrap_or(1));
+                }
             }
-            let st = Command::new(bins.join("ferry-box"))
-                .args(&args)
-                .env("FERRY_BIN_DIR", &bins)
-                .status()?;
-            std::process::exit(st.code().unwrap_or(1));
+            Ok(())
         }
         Cmd::Test { args } => {
             deps::ensure()?;

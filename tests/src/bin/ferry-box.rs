@@ -29,6 +29,14 @@ enum Cmd {
         #[arg(long, default_value = "docs/benchmarks")]
         out: std::path::PathBuf,
     },
+    /// The control plane at scale: generated cluster, real ferry-control,
+    /// simulated agents (writes <out>.json and <out>.md).
+    BenchControl {
+        #[arg(long)]
+        quick: bool,
+        #[arg(long, default_value = "docs/benchmarks-control-plane")]
+        out: std::path::PathBuf,
+    },
     /// Manage a cluster-in-a-box.
     Box {
         #[command(subcommand)]
@@ -65,6 +73,16 @@ fn main() -> Result<()> {
                 ferry_box::bench::FULL
             };
             ferry_box::bench::bench(sizes, quick, &default_bin_dir(), &out)
+        }
+        Cmd::BenchControl { quick, out } => {
+            let scale = if quick {
+                ferry_box::bench_control::QUICK
+            } else {
+                ferry_box::bench_control::FULL
+            };
+            let r = ferry_box::bench_control::bench(scale, &default_bin_dir(), &out)?;
+            println!("{}", serde_json::to_string_pretty(&r)?);
+            Ok(())
         }
         Cmd::Box { op } => match op {
             BoxOp::Up => {
