@@ -36,6 +36,8 @@ struct Fake {
     /// Watch streams kept open (their senders must live).
     open: Mutex<Vec<mpsc::Sender<Chunk>>>,
     pod_lists: Mutex<u32>,
+    /// Bodies POSTed to the events API.
+    events: Mutex<Vec<serde_json::Value>>,
 }
 
 fn list(kind: &str, rv: &str, items: Vec<serde_json::Value>) -> Response<Body> {
@@ -125,6 +127,7 @@ async fn lists_watches_and_relists_after_410_gone() {
         log: Mutex::default(),
         open: Mutex::default(),
         pod_lists: Mutex::new(0),
+        events: Mutex::default(),
     });
     let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = l.local_addr().unwrap();
@@ -134,9 +137,25 @@ async fn lists_watches_and_relists_after_410_gone() {
             let (s, _) = l.accept().await.unwrap();
             let f = f.clone();
             tokio::spawn(async move {
-                let svc = service_fn(move |req| {
-                    let r = f.handle(&req);
-                    async move { Ok::<_, Infallible>(r) }
+                let svc = service_fn(move |req: Request<hyper::body::Incoming>| {
+                    let f = f.clone();
+                    async move {
+                        if req.method() == hyper::Method::POST {
+                            let path = req.uri().path().to_owned();
+                            let body = req
+                                .into_body()
+                                .collect()
+                                .await
+                                .map(|b| b.to_bytes())
+                                .unwrap_or_default();
+                            let v: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+                            f.events.lock().unwrap().push(json!({"path": path, "body": v.clone()}));
+                            let mut r = Response::new(Full::new(Bytes::from(v.to_string())).boxed());
+                            *r.status_mut() = hyper::StatusCode::CREATED;
+                            return Ok::<_, Infallible>(r);
+                        }
+                        Ok::<_, Infallible>(f.handle(&req))
+                    }
                 });
                 let _ = http1::Builder::new().serve_connection(TokioIo::new(s), svc).await;
             });
@@ -182,6 +201,20 @@ async fn lists_watches_and_relists_after_410_gone() {
         "{pod_reqs:#?}"
     );
     assert!(!pod_reqs[2].contains("watch=true"), "relist after 410: {pod_reqs:#?}");
+    // The rejected pod's owner is told why, as a Warning Event on the pod.
+    let events = fake.events.lock().unwrap().clone();
+    let ev = events
+        .iter()
+        .find(|e| e["body"]["regarding"]["name"] == "bad")
+        .unwrap_or_else(|| panic!("{events:#?}"));
+    assert_eq!(ev["path"], "/apis/events.k8s.io/v1/namespaces/default/events", "{ev}");
+    assert_eq!(
+        (ev["body"]["type"].as_str(), ev["body"]["reason"].as_str()),
+        (Some("Warning"), Some("InvalidConfig")),
+        "{ev}"
+    );
+    let note = ev["body"]["note"].as_str().unwrap_or_default();
+    assert!(note.contains("ferry.dev/mesh") && note.contains("not-an-ip"), "{note}");
     // A missing CRD (HTTPRoute: 404) did not hold back the rest.
     assert!(
         log.iter()

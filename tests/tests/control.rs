@@ -110,7 +110,7 @@ fn bad_cluster_yaml_is_reported_and_disturbs_nothing() {
         ("garbage.yaml".into(), "kind: [\n".into()),
         (
             "routes.yaml".into(),
-            "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: typo}\nspec:\n  hosts: [echo]\n  http:\n  - timeout: 3 seconds\n---\napiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: nowhere}\nspec:\n  hosts: [nosuch]\n  http:\n  - route:\n    - destination: {host: nosuch}\n---\napiVersion: v1\nkind: Service\nmetadata: {name: wrong}\nspec: {ports: 80}\n".into(),
+            "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: typo}\nspec:\n  hosts: [echo]\n  http:\n  - timeout: 3 seconds\n---\napiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: nowhere}\nspec:\n  hosts: [nosuch]\n  http:\n  - route:\n    - destination: {host: nosuch}\n---\napiVersion: v1\nkind: Service\nmetadata: {name: wrong}\nspec: {ports: 80}\n---\napiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: echo}\nspec: {host: echo, trafficPolicy: {loadBalancer: {simple: ROUND_ROBIN}, retires: 3}}\n".into(),
         ),
     ];
     b.state.write_configs().unwrap();
@@ -119,7 +119,7 @@ fn bad_cluster_yaml_is_reported_and_disturbs_nothing() {
         serde_json::from_str::<Vec<serde_json::Value>>(&body).unwrap()
     };
     assert!(
-        eventually(Duration::from_secs(5), || problems().len() >= 4),
+        eventually(Duration::from_secs(5), || problems().len() >= 5),
         "{:?}",
         problems()
     );
@@ -138,6 +138,10 @@ fn bad_cluster_yaml_is_reported_and_disturbs_nothing() {
         "{p:#?}"
     );
     assert!(find("Service default/wrong") && find("spec.ports"), "{p:#?}");
+    assert!(
+        find("DestinationRule default/echo") && find("unknown field `retires`"),
+        "{p:#?}"
+    );
     // Nothing else moved: same snapshot, traffic as before.
     assert_eq!(b.state.control_version().unwrap(), v0);
     let both = servers(&b, 6);

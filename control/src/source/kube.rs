@@ -2,8 +2,10 @@
 //! the list's resourceVersion, relisting when the watch expires with 410
 //! Gone, with backoff on errors), all feeding one object store. Each object
 //! goes through the same parser as the YAML files (its JSON is YAML), so both
-//! sources validate identically. Kinds whose CRDs are not installed are
-//! retried with backoff and do not hold back the others.
+//! sources validate identically. A rejected object keeps its previous
+//! version, and the reason goes to its owner as a Warning Event (`kubectl
+//! describe` shows it). Kinds whose CRDs are not installed are retried with
+//! backoff and do not hold back the others.
 
 use std::{
     collections::BTreeMap,
@@ -12,9 +14,13 @@ use std::{
 };
 
 use futures::StreamExt;
+use k8s_openapi::api::core::v1::ObjectReference;
 use kube::{
     api::{Api, ApiResource, DynamicObject, GroupVersionKind},
-    runtime::{watcher, WatchStreamExt},
+    runtime::{
+        events::{Event, EventType, Recorder, Reporter},
+        watcher, WatchStreamExt,
+    },
     Client,
 };
 use tokio::sync::Notify;
@@ -26,7 +32,8 @@ use crate::{
 };
 
 /// (group, version, kind, plural) of everything Ferry watches. RBAC: get,
-/// list and watch on each (see docs/control-plane.md).
+/// list and watch on each, and create/patch on events.k8s.io events (see
+/// docs/control-plane.md).
 pub const WATCHED: &[(&str, &str, &str, &str)] = &[
     ("", "v1", "Namespace", "namespaces"),
     ("", "v1", "Pod", "pods"),
@@ -75,11 +82,45 @@ pub fn convert(kind: &str, obj: &DynamicObject) -> Result<(Key, Located), Vec<Pr
     }
 }
 
+/// Tells the object's owner why it was rejected (best effort: logged if the
+/// Event cannot be written, e.g. without RBAC for events).
+fn report(recorder: &Recorder, ar: &ApiResource, obj: &DynamicObject, problems: &[Problem]) {
+    let note: String = problems
+        .iter()
+        .map(|p| format!("{}: {}", p.field, p.reason))
+        .collect::<Vec<_>>()
+        .join("; ");
+    let reference = ObjectReference {
+        api_version: Some(ar.api_version.clone()),
+        kind: Some(ar.kind.clone()),
+        name: obj.metadata.name.clone(),
+        namespace: obj.metadata.namespace.clone(),
+        uid: obj.metadata.uid.clone(),
+        resource_version: obj.metadata.resource_version.clone(),
+        ..Default::default()
+    };
+    let ev = Event {
+        type_: EventType::Warning,
+        reason: "InvalidConfig".into(),
+        // An Event's note holds at most 1 kB.
+        note: Some(note.chars().take(1000).collect()),
+        action: "Validate".into(),
+        secondary: None,
+    };
+    let recorder = recorder.clone();
+    tokio::spawn(async move {
+        if let Err(e) = recorder.publish(&ev, &reference).await {
+            tracing::warn!(error = %e, "could not write the rejection Event");
+        }
+    });
+}
+
 async fn watch_kind(
     client: Client,
     gvk: (&'static str, &'static str, &'static str, &'static str),
     objects: Objects,
     changed: Arc<Notify>,
+    recorder: Recorder,
 ) {
     let (group, version, kind, plural) = gvk;
     let ar = ApiResource::from_gvk_with_plural(&GroupVersionKind::gvk(group, version, kind), plural);
@@ -93,9 +134,10 @@ async fn watch_kind(
         }
         Err(problems) => {
             // Rejected: the previous version of this object (if any) stays.
-            for p in problems {
+            for p in &problems {
                 tracing::error!(problem = %p, "object rejected");
             }
+            report(&recorder, &ar, obj, &problems);
         }
     };
     while let Some(ev) = stream.next().await {
@@ -138,8 +180,19 @@ async fn watch_kind(
 pub async fn run(client: Client, store: Arc<Store>) {
     let objects: Objects = Default::default();
     let changed = Arc::new(Notify::new());
+    let reporter = Reporter {
+        controller: "ferry-control".into(),
+        instance: std::env::var("POD_NAME").ok(),
+    };
+    let recorder = Recorder::new(client.clone(), reporter);
     for gvk in WATCHED {
-        tokio::spawn(watch_kind(client.clone(), *gvk, objects.clone(), changed.clone()));
+        tokio::spawn(watch_kind(
+            client.clone(),
+            *gvk,
+            objects.clone(),
+            changed.clone(),
+            recorder.clone(),
+        ));
     }
     loop {
         changed.notified().await;
