@@ -27,7 +27,7 @@ pub fn service_of_host(host: &str, ns: &str) -> Option<(String, String)> {
 
 struct Ctx<'a> {
     cluster: &'a Cluster,
-    view: MeshView,
+    view: &'a MeshView,
     out: Vec<Problem>,
 }
 
@@ -129,9 +129,14 @@ fn weights(ws: &[Option<i64>]) -> Option<i64> {
 }
 
 pub fn analyze(cluster: &Cluster) -> Vec<Problem> {
+    analyze_with(cluster, &mesh_view(cluster, true))
+}
+
+/// As [`analyze`], with the cluster's view already computed.
+pub fn analyze_with(cluster: &Cluster, view: &MeshView) -> Vec<Problem> {
     let mut c = Ctx {
         cluster,
-        view: mesh_view(cluster, true),
+        view,
         out: Vec::new(),
     };
     let mut vs_hosts: BTreeMap<(String, String), Key> = BTreeMap::new();

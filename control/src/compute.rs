@@ -14,11 +14,14 @@ use ferry_agent::{
 };
 use ferry_api::discovery as pb;
 use k8s_openapi::{
-    api::core::v1::{Pod, Service as KService},
+    api::{
+        core::v1::{Pod, Service as KService},
+        discovery::v1::EndpointSlice,
+    },
     apimachinery::pkg::util::intstr::IntOrString,
 };
 
-use crate::model::{parse::MESH_ANNOTATION, Cluster, Object};
+use crate::model::{parse::MESH_ANNOTATION, Cluster, Object, SERVICE_NAME_LABEL};
 
 /// Namespace labels that enroll every pod in the namespace: Ferry's own, and
 /// Istio's sidecar and ambient labels so a namespace migrates as is.
@@ -106,10 +109,41 @@ pub fn protocol_hint(name: Option<&str>, app_protocol: Option<&str>) -> String {
 /// Endpoints of a service: from its EndpointSlices; with none and
 /// `derive_endpoints` (the file source, which runs no endpoint controller),
 /// from the pods its selector matches.
+/// Workloads by (namespace, label key, label value): a selector's candidates
+/// are those of its first label, not every pod.
+type LabelIndex<'a> = HashMap<(&'a str, &'a str, &'a str), Vec<&'a Workload>>;
+
+fn label_index(workloads: &[Workload]) -> LabelIndex<'_> {
+    let mut idx: LabelIndex = HashMap::new();
+    for w in workloads {
+        for (k, v) in &w.labels {
+            idx.entry((w.namespace.as_str(), k.as_str(), v.as_str()))
+                .or_default()
+                .push(w);
+        }
+    }
+    idx
+}
+
+/// EndpointSlices by (namespace, service name).
+type SliceIndex<'a> = HashMap<(&'a str, &'a str), Vec<&'a EndpointSlice>>;
+
+fn slice_index(cluster: &Cluster) -> SliceIndex<'_> {
+    let mut idx: SliceIndex = HashMap::new();
+    for (k, l) in &cluster.objects {
+        if let Object::EndpointSlice(s) = &l.object {
+            if let Some(svc) = s.metadata.labels.as_ref().and_then(|l| l.get(SERVICE_NAME_LABEL)) {
+                idx.entry((k.namespace.as_str(), svc.as_str())).or_default().push(s);
+            }
+        }
+    }
+    idx
+}
+
 fn service(
-    cluster: &Cluster,
+    slices_of: &SliceIndex<'_>,
     s: &KService,
-    workloads: &[Workload],
+    by_label: &LabelIndex<'_>,
     by_uid: &HashMap<&str, &Pod>,
     derive_endpoints: bool,
 ) -> Option<(Service, Vec<String>)> {
@@ -117,15 +151,23 @@ fn service(
     let vip: Ipv4Addr = spec.cluster_ip.as_deref()?.parse().ok()?;
     let namespace = s.metadata.namespace.clone().unwrap_or_else(|| "default".into());
     let name = s.metadata.name.clone()?;
-    let slices: Vec<_> = cluster.endpoint_slices(&namespace, &name).collect();
+    let slices: &[&EndpointSlice] = slices_of
+        .get(&(namespace.as_str(), name.as_str()))
+        .map_or(&[], Vec::as_slice);
     let mut ports = Vec::new();
     let mut protocols = Vec::new();
     let mut endpoints: Vec<Endpoint> = Vec::new();
     let selected: Vec<&Workload> = match &spec.selector {
-        Some(sel) if !sel.is_empty() && slices.is_empty() && derive_endpoints => workloads
-            .iter()
-            .filter(|w| w.namespace == namespace && sel.iter().all(|(k, v)| w.labels.get(k) == Some(v)))
-            .collect(),
+        Some(sel) if !sel.is_empty() && slices.is_empty() && derive_endpoints => {
+            let (k0, v0) = sel.iter().next()?;
+            by_label
+                .get(&(namespace.as_str(), k0.as_str(), v0.as_str()))
+                .into_iter()
+                .flatten()
+                .filter(|w| sel.iter().all(|(k, v)| w.labels.get(k) == Some(v)))
+                .copied()
+                .collect()
+        }
         _ => Vec::new(),
     };
     for p in spec.ports.iter().flatten() {
@@ -164,7 +206,7 @@ fn service(
     if ports.is_empty() {
         return None;
     }
-    for sl in &slices {
+    for sl in slices {
         if sl.address_type != "IPv4" {
             continue;
         }
@@ -198,9 +240,11 @@ pub fn mesh_view(cluster: &Cluster, derive_endpoints: bool) -> MeshView {
         .pods()
         .filter_map(|p| Some((p.metadata.uid.as_deref()?, p)))
         .collect();
+    let by_label = label_index(&workloads);
+    let slices = slice_index(cluster);
     let services = cluster
         .services()
-        .filter_map(|s| service(cluster, s, &workloads, &by_uid, derive_endpoints))
+        .filter_map(|s| service(&slices, s, &by_label, &by_uid, derive_endpoints))
         .collect();
     let peer_authentications = cluster
         .objects
@@ -253,6 +297,91 @@ impl Resources {
             .map(|r| (r.name.as_str(), r))
             .collect()
     }
+}
+
+/// Where a resource goes: every node (None) or one node's own.
+pub type Scope = Option<String>;
+
+/// A resource as seen from one snapshot, for diffs between two.
+#[derive(Clone, Debug)]
+pub struct Placed {
+    pub scope: Scope,
+    pub resource: Arc<pb::Resource>,
+}
+
+impl Placed {
+    pub fn visible_to(&self, node: &str) -> bool {
+        self.scope.as_deref().is_none_or(|n| n == node)
+    }
+}
+
+/// What changed between two snapshots: (name, before, after).
+pub type Diff = Vec<(String, Option<Placed>, Option<Placed>)>;
+
+impl Resources {
+    fn placed(&self) -> HashMap<&str, Placed> {
+        let mut m: HashMap<&str, Placed> = HashMap::new();
+        for (node, rs) in &self.local {
+            for r in rs {
+                m.insert(
+                    &r.name,
+                    Placed {
+                        scope: Some(node.clone()),
+                        resource: r.clone(),
+                    },
+                );
+            }
+        }
+        // A shared resource (an enrolled pod) is everyone's, its own node's too.
+        for r in &self.shared {
+            m.insert(
+                &r.name,
+                Placed {
+                    scope: None,
+                    resource: r.clone(),
+                },
+            );
+        }
+        m
+    }
+
+    /// The resources that differ (content or scope) from `before`.
+    pub fn diff(&self, before: &Resources) -> Diff {
+        let (old, new) = (before.placed(), self.placed());
+        let mut d: Diff = Vec::new();
+        for (name, n) in &new {
+            match old.get(name) {
+                Some(o) if o.scope == n.scope && o.resource.version == n.resource.version => {}
+                o => d.push((name.to_string(), o.cloned(), Some(n.clone()))),
+            }
+        }
+        for (name, o) in &old {
+            if !new.contains_key(name) {
+                d.push((name.to_string(), Some(o.clone()), None));
+            }
+        }
+        d
+    }
+}
+
+/// A node's delta from a snapshot diff, when it holds exactly the previous
+/// snapshot: only the diff's entries are looked at.
+pub fn delta_from_diff(diff: &Diff, node: &str) -> (Vec<pb::Resource>, Vec<String>) {
+    let mut changed = Vec::new();
+    let mut removed = Vec::new();
+    for (name, before, after) in diff {
+        let was = before.as_ref().filter(|p| p.visible_to(node));
+        let now = after.as_ref().filter(|p| p.visible_to(node));
+        match (was, now) {
+            (Some(w), Some(n)) if w.resource.version == n.resource.version => {}
+            (_, Some(n)) => changed.push(n.resource.as_ref().clone()),
+            (Some(_), None) => removed.push(name.clone()),
+            (None, None) => {}
+        }
+    }
+    changed.sort_by(|a, b| a.name.cmp(&b.name));
+    removed.sort();
+    (changed, removed)
 }
 
 /// What to send a node that holds `held` (name -> version) to bring it to `want`.
@@ -440,5 +569,37 @@ endpoints:
         let r3 = Resources::of(&mesh_view(&cluster(&APP.replace("uid: u2", "uid: u9")), true));
         let (_, removed) = delta(&held, &r3.for_node("n2"));
         assert_eq!(removed, ["workload/u2"]);
+    }
+
+    #[test]
+    fn snapshot_diffs_give_the_same_deltas_as_full_comparisons() {
+        let versions = |r: &Resources, n: &str| -> BTreeMap<String, String> {
+            r.for_node(n)
+                .iter()
+                .map(|(k, x)| (k.to_string(), x.version.clone()))
+                .collect()
+        };
+        let a = Resources::of(&mesh_view(&cluster(APP), true));
+        // web's IP moves, legacy opts in (becomes shared), solo opts out (local to n2 only).
+        let changed = APP
+            .replace("10.1.1.2", "10.1.1.5")
+            .replace("ferry.dev/mesh: disabled", "ferry.dev/mesh: enabled")
+            .replace(
+                "{name: solo, uid: u3, annotations: {ferry.dev/mesh: enabled}}",
+                "{name: solo, uid: u3}",
+            );
+        let b = Resources::of(&mesh_view(&cluster(&changed), true));
+        let diff = b.diff(&a);
+        for node in ["n1", "n2", "n3"] {
+            let full = delta(&versions(&a, node), &b.for_node(node));
+            assert_eq!(delta_from_diff(&diff, node), full, "{node}");
+        }
+        let (c, r) = delta_from_diff(&diff, "n1");
+        assert!(
+            c.iter().any(|x| x.name == "workload/u2") && r == ["workload/u3"],
+            "{c:?} {r:?}"
+        );
+        let (_, r) = delta_from_diff(&diff, "n2");
+        assert!(r.is_empty(), "solo stays on its own node");
     }
 }

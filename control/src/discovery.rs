@@ -18,7 +18,7 @@ use serde::Serialize;
 use tokio::sync::watch;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::compute::{delta, MeshView, Resources};
+use crate::compute::{delta, delta_from_diff, Diff, MeshView, Resources};
 
 /// One version of the whole mesh, shared by every stream.
 #[derive(Debug, Default)]
@@ -28,6 +28,9 @@ pub struct Snapshot {
     pub resources: Resources,
     /// Every pod by uid (the CA's view: where a pod runs).
     pub pods: BTreeMap<String, Workload>,
+    /// What changed since version - 1: a node that holds exactly that
+    /// version is updated from this alone (no full comparison).
+    pub diff: Option<Diff>,
 }
 
 /// The current snapshot; a new one is published only when the view changed.
@@ -58,9 +61,11 @@ impl Store {
         if cur.version > 0 && cur.view == view {
             return None;
         }
+        let resources = Resources::of(&view);
         let snap = Snapshot {
             version: cur.version + 1,
-            resources: Resources::of(&view),
+            diff: (cur.version > 0).then(|| resources.diff(&cur.resources)),
+            resources,
             pods: view.workloads.iter().map(|w| (w.uid.clone(), w.clone())).collect(),
             view,
         };
@@ -153,14 +158,29 @@ impl NodeStream {
     async fn serve(&mut self) -> &'static str {
         let mut nonce = 0u64;
         let mut first = true;
+        // The snapshot version the node holds exactly (acknowledged), if any.
+        let mut synced: Option<u64> = None;
         loop {
             let snap = self.snapshots.borrow_and_update().clone();
-            let want = snap.resources.for_node(&self.node);
-            let (changed, removed) = delta(&self.held, &want);
+            let fast = snap
+                .diff
+                .as_ref()
+                .filter(|_| synced.is_some_and(|v| v + 1 == snap.version));
+            let (changed, removed) = match fast {
+                Some(diff) => delta_from_diff(diff, &self.node),
+                None => delta(&self.held, &snap.resources.for_node(&self.node)),
+            };
+            if changed.is_empty() && removed.is_empty() {
+                // Nothing for this node in this version: it holds it already.
+                synced = Some(snap.version);
+            }
             if first || !changed.is_empty() || !removed.is_empty() {
                 first = false;
                 nonce += 1;
                 let (n_changed, n_removed) = (changed.len(), removed.len());
+                let changed_versions: Vec<(String, String)> =
+                    changed.iter().map(|r| (r.name.clone(), r.version.clone())).collect();
+                let removed_names = removed.clone();
                 let resp = pb::DiscoveryResponse {
                     nonce: nonce.to_string(),
                     system_version: snap.version,
@@ -180,7 +200,11 @@ impl NodeStream {
                     }
                 };
                 if answer.error_detail.is_empty() {
-                    self.held = want.iter().map(|(n, r)| (n.to_string(), r.version.clone())).collect();
+                    for n in &removed_names {
+                        self.held.remove(n);
+                    }
+                    self.held.extend(changed_versions);
+                    synced = Some(snap.version);
                     let held = self.held.len();
                     tracing::debug!(node = %self.node, version = snap.version, changed = n_changed, removed = n_removed, "ACK");
                     self.set_status(|s| {
@@ -190,6 +214,7 @@ impl NodeStream {
                 } else {
                     // The node kept its previous state; retry on the next change.
                     tracing::warn!(node = %self.node, version = snap.version, reason = %answer.error_detail, "NACK: the node rejected the update");
+                    synced = None;
                     self.set_status(|s| s.last_nack = Some(answer.error_detail.clone()));
                 }
             }

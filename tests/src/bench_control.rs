@@ -9,7 +9,7 @@ use std::{
     collections::BTreeMap,
     net::TcpListener,
     path::Path,
-    process::{Child, Command, Stdio},
+    process::{Child, Command},
     sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
@@ -196,8 +196,8 @@ pub fn run(scale: Scale, bins: &Path, work: &Path) -> Result<Report> {
                 "--admin",
                 &format!("127.0.0.1:{admin}"),
             ])
-            .env("FERRY_LOG", "warn")
-            .stdout(Stdio::null())
+            .env("FERRY_LOG", "info")
+            .stdout(std::fs::File::create(work.join("control.log"))?)
             .spawn()
             .context("starting ferry-control")?,
     );
@@ -296,7 +296,9 @@ pub fn bench(scale: Scale, bins: &Path, out: &Path) -> Result<Report> {
     let _ = std::fs::remove_dir_all(&work);
     std::fs::create_dir_all(&work)?;
     let r = run(scale, bins, &work);
-    let _ = std::fs::remove_dir_all(&work);
+    if std::env::var_os("FERRY_BENCH_KEEP").is_none() {
+        let _ = std::fs::remove_dir_all(&work);
+    }
     let r = r?;
     let machine = serde_json::json!({
         "kernel": crate::bench::sh("uname", &["-r"]),

@@ -7,7 +7,7 @@ pub mod gateway;
 pub mod istio;
 pub mod parse;
 
-use std::{collections::BTreeMap, fmt};
+use std::{collections::BTreeMap, fmt, sync::Arc};
 
 use k8s_openapi::{
     api::{
@@ -34,17 +34,18 @@ pub struct Custom<S> {
     pub status: Option<serde_json::Value>,
 }
 
+/// Objects are shared (Arc): a snapshot of the cluster is cheap to take.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Object {
-    Namespace(Box<Namespace>),
-    Pod(Box<Pod>),
-    Service(Box<Service>),
-    EndpointSlice(Box<EndpointSlice>),
-    PeerAuthentication(Box<ferry_agent::policy::PeerAuthentication>),
-    AuthorizationPolicy(Box<Custom<istio::AuthorizationPolicySpec>>),
-    VirtualService(Box<Custom<istio::VirtualServiceSpec>>),
-    DestinationRule(Box<Custom<istio::DestinationRuleSpec>>),
-    HttpRoute(Box<Custom<gateway::HttpRouteSpec>>),
+    Namespace(Arc<Namespace>),
+    Pod(Arc<Pod>),
+    Service(Arc<Service>),
+    EndpointSlice(Arc<EndpointSlice>),
+    PeerAuthentication(Arc<ferry_agent::policy::PeerAuthentication>),
+    AuthorizationPolicy(Arc<Custom<istio::AuthorizationPolicySpec>>),
+    VirtualService(Arc<Custom<istio::VirtualServiceSpec>>),
+    DestinationRule(Arc<Custom<istio::DestinationRuleSpec>>),
+    HttpRoute(Arc<Custom<gateway::HttpRouteSpec>>),
     /// A kind Ferry reads nothing from (Deployment, ConfigMap...): accepted as is.
     Other,
 }

@@ -3,6 +3,8 @@
 //! cannot. A bad document is reported (file, line, object, field, reason) and
 //! skipped; the other documents of the file still load.
 
+use std::sync::Arc;
+
 use k8s_openapi::api::core::v1::Pod;
 use serde::de::DeserializeOwned;
 
@@ -173,15 +175,15 @@ fn de<T: DeserializeOwned>(doc: &str) -> Result<T, String> {
 
 fn typed(kind: &str, doc: &str) -> Result<Object, String> {
     Ok(match kind {
-        "Namespace" => Object::Namespace(Box::new(de(doc)?)),
-        "Pod" => Object::Pod(Box::new(de(doc)?)),
-        "Service" => Object::Service(Box::new(de(doc)?)),
-        "EndpointSlice" => Object::EndpointSlice(Box::new(de(doc)?)),
-        "PeerAuthentication" => Object::PeerAuthentication(Box::new(de(doc)?)),
-        "AuthorizationPolicy" => Object::AuthorizationPolicy(Box::new(de::<Custom<_>>(doc)?)),
-        "VirtualService" => Object::VirtualService(Box::new(de::<Custom<_>>(doc)?)),
-        "DestinationRule" => Object::DestinationRule(Box::new(de::<Custom<_>>(doc)?)),
-        "HTTPRoute" => Object::HttpRoute(Box::new(de::<Custom<_>>(doc)?)),
+        "Namespace" => Object::Namespace(Arc::new(de(doc)?)),
+        "Pod" => Object::Pod(Arc::new(de(doc)?)),
+        "Service" => Object::Service(Arc::new(de(doc)?)),
+        "EndpointSlice" => Object::EndpointSlice(Arc::new(de(doc)?)),
+        "PeerAuthentication" => Object::PeerAuthentication(Arc::new(de(doc)?)),
+        "AuthorizationPolicy" => Object::AuthorizationPolicy(Arc::new(de::<Custom<_>>(doc)?)),
+        "VirtualService" => Object::VirtualService(Arc::new(de::<Custom<_>>(doc)?)),
+        "DestinationRule" => Object::DestinationRule(Arc::new(de::<Custom<_>>(doc)?)),
+        "HTTPRoute" => Object::HttpRoute(Arc::new(de::<Custom<_>>(doc)?)),
         _ => Object::Other,
     })
 }

@@ -168,19 +168,32 @@ pub async fn watch(dir: PathBuf, store: Arc<Store>, current: Arc<Mutex<Vec<Probl
             }
             _ = tick.tick() => {}
         }
+        let t = std::time::Instant::now();
         let (changed, mut problems) = src.refresh();
         if !changed {
             continue;
         }
+        let read_ms = t.elapsed().as_millis();
         let (cluster, dups) = src.cluster();
+        let view = crate::compute::mesh_view(&cluster, true);
+        let compute_ms = t.elapsed().as_millis() - read_ms;
         problems.extend(dups);
-        problems.extend(crate::analyze::analyze(&cluster));
+        problems.extend(crate::analyze::analyze_with(&cluster, &view));
         log_new(&mut seen, &problems);
         *current.lock().unwrap_or_else(|e| e.into_inner()) = problems;
-        let view = crate::compute::mesh_view(&cluster, true);
+        let analyze_ms = t.elapsed().as_millis() - read_ms - compute_ms;
         let (pods, services) = (view.workloads.len(), view.services.len());
         if let Some(v) = store.publish(view) {
-            tracing::info!(version = v, pods, services, "cluster state changed");
+            tracing::info!(
+                version = v,
+                pods,
+                services,
+                read_ms,
+                compute_ms,
+                analyze_ms,
+                total_ms = t.elapsed().as_millis(),
+                "cluster state changed"
+            );
         }
     }
 }

@@ -200,10 +200,10 @@ pub async fn run(client: Client, store: Arc<Store>) {
         let cluster = Cluster {
             objects: objects.lock().unwrap_or_else(|e| e.into_inner()).clone(),
         };
-        for p in crate::analyze::analyze(&cluster) {
+        let view = compute::mesh_view(&cluster, false);
+        for p in crate::analyze::analyze_with(&cluster, &view) {
             tracing::debug!(problem = %p, "analysis");
         }
-        let view = compute::mesh_view(&cluster, false);
         let (pods, services) = (view.workloads.len(), view.services.len());
         if let Some(v) = store.publish(view) {
             tracing::info!(version = v, pods, services, "cluster state changed");
