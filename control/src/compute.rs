@@ -156,7 +156,7 @@ fn service(
         .map_or(&[], Vec::as_slice);
     let mut ports = Vec::new();
     let mut protocols = Vec::new();
-    let mut endpoints: Vec<Endpoint> = Vec::new();
+    let mut endpoints: Vec<(Endpoint, bool)> = Vec::new();
     let selected: Vec<&Workload> = match &spec.selector {
         Some(sel) if !sel.is_empty() && slices.is_empty() && derive_endpoints => {
             let (k0, v0) = sel.iter().next()?;
@@ -211,14 +211,25 @@ fn service(
             continue;
         }
         for e in &sl.endpoints {
-            let ready = e.conditions.as_ref().and_then(|c| c.ready).unwrap_or(true);
+            let c = e.conditions.as_ref();
+            // Nil means ready (the EndpointSlice API's rule); serving defaults to ready.
+            let ready = c.and_then(|c| c.ready).unwrap_or(true);
+            let serving = c.and_then(|c| c.serving).unwrap_or(ready);
             for a in &e.addresses {
                 if let Ok(ip) = a.parse() {
-                    endpoints.push(Endpoint { ip, ready });
+                    endpoints.push((Endpoint { ip, ready }, serving));
                 }
             }
         }
     }
+    // With no ready endpoint, terminating ones that still serve take the
+    // traffic (as kube-proxy does) rather than failing every connection.
+    if !endpoints.iter().any(|(e, _)| e.ready) {
+        for (e, serving) in &mut endpoints {
+            e.ready = *serving;
+        }
+    }
+    let mut endpoints: Vec<Endpoint> = endpoints.into_iter().map(|(e, _)| e).collect();
     endpoints.extend(selected.iter().map(|w| Endpoint { ip: w.ip, ready: true }));
     endpoints.sort_by_key(|e| e.ip);
     endpoints.dedup_by_key(|e| e.ip);
@@ -520,6 +531,21 @@ endpoints:
         assert_eq!(
             db.0.endpoints.iter().map(|e| e.ready).collect::<Vec<_>>(),
             [true, false]
+        );
+        // All endpoints terminating: those still serving are used.
+        let t = APP.replace(
+            "conditions: {ready: false}",
+            "conditions: {ready: false, serving: true, terminating: true}",
+        );
+        let t = t.replace(
+            "- addresses: [10.1.2.3]\n",
+            "- addresses: [10.1.2.3]\n  conditions: {ready: false, serving: false, terminating: true}\n",
+        );
+        let v = mesh_view(&cluster(&t), true);
+        let db = &v.services.iter().find(|s| s.0.name == "db").unwrap();
+        assert_eq!(
+            db.0.endpoints.iter().map(|e| e.ready).collect::<Vec<_>>(),
+            [false, true]
         );
         // Kubernetes mode: no endpoint controller is emulated.
         let k = mesh_view(&cluster(APP), false);
