@@ -485,7 +485,8 @@ pub fn bench(sizes: Sizes, quick: bool, bins: &Path, out: &Path) -> Result<()> {
          request was due, so stalls are not hidden (no coordinated omission).\n\
          - sidecar model: HAProxy (Debian) as a plain L4 proxy in each pod, the client app talking to its \
          local sidecar; compare with Ferry's cross-node plain path (neither uses TLS).\n\
-         - Not yet measured: splicing on/off (it breaks blocking readers on this kernel: docs/architecture.md).\n         - The control plane at scale (10,000 pods, 50 simulated agents) is the second part of the run: benchmarks-control-plane.md.\n\n{md}",
+         - Not yet measured: splicing on/off (it breaks blocking readers on this kernel: docs/architecture.md).\n\
+         - The control plane at scale (10,000 pods, 50 simulated agents) is the second part of the run: benchmarks-control-plane.md.\n\n{md}",
         sizes.echo_bytes >> 20,
         sizes.rr_count,
         sizes.rr_new_count,
