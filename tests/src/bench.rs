@@ -127,11 +127,12 @@ pub struct Row {
     pub echo_gbit_s: f64,
     /// Four concurrent echo streams, aggregate each way.
     pub echo4_gbit_s: f64,
-    /// CPU seconds of the agents (both nodes) per GiB moved each way, during the single-stream echo.
+    /// CPU seconds of the proxies (both agents, or in the sidecar model both
+    /// sidecars) per GiB moved each way, during the single-stream echo.
     pub agent_cpu_s_per_gib: f64,
-    /// CPU seconds of the agents per 10k request/response round trips.
+    /// CPU seconds of the proxies per 10k request/response round trips.
     pub agent_cpu_s_per_10k_rr: f64,
-    /// Largest agent RSS, right after the box came up and after all runs.
+    /// Largest proxy RSS, right after it came up and after all runs.
     pub agent_rss_idle_kib: u64,
     pub agent_rss_after_kib: u64,
     pub rr_p50_us: u64,
@@ -173,12 +174,14 @@ fn rss_kib(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
-fn agents_cpu(s: &crate::BoxState) -> f64 {
-    s.agent_pids.iter().map(|p| cpu_s(*p)).sum()
+/// CPU seconds of the proxies doing the work (the agents, or the sidecars).
+fn proxies_cpu(pids: &[u32]) -> f64 {
+    pids.iter().map(|p| cpu_s(*p)).sum()
 }
 
-fn agents_rss(s: &crate::BoxState) -> u64 {
-    s.agent_pids.iter().map(|p| rss_kib(*p)).max().unwrap_or(0)
+/// The largest proxy's RSS.
+fn proxies_rss(pids: &[u32]) -> u64 {
+    pids.iter().map(|p| rss_kib(*p)).max().unwrap_or(0)
 }
 
 fn json(out: &str) -> Result<Value> {
@@ -197,21 +200,22 @@ fn run(sc: &Scenario, sizes: Sizes, bins: &Path) -> Result<Row> {
     }
     let b = ClusterBox::up(spec, bins.to_owned())?;
     let s = &b.state;
-    let rss_idle = agents_rss(s);
+    let mut proxies = s.agent_pids.clone();
     let to = if sc.sidecar {
-        start_sidecars(s, target)?;
+        proxies = start_sidecars(s, target)?;
         "127.0.0.1:15001".to_owned()
     } else if sc.mesh {
         "10.96.0.10:80".to_owned()
     } else {
         format!("{}:8080", s.pod_ip(target)?)
     };
+    let rss_idle = proxies_rss(&proxies);
     let bytes = sizes.echo_bytes.to_string();
     // Warm-up: pooled tunnel, ARP, page cache.
     s.client("client", &["echo", "--to", &to, "--bytes", "1048576"])?;
-    let cpu0 = agents_cpu(s);
+    let cpu0 = proxies_cpu(&proxies);
     let e = json(&s.client("client", &["echo", "--to", &to, "--bytes", &bytes])?)?;
-    let cpu_echo = agents_cpu(s) - cpu0;
+    let cpu_echo = proxies_cpu(&proxies) - cpu0;
     let ms = e["ms"].as_f64().unwrap_or(f64::NAN).max(1.0);
     // Four streams at once, a quarter of the bytes each.
     let quarter = (sizes.echo_bytes / 4).to_string();
@@ -226,9 +230,9 @@ fn run(sc: &Scenario, sizes: Sizes, bins: &Path) -> Result<Row> {
         h.join().map_err(|_| anyhow::anyhow!("echo thread panicked"))??;
     }
     let secs4 = t4.elapsed().as_secs_f64();
-    let cpu1 = agents_cpu(s);
+    let cpu1 = proxies_cpu(&proxies);
     let rr = json(&s.client("client", &["rr", "--to", &to, "--count", &sizes.rr_count.to_string()])?)?;
-    let cpu_rr = agents_cpu(s) - cpu1;
+    let cpu_rr = proxies_cpu(&proxies) - cpu1;
     let (rate, n) = (sizes.fixed_rate.to_string(), sizes.fixed_count.to_string());
     let fixed = json(&s.client("client", &["rr", "--to", &to, "--count", &n, "--rate", &rate])?)?;
     let nc = json(&s.client(
@@ -251,7 +255,7 @@ fn run(sc: &Scenario, sizes: Sizes, bins: &Path) -> Result<Row> {
         agent_cpu_s_per_gib: cpu_echo / (sizes.echo_bytes as f64 / (1u64 << 30) as f64),
         agent_cpu_s_per_10k_rr: cpu_rr * 10_000.0 / sizes.rr_count as f64,
         agent_rss_idle_kib: rss_idle,
-        agent_rss_after_kib: agents_rss(s),
+        agent_rss_after_kib: proxies_rss(&proxies),
         rr_p50_us: u(&rr, "p50_us"),
         rr_p99_us: u(&rr, "p99_us"),
         rr_p999_us: u(&rr, "p999_us"),
@@ -353,9 +357,11 @@ pub fn latency_svg(rows: &[Row]) -> String {
 
 /// The sidecar model: HAProxy as a plain L4 proxy inside the client pod
 /// (127.0.0.1:15001, the app connects to it) and inside the server pod (pod IP
-/// :15006, forwarding to the app on loopback). Killed with the box.
-fn start_sidecars(s: &crate::BoxState, server: &str) -> Result<()> {
+/// :15006, forwarding to the app on loopback). Killed with the box. Returns
+/// their pids (their CPU and memory are the sidecar model's proxy cost).
+fn start_sidecars(s: &crate::BoxState, server: &str) -> Result<Vec<u32>> {
     let server_ip = s.pod_ip(server)?;
+    let mut pids = Vec::new();
     let conf = |name: &str, bind: String, to: String| -> Result<String> {
         let path = s.dir.join(format!("haproxy-{name}.cfg"));
         std::fs::write(
@@ -377,19 +383,21 @@ fn start_sidecars(s: &crate::BoxState, server: &str) -> Result<()> {
             conf(server, format!("{server_ip}:15006"), "127.0.0.1:8080".into())?,
         ),
     ] {
-        s.pod_command(pod, "haproxy", &["-f", &cfg, "-db", "-q"])?
+        let child = s
+            .pod_command(pod, "haproxy", &["-f", &cfg, "-db", "-q"])?
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
             .spawn()
             .context("starting haproxy (cargo xtask deps installs it)")?;
+        pids.push(child.id());
     }
     let deadline = Instant::now() + std::time::Duration::from_secs(10);
     while s.who("client", "127.0.0.1:15001").is_err() {
         anyhow::ensure!(Instant::now() < deadline, "sidecars did not come up");
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
-    Ok(())
+    Ok(pids)
 }
 
 pub fn sh(cmd: &str, args: &[&str]) -> String {
@@ -447,7 +455,7 @@ pub fn bench(sizes: Sizes, quick: bool, bins: &Path, out: &Path) -> Result<()> {
         ));
     }
     md.push_str(
-        "\n| scenario | fixed-rate p50 µs | fixed-rate p99 µs | fixed-rate p99.9 µs | 4 streams Gbit/s | agents CPU s / GiB | agents CPU s / 10k rr | agent RSS idle KiB | agent RSS after KiB |\n|---|---|---|---|---|---|---|---|---|\n",
+        "\n| scenario | fixed-rate p50 µs | fixed-rate p99 µs | fixed-rate p99.9 µs | 4 streams Gbit/s | proxy CPU s / GiB | proxy CPU s / 10k rr | proxy RSS idle KiB | proxy RSS after KiB |\n|---|---|---|---|---|---|---|---|---|\n",
     );
     for r in &rows {
         md.push_str(&format!(
@@ -479,8 +487,10 @@ pub fn bench(sizes: Sizes, quick: bool, bins: &Path, out: &Path) -> Result<()> {
          - echo: one connection, the client sends {} MiB and reads them back concurrently; Gbit/s each way.\n\
          - rr: 1-byte request/response round trips over one connection ({} of them), closed loop.\n\
          - new-conn: connect + 1-byte round trip, new connection each time ({}); conns/s is closed-loop.\n\
-         - 4 streams: four echo connections at once, aggregate each way. Agent CPU: utime+stime of both \
-         agents during the runs; RSS: the larger agent's VmRSS.\n\
+         - 4 streams: four echo connections at once, aggregate each way. Proxy CPU: utime+stime of the \
+         proxies during the runs (both agents; in the sidecar row, the two HAProxy sidecars); proxy RSS: the \
+         largest one's VmRSS (per node for an agent, per pod for a sidecar: a node with N meshed pods runs N \
+         sidecars).\n\
          - fixed-rate: {} 1-byte round trips at {}/s on a schedule; each latency counts from when the \
          request was due, so stalls are not hidden (no coordinated omission).\n\
          - sidecar model: HAProxy (Debian) as a plain L4 proxy in each pod, the client app talking to its \
