@@ -160,6 +160,12 @@ impl NodeStream {
         let mut first = true;
         // The snapshot version the node holds exactly (acknowledged), if any.
         let mut synced: Option<u64> = None;
+        // Nothing is sent before the source has been read whole: a node that
+        // reconnects to a restarting control plane must not be told that its
+        // pods and services are gone.
+        if self.snapshots.wait_for(|s| s.version > 0).await.is_err() {
+            return "shutting down";
+        }
         loop {
             let snap = self.snapshots.borrow_and_update().clone();
             let fast = snap

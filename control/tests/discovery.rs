@@ -66,15 +66,21 @@ impl Drop for TempDir {
 }
 
 async fn server() -> Server {
+    let s = server_unloaded().await;
+    s.store.publish(compute::mesh_view(
+        &cluster(&format!("{}{SVC}", pod("a", "n1", "10.1.1.2"))),
+        true,
+    ));
+    s
+}
+
+/// A control plane whose source has not been read yet.
+async fn server_unloaded() -> Server {
     let dir = std::env::temp_dir().join(format!("ferry-disc-{}-{}", std::process::id(), rand_suffix()));
     std::fs::create_dir_all(&dir).unwrap();
     let tokens = dir.join("tokens.yaml");
     std::fs::write(&tokens, "n1: t1\nn2: t2\n").unwrap();
     let store = Arc::new(Store::default());
-    store.publish(compute::mesh_view(
-        &cluster(&format!("{}{SVC}", pod("a", "n1", "10.1.1.2"))),
-        true,
-    ));
     let status = Arc::new(Mutex::new(BTreeMap::new()));
     let svc = DiscoveryService {
         store: store.clone(),
@@ -246,4 +252,22 @@ async fn a_node_subscribes_only_as_itself() {
     // n2 gets n1's enrolled pod (a mesh member) and the services.
     let mut b = subscribe(&s.addr, "t2", "n2", BTreeMap::new()).await.unwrap();
     assert_eq!(names(&b.next().await), ["service/default/echo", "workload/a"]);
+}
+
+#[tokio::test]
+async fn nothing_is_sent_before_the_source_is_read() {
+    let s = server_unloaded().await;
+    // A node that held things reconnects while the control plane is starting:
+    // it must not be told that everything is gone.
+    let held = BTreeMap::from([("workload/a".to_string(), "v".to_string())]);
+    let mut a = subscribe(&s.addr, "t1", "n1", held).await.unwrap();
+    let early = tokio::time::timeout(Duration::from_millis(300), a.rx.message()).await;
+    assert!(early.is_err(), "{early:?}");
+    s.store.publish(compute::mesh_view(
+        &cluster(&format!("{}{SVC}", pod("a", "n1", "10.1.1.2"))),
+        true,
+    ));
+    let r = a.next().await;
+    assert!(r.removed.is_empty(), "{r:?}");
+    assert_eq!(names(&r), ["service/default/echo", "workload/a"]);
 }

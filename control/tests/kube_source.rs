@@ -38,6 +38,8 @@ struct Fake {
     pod_lists: Mutex<u32>,
     /// Bodies POSTed to the events API.
     events: Mutex<Vec<serde_json::Value>>,
+    /// The test says when the first watch may expire (after it saw its event).
+    expire: Arc<tokio::sync::Notify>,
 }
 
 fn list(kind: &str, rv: &str, items: Vec<serde_json::Value>) -> Response<Body> {
@@ -91,11 +93,11 @@ impl Fake {
                 let mut bad = pod("bad", "not-an-ip", "12");
                 bad["metadata"]["annotations"]["ferry.dev/mesh"] = json!("maybe");
                 let (mut tx, rx) = mpsc::channel(16);
+                let expire = self.expire.clone();
                 tokio::spawn(async move {
                     let _ = tx.send(event("ADDED", pod("b", "10.1.1.3", "11"))).await;
                     let _ = tx.send(event("ADDED", bad)).await;
-                    // Long enough for the test to see b, then the watch expires.
-                    tokio::time::sleep(Duration::from_millis(700)).await;
+                    expire.notified().await;
                     let _ = tx.send(event("ERROR", gone)).await;
                 });
                 Response::new(BodyExt::boxed(StreamBody::new(rx)))
@@ -128,6 +130,7 @@ async fn lists_watches_and_relists_after_410_gone() {
         open: Mutex::default(),
         pod_lists: Mutex::new(0),
         events: Mutex::default(),
+        expire: Arc::default(),
     });
     let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = l.local_addr().unwrap();
@@ -178,7 +181,7 @@ async fn lists_watches_and_relists_after_410_gone() {
         let store = store.clone();
         let want: Vec<(String, String)> = want.iter().map(|(a, b)| (a.to_string(), b.to_string())).collect();
         async move {
-            for _ in 0..200 {
+            for _ in 0..1000 {
                 if pods(&store) == want {
                     return;
                 }
@@ -190,6 +193,7 @@ async fn lists_watches_and_relists_after_410_gone() {
     // List, then the watch's ADDED event (the invalid pod is rejected, not added).
     wait(&[("a", "10.1.1.2"), ("b", "10.1.1.3")]).await;
     assert_eq!(store.current().view.services.len(), 1, "services listed too");
+    fake.expire.notify_one();
     // 410 Gone: the watcher relists and the store is replaced by the new list.
     wait(&[("a", "10.1.1.7"), ("c", "10.1.1.4")]).await;
     let log = fake.log.lock().unwrap().clone();

@@ -52,6 +52,8 @@ pub const WATCHED: &[(&str, &str, &str, &str)] = &[
 ];
 
 type Objects = Arc<Mutex<BTreeMap<Key, Located>>>;
+/// Kinds that have completed their first list (or failed it).
+type Listed = Arc<Mutex<std::collections::BTreeSet<&'static str>>>;
 
 /// The typed object for a watched one, or the problems that reject it.
 pub fn convert(kind: &str, obj: &DynamicObject) -> Result<(Key, Located), Vec<Problem>> {
@@ -121,6 +123,7 @@ async fn watch_kind(
     objects: Objects,
     changed: Arc<Notify>,
     recorder: Recorder,
+    listed: Listed,
 ) {
     let (group, version, kind, plural) = gvk;
     let ar = ApiResource::from_gvk_with_plural(&GroupVersionKind::gvk(group, version, kind), plural);
@@ -156,6 +159,7 @@ async fn watch_kind(
                 all.extend(fresh);
                 drop(all);
                 tracing::info!(kind, objects = n, "listed");
+                listed.lock().unwrap_or_else(|e| e.into_inner()).insert(kind);
                 changed.notify_one();
             }
             Ok(watcher::Event::Apply(o)) => {
@@ -171,7 +175,14 @@ async fn watch_kind(
                 objects.lock().unwrap_or_else(|e| e.into_inner()).remove(&key);
                 changed.notify_one();
             }
-            Err(e) => tracing::warn!(kind, error = %e, "watch failed; retrying with backoff"),
+            Err(e) => {
+                tracing::warn!(kind, error = %e, "watch failed; retrying with backoff");
+                // A kind that cannot be listed (its CRD is not installed)
+                // must not hold back the first snapshot; it joins when it lists.
+                if listed.lock().unwrap_or_else(|e| e.into_inner()).insert(kind) {
+                    changed.notify_one();
+                }
+            }
         }
     }
 }
@@ -185,6 +196,7 @@ pub async fn run(client: Client, store: Arc<Store>) {
         instance: std::env::var("POD_NAME").ok(),
     };
     let recorder = Recorder::new(client.clone(), reporter);
+    let listed = Listed::default();
     for gvk in WATCHED {
         tokio::spawn(watch_kind(
             client.clone(),
@@ -192,10 +204,16 @@ pub async fn run(client: Client, store: Arc<Store>) {
             objects.clone(),
             changed.clone(),
             recorder.clone(),
+            listed.clone(),
         ));
     }
     loop {
         changed.notified().await;
+        // The first snapshot waits for every kind: a partial one (pods
+        // listed, services not yet) would make agents drop services.
+        if listed.lock().unwrap_or_else(|e| e.into_inner()).len() < WATCHED.len() {
+            continue;
+        }
         tokio::time::sleep(Duration::from_millis(50)).await;
         let cluster = Cluster {
             objects: objects.lock().unwrap_or_else(|e| e.into_inner()).clone(),
