@@ -37,6 +37,8 @@ struct ConfigDump<'a> {
     pods: Vec<crate::agent::PodStatus>,
     workloads: Vec<&'a crate::config::Workload>,
     services: &'a [crate::config::Service],
+    /// The control plane's stream, when the config comes from it.
+    control: Option<crate::discovery::client::ControlStatus>,
 }
 
 /// Changes the log filter at runtime (set by the binary that owns the subscriber).
@@ -91,6 +93,7 @@ pub fn route(agent: &Agent, method: &hyper::Method, path: &str, query: Option<&s
             pods: agent.pod_status(),
             workloads: state.workloads.values().collect(),
             services: &state.services,
+            control: agent.control.read().unwrap_or_else(|e| e.into_inner()).clone(),
         }),
         "/conns" => json(
             &agent

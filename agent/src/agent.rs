@@ -97,6 +97,8 @@ pub struct Agent {
     opts: Options,
     next_pod_id: std::sync::atomic::AtomicU32,
     pub ids: Option<Arc<crate::identity::Identities>>,
+    /// The config stream's state (None: standalone, config from a file).
+    pub control: RwLock<Option<crate::discovery::client::ControlStatus>>,
     /// Version of the last config fully applied (0: none yet). Published
     /// last, so "applied" means every enrollment of that version is done.
     applied: std::sync::atomic::AtomicU64,
@@ -157,6 +159,7 @@ impl Agent {
             next_pod_id: 1.into(),
             applied: 0.into(),
             ids,
+            control: RwLock::new(None),
         }))
     }
 

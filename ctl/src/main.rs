@@ -65,6 +65,9 @@ enum Cmd {
     Stats,
     /// Workload certificates: identity, serial, expiry, time to rotation (from the agent).
     Certs,
+    /// The agent's config stream from ferry-control: connected, snapshot
+    /// version applied, resources held, last NACK (from the agent).
+    Control,
     /// The agent's whole state (admin /config_dump), as JSON or YAML.
     ConfigDump,
     /// Shell completions: `ferryctl completions bash > /etc/bash_completion.d/ferryctl`.
@@ -341,6 +344,27 @@ fn run(args: &Args) -> Result<(), CtlError> {
                 })
                 .collect();
             emit(args, &rows, &["namespace", "name", "vip", "ports", "endpoints"])
+        }
+        Cmd::Control => {
+            let dump = admin_get(args.admin, "/config_dump")?;
+            match dump.get("control").filter(|c| !c.is_null()) {
+                Some(c) => emit(
+                    args,
+                    std::slice::from_ref(c),
+                    &[
+                        "endpoint",
+                        "connected",
+                        "system_version",
+                        "resources",
+                        "last_nack",
+                        "last_error",
+                    ],
+                ),
+                None => {
+                    println!("standalone: this agent takes its config from a file (no --discovery)");
+                    Ok(())
+                }
+            }
         }
         Cmd::Certs => {
             let certs = admin_get(args.admin, "/certs")?;

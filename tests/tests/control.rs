@@ -46,6 +46,15 @@ fn config_comes_from_the_control_plane_and_changes_apply_live() {
         .find(|x| x.metric == "ferry_control_connected")
         .unwrap();
     assert_eq!(ferry_box::sample_value(&connected.value), 1.0);
+    let c = &dump["control"];
+    assert_eq!(c["connected"], true, "{c}");
+    assert_eq!(c["system_version"].as_u64(), Some(s.control_version().unwrap()), "{c}");
+    let out = s.ferryctl(0, &["control"]).unwrap();
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        table.contains("https://10.1.1.1:15012") && table.contains("true"),
+        "{table}"
+    );
     // netns and host veth were found by the agent itself (pause process, netlink).
     assert!(
         dump["pods"][1]["host_veth"]
@@ -181,6 +190,8 @@ fn agents_keep_serving_without_the_control_plane_and_converge_after() {
         ferry_box::sample_value(&c.value)
     };
     assert!(eventually(Duration::from_secs(10), || connected(0) == 0.0 && connected(1) == 0.0));
+    let c = s.admin_json(0, "/config_dump").unwrap()["control"].clone();
+    assert!(c["connected"] == false && c["last_error"].is_string(), "{c}");
     // New connections, both nodes, from the last-known config.
     let both = servers(&b, 6);
     assert!(

@@ -23,6 +23,24 @@ pub struct Options {
     pub token_file: PathBuf,
 }
 
+/// What `/config_dump` shows about the stream.
+#[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
+pub struct ControlStatus {
+    pub endpoint: String,
+    pub connected: bool,
+    /// The control plane's snapshot version last applied here.
+    pub system_version: u64,
+    /// Resources held (this node's pods, mesh members, services, policies).
+    pub resources: usize,
+    pub last_nack: Option<String>,
+    pub last_error: Option<String>,
+}
+
+fn set_status(agent: &Agent, f: impl FnOnce(&mut ControlStatus)) {
+    let mut c = agent.control.write().unwrap_or_else(|e| e.into_inner());
+    f(c.get_or_insert_with(Default::default));
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum StreamError {
     #[error("reading {0}: {1}")]
@@ -41,6 +59,7 @@ const BACKOFF_MAX: Duration = Duration::from_secs(5);
 /// Runs forever: keeps the node subscribed and its config current.
 /// `settings` are the node's own (from its local file); a change re-applies.
 pub async fn run(agent: Arc<Agent>, opts: Options, node: String, mut settings: watch::Receiver<Settings>) {
+    set_status(&agent, |s| s.endpoint = opts.control.clone());
     let mut held: Option<Resources> = None;
     let mut backoff = BACKOFF_MIN;
     loop {
@@ -51,10 +70,12 @@ pub async fn run(agent: Arc<Agent>, opts: Options, node: String, mut settings: w
             }
             Err((got, e)) => {
                 tracing::warn!(error = %e, "config stream down; serving the last-known config");
+                set_status(&agent, |s| s.last_error = Some(e.to_string()));
                 got
             }
         };
         agent.proxy.telemetry.metrics.control_connected.set(0);
+        set_status(&agent, |s| s.connected = false);
         if got_response {
             backoff = BACKOFF_MIN;
         }
@@ -132,6 +153,10 @@ async fn session(
         .map_err(|s| fail(StreamError::Refused(s.message().to_owned())))?
         .into_inner();
     agent.proxy.telemetry.metrics.control_connected.set(1);
+    set_status(agent, |s| {
+        s.connected = true;
+        s.last_error = None;
+    });
     tracing::info!(control = %opts.control, resumed_resources = resumed, "subscribed to the control plane");
 
     let mut got = false;
@@ -158,12 +183,17 @@ async fn session(
                             held = next.0.len(),
                             "config update applied (ACK)"
                         );
+                        set_status(agent, |s| {
+                            s.system_version = resp.system_version;
+                            s.resources = next.0.len();
+                        });
                         *held = Some(next);
                         String::new()
                     }
                     Err(problems) => {
                         agent.proxy.telemetry.metrics.config_rejected.inc();
                         let why = problems.join("; ");
+                        set_status(agent, |s| s.last_nack = Some(why.clone()));
                         tracing::error!(nonce = %resp.nonce, reason = %why, "config update rejected (NACK); keeping the previous config");
                         why
                     }
