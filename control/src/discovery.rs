@@ -176,9 +176,14 @@ impl NodeStream {
                 Some(diff) => delta_from_diff(diff, &self.node),
                 None => delta(&self.held, &snap.resources.for_node(&self.node)),
             };
-            if changed.is_empty() && removed.is_empty() {
+            if changed.is_empty() && removed.is_empty() && !first {
                 // Nothing for this node in this version: it holds it already.
                 synced = Some(snap.version);
+                let held = self.held.len();
+                self.set_status(|s| {
+                    s.acked_version = snap.version;
+                    s.resources = held;
+                });
             }
             if first || !changed.is_empty() || !removed.is_empty() {
                 first = false;

@@ -277,3 +277,60 @@ fn the_bookinfo_manifests_run_as_written() {
         "{certs}"
     );
 }
+
+#[test]
+fn an_update_the_agent_rejects_is_nacked_and_the_previous_config_kept() {
+    let mut b = up();
+    let s = b.state.clone();
+    let v0 = s.control_version().unwrap();
+    // A second pod claiming echo-1's address: valid to the control plane (each
+    // object is), rejected by node 1's agent, which checks the whole.
+    let clash = format!(
+        "apiVersion: v1\nkind: Pod\nmetadata: {{name: clash, uid: clash-uid, annotations: {{ferry.dev/mesh: enabled}}}}\nspec: {{nodeName: {}, containers: [{{name: c}}]}}\nstatus: {{podIP: {}}}\n",
+        s.node_name(0),
+        s.pod_ip("echo-1").unwrap()
+    );
+    b.state.spec.cluster_yaml = vec![("clash.yaml".into(), clash)];
+    b.state.write_configs().unwrap();
+    let nack = || {
+        s.control_nodes().unwrap()[s.node_name(0)]["last_nack"]
+            .as_str()
+            .map(str::to_owned)
+    };
+    assert!(
+        eventually(Duration::from_secs(10), || nack().is_some()),
+        "{}",
+        s.control_nodes().unwrap()
+    );
+    assert!(nack().unwrap().contains("already used"), "{:?}", nack());
+    let c = s.admin_json(0, "/config_dump").unwrap()["control"].clone();
+    assert!(
+        c["last_nack"].as_str().is_some_and(|n| n.contains("already used")),
+        "{c}"
+    );
+    assert_eq!(
+        c["system_version"].as_u64(),
+        Some(v0),
+        "the agent kept the previous config: {c}"
+    );
+    let m = s.scrape(0).unwrap();
+    let rejected = m
+        .samples
+        .iter()
+        .find(|x| x.metric == "ferry_config_rejected_total")
+        .unwrap();
+    assert!(ferry_box::sample_value(&rejected.value) >= 1.0);
+    // Node 2 holds every mesh member too, so it rejected the clash as well. Traffic as before.
+    assert!(eventually(Duration::from_secs(5), || s.control_nodes().unwrap()
+        [s.node_name(1)]["last_nack"]
+        .is_string()));
+    let both = servers(&b, 6);
+    assert!(
+        both.contains(&"echo-1".into()) && both.contains(&"echo-2".into()),
+        "{both:?}"
+    );
+    // Fixed: both nodes in sync again.
+    b.state.spec.cluster_yaml.clear();
+    b.state.write_configs().unwrap();
+    b.state.wait_synced(v0 + 2).unwrap();
+}
