@@ -201,6 +201,8 @@ pub fn run(bins: PathBuf, keep: bool) -> Result<()> {
     ferryctl(&b, 0, &["bpf", "dump", "traffic"])?;
     section("ferryctl certs (node1): workload identities from the CA");
     ferryctl(&b, 0, &["certs"])?;
+    section("ferryctl control (node2): the config stream from ferry-control");
+    ferryctl(&b, 1, &["control"])?;
     section("ferryctl stats (node2)");
     ferryctl(&b, 1, &["stats"])?;
 
