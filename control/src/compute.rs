@@ -416,29 +416,14 @@ pub fn delta(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{parse_file, Located};
 
     pub(crate) fn cluster(text: &str) -> Cluster {
-        let (docs, problems) = parse_file("t.yaml", text);
+        let (c, problems) = crate::source::files::parse_cluster("t.yaml", text);
         assert!(
             problems.iter().all(|p| p.severity != crate::model::Severity::Error),
             "{problems:?}"
         );
-        Cluster {
-            objects: docs
-                .into_iter()
-                .map(|d| {
-                    (
-                        d.key,
-                        Located {
-                            object: d.object,
-                            file: "t.yaml".into(),
-                            line: Some(d.line),
-                        },
-                    )
-                })
-                .collect(),
-        }
+        c
     }
 
     const APP: &str = r#"

@@ -13,34 +13,20 @@ use ferry_api::discovery::{
 use ferry_control::{
     compute,
     discovery::{DiscoveryService, Store},
-    model::{parse_file, Cluster, Located},
+    model::Cluster,
 };
 use futures::{channel::mpsc, SinkExt};
 use tonic::{transport::Channel, Streaming};
 
 fn cluster(text: &str) -> Cluster {
-    let (docs, problems) = parse_file("t.yaml", text);
+    let (c, problems) = ferry_control::source::files::parse_cluster("t.yaml", text);
     assert!(
         problems
             .iter()
             .all(|p| p.severity != ferry_control::model::Severity::Error),
         "{problems:?}"
     );
-    Cluster {
-        objects: docs
-            .into_iter()
-            .map(|d| {
-                (
-                    d.key,
-                    Located {
-                        object: d.object,
-                        file: "t.yaml".into(),
-                        line: None,
-                    },
-                )
-            })
-            .collect(),
-    }
+    c
 }
 
 fn pod(name: &str, node: &str, ip: &str) -> String {

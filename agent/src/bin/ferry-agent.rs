@@ -57,6 +57,42 @@ struct Args {
     cleanup_on_exit: bool,
 }
 
+/// The config file, re-read when it changes, until SIGTERM or Ctrl-C.
+struct ConfigWatch {
+    path: PathBuf,
+    stamp: Option<(std::time::SystemTime, u64)>,
+    term: tokio::signal::unix::Signal,
+    tick: tokio::time::Interval,
+}
+
+impl ConfigWatch {
+    fn new(path: &std::path::Path, stamp: Option<(std::time::SystemTime, u64)>) -> std::io::Result<Self> {
+        Ok(Self {
+            path: path.to_owned(),
+            stamp,
+            term: tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?,
+            tick: tokio::time::interval(Duration::from_millis(200)),
+        })
+    }
+
+    /// The file as it is after its next change; None when asked to stop.
+    async fn next(&mut self) -> Option<Result<ConfigFile, ferry_agent::config::ConfigError>> {
+        loop {
+            tokio::select! {
+                _ = self.tick.tick() => {
+                    let now = config_stamp(&self.path);
+                    if now != self.stamp {
+                        self.stamp = now;
+                        return Some(ConfigFile::load(&self.path));
+                    }
+                }
+                _ = self.term.recv() => return None,
+                _ = tokio::signal::ctrl_c() => return None,
+            }
+        }
+    }
+}
+
 fn config_stamp(path: &std::path::Path) -> Option<(std::time::SystemTime, u64)> {
     let m = std::fs::metadata(path).ok()?;
     Some((m.modified().ok()?, m.len()))
@@ -126,29 +162,18 @@ async fn main() -> anyhow::Result<()> {
     }
     tracing::info!(node = %node, admin = %args.admin, metrics = %args.metrics, "ferry-agent running");
 
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    let mut tick = tokio::time::interval(Duration::from_millis(200));
-    loop {
-        tokio::select! {
-            _ = tick.tick() => {
-                let now = config_stamp(&args.config);
-                if now != stamp {
-                    stamp = now;
-                    match ConfigFile::load(&args.config) {
-                        Ok(c) if c.node == node => agent.apply(c).await,
-                        Ok(c) => {
-                            agent.proxy.telemetry.metrics.config_rejected.inc();
-                            tracing::error!(old = %node, new = %c.node, "config names another node; keeping the last good config")
-                        }
-                        Err(e) => {
-                            agent.proxy.telemetry.metrics.config_rejected.inc();
-                            tracing::error!(error = %e, "config rejected; keeping the last good config")
-                        }
-                    }
-                }
+    let mut watch = ConfigWatch::new(&args.config, stamp)?;
+    while let Some(loaded) = watch.next().await {
+        match loaded {
+            Ok(c) if c.node == node => agent.apply(c).await,
+            Ok(c) => {
+                agent.proxy.telemetry.metrics.config_rejected.inc();
+                tracing::error!(old = %node, new = %c.node, "config names another node; keeping the last good config")
             }
-            _ = term.recv() => break,
-            _ = tokio::signal::ctrl_c() => break,
+            Err(e) => {
+                agent.proxy.telemetry.metrics.config_rejected.inc();
+                tracing::error!(error = %e, "config rejected; keeping the last good config")
+            }
         }
     }
 
@@ -185,26 +210,16 @@ async fn run_discovery(
         rx,
     ));
     tracing::info!(node = %node, admin = %args.admin, control = ?args.control, "ferry-agent running (config from the control plane)");
-    let mut stamp = config_stamp(&args.config);
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    let mut tick = tokio::time::interval(Duration::from_millis(200));
-    loop {
-        tokio::select! {
-            _ = tick.tick() => {
-                let now = config_stamp(&args.config);
-                if now != stamp {
-                    stamp = now;
-                    match ConfigFile::load(&args.config).map_err(anyhow::Error::from).and_then(settings_of) {
-                        Ok(s) => { let _ = tx.send(s); }
-                        Err(e) => {
-                            agent.proxy.telemetry.metrics.config_rejected.inc();
-                            tracing::error!(error = %e, "settings rejected; keeping the last good ones")
-                        }
-                    }
-                }
+    let mut watch = ConfigWatch::new(&args.config, config_stamp(&args.config))?;
+    while let Some(loaded) = watch.next().await {
+        match loaded.map_err(anyhow::Error::from).and_then(settings_of) {
+            Ok(s) => {
+                let _ = tx.send(s);
             }
-            _ = term.recv() => break,
-            _ = tokio::signal::ctrl_c() => break,
+            Err(e) => {
+                agent.proxy.telemetry.metrics.config_rejected.inc();
+                tracing::error!(error = %e, "settings rejected; keeping the last good ones")
+            }
         }
     }
     shutdown(agent, args).await

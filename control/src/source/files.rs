@@ -198,6 +198,15 @@ pub async fn watch(dir: PathBuf, store: Arc<Store>, current: Arc<Mutex<Vec<Probl
     }
 }
 
+/// One YAML text as a whole cluster (tests, tools): every problem, parse or
+/// duplicate, is returned with it.
+pub fn parse_cluster(file: &str, text: &str) -> (Cluster, Vec<Problem>) {
+    let (docs, mut problems) = parse_file(file, text);
+    let (cluster, dups) = merge(std::iter::once((file.to_owned(), docs.as_slice())));
+    problems.extend(dups);
+    (cluster, problems)
+}
+
 /// Objects of several files as one cluster; duplicates reported.
 pub fn merge<'a>(files: impl Iterator<Item = (String, &'a [Doc])>) -> (Cluster, Vec<Problem>) {
     let mut objects: BTreeMap<Key, Located> = BTreeMap::new();
