@@ -416,6 +416,7 @@ pub fn bench(sizes: Sizes, quick: bool, bins: &Path, out: &Path) -> Result<()> {
         eprintln!("bench: {} ...", sc.name);
         rows.push(run(sc, sizes, bins)?);
     }
+    let splice = splice_rows(bins, if quick { 1 } else { 5 })?;
     eprintln!("bench: agent memory with 1000 workloads ...");
     let (rss_small, rss_1000) = rss_with_workloads(bins, 1000)?;
     let machine = serde_json::json!({
@@ -432,7 +433,7 @@ pub fn bench(sizes: Sizes, quick: bool, bins: &Path, out: &Path) -> Result<()> {
     });
     std::fs::write(
         out.with_extension("json"),
-        serde_json::to_vec_pretty(&serde_json::json!({"machine": machine, "rows": rows}))?,
+        serde_json::to_vec_pretty(&serde_json::json!({"machine": machine, "rows": rows, "splice": splice}))?,
     )?;
     let base = |name: &str| rows.iter().find(|r| r.scenario == name);
     let mut md = String::from(
@@ -474,6 +475,20 @@ pub fn bench(sizes: Sizes, quick: bool, bins: &Path, out: &Path) -> Result<()> {
     md.push_str(&format!(
         "\nAgent RSS with the demo config: {rss_small} KiB; with 1000 more workloads and 1000 services: {rss_1000} KiB.\n"
     ));
+    md.push_str(
+        "\n### sk_msg splicing, same node (iperf3, throughput only)\n\nSplicing stays off by default: on this \
+         kernel a reader blocked in `recv()` on a spliced socket loses the tail at half-close \
+         (docs/architecture.md), so the echo and rr clients above cannot run spliced. iperf3's reads are \
+         non-blocking, so it shows what splicing would buy. `spliced msgs`: what `ferry_sk_msg` moved \
+         (node1's `splice_msgs` counter).\n\n| scenario | Gbit/s client → server | Gbit/s server → client (-R) | \
+         spliced msgs |\n|---|---|---|---|\n",
+    );
+    for r in &splice {
+        md.push_str(&format!(
+            "| {} | {:.2} | {:.2} | {} |\n",
+            r.scenario, r.forward_gbit_s, r.reverse_gbit_s, r.spliced_msgs
+        ));
+    }
     md.push_str(&format!("\nMachine: {machine}\n"));
     let cmd = if quick {
         "cargo xtask bench --quick"
@@ -495,7 +510,7 @@ pub fn bench(sizes: Sizes, quick: bool, bins: &Path, out: &Path) -> Result<()> {
          request was due, so stalls are not hidden (no coordinated omission).\n\
          - sidecar model: HAProxy (Debian) as a plain L4 proxy in each pod, the client app talking to its \
          local sidecar; compare with Ferry's cross-node plain path (neither uses TLS).\n\
-         - Not yet measured: splicing on/off (it breaks blocking readers on this kernel: docs/architecture.md).\n\
+         - Splicing on/off is measured apart, with iperf3 (below): it breaks the blocking readers used here.\n\
          - The control plane at scale (10,000 pods, 50 simulated agents) is the second part of the run: benchmarks-control-plane.md.\n\n{md}",
         sizes.echo_bytes >> 20,
         sizes.rr_count,
@@ -513,4 +528,84 @@ pub fn bench(sizes: Sizes, quick: bool, bins: &Path, out: &Path) -> Result<()> {
     std::fs::write(out.with_extension("md"), &md)?;
     print!("{md}");
     Ok(())
+}
+
+/// sk_msg splicing on vs off, same node, as throughput only: iperf3 (its
+/// reads are non-blocking, so the kernel bug that keeps splicing off — a
+/// blocked `recv()` on a spliced socket losing the tail at half-close — does
+/// not bite it). Returns (forward, reverse) Gbit/s client -> echo-1 and the
+/// messages sk_msg moved (proof that splicing happened).
+pub fn iperf_same_node(bins: &Path, mesh: bool, splice: bool, secs: u32) -> Result<(f64, f64, u64)> {
+    let mut spec = Spec::demo();
+    spec.splice = splice;
+    for p in &mut spec.pods {
+        p.enrolled = mesh;
+    }
+    spec.mtls = false;
+    spec.access_log.mode = ferry_agent::telemetry::accesslog::Mode::Off;
+    let b = ClusterBox::up(spec, bins.to_owned())?;
+    let s = &b.state;
+    let mut server = s
+        .pod_command("echo-1", "iperf3", &["-s", "-p", "5201"])?
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .context("starting iperf3 (cargo xtask deps installs it)")?;
+    let to = s.pod_ip("echo-1")?.to_string();
+    let run = |reverse: bool| -> Result<f64> {
+        let t = secs.to_string();
+        let mut args = vec!["-c", &to, "-p", "5201", "-t", &t, "-J"];
+        if reverse {
+            args.push("-R");
+        }
+        let deadline = Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            let out = s.pod_command("client", "iperf3", &args)?.output()?;
+            let v: Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+            if let Some(bps) = v["end"]["sum_received"]["bits_per_second"].as_f64() {
+                return Ok(bps / 1e9);
+            }
+            // The server may not listen yet.
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "iperf3 failed: {}",
+                String::from_utf8_lossy(&out.stdout)
+            );
+            std::thread::sleep(std::time::Duration::from_millis(200));
+        }
+    };
+    let fwd = run(false);
+    let rev = run(true);
+    let _ = server.kill();
+    let _ = server.wait();
+    let spliced = s.bpf_stats(0).map(|m| m["splice_msgs"]).unwrap_or(0);
+    Ok((fwd?, rev?, spliced))
+}
+
+#[derive(Debug, Serialize)]
+pub struct SpliceRow {
+    pub scenario: &'static str,
+    pub forward_gbit_s: f64,
+    pub reverse_gbit_s: f64,
+    pub spliced_msgs: u64,
+}
+
+fn splice_rows(bins: &Path, secs: u32) -> Result<Vec<SpliceRow>> {
+    let mut rows = Vec::new();
+    for (scenario, mesh, splice) in [
+        ("direct same-node", false, false),
+        ("ferry same-node, splice off (default)", true, false),
+        ("ferry same-node, splice on", true, true),
+    ] {
+        eprintln!("bench: iperf3 {scenario} ...");
+        let (forward_gbit_s, reverse_gbit_s, spliced_msgs) = iperf_same_node(bins, mesh, splice, secs)?;
+        rows.push(SpliceRow {
+            scenario,
+            forward_gbit_s,
+            reverse_gbit_s,
+            spliced_msgs,
+        });
+    }
+    Ok(rows)
 }

@@ -24,8 +24,20 @@ fn quick_benchmark_runs_and_writes_the_report() {
             "{r}"
         );
     }
+    let splice = report["splice"].as_array().unwrap();
+    assert_eq!(splice.len(), 3);
+    assert!(
+        splice.iter().all(|r| r["forward_gbit_s"].as_f64().unwrap() > 0.0),
+        "{splice:?}"
+    );
+    assert!(
+        splice[2]["spliced_msgs"].as_u64().unwrap() > 0,
+        "splicing really happened: {splice:?}"
+    );
+    assert_eq!(splice[1]["spliced_msgs"], 0, "{splice:?}");
     let md = std::fs::read_to_string(out.with_extension("md")).unwrap();
     assert!(md.contains("ferry cross-node mTLS") && md.contains("vs direct"));
+    assert!(md.contains("splice on"));
     let svg = std::fs::read_to_string(out.with_extension("svg")).unwrap();
     assert!(
         svg.starts_with("<svg") && svg.matches("<rect").count() == 21,
