@@ -146,6 +146,18 @@ pub struct Row {
     pub new_conn_p50_us: u64,
     pub new_conn_p99_us: u64,
     pub new_conns_per_s: f64,
+    /// p90s of the runs above, and the same round trips with 1 KiB messages.
+    pub rr_p90_us: u64,
+    pub fixed_p90_us: u64,
+    pub new_conn_p90_us: u64,
+    pub rr1k_p50_us: u64,
+    pub rr1k_p90_us: u64,
+    pub rr1k_p99_us: u64,
+    pub rr1k_p999_us: u64,
+    pub new_conn1k_p50_us: u64,
+    pub new_conn1k_p90_us: u64,
+    pub new_conn1k_p99_us: u64,
+    pub new_conn1k_p999_us: u64,
 }
 
 fn clk_tck() -> f64 {
@@ -246,8 +258,37 @@ fn run(sc: &Scenario, sizes: Sizes, bins: &Path) -> Result<Row> {
             "--new-conn",
         ],
     )?)?;
+    let count = |n: usize| (n / 2).max(1).to_string();
+    let rr1k = json(&s.client(
+        "client",
+        &["rr", "--to", &to, "--count", &count(sizes.rr_count), "--size", "1024"],
+    )?)?;
+    let nc1k = json(&s.client(
+        "client",
+        &[
+            "rr",
+            "--to",
+            &to,
+            "--count",
+            &count(sizes.rr_new_count),
+            "--size",
+            "1024",
+            "--new-conn",
+        ],
+    )?)?;
     let u = |v: &Value, k: &str| v[k].as_u64().unwrap_or(0);
     Ok(Row {
+        rr_p90_us: u(&rr, "p90_us"),
+        fixed_p90_us: u(&fixed, "p90_us"),
+        new_conn_p90_us: u(&nc, "p90_us"),
+        rr1k_p50_us: u(&rr1k, "p50_us"),
+        rr1k_p90_us: u(&rr1k, "p90_us"),
+        rr1k_p99_us: u(&rr1k, "p99_us"),
+        rr1k_p999_us: u(&rr1k, "p999_us"),
+        new_conn1k_p50_us: u(&nc1k, "p50_us"),
+        new_conn1k_p90_us: u(&nc1k, "p90_us"),
+        new_conn1k_p99_us: u(&nc1k, "p99_us"),
+        new_conn1k_p999_us: u(&nc1k, "p999_us"),
         scenario: sc.name.into(),
         baseline: sc.baseline.into(),
         echo_gbit_s: sizes.echo_bytes as f64 * 8.0 / (ms / 1000.0) / 1e9,
@@ -271,10 +312,24 @@ fn run(sc: &Scenario, sizes: Sizes, bins: &Path) -> Result<Row> {
 
 /// Node 1's agent RSS (KiB) before and after its config grows by `n`
 /// workloads (on another node) and `n` services.
-fn rss_with_workloads(bins: &Path, n: usize) -> Result<(u64, u64)> {
+/// Also returns its RSS after `conns` new connections through it (same
+/// node and across nodes, via the service VIP): (idle, after conns, after config).
+fn rss_with_workloads(bins: &Path, n: usize, conns: usize) -> Result<(u64, u64, u64)> {
     let b = ClusterBox::up(Spec::demo(), bins.to_owned())?;
     let s = &b.state;
     let before = rss_kib(s.agent_pids[0]);
+    s.client(
+        "client",
+        &[
+            "rr",
+            "--to",
+            "10.96.0.10:80",
+            "--count",
+            &conns.to_string(),
+            "--new-conn",
+        ],
+    )?;
+    let after_conns = rss_kib(s.agent_pids[0]);
     let mut cfg = s.agent_config(0);
     let template = cfg.workloads[0].clone();
     let svc = cfg.services[0].clone();
@@ -303,7 +358,7 @@ fn rss_with_workloads(bins: &Path, n: usize) -> Result<(u64, u64)> {
         anyhow::ensure!(Instant::now() < deadline, "agent did not apply the large config");
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
-    Ok((before, rss_kib(s.agent_pids[0])))
+    Ok((before, after_conns, rss_kib(s.agent_pids[0])))
 }
 
 /// A horizontal bar chart (log scale) of the fixed-rate latency percentiles
@@ -418,10 +473,13 @@ pub fn bench(sizes: Sizes, quick: bool, bins: &Path, out: &Path) -> Result<()> {
     }
     let splice = splice_rows(bins, if quick { 1 } else { 5 })?;
     eprintln!("bench: agent memory with 1000 workloads ...");
-    let (rss_small, rss_1000) = rss_with_workloads(bins, 1000)?;
+    let conns = if quick { 1_000 } else { 10_000 };
+    let (rss_small, rss_conns, rss_1000) = rss_with_workloads(bins, 1000, conns)?;
     let machine = serde_json::json!({
         "agent_rss_kib_demo_config": rss_small,
         "agent_rss_kib_with_1000_workloads_and_services": rss_1000,
+        "agent_rss_kib_after_new_connections": rss_conns,
+        "new_connections": conns,
         "kernel": sh("uname", &["-r"]),
         "cores": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
         "commit": sh("git", &["rev-parse", "--short", "HEAD"]),
@@ -472,8 +530,29 @@ pub fn bench(sizes: Sizes, quick: bool, bins: &Path, out: &Path) -> Result<()> {
             r.agent_rss_after_kib
         ));
     }
+    md.push_str(
+        "\n| scenario | rr p90 µs | fixed-rate p90 µs | new-conn p90 µs | 1 KiB rr p50 / p90 / p99 / p99.9 µs | 1 KiB new-conn p50 / p90 / p99 / p99.9 µs |\n|---|---|---|---|---|---|\n",
+    );
+    for r in &rows {
+        md.push_str(&format!(
+            "| {} | {} | {} | {} | {} / {} / {} / {} | {} / {} / {} / {} |\n",
+            r.scenario,
+            r.rr_p90_us,
+            r.fixed_p90_us,
+            r.new_conn_p90_us,
+            r.rr1k_p50_us,
+            r.rr1k_p90_us,
+            r.rr1k_p99_us,
+            r.rr1k_p999_us,
+            r.new_conn1k_p50_us,
+            r.new_conn1k_p90_us,
+            r.new_conn1k_p99_us,
+            r.new_conn1k_p999_us
+        ));
+    }
     md.push_str(&format!(
-        "\nAgent RSS with the demo config: {rss_small} KiB; with 1000 more workloads and 1000 services: {rss_1000} KiB.\n"
+        "\nAgent RSS with the demo config: {rss_small} KiB; after {conns} new connections through it (mTLS, \
+         half across nodes): {rss_conns} KiB; then with 1000 more workloads and 1000 services: {rss_1000} KiB.\n"
     ));
     md.push_str(
         "\n### sk_msg splicing, same node (iperf3, throughput only)\n\nSplicing stays off by default: on this \
@@ -500,7 +579,8 @@ pub fn bench(sizes: Sizes, quick: bool, bins: &Path, out: &Path) -> Result<()> {
          scenario back to back in one run). Ratios are against the direct pod-to-pod path on the same \
          placement (same node or across nodes). Raw figures: `benchmarks.json` next to this file.\n\n\
          - echo: one connection, the client sends {} MiB and reads them back concurrently; Gbit/s each way.\n\
-         - rr: 1-byte request/response round trips over one connection ({} of them), closed loop.\n\
+         - rr: 1-byte request/response round trips over one connection ({} of them), closed loop; the \
+         third table repeats rr and new-conn with 1 KiB messages (half as many).\n\
          - new-conn: connect + 1-byte round trip, new connection each time ({}); conns/s is closed-loop.\n\
          - 4 streams: four echo connections at once, aggregate each way. Proxy CPU: utime+stime of the \
          proxies during the runs (both agents; in the sidecar row, the two HAProxy sidecars); proxy RSS: the \

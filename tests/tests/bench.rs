@@ -20,10 +20,19 @@ fn quick_benchmark_runs_and_writes_the_report() {
     assert_eq!(rows.len(), 7);
     for r in rows {
         assert!(
-            r["echo_gbit_s"].as_f64().unwrap() > 0.0 && r["rr_p50_us"].as_u64().unwrap() > 0,
+            r["echo_gbit_s"].as_f64().unwrap() > 0.0
+                && r["rr_p50_us"].as_u64().unwrap() > 0
+                && r["rr1k_p90_us"].as_u64().unwrap() > 0
+                && r["new_conn1k_p999_us"].as_u64().unwrap() > 0,
             "{r}"
         );
     }
+    assert!(
+        report["machine"]["agent_rss_kib_after_new_connections"]
+            .as_u64()
+            .unwrap()
+            > 0
+    );
     let splice = report["splice"].as_array().unwrap();
     assert_eq!(splice.len(), 3);
     assert!(
