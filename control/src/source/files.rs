@@ -162,9 +162,20 @@ pub async fn watch(dir: PathBuf, store: Arc<Store>, current: Arc<Mutex<Vec<Probl
     loop {
         tokio::select! {
             Some(()) = rx.recv() => {
-                // Coalesce a burst (an editor's write + rename).
-                tokio::time::sleep(Duration::from_millis(5)).await;
-                while rx.try_recv().is_ok() {}
+                // Read once the directory has been quiet for 25 ms (at most
+                // 1 s): a writer that truncates then writes must not be
+                // seen half way, as an empty file deleting its objects.
+                let until = tokio::time::Instant::now() + Duration::from_secs(1);
+                loop {
+                    tokio::time::sleep(Duration::from_millis(25)).await;
+                    let mut more = false;
+                    while rx.try_recv().is_ok() {
+                        more = true;
+                    }
+                    if !more || tokio::time::Instant::now() > until {
+                        break;
+                    }
+                }
             }
             _ = tick.tick() => {}
         }
