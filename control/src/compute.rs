@@ -283,16 +283,51 @@ pub struct Resources {
 
 impl Resources {
     pub fn of(view: &MeshView) -> Self {
+        Self::reusing(view, None)
+    }
+
+    /// As [`Resources::of`], reusing the encoded resource of every workload
+    /// and service equal to one in `prev` (encoding and digesting 10k
+    /// resources per change is most of a change's cost otherwise).
+    pub fn reusing(view: &MeshView, prev: Option<(&MeshView, &Resources)>) -> Self {
+        let mut old_w: HashMap<&str, (&Workload, Arc<pb::Resource>)> = HashMap::new();
+        let mut old_s: HashMap<(&str, &str), (&(Service, Vec<String>), Arc<pb::Resource>)> = HashMap::new();
+        if let Some((pv, pr)) = prev {
+            let by_name: HashMap<&str, &Arc<pb::Resource>> = pr
+                .shared
+                .iter()
+                .chain(pr.local.values().flatten())
+                .map(|r| (r.name.as_str(), r))
+                .collect();
+            for w in &pv.workloads {
+                if let Some(r) = by_name.get(format!("{}{}", disc::WORKLOAD, w.uid).as_str()) {
+                    old_w.insert(&w.uid, (w, (*r).clone()));
+                }
+            }
+            for s in &pv.services {
+                let name = format!("{}{}/{}", disc::SERVICE, s.0.namespace, s.0.name);
+                if let Some(r) = by_name.get(name.as_str()) {
+                    old_s.insert((&s.0.namespace, &s.0.name), (s, (*r).clone()));
+                }
+            }
+        }
         let mut r = Resources::default();
         for w in &view.workloads {
-            let res = Arc::new(disc::resource(disc::workload_to(w)));
+            let res = match old_w.get(w.uid.as_str()) {
+                Some((o, res)) if *o == w => res.clone(),
+                _ => Arc::new(disc::resource(disc::workload_to(w))),
+            };
             r.local.entry(w.node.clone()).or_default().push(res.clone());
             if w.enrolled {
                 r.shared.push(res);
             }
         }
-        for (s, protocols) in &view.services {
-            r.shared.push(Arc::new(disc::resource(disc::service_to(s, protocols))));
+        for sp in &view.services {
+            let res = match old_s.get(&(sp.0.namespace.as_str(), sp.0.name.as_str())) {
+                Some((o, res)) if *o == sp => res.clone(),
+                _ => Arc::new(disc::resource(disc::service_to(&sp.0, &sp.1))),
+            };
+            r.shared.push(res);
         }
         for p in &view.peer_authentications {
             r.shared.push(Arc::new(disc::resource(disc::peer_authentication_to(p))));
@@ -580,6 +615,37 @@ endpoints:
         let r3 = Resources::of(&mesh_view(&cluster(&APP.replace("uid: u2", "uid: u9")), true));
         let (_, removed) = delta(&held, &r3.for_node("n2"));
         assert_eq!(removed, ["workload/u2"]);
+    }
+
+    #[test]
+    fn reusing_encodings_gives_what_encoding_afresh_gives() {
+        let v1 = mesh_view(&cluster(APP), true);
+        let v2 = mesh_view(&cluster(&APP.replace("10.1.1.2", "10.1.1.5")), true);
+        let r1 = Resources::of(&v1);
+        let fresh = Resources::of(&v2);
+        let reused = Resources::reusing(&v2, Some((&v1, &r1)));
+        for n in ["n1", "n2"] {
+            let a: Vec<_> = fresh
+                .for_node(n)
+                .iter()
+                .map(|(k, r)| (k.to_string(), r.version.clone()))
+                .collect();
+            let b: Vec<_> = reused
+                .for_node(n)
+                .iter()
+                .map(|(k, r)| (k.to_string(), r.version.clone()))
+                .collect();
+            assert_eq!(a, b);
+        }
+        // Unchanged ones are the very same allocation.
+        let db = |r: &Resources| {
+            r.shared
+                .iter()
+                .find(|x| x.name == "service/default/db")
+                .unwrap()
+                .clone()
+        };
+        assert!(Arc::ptr_eq(&db(&r1), &db(&reused)));
     }
 
     #[test]

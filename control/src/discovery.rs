@@ -61,7 +61,7 @@ impl Store {
         if cur.version > 0 && cur.view == view {
             return None;
         }
-        let resources = Resources::of(&view);
+        let resources = Resources::reusing(&view, (cur.version > 0).then(|| (&cur.view, &cur.resources)));
         let snap = Snapshot {
             version: cur.version + 1,
             diff: (cur.version > 0).then(|| resources.diff(&cur.resources)),

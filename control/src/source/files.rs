@@ -162,12 +162,12 @@ pub async fn watch(dir: PathBuf, store: Arc<Store>, current: Arc<Mutex<Vec<Probl
     loop {
         tokio::select! {
             Some(()) = rx.recv() => {
-                // Read once the directory has been quiet for 25 ms (at most
+                // Read once the directory has been quiet for 10 ms (at most
                 // 1 s): a writer that truncates then writes must not be
                 // seen half way, as an empty file deleting its objects.
                 let until = tokio::time::Instant::now() + Duration::from_secs(1);
                 loop {
-                    tokio::time::sleep(Duration::from_millis(25)).await;
+                    tokio::time::sleep(Duration::from_millis(10)).await;
                     let mut more = false;
                     while rx.try_recv().is_ok() {
                         more = true;
