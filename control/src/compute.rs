@@ -48,13 +48,16 @@ pub fn enrolled(
     }
 }
 
+/// A service with each port's protocol hint.
+pub type ServiceView = (Service, Vec<String>);
+
 /// The mesh as agents see it, for every node.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct MeshView {
     /// Scheduled pods with an address, enrolled or not.
     pub workloads: Vec<Workload>,
     /// Services with a cluster IP, endpoints resolved; with each port's protocol hint.
-    pub services: Vec<(Service, Vec<String>)>,
+    pub services: Vec<ServiceView>,
     pub peer_authentications: Vec<PeerAuthentication>,
 }
 
@@ -291,7 +294,7 @@ impl Resources {
     /// resources per change is most of a change's cost otherwise).
     pub fn reusing(view: &MeshView, prev: Option<(&MeshView, &Resources)>) -> Self {
         let mut old_w: HashMap<&str, (&Workload, Arc<pb::Resource>)> = HashMap::new();
-        let mut old_s: HashMap<(&str, &str), (&(Service, Vec<String>), Arc<pb::Resource>)> = HashMap::new();
+        let mut old_s: HashMap<(&str, &str), (&ServiceView, Arc<pb::Resource>)> = HashMap::new();
         if let Some((pv, pr)) = prev {
             let by_name: HashMap<&str, &Arc<pb::Resource>> = pr
                 .shared
