@@ -42,7 +42,14 @@ struct Fake {
     expire: Arc<tokio::sync::Notify>,
 }
 
-fn list(kind: &str, rv: &str, items: Vec<serde_json::Value>) -> Response<Body> {
+/// As the API server does, list items carry no apiVersion or kind.
+fn list(kind: &str, rv: &str, mut items: Vec<serde_json::Value>) -> Response<Body> {
+    for i in &mut items {
+        if let Some(o) = i.as_object_mut() {
+            o.remove("apiVersion");
+            o.remove("kind");
+        }
+    }
     let body =
         json!({"apiVersion": "v1", "kind": format!("{kind}List"), "metadata": {"resourceVersion": rv}, "items": items});
     Response::new(Full::new(Bytes::from(body.to_string())).boxed())

@@ -56,11 +56,19 @@ type Objects = Arc<Mutex<BTreeMap<Key, Located>>>;
 type Listed = Arc<Mutex<std::collections::BTreeSet<&'static str>>>;
 
 /// The typed object for a watched one, or the problems that reject it.
-pub fn convert(kind: &str, obj: &DynamicObject) -> Result<(Key, Located), Vec<Problem>> {
+pub fn convert(ar: &ApiResource, obj: &DynamicObject) -> Result<(Key, Located), Vec<Problem>> {
+    let kind = &ar.kind;
     let ns = obj.metadata.namespace.as_deref().unwrap_or_default();
     let name = obj.metadata.name.as_deref().unwrap_or_default();
     let source = format!("kubernetes:{kind}/{ns}/{name}");
-    let json = serde_json::to_string(obj).map_err(|e| {
+    // Items of a list come without apiVersion and kind (watch events have
+    // them): the parser needs them, so they come from what was watched.
+    let mut obj = obj.clone();
+    obj.types = Some(kube::api::TypeMeta {
+        api_version: ar.api_version.clone(),
+        kind: ar.kind.clone(),
+    });
+    let json = serde_json::to_string(&obj).map_err(|e| {
         vec![Problem {
             severity: crate::model::Severity::Error,
             file: source.clone(),
@@ -131,7 +139,7 @@ async fn watch_kind(
     let mut stream = watcher(api, watcher::Config::default()).default_backoff().boxed();
     // Objects of this kind while a (re)list is in progress.
     let mut relist: Option<BTreeMap<Key, Located>> = None;
-    let upsert = |objects: &mut BTreeMap<Key, Located>, obj: &DynamicObject| match convert(kind, obj) {
+    let upsert = |objects: &mut BTreeMap<Key, Located>, obj: &DynamicObject| match convert(&ar, obj) {
         Ok((k, l)) => {
             objects.insert(k, l);
         }
