@@ -233,3 +233,22 @@ async fn lists_watches_and_relists_after_410_gone() {
         "{log:#?}"
     );
 }
+
+#[tokio::test]
+async fn an_unreachable_api_server_publishes_nothing() {
+    // Nothing listens there: every list fails. An empty first snapshot would
+    // tell every agent that its pods and services are gone.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let config = kube::Config::new(format!("http://127.0.0.1:{port}").parse().unwrap());
+    let store = Arc::new(Store::default());
+    tokio::spawn(source::kube::run(
+        kube::Client::try_from(config).unwrap(),
+        store.clone(),
+    ));
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(store.current().version, 0);
+}

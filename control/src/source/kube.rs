@@ -125,6 +125,13 @@ fn report(recorder: &Recorder, ar: &ApiResource, obj: &DynamicObject, problems: 
     });
 }
 
+/// Whether listing failed because an optional kind's CRD is not installed.
+fn crd_missing(group: &str, e: &watcher::Error) -> bool {
+    let core = group.is_empty() || group == "discovery.k8s.io";
+    let not_found = matches!(e, watcher::Error::InitialListFailed(kube::Error::Api(s)) if s.code == 404);
+    !core && not_found
+}
+
 async fn watch_kind(
     client: Client,
     gvk: (&'static str, &'static str, &'static str, &'static str),
@@ -185,9 +192,11 @@ async fn watch_kind(
             }
             Err(e) => {
                 tracing::warn!(kind, error = %e, "watch failed; retrying with backoff");
-                // A kind that cannot be listed (its CRD is not installed)
-                // must not hold back the first snapshot; it joins when it lists.
-                if listed.lock().unwrap_or_else(|e| e.into_inner()).insert(kind) {
+                // A kind whose CRD is not installed (404) must not hold back
+                // the first snapshot; it joins when it lists. Any other
+                // failure (API server unreachable, RBAC) holds it back: an
+                // empty snapshot would tell agents everything is gone.
+                if crd_missing(group, &e) && listed.lock().unwrap_or_else(|e| e.into_inner()).insert(kind) {
                     changed.notify_one();
                 }
             }
