@@ -574,7 +574,8 @@ impl ClusterBox {
                 &s.spec.cert_ttl_seconds.to_string(),
             ]);
             if s.spec.discovery {
-                cmd.arg("--discovery");
+                let state = s.dir.join(format!("discovery-node{}.pb", node + 1));
+                cmd.args(["--discovery", "--state-file", &state.display().to_string()]);
             }
         }
         cmd.env(

@@ -20,6 +20,10 @@ struct Args {
     /// node's settings.
     #[arg(long, requires = "control")]
     discovery: bool,
+    /// With --discovery: where the last applied config is kept, so a
+    /// restarted agent serves it before (and without) the control plane.
+    #[arg(long)]
+    state_file: Option<PathBuf>,
     /// bpffs directory for pins; this node's live under <pin-root>/<node>/.
     #[arg(long, default_value = "/sys/fs/bpf/ferry")]
     pin_root: PathBuf,
@@ -202,6 +206,7 @@ async fn run_discovery(
         control: args.control.clone().context("--discovery needs --control")?,
         control_ca: args.control_ca.clone().context("--discovery needs --control-ca")?,
         token_file: args.token_file.clone().context("--discovery needs --token-file")?,
+        state_file: args.state_file.clone(),
     };
     tokio::spawn(ferry_agent::discovery::client::run(
         agent.clone(),

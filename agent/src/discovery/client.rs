@@ -21,6 +21,36 @@ pub struct Options {
     pub control_ca: PathBuf,
     /// This node's credential.
     pub token_file: PathBuf,
+    /// Where the last applied resources are kept, so a restarted agent serves
+    /// them before (and without) the control plane, and resumes from them.
+    pub state_file: Option<PathBuf>,
+}
+
+/// The resources last applied, as written by [`save`].
+fn load(path: &std::path::Path) -> Option<Resources> {
+    use prost::Message;
+    let bytes = std::fs::read(path).ok()?;
+    match pb::DiscoveryResponse::decode(bytes.as_slice()) {
+        Ok(r) => Some(Resources::default().with(&r)),
+        Err(e) => {
+            tracing::warn!(file = %path.display(), error = %e, "ignoring an unreadable saved config");
+            None
+        }
+    }
+}
+
+/// Writes `held` atomically (a crash leaves the old file or the new one).
+fn save(path: &std::path::Path, held: &Resources) {
+    use prost::Message;
+    let all = pb::DiscoveryResponse {
+        resources: held.0.values().cloned().collect(),
+        ..Default::default()
+    };
+    let tmp = path.with_extension("tmp");
+    let r = std::fs::write(&tmp, all.encode_to_vec()).and_then(|_| std::fs::rename(&tmp, path));
+    if let Err(e) = r {
+        tracing::warn!(file = %path.display(), error = %e, "cannot save the applied config");
+    }
 }
 
 /// What `/config_dump` shows about the stream.
@@ -60,7 +90,26 @@ const BACKOFF_MAX: Duration = Duration::from_secs(5);
 /// `settings` are the node's own (from its local file); a change re-applies.
 pub async fn run(agent: Arc<Agent>, opts: Options, node: String, mut settings: watch::Receiver<Settings>) {
     set_status(&agent, |s| s.endpoint = opts.control.clone());
-    let mut held: Option<Resources> = None;
+    let mut held: Option<Resources> = opts.state_file.as_deref().and_then(load);
+    if let Some(h) = &held {
+        // Serve what was last applied right away: after an agent restart the
+        // pods are still steered to it, control plane or not.
+        let s = settings.borrow().clone();
+        match h.to_config(&node, &s) {
+            Ok(cfg) => {
+                tracing::info!(
+                    resources = h.0.len(),
+                    "serving the saved config until the control plane answers"
+                );
+                agent.apply(cfg).await;
+                set_status(&agent, |st| st.resources = h.0.len());
+            }
+            Err(p) => {
+                tracing::warn!(problems = ?p, "the saved config does not apply; waiting for the control plane");
+                held = None;
+            }
+        }
+    }
     let mut backoff = BACKOFF_MIN;
     loop {
         let got_response = match session(&agent, &opts, &node, &mut held, &mut settings).await {
@@ -187,6 +236,9 @@ async fn session(
                             s.system_version = resp.system_version;
                             s.resources = next.0.len();
                         });
+                        if let Some(path) = &opts.state_file {
+                            save(path, &next);
+                        }
                         *held = Some(next);
                         String::new()
                     }
