@@ -11,9 +11,13 @@ use std::{
     time::Duration,
 };
 
+mod analyze;
+mod dump;
+mod output;
+
 use clap::{Parser, Subcommand, ValueEnum};
 use ferry_agent::redirect::pinned::{Pinned, PinnedError};
-use serde::Serialize;
+use output::emit;
 use serde_json::Value;
 
 #[derive(Parser)]
@@ -181,60 +185,9 @@ fn pinned(args: &Args) -> Result<Pinned, CtlError> {
     Ok(Pinned::open(&args.pin_root, &node(args)?)?)
 }
 
-/// Parses and cross-checks the given YAML as one cluster.
-fn analyze(args: &Args, paths: &[PathBuf], all: bool) -> Result<(), CtlError> {
-    use ferry_control::{
-        model::{parse_file, Severity},
-        source::files::{merge, yaml_files},
-    };
-    let mut files = Vec::new();
-    for p in paths {
-        if p.is_dir() {
-            files.extend(yaml_files(p));
-        } else if p.exists() {
-            files.push(p.clone());
-        } else {
-            return Err(CtlError::Other(format!("{}: no such file or directory", p.display())));
-        }
-    }
-    let mut problems = Vec::new();
-    let mut parsed = Vec::new();
-    for f in &files {
-        let name = f.display().to_string();
-        let text = std::fs::read_to_string(f).map_err(|e| CtlError::Other(format!("{name}: {e}")))?;
-        let (docs, found) = parse_file(&name, &text);
-        problems.extend(found);
-        parsed.push((name, docs));
-    }
-    let (cluster, dups) = merge(parsed.iter().map(|(n, d)| (n.clone(), d.as_slice())));
-    problems.extend(dups);
-    problems.extend(ferry_control::analyze::analyze(&cluster));
-    problems.retain(|p| all || p.severity != Severity::Info);
-    problems.sort_by(|a, b| (a.severity, &a.file, a.line).cmp(&(b.severity, &b.file, b.line)));
-    let errors = problems.iter().filter(|p| p.severity == Severity::Error).count();
-    match args.output {
-        Output::Table => {
-            for p in &problems {
-                println!("{p}");
-            }
-            let warnings = problems.iter().filter(|p| p.severity == Severity::Warning).count();
-            println!(
-                "{} file(s), {} object(s): {errors} error(s), {warnings} warning(s)",
-                files.len(),
-                cluster.objects.len()
-            );
-        }
-        _ => emit(args, &problems, &[])?,
-    }
-    if errors > 0 {
-        std::process::exit(6);
-    }
-    Ok(())
-}
-
 fn run(args: &Args) -> Result<(), CtlError> {
     match &args.cmd {
-        Cmd::Analyze { paths, all } => analyze(args, paths, *all),
+        Cmd::Analyze { paths, all } => analyze::analyze(args, paths, *all),
         Cmd::Bpf { op: BpfOp::Maps } => {
             let rows = pinned(args)?.maps()?;
             emit(
@@ -259,7 +212,7 @@ fn run(args: &Args) -> Result<(), CtlError> {
         Cmd::Bpf {
             op: BpfOp::Dump { map, pod, ip, watch },
         } => loop {
-            let (rows, columns) = dump(args, *map, pod.as_deref(), ip.as_deref())?;
+            let (rows, columns) = dump::dump(args, *map, pod.as_deref(), ip.as_deref())?;
             if *watch {
                 print!("\x1b[2J\x1b[H");
             }
@@ -415,164 +368,4 @@ fn admin_get(addr: SocketAddr, path: &str) -> Result<Value, CtlError> {
         )));
     }
     serde_json::from_str(body).map_err(|e| CtlError::Other(format!("admin {path}: bad JSON: {e}")))
-}
-
-/// Prints rows as JSON (stable, documented in docs/cli.md) or as an aligned table.
-fn emit<T: Serialize>(args: &Args, rows: &[T], columns: &[&str]) -> Result<(), CtlError> {
-    let values: Vec<Value> = rows
-        .iter()
-        .map(|r| serde_json::to_value(r).unwrap_or(Value::Null))
-        .collect();
-    match args.output {
-        Output::Json => println!("{}", serde_json::to_string_pretty(&values).unwrap_or_default()),
-        Output::Yaml => print!("{}", serde_norway::to_string(&values).unwrap_or_default()),
-        Output::Table => print!("{}", table(&values, columns)),
-    }
-    Ok(())
-}
-
-/// Local workloads from the agent, when it answers (for names in dumps).
-fn workloads(args: &Args) -> Option<Vec<Value>> {
-    admin_get(args.admin, "/config_dump").ok()?["pods"].as_array().cloned()
-}
-
-/// Rows of one pinned map, joined with workload names, filtered.
-fn dump(
-    args: &Args,
-    map: DumpMap,
-    pod: Option<&str>,
-    ip: Option<&str>,
-) -> Result<(Vec<Value>, &'static [&'static str]), CtlError> {
-    let p = pinned(args)?;
-    fn values<T: Serialize>(rows: Vec<T>) -> Vec<Value> {
-        rows.into_iter()
-            .map(|r| serde_json::to_value(r).unwrap_or(Value::Null))
-            .collect()
-    }
-    let (mut rows, columns): (Vec<Value>, &'static [&'static str]) = match map {
-        DumpMap::Pods => (
-            values(p.pods()?),
-            &[
-                "netns_cookie",
-                "pod_id",
-                "namespace",
-                "name",
-                "ip",
-                "host_veth",
-                "cgroup",
-            ],
-        ),
-        DumpMap::MeshDst => (values(p.mesh_dst()?), &["ip", "port", "kind"]),
-        DumpMap::OrigDst => (
-            values(p.orig_dst()?),
-            &["netns_cookie", "client", "agent", "orig_dst", "pod_id"],
-        ),
-        DumpMap::Traffic => (
-            values(p.traffic()?),
-            &[
-                "ifindex",
-                "interface",
-                "namespace",
-                "name",
-                "rx_packets",
-                "rx_bytes",
-                "tx_packets",
-                "tx_bytes",
-            ],
-        ),
-        DumpMap::Stats => (
-            p.stats()?
-                .into_iter()
-                .map(|(k, v)| serde_json::json!({"counter": k, "value": v}))
-                .collect(),
-            &["counter", "value"],
-        ),
-        DumpMap::Config => (
-            values(vec![p.config()?]),
-            &[
-                "flags",
-                "agent_mark",
-                "outbound_port",
-                "inbound_port",
-                "tunnel_port",
-                "deliver_port_lo",
-                "deliver_port_hi",
-            ],
-        ),
-    };
-    let wls = workloads(args).unwrap_or_default();
-    // Join: pods by netns cookie, traffic by host veth.
-    for r in &mut rows {
-        let w = wls.iter().find(|w| {
-            (r.get("netns_cookie").is_some() && w["netns_cookie"] == r["netns_cookie"])
-                || (r.get("interface").is_some_and(|i| !i.is_null()) && w["host_veth"] == r["interface"])
-        });
-        if let (Some(w), Some(obj)) = (w, r.as_object_mut()) {
-            for k in ["namespace", "name", "ip", "host_veth", "cgroup", "netns", "uid"] {
-                obj.entry(k).or_insert(w[k].clone());
-            }
-        }
-    }
-    if let Some(pod) = pod {
-        if wls.is_empty() {
-            return Err(CtlError::Other(
-                "--pod needs the agent (for pod names); use --ip instead".into(),
-            ));
-        }
-        let (ns, name) = pod.split_once('/').map_or((None, pod), |(n, p)| (Some(n), p));
-        let w = wls
-            .iter()
-            .find(|w| w["name"] == name && ns.is_none_or(|n| w["namespace"] == n))
-            .ok_or_else(|| CtlError::Other(format!("no local workload named {pod}")))?
-            .clone();
-        rows.retain(|r| {
-            (r.get("netns_cookie").is_some() && r["netns_cookie"] == w["netns_cookie"])
-                || (r.get("pod_id").is_some() && r["pod_id"] == w["pod_id"])
-                || r.get("name").is_some_and(|n| *n == w["name"])
-        });
-    }
-    if let Some(ip) = ip {
-        let port_prefix = format!("{ip}:");
-        rows.retain(|r| {
-            r.as_object().is_some_and(|o| {
-                o.values()
-                    .any(|v| v.as_str().is_some_and(|s| s == ip || s.starts_with(&port_prefix)))
-            })
-        });
-    }
-    Ok((rows, columns))
-}
-
-fn cell(v: &Value) -> String {
-    match v {
-        Value::Null => "-".into(),
-        Value::String(s) => s.clone(),
-        other => other.to_string(),
-    }
-}
-
-fn table(rows: &[Value], columns: &[&str]) -> String {
-    let cells: Vec<Vec<String>> = rows
-        .iter()
-        .map(|r| columns.iter().map(|c| cell(&r[*c])).collect())
-        .collect();
-    let widths: Vec<usize> = columns
-        .iter()
-        .enumerate()
-        .map(|(i, c)| cells.iter().map(|r| r[i].len()).chain([c.len()]).max().unwrap_or(0))
-        .collect();
-    let mut out = String::new();
-    let line = |out: &mut String, items: Vec<String>| {
-        let l: Vec<String> = items.iter().zip(&widths).map(|(s, w)| format!("{s:<w$}")).collect();
-        out.push_str(l.join("  ").trim_end());
-        out.push('\n');
-    };
-    line(&mut out, columns.iter().map(|c| c.to_uppercase()).collect());
-    for r in cells {
-        line(&mut out, r);
-    }
-    if rows.is_empty() {
-        out.push_str("(none)\n");
-    }
-    out
 }
