@@ -1,5 +1,5 @@
-//! The agent: applies a desired state (from the config file today, the control
-//! plane later) by enrolling and unenrolling local pods and refreshing the
+//! The agent: applies a desired state (from the control plane's stream or a
+//! config file) by enrolling and unenrolling local pods and refreshing the
 //! eBPF maps, and owns the proxy's per-pod listener tasks.
 
 use std::{

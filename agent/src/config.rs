@@ -1,6 +1,7 @@
-//! The agent's configuration file (standalone mode): the node's settings and
-//! the cluster state it needs. The control-plane stream later feeds the same
-//! [`crate::state::State`]; this file shape stays for standalone agents.
+//! The agent's configuration: the node's settings and the cluster state it
+//! needs. Standalone agents read all of it from a file; with the control
+//! plane, the file holds the settings and the stream (`crate::discovery`)
+//! builds the rest in this same shape, validated the same way.
 //!
 //! Parsing collects every problem before reporting, each with its path.
 

@@ -1,6 +1,6 @@
 //! The agent's state store: one typed, validated view of the workloads and
-//! services it serves, built from the config file (or, later, the control
-//! plane). Routing decisions are pure functions over it.
+//! services it serves, built from the control plane's stream or the config
+//! file. Routing decisions are pure functions over it.
 
 use std::{
     collections::{BTreeMap, HashMap},
