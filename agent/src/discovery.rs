@@ -342,14 +342,13 @@ peerAuthentications:
         // A second workload with the same IP, and a garbage address: both reported.
         let mut w = c.workloads[0].clone();
         w.uid = "b".into();
-        let mut bad = resource(workload_to(&w));
+        let bad = resource(workload_to(&w));
         let mut garbage = resource(workload_to(&w));
         garbage.name = "workload/c".into();
         if let Some(pb::resource::Kind::Workload(w)) = &mut garbage.kind {
             w.uid = "c".into();
             w.ip = "10.1.1.999".into();
         }
-        bad.version = "x".into();
         let resp = pb::DiscoveryResponse {
             nonce: "1".into(),
             system_version: 2,

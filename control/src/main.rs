@@ -61,7 +61,7 @@ async fn main() -> anyhow::Result<()> {
         }
         None => {
             let client = kube_client().await?;
-            tokio::spawn(source::kube::run(client, store.clone()));
+            tokio::spawn(source::kube::run(client, store.clone(), problems.clone()));
         }
     }
     let identity = IdentityService {

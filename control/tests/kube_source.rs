@@ -174,7 +174,8 @@ async fn lists_watches_and_relists_after_410_gone() {
     let config = kube::Config::new(format!("http://{addr}").parse().unwrap());
     let client = kube::Client::try_from(config).unwrap();
     let store = Arc::new(Store::default());
-    tokio::spawn(source::kube::run(client, store.clone()));
+    let problems = Arc::new(Mutex::new(Vec::new()));
+    tokio::spawn(source::kube::run(client, store.clone(), problems.clone()));
 
     let pods = |store: &Store| -> Vec<(String, String)> {
         store
@@ -200,6 +201,21 @@ async fn lists_watches_and_relists_after_410_gone() {
     // List, then the watch's ADDED event (the invalid pod is rejected, not added).
     wait(&[("a", "10.1.1.2"), ("b", "10.1.1.3")]).await;
     assert_eq!(store.current().view.services.len(), 1, "services listed too");
+    // The rejected pod is listed at the admin endpoint's /problems.
+    let rejected = || {
+        problems
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|p| p.to_string().contains("Pod default/bad"))
+    };
+    for _ in 0..200 {
+        if rejected() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(rejected(), "{:?}", problems.lock().unwrap());
     fake.expire.notify_one();
     // 410 Gone: the watcher relists and the store is replaced by the new list.
     wait(&[("a", "10.1.1.7"), ("c", "10.1.1.4")]).await;
@@ -226,6 +242,9 @@ async fn lists_watches_and_relists_after_410_gone() {
     );
     let note = ev["body"]["note"].as_str().unwrap_or_default();
     assert!(note.contains("ferry.dev/mesh") && note.contains("not-an-ip"), "{note}");
+    // It is gone from the relist, so from /problems too.
+    let listed: Vec<String> = problems.lock().unwrap().iter().map(|p| p.to_string()).collect();
+    assert!(!listed.iter().any(|p| p.contains("Pod default/bad")), "{listed:?}");
     // A missing CRD (HTTPRoute: 404) did not hold back the rest.
     assert!(
         log.iter()
@@ -248,6 +267,7 @@ async fn an_unreachable_api_server_publishes_nothing() {
     tokio::spawn(source::kube::run(
         kube::Client::try_from(config).unwrap(),
         store.clone(),
+        Arc::default(),
     ));
     tokio::time::sleep(Duration::from_millis(1500)).await;
     assert_eq!(store.current().version, 0);

@@ -83,7 +83,7 @@ enum Cmd {
     /// file, line, object, field and reason; exit 6 if any is an error.
     Analyze {
         /// Files or directories (searched recursively for *.yaml, *.yml).
-        #[arg(short = 'f', long = "filename", required = true)]
+        #[arg(short = 'f', long = "filename", required = true, num_args = 1..)]
         paths: Vec<PathBuf>,
         /// Also list notes (kinds Ferry ignores).
         #[arg(long)]

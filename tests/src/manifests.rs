@@ -7,24 +7,10 @@
 use std::{collections::BTreeMap, net::Ipv4Addr, path::Path};
 
 use anyhow::{bail, Context, Result};
-use ferry_control::model::{parse_file, Object, Severity};
+use ferry_control::model::{parse::split_documents, parse_file, Object, Severity};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 use crate::{PodSpec, ServiceSpec, Spec};
-
-/// The documents of a file, verbatim.
-fn documents(text: &str) -> Vec<String> {
-    let mut docs = vec![String::new()];
-    for line in text.lines() {
-        if line == "---" || line.starts_with("--- ") {
-            docs.push(String::new());
-        } else if let Some(d) = docs.last_mut() {
-            d.push_str(line);
-            d.push('\n');
-        }
-    }
-    docs
-}
 
 pub fn spec_from_dir(dir: &Path, nodes: usize) -> Result<Spec> {
     let mut spec = Spec {
@@ -39,7 +25,7 @@ pub fn spec_from_dir(dir: &Path, nodes: usize) -> Result<Spec> {
     for file in ferry_control::source::files::yaml_files(dir) {
         let text = std::fs::read_to_string(&file).with_context(|| file.display().to_string())?;
         let mut kept = Vec::new();
-        for doc in documents(&text) {
+        for (_, doc) in split_documents(&text) {
             let (parsed, problems) = parse_file(&file.display().to_string(), &doc);
             if let Some(p) = problems.iter().find(|p| p.severity == Severity::Error) {
                 bail!("{p}");

@@ -218,8 +218,7 @@ async fn session(
                     Err(s) => return Err((got, StreamError::Broken(s.to_string()))),
                 };
                 got = true;
-                let base = held.clone().unwrap_or_default();
-                let next = base.with(&resp);
+                let next = held.as_ref().map_or_else(|| Resources::default().with(&resp), |h| h.with(&resp));
                 let settings_now = settings.borrow().clone();
                 let answer = match next.to_config(node, &settings_now) {
                     Ok(cfg) => {

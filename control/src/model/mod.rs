@@ -123,10 +123,6 @@ pub struct Located {
 }
 
 impl Cluster {
-    pub fn of_kind<'a>(&'a self, kind: &'a str) -> impl Iterator<Item = (&'a Key, &'a Located)> + 'a {
-        self.objects.iter().filter(move |(k, _)| k.kind == kind)
-    }
-
     pub fn pods(&self) -> impl Iterator<Item = &Pod> {
         self.objects.values().filter_map(|l| match &l.object {
             Object::Pod(p) => Some(p.as_ref()),
@@ -163,27 +159,6 @@ impl Cluster {
             Some(Object::Service(s)) => Some(s),
             _ => None,
         }
-    }
-
-    pub fn endpoint_slices<'a>(
-        &'a self,
-        namespace: &'a str,
-        service: &'a str,
-    ) -> impl Iterator<Item = &'a EndpointSlice> {
-        self.objects.iter().filter_map(move |(k, l)| match &l.object {
-            Object::EndpointSlice(s)
-                if k.namespace == namespace
-                    && s.metadata
-                        .labels
-                        .as_ref()
-                        .and_then(|l| l.get(SERVICE_NAME_LABEL))
-                        .map(String::as_str)
-                        == Some(service) =>
-            {
-                Some(s.as_ref())
-            }
-            _ => None,
-        })
     }
 }
 

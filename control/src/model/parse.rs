@@ -57,8 +57,8 @@ const KINDS: &[(&str, &[&str])] = &[
     ),
 ];
 
-/// Documents of `text` with the line each starts on (1-based).
-fn split(text: &str) -> Vec<(usize, String)> {
+/// Documents of `text` (verbatim) with the line each starts on (1-based).
+pub fn split_documents(text: &str) -> Vec<(usize, String)> {
     let mut docs = vec![(1, String::new())];
     for (i, line) in text.lines().enumerate() {
         if line == "---" || line.starts_with("--- ") {
@@ -74,7 +74,7 @@ fn split(text: &str) -> Vec<(usize, String)> {
 pub fn parse_file(file: &str, text: &str) -> (Vec<Doc>, Vec<Problem>) {
     let mut docs = Vec::new();
     let mut problems = Vec::new();
-    for (line, doc) in split(text) {
+    for (line, doc) in split_documents(text) {
         let mut problem = |severity, object: String, field: &str, reason: String| {
             problems.push(Problem {
                 severity,

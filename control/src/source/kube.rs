@@ -51,9 +51,20 @@ pub const WATCHED: &[(&str, &str, &str, &str)] = &[
     ("gateway.networking.k8s.io", "v1", "HTTPRoute", "httproutes"),
 ];
 
-type Objects = Arc<Mutex<BTreeMap<Key, Located>>>;
-/// Kinds that have completed their first list (or failed it).
-type Listed = Arc<Mutex<std::collections::BTreeSet<&'static str>>>;
+/// What every kind's watcher feeds and the publisher reads.
+#[derive(Default)]
+struct Shared {
+    objects: Mutex<BTreeMap<Key, Located>>,
+    /// Objects rejected now, with why (listed at the admin's /problems).
+    rejected: Mutex<BTreeMap<Key, Vec<Problem>>>,
+    /// Kinds that have completed their first list (or whose CRD is missing).
+    listed: Mutex<std::collections::BTreeSet<&'static str>>,
+    changed: Notify,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
 
 /// The typed object for a watched one, or the problems that reject it.
 pub fn convert(ar: &ApiResource, obj: &DynamicObject) -> Result<(Key, Located), Vec<Problem>> {
@@ -135,10 +146,8 @@ fn crd_missing(group: &str, e: &watcher::Error) -> bool {
 async fn watch_kind(
     client: Client,
     gvk: (&'static str, &'static str, &'static str, &'static str),
-    objects: Objects,
-    changed: Arc<Notify>,
+    shared: Arc<Shared>,
     recorder: Recorder,
-    listed: Listed,
 ) {
     let (group, version, kind, plural) = gvk;
     let ar = ApiResource::from_gvk_with_plural(&GroupVersionKind::gvk(group, version, kind), plural);
@@ -146,8 +155,14 @@ async fn watch_kind(
     let mut stream = watcher(api, watcher::Config::default()).default_backoff().boxed();
     // Objects of this kind while a (re)list is in progress.
     let mut relist: Option<BTreeMap<Key, Located>> = None;
+    let key_of = |o: &DynamicObject| Key {
+        kind: kind.into(),
+        namespace: o.metadata.namespace.clone().unwrap_or_default(),
+        name: o.metadata.name.clone().unwrap_or_default(),
+    };
     let upsert = |objects: &mut BTreeMap<Key, Located>, obj: &DynamicObject| match convert(&ar, obj) {
         Ok((k, l)) => {
+            lock(&shared.rejected).remove(&k);
             objects.insert(k, l);
         }
         Err(problems) => {
@@ -156,11 +171,16 @@ async fn watch_kind(
                 tracing::error!(problem = %p, "object rejected");
             }
             report(&recorder, &ar, obj, &problems);
+            lock(&shared.rejected).insert(key_of(obj), problems);
         }
     };
     while let Some(ev) = stream.next().await {
         match ev {
-            Ok(watcher::Event::Init) => relist = Some(BTreeMap::new()),
+            Ok(watcher::Event::Init) => {
+                relist = Some(BTreeMap::new());
+                // Rejections are found again by the relist (or are gone).
+                lock(&shared.rejected).retain(|k, _| k.kind != kind);
+            }
             Ok(watcher::Event::InitApply(o)) => {
                 if let Some(r) = relist.as_mut() {
                     upsert(r, &o);
@@ -169,26 +189,23 @@ async fn watch_kind(
             Ok(watcher::Event::InitDone) => {
                 let fresh = relist.take().unwrap_or_default();
                 let n = fresh.len();
-                let mut all = objects.lock().unwrap_or_else(|e| e.into_inner());
+                let mut all = lock(&shared.objects);
                 all.retain(|k, _| k.kind != kind);
                 all.extend(fresh);
                 drop(all);
                 tracing::info!(kind, objects = n, "listed");
-                listed.lock().unwrap_or_else(|e| e.into_inner()).insert(kind);
-                changed.notify_one();
+                lock(&shared.listed).insert(kind);
+                shared.changed.notify_one();
             }
             Ok(watcher::Event::Apply(o)) => {
-                upsert(&mut objects.lock().unwrap_or_else(|e| e.into_inner()), &o);
-                changed.notify_one();
+                upsert(&mut lock(&shared.objects), &o);
+                shared.changed.notify_one();
             }
             Ok(watcher::Event::Delete(o)) => {
-                let key = Key {
-                    kind: kind.into(),
-                    namespace: o.metadata.namespace.clone().unwrap_or_default(),
-                    name: o.metadata.name.clone().unwrap_or_default(),
-                };
-                objects.lock().unwrap_or_else(|e| e.into_inner()).remove(&key);
-                changed.notify_one();
+                let key = key_of(&o);
+                lock(&shared.rejected).remove(&key);
+                lock(&shared.objects).remove(&key);
+                shared.changed.notify_one();
             }
             Err(e) => {
                 tracing::warn!(kind, error = %e, "watch failed; retrying with backoff");
@@ -196,49 +213,41 @@ async fn watch_kind(
                 // the first snapshot; it joins when it lists. Any other
                 // failure (API server unreachable, RBAC) holds it back: an
                 // empty snapshot would tell agents everything is gone.
-                if crd_missing(group, &e) && listed.lock().unwrap_or_else(|e| e.into_inner()).insert(kind) {
-                    changed.notify_one();
+                if crd_missing(group, &e) && lock(&shared.listed).insert(kind) {
+                    shared.changed.notify_one();
                 }
             }
         }
     }
 }
 
-/// Watches everything and publishes each change (coalesced over 50 ms).
-pub async fn run(client: Client, store: Arc<Store>) {
-    let objects: Objects = Default::default();
-    let changed = Arc::new(Notify::new());
+/// Watches everything and publishes each change (coalesced over 50 ms);
+/// `current` holds the problems now (rejected objects and the analysis).
+pub async fn run(client: Client, store: Arc<Store>, current: Arc<Mutex<Vec<Problem>>>) {
+    let shared = Arc::new(Shared::default());
     let reporter = Reporter {
         controller: "ferry-control".into(),
         instance: std::env::var("POD_NAME").ok(),
     };
     let recorder = Recorder::new(client.clone(), reporter);
-    let listed = Listed::default();
     for gvk in WATCHED {
-        tokio::spawn(watch_kind(
-            client.clone(),
-            *gvk,
-            objects.clone(),
-            changed.clone(),
-            recorder.clone(),
-            listed.clone(),
-        ));
+        tokio::spawn(watch_kind(client.clone(), *gvk, shared.clone(), recorder.clone()));
     }
     loop {
-        changed.notified().await;
+        shared.changed.notified().await;
         // The first snapshot waits for every kind: a partial one (pods
         // listed, services not yet) would make agents drop services.
-        if listed.lock().unwrap_or_else(|e| e.into_inner()).len() < WATCHED.len() {
+        if lock(&shared.listed).len() < WATCHED.len() {
             continue;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
         let cluster = Cluster {
-            objects: objects.lock().unwrap_or_else(|e| e.into_inner()).clone(),
+            objects: lock(&shared.objects).clone(),
         };
         let view = compute::mesh_view(&cluster, false);
-        for p in crate::analyze::analyze_with(&cluster, &view) {
-            tracing::debug!(problem = %p, "analysis");
-        }
+        let mut problems: Vec<Problem> = lock(&shared.rejected).values().flatten().cloned().collect();
+        problems.extend(crate::analyze::analyze_with(&cluster, &view));
+        *lock(&current) = problems;
         let (pods, services) = (view.workloads.len(), view.services.len());
         if let Some(v) = store.publish(view) {
             tracing::info!(version = v, pods, services, "cluster state changed");
