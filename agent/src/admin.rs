@@ -1,45 +1,14 @@
 //! The admin endpoint (localhost:15000 by default): health, readiness and
 //! JSON views of the agent's state for `ferryctl` and operators.
 
-use std::{convert::Infallible, net::SocketAddr, sync::Arc};
+use std::sync::Arc;
 
-use bytes::Bytes;
-use http_body_util::Full;
-use hyper::{body::Incoming, server::conn::http1, service::service_fn, Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
-use serde::Serialize;
+use ferry_api::admin_http::{self, json, text, AdminRequest, Body};
+use ferry_model::admin::ConfigDump;
+use hyper::{Response, StatusCode};
 use tokio::net::TcpListener;
 
 use crate::agent::Agent;
-
-type Body = Full<Bytes>;
-
-fn json<T: Serialize>(v: &T) -> Response<Body> {
-    let body = serde_json::to_vec_pretty(v).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}").into_bytes());
-    Response::builder()
-        .header("content-type", "application/json")
-        .body(Full::new(Bytes::from(body)))
-        .expect("static response")
-}
-
-fn text(code: StatusCode, s: &str) -> Response<Body> {
-    Response::builder()
-        .status(code)
-        .body(Full::new(Bytes::from(s.to_owned())))
-        .expect("static response")
-}
-
-#[derive(Serialize)]
-struct ConfigDump<'a> {
-    node: &'a str,
-    version: u64,
-    settings: &'a crate::config::Settings,
-    pods: Vec<crate::agent::PodStatus>,
-    workloads: Vec<&'a crate::config::Workload>,
-    services: &'a [crate::config::Service],
-    /// The control plane's stream, when the config comes from it.
-    control: Option<crate::discovery::client::ControlStatus>,
-}
 
 /// Changes the log filter at runtime (set by the binary that owns the subscriber).
 pub type LogReload = Box<dyn Fn(&str) -> Result<(), String> + Send + Sync>;
@@ -68,33 +37,36 @@ fn logging(query: Option<&str>) -> Response<Body> {
     }
 }
 
-pub fn route(agent: &Agent, method: &hyper::Method, path: &str, query: Option<&str>) -> Response<Body> {
-    let state = agent.state();
-    if path == "/logging" {
-        return if method == hyper::Method::POST {
-            logging(query)
+pub fn route(agent: &Agent, req: &AdminRequest<'_>) -> Response<Body> {
+    if req.path == "/logging" {
+        return if req.method == hyper::Method::POST {
+            logging(req.query)
         } else {
             text(StatusCode::METHOD_NOT_ALLOWED, "POST /logging?level=...\n")
         };
     }
-    match path {
+    let rec = &agent.reconciler;
+    match req.path {
         "/healthz" => text(StatusCode::OK, "ok\n"),
         "/ready" => {
-            if agent.applied_version() > 0 {
+            if rec.applied_version() > 0 {
                 text(StatusCode::OK, "ready\n")
             } else {
                 text(StatusCode::SERVICE_UNAVAILABLE, "config not applied yet\n")
             }
         }
-        "/config_dump" => json(&ConfigDump {
-            node: &state.node,
-            version: agent.applied_version(),
-            settings: &state.settings,
-            pods: agent.pod_status(),
-            workloads: state.workloads.values().collect(),
-            services: &state.services,
-            control: agent.control.read().unwrap_or_else(|e| e.into_inner()).clone(),
-        }),
+        "/config_dump" => {
+            let state = agent.proxy.state();
+            json(&ConfigDump {
+                node: state.node.clone(),
+                version: rec.applied_version(),
+                settings: state.settings.clone(),
+                pods: rec.pod_status(),
+                workloads: state.workloads.values().cloned().collect(),
+                services: state.services.clone(),
+                control: agent.control.read().unwrap_or_else(|e| e.into_inner()).clone(),
+            })
+        }
         "/conns" => json(
             &agent
                 .proxy
@@ -104,59 +76,32 @@ pub fn route(agent: &Agent, method: &hyper::Method, path: &str, query: Option<&s
                 .map(|c| c.view())
                 .collect::<Vec<_>>(),
         ),
-        "/stats" => json(&*agent.proxy.telemetry.counters),
+        "/stats" => json(&agent.proxy.telemetry.counters.snapshot()),
         "/certs" => json(&agent.ids.as_ref().map(|i| i.views()).unwrap_or_default()),
         _ => text(
             StatusCode::NOT_FOUND,
-            "not found; try /healthz /ready /config_dump /conns /stats, POST /logging?level=\n",
+            "not found; try /healthz /ready /config_dump /conns /stats /certs, POST /logging?level=\n",
         ),
-    }
-}
-
-/// Serves HTTP/1 on `listener`, answering each request with `handle`.
-async fn serve_with(
-    agent: Arc<Agent>,
-    listener: TcpListener,
-    handle: fn(&Agent, &Request<Incoming>) -> Response<Body>,
-) {
-    loop {
-        let Ok((stream, _)) = listener.accept().await else {
-            continue;
-        };
-        let agent = agent.clone();
-        tokio::spawn(async move {
-            let svc = service_fn(move |req: Request<Incoming>| {
-                let resp = handle(&agent, &req);
-                async move { Ok::<_, Infallible>(resp) }
-            });
-            let _ = http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await;
-        });
     }
 }
 
 /// The admin endpoint (keep it on localhost).
 pub async fn serve(agent: Arc<Agent>, listener: TcpListener) {
-    serve_with(agent, listener, |a, req| {
-        route(a, req.method(), req.uri().path(), req.uri().query())
-    })
-    .await
+    admin_http::serve(listener, move |req| route(&agent, &req)).await
 }
 
 /// `/metrics` (Prometheus text format) for scrapers.
 pub async fn serve_metrics(agent: Arc<Agent>, listener: TcpListener) {
-    serve_with(agent, listener, |a, req| {
-        if req.uri().path() == "/metrics" {
-            Response::builder()
-                .header("content-type", "text/plain; version=0.0.4; charset=utf-8")
-                .body(Full::new(Bytes::from(a.proxy.telemetry.metrics.encode())))
-                .expect("static response")
+    admin_http::serve(listener, move |req| {
+        if req.path == "/metrics" {
+            admin_http::with_type(
+                "text/plain; version=0.0.4; charset=utf-8",
+                StatusCode::OK,
+                agent.proxy.telemetry.metrics.encode().into_bytes(),
+            )
         } else {
             text(StatusCode::NOT_FOUND, "try /metrics\n")
         }
     })
     .await
-}
-
-pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
-    TcpListener::bind(addr).await
 }

@@ -47,18 +47,13 @@ impl Netns {
         &self.path
     }
 
-    /// Runs `f` with the calling thread inside this netns, then switches back.
+    /// Runs `f` with the calling thread inside this netns, then switches back
+    /// (also when `f` panics: a guard switches back while unwinding).
     pub fn run<T>(&self, f: impl FnOnce() -> T) -> io::Result<T> {
         let home = home()?;
         setns(self.fd.as_fd())?;
-        let out = f();
-        if let Err(e) = setns(home.as_fd()) {
-            // A worker thread stuck in a pod's netns would create later
-            // sockets in the wrong place: that is not recoverable.
-            tracing::error!(error = %e, "cannot return to the agent's network namespace");
-            std::process::abort();
-        }
-        Ok(out)
+        let _back = GoHome(home);
+        Ok(f())
     }
 
     /// The kernel's cookie for this netns (what bpf_get_netns_cookie returns).
@@ -71,6 +66,20 @@ impl Netns {
 impl AsFd for Netns {
     fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
         self.fd.as_fd()
+    }
+}
+
+/// Returns the thread to the agent's netns when dropped.
+struct GoHome(&'static OwnedFd);
+
+impl Drop for GoHome {
+    fn drop(&mut self) {
+        if let Err(e) = setns(self.0.as_fd()) {
+            // A worker thread stuck in a pod's netns would create later
+            // sockets in the wrong place: that is not recoverable.
+            tracing::error!(error = %e, "cannot return to the agent's network namespace");
+            std::process::abort();
+        }
     }
 }
 

@@ -1,9 +1,12 @@
-//! The one place sockets are made: in a pod's netns or the agent's own, always
-//! carrying the agent's mark (a second guard against capturing the agent, after
-//! the cgroup scoping of the programs).
+//! The one place sockets are made, behind one seam: a [`SocketFactory`] per
+//! pod. The real one ([`InPodSockets`]) creates every socket inside the pod's
+//! netns and marks it as the agent's (a second guard against capturing the
+//! agent, after the cgroup scoping of the programs); [`HostSockets`] makes
+//! plain sockets in the agent's own netns, which is what in-process tests run
+//! the real proxy over (loopback, no privileges).
 
 use std::{
-    io,
+    fmt, io,
     net::{Ipv4Addr, SocketAddr, SocketAddrV4},
     sync::atomic::{AtomicU16, Ordering},
 };
@@ -23,53 +26,92 @@ pub const DELIVER_TABLE: u32 = 0x4645;
 /// Source ports of delivery sockets; sk_lookup never captures them.
 pub const DELIVER_PORTS: (u16, u16) = (15100, 15999);
 
-fn in_ns<T>(ns: Option<&Netns>, f: impl FnOnce() -> io::Result<T>) -> io::Result<T> {
-    match ns {
-        Some(ns) => ns.run(f)?,
-        None => f(),
-    }
-}
-
-/// A listener in `ns` (or the agent's netns), non-blocking, marked.
-pub fn listen(ns: Option<&Netns>, addr: SocketAddrV4) -> io::Result<TcpListener> {
-    let sock = in_ns(ns, || Socket::new(Domain::IPV4, Type::STREAM, None))?;
-    sock.set_reuse_address(true)?;
-    sock.set_mark(AGENT_MARK)?;
-    sock.set_nonblocking(true)?;
-    sock.bind(&SocketAddr::V4(addr).into())?;
-    sock.listen(1024)?;
-    TcpListener::from_std(sock.into())
-}
-
 /// How an outgoing socket is made.
 #[derive(Clone, Copy, Debug)]
 pub enum Source {
     /// Whatever address the netns routes from (the pod's own IP in a pod).
     Any,
-    /// Transparent: the client's address, for delivering to an app while
-    /// keeping the client's IP. Uses the delivery mark and port range.
+    /// The client's address, for delivering to an app while keeping the
+    /// client's IP: a port of [`DELIVER_PORTS`] on that address.
     Transparent(Ipv4Addr),
 }
 
-/// Connects from inside `ns` to `dst`.
-pub async fn connect(ns: Option<&Netns>, src: Source, dst: SocketAddrV4) -> io::Result<TcpStream> {
-    let sock = in_ns(ns, || Socket::new(Domain::IPV4, Type::STREAM, None))?;
-    sock.set_nonblocking(true)?;
-    sock.set_tcp_nodelay(true)?;
-    match src {
-        Source::Any => sock.set_mark(AGENT_MARK)?,
-        Source::Transparent(ip) => {
-            sock.set_mark(DELIVER_MARK)?;
-            sock.set_ip_transparent_v4(true)?;
-            // Delivery sockets close first, so their ports sit in TIME_WAIT;
-            // SO_REUSEADDR lets a port be bound again meanwhile (the kernel
-            // still refuses a 4-tuple that is not safely reusable).
+/// Makes the sockets of one pod: its listeners, and the connections the
+/// agent opens on its behalf.
+pub trait SocketFactory: Send + Sync + fmt::Debug {
+    /// A non-blocking listener on `addr`.
+    fn listen(&self, addr: SocketAddrV4) -> io::Result<TcpListener>;
+    /// An unconnected socket for a connection from `src`.
+    fn socket(&self, src: Source) -> io::Result<TcpSocket>;
+}
+
+/// Connects a socket from `f` to `dst`.
+pub async fn connect(f: &dyn SocketFactory, src: Source, dst: SocketAddrV4) -> io::Result<TcpStream> {
+    f.socket(src)?.connect(SocketAddr::V4(dst)).await
+}
+
+/// Sockets inside a pod's network namespace, marked as the agent's.
+#[derive(Debug)]
+pub struct InPodSockets {
+    pub netns: Netns,
+}
+
+impl SocketFactory for InPodSockets {
+    fn listen(&self, addr: SocketAddrV4) -> io::Result<TcpListener> {
+        let sock = self.netns.run(|| Socket::new(Domain::IPV4, Type::STREAM, None))??;
+        sock.set_mark(AGENT_MARK)?;
+        listen_on(sock, addr)
+    }
+
+    fn socket(&self, src: Source) -> io::Result<TcpSocket> {
+        let sock = self.netns.run(|| Socket::new(Domain::IPV4, Type::STREAM, None))??;
+        sock.set_nonblocking(true)?;
+        sock.set_tcp_nodelay(true)?;
+        match src {
+            Source::Any => sock.set_mark(AGENT_MARK)?,
+            Source::Transparent(ip) => {
+                sock.set_mark(DELIVER_MARK)?;
+                sock.set_ip_transparent_v4(true)?;
+                // Delivery sockets close first, so their ports sit in TIME_WAIT;
+                // SO_REUSEADDR lets a port be bound again meanwhile (the kernel
+                // still refuses a 4-tuple that is not safely reusable).
+                sock.set_reuse_address(true)?;
+                bind_delivery_port(&sock, ip)?;
+            }
+        }
+        Ok(TcpSocket::from_std_stream(sock.into()))
+    }
+}
+
+/// Plain sockets in the agent's own netns, no marks. A transparent source
+/// must be a local address (any of 127.0.0.0/8 on loopback is): tests give
+/// each pod its own loopback address.
+#[derive(Debug, Default)]
+pub struct HostSockets;
+
+impl SocketFactory for HostSockets {
+    fn listen(&self, addr: SocketAddrV4) -> io::Result<TcpListener> {
+        listen_on(Socket::new(Domain::IPV4, Type::STREAM, None)?, addr)
+    }
+
+    fn socket(&self, src: Source) -> io::Result<TcpSocket> {
+        let sock = Socket::new(Domain::IPV4, Type::STREAM, None)?;
+        sock.set_nonblocking(true)?;
+        sock.set_tcp_nodelay(true)?;
+        if let Source::Transparent(ip) = src {
             sock.set_reuse_address(true)?;
             bind_delivery_port(&sock, ip)?;
         }
+        Ok(TcpSocket::from_std_stream(sock.into()))
     }
-    let std: std::net::TcpStream = sock.into();
-    TcpSocket::from_std_stream(std).connect(SocketAddr::V4(dst)).await
+}
+
+fn listen_on(sock: Socket, addr: SocketAddrV4) -> io::Result<TcpListener> {
+    sock.set_reuse_address(true)?;
+    sock.set_nonblocking(true)?;
+    sock.bind(&SocketAddr::V4(addr).into())?;
+    sock.listen(1024)?;
+    TcpListener::from_std(sock.into())
 }
 
 /// Binds to `ip` on a port of the delivery range, chosen here: the kernel's
@@ -93,7 +135,7 @@ fn bind_delivery_port(sock: &Socket, ip: Ipv4Addr) -> io::Result<()> {
     ))
 }
 
-/// Both addresses of an accepted IPv4 TCP stream.
+/// Both addresses (local, peer) of an accepted IPv4 TCP stream.
 pub fn v4_addrs(s: &TcpStream) -> io::Result<(SocketAddrV4, SocketAddrV4)> {
     match (s.local_addr()?, s.peer_addr()?) {
         (SocketAddr::V4(l), SocketAddr::V4(p)) => Ok((l, p)),

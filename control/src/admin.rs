@@ -4,18 +4,15 @@
 
 use std::{
     collections::BTreeMap,
-    convert::Infallible,
     sync::{Arc, Mutex},
 };
 
-use bytes::Bytes;
-use http_body_util::Full;
-use hyper::{body::Incoming, server::conn::http1, service::service_fn, Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
+use ferry_api::admin_http::{self, json, text, Body};
+use hyper::{Response, StatusCode};
 use tokio::net::TcpListener;
 
 use crate::{
-    discovery::{NodeStatus, Store},
+    config_stream::{NodeStatus, Store},
     model::Problem,
 };
 
@@ -25,18 +22,10 @@ pub struct Admin {
     pub problems: Arc<Mutex<Vec<Problem>>>,
 }
 
-fn json(v: &impl serde::Serialize) -> Response<Full<Bytes>> {
-    let body = serde_json::to_vec_pretty(v).unwrap_or_default();
-    Response::builder()
-        .header("content-type", "application/json")
-        .body(Full::new(Bytes::from(body)))
-        .unwrap_or_default()
-}
-
 impl Admin {
-    fn route(&self, path: &str) -> Response<Full<Bytes>> {
+    fn route(&self, path: &str) -> Response<Body> {
         match path {
-            "/healthz" => Response::new(Full::new(Bytes::from_static(b"ok\n"))),
+            "/healthz" => text(StatusCode::OK, "ok\n"),
             "/version" => {
                 let s = self.store.current();
                 json(&serde_json::json!({
@@ -48,29 +37,11 @@ impl Admin {
             }
             "/nodes" => json(&*self.nodes.lock().unwrap_or_else(|e| e.into_inner())),
             "/problems" => json(&*self.problems.lock().unwrap_or_else(|e| e.into_inner())),
-            _ => {
-                let mut r = Response::new(Full::new(Bytes::from_static(
-                    b"try /version /nodes /problems /healthz\n",
-                )));
-                *r.status_mut() = StatusCode::NOT_FOUND;
-                r
-            }
+            _ => text(StatusCode::NOT_FOUND, "try /version /nodes /problems /healthz\n"),
         }
     }
 
     pub async fn serve(self: Arc<Self>, listener: TcpListener) {
-        loop {
-            let Ok((stream, _)) = listener.accept().await else {
-                continue;
-            };
-            let me = self.clone();
-            tokio::spawn(async move {
-                let svc = service_fn(move |req: Request<Incoming>| {
-                    let resp = me.route(req.uri().path());
-                    async move { Ok::<_, Infallible>(resp) }
-                });
-                let _ = http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await;
-            });
-        }
+        admin_http::serve(listener, move |req| self.route(req.path)).await
     }
 }

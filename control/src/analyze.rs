@@ -63,8 +63,8 @@ impl Ctx<'_> {
             .view
             .services
             .iter()
-            .find(|(s, _)| s.namespace == ns && s.name == name)
-            .map_or(0, |(s, _)| s.endpoints.iter().filter(|e| e.ready).count());
+            .find(|s| s.namespace == ns && s.name == name)
+            .map_or(0, |s| s.endpoints.iter().filter(|e| e.ready).count());
         // Offline (analyze -f), pods have no addresses yet: a selector that
         // matches a pod is as good as an endpoint.
         let selected = || {

@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 
-use ferry_agent::config::Workload;
+use ferry_model::Workload;
 
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]
 pub enum Denied {
@@ -14,10 +14,6 @@ pub enum Denied {
     NoSuchPod(String),
     #[error("node {node} asked for pod {pod} which runs on node {actual}")]
     WrongNode { node: String, pod: String, actual: String },
-}
-
-pub fn spiffe_id(w: &Workload) -> String {
-    ferry_agent::identity::spiffe_id(&w.namespace, &w.service_account)
 }
 
 /// The node a credential belongs to.
@@ -43,7 +39,7 @@ pub fn authorize(
             actual: w.node.clone(),
         });
     }
-    Ok(spiffe_id(w))
+    Ok(w.spiffe_id().to_string())
 }
 
 #[cfg(test)]
@@ -52,7 +48,7 @@ mod tests {
 
     #[test]
     fn only_the_pods_own_node_gets_its_certificate() {
-        let cfg = ferry_agent::config::ConfigFile::parse(
+        let cfg = ferry_model::ConfigFile::parse(
             "t",
             "node: a\nworkloads: [{uid: p1, name: web, namespace: shop, serviceAccount: web-sa, node: a, ip: 10.0.0.2}]\n",
         )

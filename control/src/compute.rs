@@ -7,12 +7,8 @@ use std::{
     sync::Arc,
 };
 
-use ferry_agent::{
-    config::{Endpoint, Service, ServicePort, Workload},
-    discovery as disc,
-    policy::PeerAuthentication,
-};
 use ferry_api::discovery as pb;
+use ferry_model::{peer_auth::PeerAuthentication, proto as disc, Endpoint, Protocol, Service, ServicePort, Workload};
 use k8s_openapi::{
     api::{
         core::v1::{Pod, Service as KService},
@@ -48,16 +44,13 @@ pub fn enrolled(
     }
 }
 
-/// A service with each port's protocol hint.
-pub type ServiceView = (Service, Vec<String>);
-
 /// The mesh as agents see it, for every node.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct MeshView {
     /// Scheduled pods with an address, enrolled or not.
     pub workloads: Vec<Workload>,
-    /// Services with a cluster IP, endpoints resolved; with each port's protocol hint.
-    pub services: Vec<ServiceView>,
+    /// Services with a cluster IP, endpoints resolved, each port's protocol selected.
+    pub services: Vec<Service>,
     pub peer_authentications: Vec<PeerAuthentication>,
 }
 
@@ -94,19 +87,6 @@ fn workload(cluster: &Cluster, p: &Pod) -> Option<Workload> {
         netns: None,
         host_veth: None,
     })
-}
-
-/// Istio's protocol selection: `appProtocol`, else the port name's prefix.
-pub fn protocol_hint(name: Option<&str>, app_protocol: Option<&str>) -> String {
-    if let Some(a) = app_protocol {
-        return a.to_ascii_lowercase();
-    }
-    let name = name.unwrap_or_default().to_ascii_lowercase();
-    let prefix = name.split('-').next().unwrap_or_default();
-    match prefix {
-        "http" | "http2" | "grpc" | "grpc-web" | "tcp" | "tls" | "https" | "mongo" | "mysql" | "redis" => prefix.into(),
-        _ => String::new(),
-    }
 }
 
 /// Endpoints of a service: from its EndpointSlices; with none and
@@ -149,7 +129,7 @@ fn service(
     by_label: &LabelIndex<'_>,
     by_uid: &HashMap<&str, &Pod>,
     derive_endpoints: bool,
-) -> Option<(Service, Vec<String>)> {
+) -> Option<Service> {
     let spec = s.spec.as_ref()?;
     let vip: Ipv4Addr = spec.cluster_ip.as_deref()?.parse().ok()?;
     let namespace = s.metadata.namespace.clone().unwrap_or_else(|| "default".into());
@@ -158,7 +138,6 @@ fn service(
         .get(&(namespace.as_str(), name.as_str()))
         .map_or(&[], Vec::as_slice);
     let mut ports = Vec::new();
-    let mut protocols = Vec::new();
     let mut endpoints: Vec<(Endpoint, bool)> = Vec::new();
     let selected: Vec<&Workload> = match &spec.selector {
         Some(sel) if !sel.is_empty() && slices.is_empty() && derive_endpoints => {
@@ -203,8 +182,8 @@ fn service(
             port,
             target_port,
             name: p.name.clone(),
+            protocol: Protocol::select(p.name.as_deref(), p.app_protocol.as_deref()),
         });
-        protocols.push(protocol_hint(p.name.as_deref(), p.app_protocol.as_deref()));
     }
     if ports.is_empty() {
         return None;
@@ -236,16 +215,13 @@ fn service(
     endpoints.extend(selected.iter().map(|w| Endpoint { ip: w.ip, ready: true }));
     endpoints.sort_by_key(|e| e.ip);
     endpoints.dedup_by_key(|e| e.ip);
-    Some((
-        Service {
-            name,
-            namespace,
-            vip,
-            ports,
-            endpoints,
-        },
-        protocols,
-    ))
+    Some(Service {
+        name,
+        namespace,
+        vip,
+        ports,
+        endpoints,
+    })
 }
 
 pub fn mesh_view(cluster: &Cluster, derive_endpoints: bool) -> MeshView {
@@ -294,7 +270,7 @@ impl Resources {
     /// resources per change is most of a change's cost otherwise).
     pub fn reusing(view: &MeshView, prev: Option<(&MeshView, &Resources)>) -> Self {
         let mut old_w: HashMap<&str, (&Workload, Arc<pb::Resource>)> = HashMap::new();
-        let mut old_s: HashMap<(&str, &str), (&ServiceView, Arc<pb::Resource>)> = HashMap::new();
+        let mut old_s: HashMap<(&str, &str), (&Service, Arc<pb::Resource>)> = HashMap::new();
         if let Some((pv, pr)) = prev {
             let by_name: HashMap<&str, &Arc<pb::Resource>> = pr
                 .shared
@@ -308,9 +284,9 @@ impl Resources {
                 }
             }
             for s in &pv.services {
-                let name = format!("{}{}/{}", disc::SERVICE, s.0.namespace, s.0.name);
+                let name = format!("{}{}/{}", disc::SERVICE, s.namespace, s.name);
                 if let Some(r) = by_name.get(name.as_str()) {
-                    old_s.insert((&s.0.namespace, &s.0.name), (s, (*r).clone()));
+                    old_s.insert((&s.namespace, &s.name), (s, (*r).clone()));
                 }
             }
         }
@@ -326,9 +302,9 @@ impl Resources {
             }
         }
         for sp in &view.services {
-            let res = match old_s.get(&(sp.0.namespace.as_str(), sp.0.name.as_str())) {
+            let res = match old_s.get(&(sp.namespace.as_str(), sp.name.as_str())) {
                 Some((o, res)) if *o == sp => res.clone(),
-                _ => Arc::new(disc::resource(disc::service_to(&sp.0, &sp.1))),
+                _ => Arc::new(disc::resource(disc::service_to(sp))),
             };
             r.shared.push(res);
         }
@@ -544,17 +520,15 @@ endpoints:
     #[test]
     fn endpoints_from_slices_or_selectors() {
         let v = mesh_view(&cluster(APP), true);
-        let web = &v.services.iter().find(|s| s.0.name == "web").unwrap();
-        assert_eq!(web.0.ports[0].target_port, 8080, "named port resolved from the pod");
-        assert_eq!(web.1, vec!["http".to_string()]);
-        let ips: Vec<String> = web.0.endpoints.iter().map(|e| e.ip.to_string()).collect();
+        let web = &v.services.iter().find(|s| s.name == "web").unwrap();
+        assert_eq!(web.ports[0].target_port, 8080, "named port resolved from the pod");
+        assert_eq!(web.ports[0].protocol, Protocol::Http, "from the port name http-web");
+        let ips: Vec<String> = web.endpoints.iter().map(|e| e.ip.to_string()).collect();
         assert_eq!(ips, ["10.1.1.2", "10.1.2.2"]);
-        let db = &v.services.iter().find(|s| s.0.name == "db").unwrap();
-        assert_eq!((db.0.ports[0].target_port, db.1[0].as_str()), (15432, "postgresql"));
-        assert_eq!(
-            db.0.endpoints.iter().map(|e| e.ready).collect::<Vec<_>>(),
-            [true, false]
-        );
+        let db = &v.services.iter().find(|s| s.name == "db").unwrap();
+        // postgresql is not a protocol Istio selects by: detected, not declared.
+        assert_eq!((db.ports[0].target_port, db.ports[0].protocol), (15432, Protocol::Auto));
+        assert_eq!(db.endpoints.iter().map(|e| e.ready).collect::<Vec<_>>(), [true, false]);
         // All endpoints terminating: those still serving are used.
         let t = APP.replace(
             "conditions: {ready: false}",
@@ -565,15 +539,12 @@ endpoints:
             "- addresses: [10.1.2.3]\n  conditions: {ready: false, serving: false, terminating: true}\n",
         );
         let v = mesh_view(&cluster(&t), true);
-        let db = &v.services.iter().find(|s| s.0.name == "db").unwrap();
-        assert_eq!(
-            db.0.endpoints.iter().map(|e| e.ready).collect::<Vec<_>>(),
-            [false, true]
-        );
+        let db = &v.services.iter().find(|s| s.name == "db").unwrap();
+        assert_eq!(db.endpoints.iter().map(|e| e.ready).collect::<Vec<_>>(), [false, true]);
         // Kubernetes mode: no endpoint controller is emulated.
         let k = mesh_view(&cluster(APP), false);
         assert!(
-            k.services.iter().find(|s| s.0.name == "web").is_none(),
+            k.services.iter().find(|s| s.name == "web").is_none(),
             "named port unresolvable, no endpoints"
         );
     }

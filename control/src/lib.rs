@@ -1,7 +1,7 @@
 //! ferry-control: Ferry's control plane. It reads the cluster (Kubernetes
 //! watches or a directory of YAML) into one typed model ([`model`]), turns it
 //! into what each node needs ([`compute`]), streams that to the agents
-//! ([`discovery`]), and is the CA: it signs workload certificates only for
+//! ([`config_stream`]), and is the CA: it signs workload certificates only for
 //! pods that run on the calling node.
 
 pub mod admin;
@@ -9,7 +9,7 @@ pub mod analyze;
 pub mod authz;
 pub mod ca;
 pub mod compute;
-pub mod discovery;
+pub mod config_stream;
 pub mod model;
 pub mod source;
 
@@ -18,14 +18,7 @@ use std::{collections::BTreeMap, path::PathBuf, sync::Arc, time::Duration};
 use ferry_api::identity::{identity_server::Identity, SignRequest, SignResponse};
 use tonic::{Request, Response, Status};
 
-/// The node credential of a request (`authorization: Bearer <token>`).
-pub fn bearer<T>(req: &Request<T>) -> Option<String> {
-    req.metadata()
-        .get("authorization")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::to_owned)
-}
+pub use ferry_api::channel::bearer;
 
 /// `node: token` pairs (the per-node bootstrap credentials).
 pub fn load_tokens(path: &std::path::Path) -> anyhow::Result<BTreeMap<String, String>> {
@@ -35,7 +28,7 @@ pub fn load_tokens(path: &std::path::Path) -> anyhow::Result<BTreeMap<String, St
 
 pub struct IdentityService {
     pub ca: Arc<ca::Ca>,
-    pub store: Arc<discovery::Store>,
+    pub store: Arc<config_stream::Store>,
     pub tokens: PathBuf,
     pub max_ttl: Duration,
 }

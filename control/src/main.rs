@@ -12,7 +12,9 @@ use std::{
 use anyhow::Context;
 use clap::Parser;
 use ferry_api::{discovery::discovery_server::DiscoveryServer, identity::identity_server::IdentityServer};
-use ferry_control::{admin::Admin, ca::Ca, discovery::DiscoveryService, discovery::Store, source, IdentityService};
+use ferry_control::{
+    admin::Admin, ca::Ca, config_stream::DiscoveryService, config_stream::Store, source, IdentityService,
+};
 use tonic::transport::{Identity, Server, ServerTlsConfig};
 
 #[derive(Parser)]
@@ -79,7 +81,7 @@ async fn main() -> anyhow::Result<()> {
         .await
         .with_context(|| format!("binding admin endpoint {}", args.admin))?;
     tokio::spawn(admin.serve(admin_l));
-    let discovery = DiscoveryService {
+    let stream = DiscoveryService {
         store,
         tokens: args.tokens,
         status: nodes,
@@ -89,7 +91,7 @@ async fn main() -> anyhow::Result<()> {
         .tls_config(ServerTlsConfig::new().identity(Identity::from_pem(cert, key)))
         .context("TLS config")?
         .add_service(IdentityServer::new(identity))
-        .add_service(DiscoveryServer::new(discovery))
+        .add_service(DiscoveryServer::new(stream))
         .serve(args.listen)
         .await
         .context("gRPC server")

@@ -10,7 +10,7 @@ use std::{
 };
 
 use bytes::Bytes;
-use ferry_control::{discovery::Store, source};
+use ferry_control::{config_stream::Store, source};
 use futures::{channel::mpsc, SinkExt};
 use http_body_util::{combinators::BoxBody, BodyExt, Full, StreamBody};
 use hyper::{body::Frame, server::conn::http1, service::service_fn, Request, Response};

@@ -16,7 +16,7 @@ mod dump;
 mod output;
 
 use clap::{Parser, Subcommand, ValueEnum};
-use ferry_agent::redirect::pinned::{Pinned, PinnedError};
+use ferry_ebpf::pinned::{Pinned, PinnedError};
 use output::emit;
 use serde_json::Value;
 
@@ -329,7 +329,7 @@ fn run(args: &Args) -> Result<(), CtlError> {
             )
         }
         Cmd::Check { cgroup_root } => {
-            let rows = ferry_agent::preflight::run(&args.pin_root, cgroup_root.as_deref());
+            let rows = ferry_ebpf::preflight::run(&args.pin_root, cgroup_root.as_deref());
             emit(args, &rows, &["check", "ok", "detail", "remedy"])?;
             if rows.iter().any(|r| !r.ok) {
                 return Err(CtlError::CheckFailed(rows.iter().filter(|r| !r.ok).count()));

@@ -206,7 +206,7 @@ fn run(sc: &Scenario, sizes: Sizes, bins: &Path) -> Result<Row> {
     spec.services[0].endpoints = vec![target.into()];
     spec.mtls = sc.mtls;
     spec.metrics = sc.metrics;
-    spec.access_log.mode = ferry_agent::telemetry::accesslog::Mode::Off;
+    spec.access_log.mode = ferry_model::access_log::Mode::Off;
     for p in &mut spec.pods {
         p.enrolled = sc.mesh;
     }
@@ -348,7 +348,7 @@ fn rss_with_workloads(bins: &Path, n: usize, conns: usize) -> Result<(u64, u64, 
         let mut v = svc.clone();
         v.name = format!("bench-{i}");
         v.vip = std::net::Ipv4Addr::new(10, 97, (i / 250) as u8, (i % 250) as u8 + 1);
-        v.endpoints = vec![ferry_agent::config::Endpoint { ip, ready: true }];
+        v.endpoints = vec![ferry_model::Endpoint { ip, ready: true }];
         cfg.services.push(v);
     }
     let version = s.config_version(0)?;
@@ -622,7 +622,7 @@ pub fn iperf_same_node(bins: &Path, mesh: bool, splice: bool, secs: u32) -> Resu
         p.enrolled = mesh;
     }
     spec.mtls = false;
-    spec.access_log.mode = ferry_agent::telemetry::accesslog::Mode::Off;
+    spec.access_log.mode = ferry_model::access_log::Mode::Off;
     let b = ClusterBox::up(spec, bins.to_owned())?;
     let s = &b.state;
     let mut server = s

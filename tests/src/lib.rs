@@ -97,9 +97,9 @@ pub struct Spec {
     #[serde(default = "day")]
     pub cert_ttl_seconds: u64,
     #[serde(default)]
-    pub access_log: ferry_agent::telemetry::accesslog::AccessLog,
+    pub access_log: ferry_model::access_log::AccessLog,
     #[serde(default)]
-    pub peer_authentications: Vec<ferry_agent::policy::PeerAuthentication>,
+    pub peer_authentications: Vec<ferry_model::peer_auth::PeerAuthentication>,
     /// Istio per-connection metrics (off only to measure their cost).
     #[serde(default = "yes")]
     pub metrics: bool,
@@ -575,7 +575,7 @@ impl ClusterBox {
             ]);
             if s.spec.discovery {
                 let state = s.dir.join(format!("discovery-node{}.pb", node + 1));
-                cmd.args(["--discovery", "--state-file", &state.display().to_string()]);
+                cmd.args(["--config-stream", "--state-file", &state.display().to_string()]);
             }
         }
         cmd.env(
@@ -684,7 +684,7 @@ pub fn down(id: &str) -> Result<()> {
         }
         sys::remove_cgroup_tree(&st.cgroup);
         for n in 0..st.spec.nodes {
-            let _ = ferry_agent::redirect::remove_node_pins(&st.pin_dir(n));
+            let _ = ferry_ebpf::remove_node_pins(&st.pin_dir(n));
         }
         let _ = fs::remove_dir_all(&st.dir);
     }

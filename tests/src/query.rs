@@ -164,7 +164,7 @@ impl BoxState {
 
     /// The eBPF counters of a node (read from its pins).
     pub fn bpf_stats(&self, node: usize) -> Result<std::collections::BTreeMap<String, u64>> {
-        let p = ferry_agent::redirect::pinned::Pinned::open(Path::new(PIN_ROOT), &self.node_name(node))?;
+        let p = ferry_ebpf::pinned::Pinned::open(Path::new(PIN_ROOT), &self.node_name(node))?;
         Ok(p.stats()?.into_iter().map(|(k, v)| (k.to_owned(), v)).collect())
     }
 

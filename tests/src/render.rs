@@ -4,7 +4,7 @@
 use std::{fs, net::Ipv4Addr, path::PathBuf};
 
 use anyhow::Result;
-use ferry_agent::config::{ConfigFile, Endpoint, Service, ServicePort, Settings, Workload};
+use ferry_model::{ConfigFile, Endpoint, Service, ServicePort, Settings, Workload};
 
 use crate::BoxState;
 
@@ -45,6 +45,7 @@ impl BoxState {
                     port: s.port,
                     target_port: s.target_port,
                     name: Some("tcp".into()),
+                    protocol: ferry_model::Protocol::Tcp,
                 }],
                 endpoints: s
                     .endpoints

@@ -43,13 +43,13 @@ pub fn rand_u32() -> u32 {
 }
 
 pub fn cgroup2_root() -> Result<PathBuf> {
-    ferry_agent::cgroup::cgroup2_mount().context("cgroup v2 is required (no cgroup2 mount found)")
+    ferry_ebpf::cgroup::cgroup2_mount().context("cgroup v2 is required (no cgroup2 mount found)")
 }
 
 /// Mounts bpffs at /sys/fs/bpf if nothing is there yet.
 pub fn ensure_bpffs() -> Result<()> {
     let p = Path::new("/sys/fs/bpf");
-    if ferry_agent::redirect::is_bpffs(p) && fs::read_to_string("/proc/self/mounts")?.contains(" /sys/fs/bpf bpf ") {
+    if ferry_ebpf::is_bpffs(p) && fs::read_to_string("/proc/self/mounts")?.contains(" /sys/fs/bpf bpf ") {
         return Ok(());
     }
     fs::create_dir_all(p)?;

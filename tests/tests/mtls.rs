@@ -119,10 +119,10 @@ fn the_underlay_carries_tls_records_never_the_plaintext() {
     // The access logs name the identity each side proved.
     let st = &b.state;
     assert!(eventually(Duration::from_secs(5), || st.access_log(0).iter().any(
-        |l| l["direction"] == "Outbound" && l["peer_identity"] == "spiffe://cluster.local/ns/default/sa/echo-2"
+        |l| l["direction"] == "outbound" && l["peer_identity"] == "spiffe://cluster.local/ns/default/sa/echo-2"
     )));
     assert!(eventually(Duration::from_secs(5), || st.access_log(1).iter().any(
-        |l| l["direction"] == "Tunnel" && l["peer_identity"] == "spiffe://cluster.local/ns/default/sa/client"
+        |l| l["direction"] == "tunnel" && l["peer_identity"] == "spiffe://cluster.local/ns/default/sa/client"
     )));
     drop(b);
     // Control: with mTLS off the same capture does see the marker, so the
@@ -419,7 +419,7 @@ fn strict_refuses_plaintext_permissive_lets_it_in_and_probes_always_pass() {
     assert_eq!(b.state.who("outsider", &echo1).unwrap().0, "echo-1");
     // The seed's PeerAuthentication, as is: STRICT for namespace default.
     let seed = include_str!("../fixtures/reviews-routing-circuit-breaking-mtls.yaml");
-    let strict = ferry_agent::policy::peer_authentications_in(seed).unwrap();
+    let strict = ferry_model::peer_auth::peer_authentications_in(seed).unwrap();
     b.update(|s| s.peer_authentications = strict.clone()).unwrap();
     assert!(b.state.who("outsider", &echo1).is_err(), "STRICT must refuse plaintext");
     assert!(eventually(Duration::from_secs(5), || log(&b.state, 0)
@@ -448,8 +448,8 @@ fn strict_refuses_plaintext_permissive_lets_it_in_and_probes_always_pass() {
     // Switching back to PERMISSIVE at runtime lets new plaintext connections in.
     b.update(|s| {
         for p in &mut s.peer_authentications {
-            p.spec.mtls = Some(ferry_agent::policy::Mtls {
-                mode: ferry_agent::policy::Mode::Permissive,
+            p.spec.mtls = Some(ferry_model::peer_auth::Mtls {
+                mode: ferry_model::peer_auth::Mode::Permissive,
             });
         }
     })

@@ -107,13 +107,13 @@ fn istio_tcp_metrics_have_exact_counts_and_labels() {
 #[test]
 fn access_logs_follow_the_per_namespace_policy() {
     let mut spec = Spec::demo();
-    spec.access_log.mode = ferry_agent::telemetry::accesslog::Mode::Off;
+    spec.access_log.mode = ferry_model::access_log::Mode::Off;
     let mut b = up(spec);
     b.state.who("client", VIP).unwrap();
     b.update(|s| {
         s.access_log
             .namespaces
-            .insert("default".into(), ferry_agent::telemetry::accesslog::Mode::Full)
+            .insert("default".into(), ferry_model::access_log::Mode::Full)
             .map(|_| ())
             .unwrap_or(())
     })
@@ -124,7 +124,7 @@ fn access_logs_follow_the_per_namespace_policy() {
         .state
         .access_log(0)
         .into_iter()
-        .filter(|l| l["direction"] == "Outbound")
+        .filter(|l| l["direction"] == "outbound")
         .collect();
     assert_eq!(
         out.len(),

@@ -5,7 +5,8 @@ use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use anyhow::Context;
 use clap::Parser;
-use ferry_agent::{admin, agent, config::ConfigFile};
+use ferry_agent::{admin, agent, config_stream, load_config};
+use ferry_model::{ConfigError, ConfigFile};
 use tracing_subscriber::{layer::SubscriberExt, reload, util::SubscriberInitExt, EnvFilter, Layer};
 
 #[derive(Parser, Debug)]
@@ -18,9 +19,9 @@ struct Args {
     /// Take workloads, services and policies from ferry-control's config
     /// stream (--control) instead of the file, which then holds only the
     /// node's settings.
-    #[arg(long, requires = "control")]
-    discovery: bool,
-    /// With --discovery: where the last applied config is kept, so a
+    #[arg(long, alias = "discovery", requires = "control")]
+    config_stream: bool,
+    /// With --config-stream: where the last applied config is kept, so a
     /// restarted agent serves it before (and without) the control plane.
     #[arg(long)]
     state_file: Option<PathBuf>,
@@ -80,14 +81,14 @@ impl ConfigWatch {
     }
 
     /// The file as it is after its next change; None when asked to stop.
-    async fn next(&mut self) -> Option<Result<ConfigFile, ferry_agent::config::ConfigError>> {
+    async fn next(&mut self) -> Option<Result<ConfigFile, ConfigError>> {
         loop {
             tokio::select! {
                 _ = self.tick.tick() => {
                     let now = config_stamp(&self.path);
                     if now != self.stamp {
                         self.stamp = now;
-                        return Some(ConfigFile::load(&self.path));
+                        return Some(load_config(&self.path));
                     }
                 }
                 _ = self.term.recv() => return None,
@@ -122,7 +123,7 @@ async fn main() -> anyhow::Result<()> {
     // ready meanwhile) when the node name is known.
     let initial = match (&args.node, args.config.exists()) {
         (Some(_), false) => None,
-        _ => Some(ConfigFile::load(&args.config)?),
+        _ => Some(load_config(&args.config)?),
     };
     let node = match (&args.node, &initial) {
         (Some(n), _) => n.clone(),
@@ -144,22 +145,22 @@ async fn main() -> anyhow::Result<()> {
         identity,
     };
     let agent = agent::Agent::new(&node, opts).with_context(|| format!("starting the agent for node {node}"))?;
-    let admin_l = admin::bind(args.admin)
+    let admin_l = tokio::net::TcpListener::bind(args.admin)
         .await
         .with_context(|| format!("binding admin endpoint {}", args.admin))?;
     tokio::spawn(admin::serve(agent.clone(), admin_l));
-    let metrics_l = admin::bind(args.metrics)
+    let metrics_l = tokio::net::TcpListener::bind(args.metrics)
         .await
         .with_context(|| format!("binding metrics endpoint {}", args.metrics))?;
     tokio::spawn(admin::serve_metrics(agent.clone(), metrics_l));
     let mut stamp = None;
-    if args.discovery {
-        return run_discovery(agent, &args, node, initial).await;
+    if args.config_stream {
+        return run_config_stream(agent, &args, node, initial).await;
     }
     match initial {
         Some(cfg) if cfg.node == node => {
             stamp = config_stamp(&args.config);
-            agent.apply(cfg).await;
+            agent.reconciler.reconcile(cfg).await;
         }
         Some(cfg) => anyhow::bail!("config {} is for node {}, not {node}", args.config.display(), cfg.node),
         None => tracing::info!(config = %args.config.display(), "waiting for the config file (not ready)"),
@@ -169,7 +170,9 @@ async fn main() -> anyhow::Result<()> {
     let mut watch = ConfigWatch::new(&args.config, stamp)?;
     while let Some(loaded) = watch.next().await {
         match loaded {
-            Ok(c) if c.node == node => agent.apply(c).await,
+            Ok(c) if c.node == node => {
+                agent.reconciler.reconcile(c).await;
+            }
             Ok(c) => {
                 agent.proxy.telemetry.metrics.config_rejected.inc();
                 tracing::error!(old = %node, new = %c.node, "config names another node; keeping the last good config")
@@ -185,7 +188,7 @@ async fn main() -> anyhow::Result<()> {
 }
 
 /// The file only for settings; the rest from the control plane's stream.
-async fn run_discovery(
+async fn run_config_stream(
     agent: std::sync::Arc<agent::Agent>,
     args: &Args,
     node: String,
@@ -195,26 +198,28 @@ async fn run_discovery(
         anyhow::ensure!(c.node == node, "config is for node {}, not {node}", c.node);
         anyhow::ensure!(
             c.workloads.is_empty() && c.services.is_empty() && c.peer_authentications.is_empty(),
-            "with --discovery, workloads, services and policies come from the control plane: \
+            "with --config-stream, workloads, services and policies come from the control plane: \
              the config file may only hold `node` and `settings`"
         );
         Ok(c.settings)
     };
     let first = initial.map(settings_of).transpose()?.unwrap_or_default();
     let (tx, rx) = tokio::sync::watch::channel(first);
-    let opts = ferry_agent::discovery::client::Options {
-        control: args.control.clone().context("--discovery needs --control")?,
-        control_ca: args.control_ca.clone().context("--discovery needs --control-ca")?,
-        token_file: args.token_file.clone().context("--discovery needs --token-file")?,
+    let opts = config_stream::Options {
+        control: args.control.clone().context("--config-stream needs --control")?,
+        control_ca: args.control_ca.clone().context("--config-stream needs --control-ca")?,
+        token_file: args.token_file.clone().context("--config-stream needs --token-file")?,
         state_file: args.state_file.clone(),
     };
-    tokio::spawn(ferry_agent::discovery::client::run(
-        agent.clone(),
-        opts,
-        node.clone(),
-        rx,
-    ));
-    tracing::info!(node = %node, admin = %args.admin, control = ?args.control, "ferry-agent running (config from the control plane)");
+    let metrics = &agent.proxy.telemetry.metrics;
+    let sinks = config_stream::Sinks {
+        apply: agent.reconciler.clone(),
+        status: agent.control.clone(),
+        connected: metrics.control_connected.clone(),
+        rejected: metrics.config_rejected.clone(),
+    };
+    tracing::info!(node = %node, admin = %args.admin, control = %opts.control, "ferry-agent running (config from the control plane)");
+    tokio::spawn(config_stream::run(sinks, opts, node.clone(), rx));
     let mut watch = ConfigWatch::new(&args.config, config_stamp(&args.config))?;
     while let Some(loaded) = watch.next().await {
         match loaded.map_err(anyhow::Error::from).and_then(settings_of) {
@@ -232,7 +237,7 @@ async fn run_discovery(
 
 async fn shutdown(agent: std::sync::Arc<agent::Agent>, args: &Args) -> anyhow::Result<()> {
     tracing::info!("shutting down: closing listeners, draining connections");
-    agent.stop_listeners().await;
+    agent.reconciler.stop_listeners().await;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
     while !agent.proxy.telemetry.live().is_empty() && tokio::time::Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(50)).await;

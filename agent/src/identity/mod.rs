@@ -13,17 +13,17 @@ use std::{
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
-use ferry_api::identity::{identity_client::IdentityClient, SignRequest};
+use ferry_api::{
+    channel::{self, ChannelError, ControlEndpoint},
+    identity::{identity_client::IdentityClient, SignRequest, SignResponse},
+};
+use ferry_model::{admin::CertView, SpiffeId};
+use prometheus_client::{
+    collector::Collector,
+    encoding::{DescriptorEncoder, EncodeMetric},
+    registry::Registry,
+};
 use rustls::{ClientConfig, ServerConfig};
-use serde::Serialize;
-use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
-
-pub const TRUST_DOMAIN: &str = "cluster.local";
-
-/// A workload's SPIFFE id.
-pub fn spiffe_id(namespace: &str, service_account: &str) -> String {
-    format!("spiffe://{TRUST_DOMAIN}/ns/{namespace}/sa/{service_account}")
-}
 
 #[derive(Clone, Debug)]
 pub struct Options {
@@ -38,36 +38,26 @@ pub struct Options {
 
 #[derive(Debug, thiserror::Error)]
 pub enum IdentityError {
-    #[error("reading {0}: {1}")]
-    File(PathBuf, std::io::Error),
-    #[error("connecting to the CA at {0}: {1}")]
-    Connect(String, String),
+    #[error("the CA: {0}")]
+    Channel(#[from] ChannelError),
     #[error("the CA refused: {0}")]
     Refused(String),
     #[error("key or CSR: {0}")]
     Key(String),
     #[error(transparent)]
     Tls(#[from] tls::TlsError),
+    #[error("the CA answered with a bad SPIFFE id: {0}")]
+    BadId(#[from] ferry_model::spiffe::BadSpiffeId),
 }
 
 /// A workload's current certificate and the TLS configs built from it.
 pub struct WorkloadCert {
-    pub spiffe_id: String,
+    pub spiffe_id: SpiffeId,
     pub serial: String,
     pub not_after_unix: i64,
     pub issued_at: SystemTime,
     pub server: Arc<ServerConfig>,
     pub client: Arc<ClientConfig>,
-}
-
-#[derive(Debug, Serialize)]
-pub struct CertView {
-    pub uid: String,
-    pub spiffe_id: String,
-    pub serial: String,
-    pub not_after_unix: i64,
-    pub seconds_to_expiry: i64,
-    pub seconds_to_rotation: i64,
 }
 
 pub struct Identities {
@@ -130,58 +120,50 @@ impl Identities {
         v
     }
 
-    async fn client(&self) -> Result<IdentityClient<Channel>, IdentityError> {
-        let ca = std::fs::read_to_string(&self.opts.control_ca)
-            .map_err(|e| IdentityError::File(self.opts.control_ca.clone(), e))?;
-        let tls = ClientTlsConfig::new()
-            .ca_certificate(Certificate::from_pem(ca))
-            .domain_name("ferry-control");
-        let ch = Endpoint::from_shared(self.opts.control.clone())
-            .map_err(|e| IdentityError::Connect(self.opts.control.clone(), e.to_string()))?
-            .tls_config(tls)
-            .map_err(|e| IdentityError::Connect(self.opts.control.clone(), e.to_string()))?
-            .connect_timeout(Duration::from_secs(3))
-            .connect()
-            .await
-            .map_err(|e| IdentityError::Connect(self.opts.control.clone(), format!("{e:?}")))?;
-        Ok(IdentityClient::new(ch))
+    /// Registers the certificate metrics.
+    pub fn register_metrics(self: &Arc<Self>, r: &mut Registry) {
+        r.register_collector(Box::new(CertCollector(self.clone())));
     }
 
     /// Makes a key, has the CA sign it, and installs the result for `uid`.
     pub async fn fetch(&self, uid: &str) -> Result<Arc<WorkloadCert>, IdentityError> {
-        let token = std::fs::read_to_string(&self.opts.token_file)
-            .map_err(|e| IdentityError::File(self.opts.token_file.clone(), e))?;
+        let token = channel::read_token(&self.opts.token_file)?;
         let key = rcgen::KeyPair::generate().map_err(|e| IdentityError::Key(e.to_string()))?;
         let csr = rcgen::CertificateParams::default()
             .serialize_request(&key)
             .and_then(|c| c.pem())
             .map_err(|e| IdentityError::Key(e.to_string()))?;
-        let mut req = tonic::Request::new(SignRequest {
-            pod_uid: uid.to_owned(),
-            csr_pem: csr,
-            ttl_seconds: self.opts.ttl.as_secs() as u32,
-        });
-        let auth = format!("Bearer {}", token.trim())
-            .parse()
-            .map_err(|_| IdentityError::Key("token is not valid metadata".into()))?;
-        req.metadata_mut().insert("authorization", auth);
-        let resp = self
-            .client()
-            .await?
+        let req = channel::with_token(
+            SignRequest {
+                pod_uid: uid.to_owned(),
+                csr_pem: csr,
+                ttl_seconds: self.opts.ttl.as_secs() as u32,
+            },
+            &token,
+        )?;
+        let ch = ControlEndpoint::from_ca_file(&self.opts.control, &self.opts.control_ca)?
+            .connect()
+            .await?;
+        let resp = IdentityClient::new(ch)
             .sign(req)
             .await
             .map_err(|s| IdentityError::Refused(s.message().to_owned()))?
             .into_inner();
+        self.install(uid, &resp, &key.serialize_pem())
+    }
+
+    /// Installs a signed certificate (with its key) as `uid`'s.
+    pub fn install(&self, uid: &str, resp: &SignResponse, key_pem: &str) -> Result<Arc<WorkloadCert>, IdentityError> {
         let chain = tls::certs_from_pem(&resp.cert_chain_pem)?;
         let roots = tls::roots(&resp.trust_bundle_pem)?;
-        let key_der = tls::key_from_pem(&key.serialize_pem())?;
+        let key_der = tls::key_from_pem(key_pem)?;
         let serial = chain
             .first()
             .and_then(tls::serial_and_expiry)
             .map(|(s, _)| s)
             .unwrap_or_default();
         let cert = Arc::new(WorkloadCert {
-            spiffe_id: resp.spiffe_id,
+            spiffe_id: resp.spiffe_id.parse()?,
             serial,
             not_after_unix: resp.not_after_unix,
             issued_at: SystemTime::now(),
@@ -228,6 +210,47 @@ impl Identities {
             }
         })
         .abort_handle()
+    }
+}
+
+/// Rotation counters and the soonest expiry, read at scrape time.
+#[derive(Debug)]
+struct CertCollector(Arc<Identities>);
+
+impl std::fmt::Debug for Identities {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Identities").finish_non_exhaustive()
+    }
+}
+
+impl Collector for CertCollector {
+    fn encode(&self, mut enc: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        use crate::telemetry::metrics::const_counter;
+        use std::sync::atomic::Ordering::Relaxed;
+        let ids = &self.0;
+        const_counter(
+            &mut enc,
+            "ferry_cert_rotations",
+            "workload certificates renewed",
+            ids.rotations.load(Relaxed),
+        )?;
+        const_counter(
+            &mut enc,
+            "ferry_cert_request_failures",
+            "certificate requests that failed",
+            ids.failures.load(Relaxed),
+        )?;
+        if let Some(s) = ids.views().iter().map(|c| c.seconds_to_expiry).min() {
+            let g = prometheus_client::metrics::gauge::ConstGauge::new(s);
+            let m = enc.encode_descriptor(
+                "ferry_cert_expiry_seconds",
+                "seconds until the soonest workload certificate expires",
+                None,
+                g.metric_type(),
+            )?;
+            g.encode(m)?;
+        }
+        Ok(())
     }
 }
 

@@ -47,12 +47,13 @@ pub fn roots(bundle_pem: &str) -> Result<Arc<RootCertStore>, TlsError> {
     Ok(Arc::new(store))
 }
 
-/// The SPIFFE id (URI SAN starting with `spiffe://`) of a certificate.
-pub fn spiffe_id(cert: &CertificateDer<'_>) -> Option<String> {
+/// The SPIFFE id a peer's certificate carries (its `spiffe://` URI SAN, if
+/// it is a well-formed workload id).
+pub fn peer_spiffe_id(cert: &CertificateDer<'_>) -> Option<ferry_model::SpiffeId> {
     let (_, c) = x509_parser::parse_x509_certificate(cert.as_ref()).ok()?;
     let san = c.subject_alternative_name().ok()??;
     san.value.general_names.iter().find_map(|n| match n {
-        x509_parser::extensions::GeneralName::URI(u) if u.starts_with("spiffe://") => Some((*u).to_owned()),
+        x509_parser::extensions::GeneralName::URI(u) if u.starts_with("spiffe://") => u.parse().ok(),
         _ => None,
     })
 }

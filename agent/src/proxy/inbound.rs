@@ -1,111 +1,138 @@
-//! Inbound: connections to a pod's app, handed to the agent by sk_lookup
-//! (plaintext, 15006) or arriving through the tunnel (15008). Both are
-//! delivered to the app from the client's own address.
+//! The one inbound path: every connection to an enrolled pod's app, whether
+//! plaintext handed over by sk_lookup (15006) or a stream out of the tunnel
+//! (15008), is opened by [`open`] (telemetry, the gate, delivery from the
+//! client's own address) and carried by [`relay`]. The tunnel is only the
+//! transport: it hands its streams here through [`FromTunnel`].
 
-use std::sync::Arc;
+use std::sync::{atomic::Ordering, Arc};
 
-use tokio::net::{TcpListener, TcpStream};
+use ferry_model::admin::Direction;
+use tokio::net::TcpStream;
 
-use super::{copy, PodCtx, Proxy};
+use super::{
+    copy,
+    gate::{self, InboundConn, Refusal},
+    outcome::Outcome,
+    PodCtx, Proxy,
+};
 use crate::{
     sockets,
     telemetry::{
         metrics::{tcp_labels, Peer, Reporter},
-        Direction,
+        ConnGuard,
     },
-    tunnel::{hbone, Tunnel},
+    tunnel::{BoxStream, Handler, Reject, TunnelRequest},
 };
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Kind {
-    Plain,
-    Tunnel,
+/// An admitted, delivered connection, waiting for its client stream.
+pub struct Opened {
+    guard: ConnGuard,
+    app: TcpStream,
 }
 
-pub async fn serve(proxy: Arc<Proxy>, pod: Arc<PodCtx>, listener: TcpListener, kind: Kind) {
-    loop {
-        match listener.accept().await {
-            Ok((s, _)) => {
-                // Small writes (handshakes, HTTP/2 frames, request/response
-                // protocols) must not wait for Nagle + delayed ACK (~40 ms).
-                let _ = s.set_nodelay(true);
-                let (proxy, pod) = (proxy.clone(), pod.clone());
-                match (&proxy.tunnel, kind) {
-                    (Tunnel::Hbone(hb), Kind::Tunnel) => {
-                        tokio::spawn(hbone::serve(proxy.clone(), pod, s, hb.clone()));
-                    }
-                    _ => {
-                        tokio::spawn(async move { handle(&proxy, &pod, s, kind).await });
-                    }
-                }
-            }
-            Err(e) => {
-                tracing::warn!(pod = %pod.label(), error = %e, "inbound accept failed");
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-            }
-        }
-    }
-}
-
-async fn handle(proxy: &Proxy, pod: &PodCtx, mut client: TcpStream, kind: Kind) {
-    let Ok((local, peer)) = sockets::v4_addrs(&client) else {
-        return;
-    };
-    let (direction, target) = match kind {
-        // sk_lookup kept the destination: our local address is the app's.
-        Kind::Plain => (Direction::Inbound, local),
-        Kind::Tunnel => match proxy.tunnel.accept(&mut client).await {
-            Ok(t) => (Direction::Tunnel, t),
-            Err(e) => {
-                tracing::warn!(pod = %pod.label(), client = %peer, error = %e, "refused tunnel connection");
-                return;
-            }
-        },
-    };
+/// Admits and delivers `conn` to `pod`; every outcome, refusals included,
+/// is recorded (access log, counters). On refusal or failure the client's
+/// stream is to be closed (or answered by the tunnel).
+pub async fn open(proxy: &Proxy, pod: &PodCtx, conn: InboundConn) -> Result<Opened, Reject> {
     let state = proxy.state();
-    let src = state.workload_by_ip(*peer.ip());
-    let source = src
-        .map(|w| format!("{}/{}", w.namespace, w.name))
-        .unwrap_or_else(|| peer.ip().to_string());
+    let src = state.workload_by_ip(*conn.peer.ip());
+    let source = match (src, &conn.identity) {
+        (Some(w), _) => w.label(),
+        (None, Some(id)) => id.to_string(),
+        (None, None) => conn.peer.ip().to_string(),
+    };
     let mut g = proxy
         .telemetry
-        .open(direction, &pod.workload.namespace, source, peer, target);
-    let src = Peer {
-        workload: src,
-        authenticated: false,
-    };
-    let dst = Peer {
-        workload: Some(&pod.workload),
-        authenticated: false,
-    };
-    g.report(&tcp_labels(Reporter::Destination, src, dst, None, false));
-    if direction == Direction::Inbound {
-        // Plaintext from outside the mesh: allowed unless the workload is
-        // STRICT (kubelet probes from the node's own addresses always pass).
-        let mode = crate::policy::mode_for(&pod.workload, &state.peer_authentications);
-        if mode == crate::policy::Mode::Strict && !state.settings.node_addresses.contains(peer.ip()) {
+        .open(conn.via, &pod.workload.namespace, source, conn.peer, conn.target);
+    if let Some(id) = &conn.identity {
+        let _ = g.conn.peer_identity.set(id.clone());
+    }
+    let dst_id = pod.workload.spiffe_id();
+    let mtls = conn.identity.is_some();
+    g.report(&tcp_labels(
+        Reporter::Destination,
+        Peer {
+            workload: src,
+            principal: conn.identity.as_ref(),
+        },
+        Peer {
+            workload: Some(&pod.workload),
+            principal: mtls.then_some(&dst_id),
+        },
+        None,
+        mtls,
+    ));
+    if let Err(r) = gate::admit(&state, &pod.workload, &conn) {
+        if r == Refusal::PlaintextToStrict {
             proxy
                 .telemetry
                 .counters
                 .refused_plaintext
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            g.outcome = Some("refused: plaintext to a STRICT mTLS workload".into());
-            tracing::warn!(pod = %pod.label(), client = %peer, reason = "PeerAuthentication STRICT: plaintext not accepted", "refused plaintext connection");
-            return;
+                .fetch_add(1, Ordering::Relaxed);
+        }
+        tracing::warn!(pod = %pod.label, client = %conn.peer, via = %conn.via, reason = %r, "refused inbound connection");
+        let reject = match r {
+            Refusal::Misdirected { .. } => Reject::Misdirected,
+            Refusal::PlaintextToStrict => Reject::Forbidden,
+        };
+        g.outcome = Outcome::Refused(r);
+        return Err(reject);
+    }
+    match proxy.deliver(pod, *conn.peer.ip(), conn.target).await {
+        Ok(app) => Ok(Opened { guard: g, app }),
+        Err(error) => {
+            tracing::warn!(pod = %pod.label, target = %conn.target, error = %error, "delivery failed");
+            g.outcome = Outcome::Connect { to: conn.target, error };
+            Err(Reject::Unavailable)
         }
     }
-    if *target.ip() != pod.ip() {
-        g.outcome = Some(format!("target {target} is not this pod ({})", pod.ip()));
+}
+
+/// Copies between the client's stream and the app until both end.
+pub async fn relay<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(opened: Opened, client: S) {
+    let Opened { mut guard, app } = opened;
+    if let Err(e) = copy::bidi(client, app, &guard.conn.sent, &guard.conn.received).await {
+        guard.outcome = Outcome::Relay(e);
+    }
+}
+
+/// A plaintext connection handed over by sk_lookup, which kept the
+/// destination: the accepted socket's local address is the app's.
+pub async fn handle_plain(proxy: Arc<Proxy>, pod: Arc<PodCtx>, client: TcpStream) {
+    let Ok((target, peer)) = sockets::v4_addrs(&client) else {
         return;
-    }
-    let app = match proxy.deliver(pod, *peer.ip(), target).await {
-        Ok(a) => a,
-        Err(e) => {
-            g.outcome = Some(format!("deliver to {target}: {e}"));
-            return;
-        }
     };
-    if let Err(e) = copy::bidi(client, app, &g.conn.sent, &g.conn.received).await {
-        g.outcome = Some(e.to_string());
+    let conn = InboundConn {
+        peer,
+        target,
+        identity: None,
+        via: Direction::Inbound,
+    };
+    if let Ok(opened) = open(&proxy, &pod, conn).await {
+        relay(opened, client).await;
+    }
+}
+
+/// The tunnel's handler for one pod: its streams take the same path.
+pub struct FromTunnel {
+    pub proxy: Arc<Proxy>,
+    pub pod: Arc<PodCtx>,
+}
+
+impl Handler for FromTunnel {
+    type Accepted = Opened;
+
+    async fn accept(&self, req: TunnelRequest) -> Result<Opened, Reject> {
+        let conn = InboundConn {
+            peer: req.peer,
+            target: req.target,
+            identity: req.identity,
+            via: Direction::Tunnel,
+        };
+        open(&self.proxy, &self.pod, conn).await
+    }
+
+    async fn relay(&self, opened: Opened, stream: BoxStream) {
+        relay(opened, stream).await
     }
 }

@@ -1,53 +1,109 @@
-//! The L4 proxy: per enrolled pod, three listeners inside the pod's netns.
-//! - outbound (127.0.0.1:15001): connections steered by connect4/6;
-//! - inbound (pod IP:15006): connections handed over by sk_lookup;
-//! - tunnel (pod IP:15008): connections from other nodes' agents.
+//! The L4 proxy. Per enrolled pod, three listeners made by that pod's
+//! [`SocketFactory`] (inside its netns):
+//! - outbound (127.0.0.1:15001): connections steered by connect4/6
+//!   ([`outbound`]);
+//! - inbound (pod IP:15006): plaintext handed over by sk_lookup;
+//! - tunnel (pod IP:15008): connections from other nodes' agents, opened by
+//!   the [`Tunnel`] transport.
+//!
+//! Both inbound kinds take the one inbound path ([`inbound`]): the gate
+//! ([`gate`]), then delivery to the app from the client's own address.
 
 pub mod copy;
+pub mod gate;
 pub mod inbound;
+pub mod orig_dst;
 pub mod outbound;
+pub mod outcome;
 
 use std::{
     collections::HashMap,
+    future::Future,
     net::{Ipv4Addr, SocketAddrV4},
     sync::{Arc, RwLock},
+    time::Duration,
 };
 
-use crate::{
-    config::Workload, netns::Netns, redirect::OrigDstSource, state::State, telemetry::Telemetry, tunnel::Tunnel,
+use ferry_model::{state::State, Workload};
+use tokio::{
+    net::{TcpListener, TcpStream},
+    task::AbortHandle,
 };
+
+pub use crate::tunnel::TUNNEL_PORT;
+use crate::{
+    sockets::{self, SocketFactory},
+    telemetry::Telemetry,
+    tunnel::Tunnel,
+};
+use orig_dst::OrigDstSource;
 
 pub const OUTBOUND_PORT: u16 = 15001;
 pub const INBOUND_PORT: u16 = 15006;
 
 /// An enrolled pod, as the proxy sees it.
+#[derive(Debug)]
 pub struct PodCtx {
     pub workload: Workload,
-    pub netns: Netns,
+    /// Makes this pod's sockets (inside its netns).
+    pub sockets: Arc<dyn SocketFactory>,
+    /// The pod's netns cookie: half of an original-destination key.
     pub netns_cookie: u64,
+    /// `namespace/name`, for logs.
+    pub label: String,
 }
 
 impl PodCtx {
+    pub fn new(workload: Workload, sockets: Arc<dyn SocketFactory>, netns_cookie: u64) -> Self {
+        Self {
+            label: workload.label(),
+            workload,
+            sockets,
+            netns_cookie,
+        }
+    }
+
     pub fn ip(&self) -> Ipv4Addr {
         self.workload.ip
     }
-    pub fn label(&self) -> String {
-        format!("{}/{}", self.workload.namespace, self.workload.name)
-    }
 }
 
-/// What every connection handler needs.
+/// A pod's three listeners.
+pub struct Listeners {
+    pub outbound: TcpListener,
+    pub inbound: TcpListener,
+    pub tunnel: TcpListener,
+}
+
+/// What every connection handler needs: the state snapshot (swapped whole),
+/// the local pods, where original destinations come from, the tunnel and
+/// telemetry.
 pub struct Proxy {
-    pub state: RwLock<Arc<State>>,
-    pub pods: RwLock<HashMap<String, Arc<PodCtx>>>,
-    pub orig: Arc<dyn OrigDstSource>,
+    state: RwLock<Arc<State>>,
+    pods: RwLock<HashMap<String, Arc<PodCtx>>>,
+    orig: Arc<dyn OrigDstSource>,
     pub tunnel: Tunnel,
-    pub telemetry: Telemetry,
+    pub telemetry: Arc<Telemetry>,
 }
 
 impl Proxy {
+    pub fn new(orig: Arc<dyn OrigDstSource>, tunnel: Tunnel, telemetry: Arc<Telemetry>) -> Arc<Self> {
+        Arc::new(Self {
+            state: RwLock::new(Arc::new(State::default())),
+            pods: RwLock::new(HashMap::new()),
+            orig,
+            tunnel,
+            telemetry,
+        })
+    }
+
     pub fn state(&self) -> Arc<State> {
         self.state.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Swaps in a new snapshot; connections already routed keep theirs.
+    pub fn set_state(&self, state: Arc<State>) {
+        *self.state.write().unwrap_or_else(|e| e.into_inner()) = state;
     }
 
     pub fn local_pod_by_ip(&self, ip: Ipv4Addr) -> Option<Arc<PodCtx>> {
@@ -59,13 +115,74 @@ impl Proxy {
             .cloned()
     }
 
+    /// Starts serving `pod` on its listeners; aborting the returned tasks
+    /// stops accepting (accepted connections run to completion).
+    pub fn serve_pod(self: &Arc<Self>, pod: Arc<PodCtx>, l: Listeners) -> Vec<AbortHandle> {
+        self.pods
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(pod.workload.uid.clone(), pod.clone());
+        let (p, q) = (self.clone(), pod.clone());
+        let out = accept_loop(l.outbound, pod.clone(), "outbound", move |s| {
+            let (p, q) = (p.clone(), q.clone());
+            async move { outbound::handle(&p, &q, s).await }
+        });
+        let (p, q) = (self.clone(), pod.clone());
+        let inb = accept_loop(l.inbound, pod.clone(), "inbound", move |s| {
+            let (p, q) = (p.clone(), q.clone());
+            async move { inbound::handle_plain(p, q, s).await }
+        });
+        let handler = Arc::new(inbound::FromTunnel {
+            proxy: self.clone(),
+            pod: pod.clone(),
+        });
+        let p = self.clone();
+        let q = pod.clone();
+        let tun = accept_loop(l.tunnel, pod, "tunnel", move |s| {
+            let (p, q, h) = (p.clone(), q.clone(), handler.clone());
+            async move { p.tunnel.serve(s, &q.workload.uid, &q.label, h).await }
+        });
+        vec![
+            tokio::spawn(out).abort_handle(),
+            tokio::spawn(inb).abort_handle(),
+            tokio::spawn(tun).abort_handle(),
+        ]
+    }
+
+    /// Forgets a pod (its listeners are stopped by its owner).
+    pub fn remove_pod(&self, uid: &str) {
+        self.pods.write().unwrap_or_else(|e| e.into_inner()).remove(uid);
+    }
+
     /// Connects to an app inside a local pod, from the client's own address.
-    pub async fn deliver(
-        &self,
-        pod: &PodCtx,
-        client: Ipv4Addr,
-        target: SocketAddrV4,
-    ) -> std::io::Result<tokio::net::TcpStream> {
-        crate::sockets::connect(Some(&pod.netns), crate::sockets::Source::Transparent(client), target).await
+    pub async fn deliver(&self, pod: &PodCtx, client: Ipv4Addr, target: SocketAddrV4) -> std::io::Result<TcpStream> {
+        sockets::connect(&*pod.sockets, sockets::Source::Transparent(client), target).await
+    }
+}
+
+/// The one accept loop: each accepted connection gets Nagle off and its own
+/// task. When accept fails (EMFILE, ENFILE, ENOBUFS), it waits before trying
+/// again rather than spinning on a failure that persists.
+async fn accept_loop<F, Fut>(listener: TcpListener, pod: Arc<PodCtx>, what: &'static str, handle: F)
+where
+    F: Fn(TcpStream) -> Fut + Send + 'static,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let mut backoff = Duration::from_millis(10);
+    loop {
+        match listener.accept().await {
+            Ok((s, _)) => {
+                backoff = Duration::from_millis(10);
+                // Small writes (handshakes, HTTP/2 frames, request/response
+                // protocols) must not wait for Nagle + delayed ACK (~40 ms).
+                let _ = s.set_nodelay(true);
+                tokio::spawn(handle(s));
+            }
+            Err(e) => {
+                tracing::warn!(pod = %pod.label, listener = what, error = %e, retry_in_ms = backoff.as_millis() as u64, "accept failed");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(1));
+            }
+        }
     }
 }

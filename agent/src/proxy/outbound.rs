@@ -1,79 +1,60 @@
 //! Outbound: a connection from an app, steered to 127.0.0.1:15001 in its pod.
-//! Original destination (from eBPF) -> route -> local pod, tunnel or direct.
+//! Original destination -> route (a pure decision over the state snapshot)
+//! -> local pod, tunnel or direct; then relay.
 
-use std::sync::Arc;
+use std::sync::atomic::Ordering;
 
-use tokio::net::{TcpListener, TcpStream};
+use ferry_model::{admin::Direction, state::Hop};
+use tokio::net::TcpStream;
 
-use super::{copy, PodCtx, Proxy};
+use super::{copy, orig_dst::ConnKey, outcome::Outcome, PodCtx, Proxy};
 use crate::{
-    identity::spiffe_id,
-    redirect::maps::SockKey,
     sockets,
-    state::Hop,
-    telemetry::{
-        metrics::{tcp_labels, Peer, Reporter},
-        Direction,
-    },
-    tunnel::BoxStream,
+    telemetry::metrics::{tcp_labels, Peer, Reporter},
+    tunnel::{BoxStream, TunnelSource},
 };
 
-pub async fn serve(proxy: Arc<Proxy>, pod: Arc<PodCtx>, listener: TcpListener) {
-    loop {
-        match listener.accept().await {
-            Ok((s, _)) => {
-                // Small writes (handshakes, HTTP/2 frames, request/response
-                // protocols) must not wait for Nagle + delayed ACK (~40 ms).
-                let _ = s.set_nodelay(true);
-                let (proxy, pod) = (proxy.clone(), pod.clone());
-                tokio::spawn(async move { handle(&proxy, &pod, s).await });
-            }
-            Err(e) => {
-                tracing::warn!(pod = %pod.label(), error = %e, "outbound accept failed");
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-            }
-        }
-    }
-}
-
-async fn handle(proxy: &Proxy, pod: &PodCtx, client: TcpStream) {
+pub async fn handle(proxy: &Proxy, pod: &PodCtx, client: TcpStream) {
     let Ok((local, peer)) = sockets::v4_addrs(&client) else {
         return;
     };
-    // The app's socket recorded the key from its side: local = app, remote = us.
-    let key = SockKey::new(pod.netns_cookie, peer, local);
+    let key = ConnKey {
+        netns_cookie: pod.netns_cookie,
+        app: peer,
+        proxy: local,
+    };
     let Some(orig) = proxy.orig.take(&key) else {
-        proxy
-            .telemetry
-            .counters
-            .no_orig_dst
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        tracing::warn!(pod = %pod.label(), client = %peer, "no original destination recorded; closing");
+        proxy.telemetry.counters.no_orig_dst.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(pod = %pod.label, client = %peer, "no original destination recorded; closing");
         return;
     };
-    let orig = orig.addr();
-    let mut g = proxy
-        .telemetry
-        .open(Direction::Outbound, &pod.workload.namespace, pod.label(), peer, orig);
-    let route = match proxy.state().route(orig) {
+    let mut g = proxy.telemetry.open(
+        Direction::Outbound,
+        &pod.workload.namespace,
+        pod.label.clone(),
+        peer,
+        orig,
+    );
+    let state = proxy.state();
+    let route = match state.route(orig) {
         Ok(r) => r,
         Err(e) => {
-            g.outcome = Some(e.to_string());
+            g.outcome = Outcome::NoRoute(e);
             return;
         }
     };
     g.routed(route.service.clone(), route.endpoint, route.hop);
-    let state = proxy.state();
     let dst = state.workload_by_ip(*route.endpoint.ip());
     // Only the tunnel leaves the node; it is mutual TLS when a CA is configured.
     let mtls = route.hop == Hop::Tunnel && proxy.tunnel.is_mtls();
+    let (src_id, dst_id) = (pod.workload.spiffe_id(), dst.map(|d| d.spiffe_id()));
     let src_peer = Peer {
         workload: Some(&pod.workload),
-        authenticated: mtls,
+        principal: mtls.then_some(&src_id),
     };
     let dst_peer = Peer {
         workload: dst,
-        authenticated: mtls,
+        principal: dst_id.as_ref().filter(|_| mtls),
     };
     let svc = route.service.as_deref();
     g.report(&tcp_labels(Reporter::Source, src_peer, dst_peer, svc, mtls));
@@ -81,7 +62,7 @@ async fn handle(proxy: &Proxy, pod: &PodCtx, client: TcpStream) {
         // For a same-node hop this agent is also the destination's proxy.
         g.report(&tcp_labels(Reporter::Destination, src_peer, dst_peer, svc, mtls));
     }
-    let upstream: std::io::Result<BoxStream> = match (route.hop, dst) {
+    let upstream: std::io::Result<BoxStream> = match (route.hop, dst_id) {
         (Hop::Local, _) => match proxy.local_pod_by_ip(*route.endpoint.ip()) {
             Some(d) => proxy
                 .deliver(&d, pod.ip(), route.endpoint)
@@ -91,9 +72,13 @@ async fn handle(proxy: &Proxy, pod: &PodCtx, client: TcpStream) {
                 "destination pod is not enrolled on this node yet",
             )),
         },
-        (Hop::Tunnel, Some(d)) => {
-            let expected = spiffe_id(&d.namespace, &d.service_account);
-            let s = proxy.tunnel.open(pod, route.endpoint, &expected).await;
+        (Hop::Tunnel, Some(expected)) => {
+            let src = TunnelSource {
+                uid: &pod.workload.uid,
+                label: &pod.label,
+                sockets: &*pod.sockets,
+            };
+            let s = proxy.tunnel.open(src, route.endpoint, &expected).await;
             if s.is_ok() && proxy.tunnel.is_mtls() {
                 // open() succeeds only if the peer proved exactly this id.
                 let _ = g.conn.peer_identity.set(expected);
@@ -101,18 +86,21 @@ async fn handle(proxy: &Proxy, pod: &PodCtx, client: TcpStream) {
             s
         }
         (Hop::Tunnel, None) => Err(std::io::Error::other("tunnel destination is not a known workload")),
-        (Hop::Direct, _) => sockets::connect(Some(&pod.netns), sockets::Source::Any, route.endpoint)
+        (Hop::Direct, _) => sockets::connect(&*pod.sockets, sockets::Source::Any, route.endpoint)
             .await
             .map(|s| Box::new(s) as BoxStream),
     };
     let upstream = match upstream {
         Ok(u) => u,
-        Err(e) => {
-            g.outcome = Some(format!("connect {}: {e}", route.endpoint));
+        Err(error) => {
+            g.outcome = Outcome::Connect {
+                to: route.endpoint,
+                error,
+            };
             return;
         }
     };
     if let Err(e) = copy::bidi(client, upstream, &g.conn.sent, &g.conn.received).await {
-        g.outcome = Some(e.to_string());
+        g.outcome = Outcome::Relay(e);
     }
 }

@@ -16,7 +16,7 @@ use prometheus_client::{
     registry::Registry,
 };
 
-use crate::config::Workload;
+use ferry_model::{SpiffeId, Workload};
 
 /// Istio's standard TCP labels (the ones a TCP connection can fill).
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -61,8 +61,8 @@ pub enum Reporter {
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Peer<'a> {
     pub workload: Option<&'a Workload>,
-    /// Whether that side's identity was proven (mTLS). Plaintext: unknown principal.
-    pub authenticated: bool,
+    /// The identity that side proved (mutual TLS); plaintext: unknown.
+    pub principal: Option<&'a SpiffeId>,
 }
 
 fn label<'a>(w: &'a Workload, keys: &[&str]) -> Option<&'a str> {
@@ -84,7 +84,7 @@ fn side(p: Peer<'_>) -> Side {
         None => Side {
             workload: UNKNOWN.into(),
             namespace: UNKNOWN.into(),
-            principal: UNKNOWN.into(),
+            principal: p.principal.map_or_else(|| UNKNOWN.into(), SpiffeId::to_string),
             app: UNKNOWN.into(),
             version: UNKNOWN.into(),
             canonical_service: UNKNOWN.into(),
@@ -93,11 +93,7 @@ fn side(p: Peer<'_>) -> Side {
         Some(w) => Side {
             workload: w.name.clone(),
             namespace: w.namespace.clone(),
-            principal: if p.authenticated {
-                crate::identity::spiffe_id(&w.namespace, &w.service_account)
-            } else {
-                UNKNOWN.into()
-            },
+            principal: p.principal.map_or_else(|| UNKNOWN.into(), SpiffeId::to_string),
             app: label(w, &["app", "app.kubernetes.io/name"]).unwrap_or(UNKNOWN).into(),
             version: label(w, &["version", "app.kubernetes.io/version"])
                 .unwrap_or(UNKNOWN)
@@ -194,7 +190,7 @@ struct EbpfCollector {
 
 impl Collector for EbpfCollector {
     fn encode(&self, mut enc: DescriptorEncoder) -> Result<(), std::fmt::Error> {
-        let Ok(p) = crate::redirect::pinned::Pinned::open(&self.pin_root, &self.node) else {
+        let Ok(p) = ferry_ebpf::pinned::Pinned::open(&self.pin_root, &self.node) else {
             return Ok(());
         };
         let Ok(stats) = p.stats() else { return Ok(()) };
@@ -210,8 +206,8 @@ impl Collector for EbpfCollector {
     }
 }
 
-/// Encodes one unlabelled counter read at scrape time.
-fn const_counter(enc: &mut DescriptorEncoder, name: &str, help: &str, v: u64) -> Result<(), std::fmt::Error> {
+/// Encodes one unlabelled counter read at scrape time (shared by every collector).
+pub fn const_counter(enc: &mut DescriptorEncoder, name: &str, help: &str, v: u64) -> Result<(), std::fmt::Error> {
     let c = ConstCounter::new(v);
     let m = enc.encode_descriptor(name, help, None, c.metric_type())?;
     c.encode(m)
@@ -250,6 +246,10 @@ impl Collector for ProxyCollector {
                 ),
             ),
             (
+                "ferry_inbound_refused",
+                (load(&c.refused), "inbound connections refused by the inbound gate"),
+            ),
+            (
                 "ferry_inbound_refused_plaintext",
                 (
                     load(&c.refused_plaintext),
@@ -266,67 +266,8 @@ impl Collector for ProxyCollector {
     }
 }
 
-/// Tunnel and certificate metrics (present only with mTLS on).
-#[derive(Debug)]
-pub struct MeshCollector {
-    pub hbone: Arc<crate::tunnel::hbone::Hbone>,
-}
-
-impl Collector for MeshCollector {
-    fn encode(&self, mut enc: DescriptorEncoder) -> Result<(), std::fmt::Error> {
-        let load = |a: &AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
-        let (t, ids) = (&self.hbone.stats, &self.hbone.ids);
-        for (name, v, help) in [
-            (
-                "ferry_tunnel_pool_connections",
-                load(&t.pooled_connections_opened),
-                "pooled HTTP/2 connections opened",
-            ),
-            (
-                "ferry_tunnel_streams",
-                load(&t.streams_opened),
-                "CONNECT streams opened",
-            ),
-            (
-                "ferry_tunnel_handshakes",
-                load(&t.handshakes_ok),
-                "outgoing tunnel handshakes that proved the expected identity",
-            ),
-            (
-                "ferry_cert_rotations",
-                load(&ids.rotations),
-                "workload certificates renewed",
-            ),
-            (
-                "ferry_cert_request_failures",
-                load(&ids.failures),
-                "certificate requests that failed",
-            ),
-        ] {
-            const_counter(&mut enc, name, help, v)?;
-        }
-        let soonest = ids.views().iter().map(|c| c.seconds_to_expiry).min();
-        if let Some(s) = soonest {
-            let g = prometheus_client::metrics::gauge::ConstGauge::new(s);
-            let m = enc.encode_descriptor(
-                "ferry_cert_expiry_seconds",
-                "seconds until the soonest workload certificate expires",
-                None,
-                g.metric_type(),
-            )?;
-            g.encode(m)?;
-        }
-        Ok(())
-    }
-}
-
 impl Metrics {
-    pub fn new(
-        pin_root: PathBuf,
-        node: String,
-        counters: Arc<super::Counters>,
-        hbone: Option<Arc<crate::tunnel::hbone::Hbone>>,
-    ) -> Self {
+    pub fn new(pin_root: PathBuf, node: String, counters: Arc<super::Counters>) -> Self {
         let mut registry = Registry::default();
         let (opened, closed, sent, received) = (
             Family::default(),
@@ -387,20 +328,13 @@ impl Metrics {
         );
         registry.register_collector(Box::new(EbpfCollector { pin_root, node }));
         registry.register_collector(Box::new(ProxyCollector(counters)));
-        if let Some(hbone) = hbone {
-            registry.register(
-                "ferry_tunnel_handshake_failures",
-                "outgoing tunnel handshakes that failed, by reason",
-                hbone.stats.handshake_failures.clone(),
-            );
-            registry.register(
-                "ferry_tunnel_refused",
-                "incoming tunnel connections refused, by reason (detail in the log)",
-                hbone.stats.refused.clone(),
-            );
-            registry.register_collector(Box::new(MeshCollector { hbone }));
-        }
         Self { registry, ..m }
+    }
+
+    /// For other parts of the agent to register their own metrics (the
+    /// tunnel, identities), before the metrics are shared.
+    pub fn registry_mut(&mut self) -> &mut Registry {
+        &mut self.registry
     }
 
     pub fn tcp(&self, labels: &TcpLabels) -> TcpCounters {
@@ -427,7 +361,7 @@ mod tests {
     use super::*;
 
     fn w(name: &str, ns: &str, sa: &str, app: &str) -> Workload {
-        crate::config::ConfigFile::parse(
+        ferry_model::ConfigFile::parse(
             "t",
             &format!("node: n\nworkloads: [{{uid: u, name: {name}, namespace: {ns}, serviceAccount: {sa}, node: n, ip: 10.0.0.1, labels: {{app: {app}}}}}]"),
         )
@@ -446,11 +380,11 @@ mod tests {
             Reporter::Source,
             Peer {
                 workload: Some(&a),
-                authenticated: true,
+                principal: Some(&a.spiffe_id()),
             },
             Peer {
                 workload: Some(&b),
-                authenticated: true,
+                principal: Some(&b.spiffe_id()),
             },
             Some("default/echo"),
             true,
@@ -478,7 +412,7 @@ mod tests {
             Peer::default(),
             Peer {
                 workload: Some(&b),
-                authenticated: false,
+                principal: None,
             },
             None,
             false,

@@ -1,9 +1,8 @@
 //! Live connections and counters, Prometheus metrics ([`metrics`]) and the
-//! access-log line written when a connection closes ([`accesslog`] decides
-//! which). Nothing here is per byte: byte counts are atomics updated by the
+//! access-log line written when a connection closes (the policy in
+//! `ferry_model::access_log` decides which). Nothing here is per byte: byte counts are atomics updated by the
 //! copy loop and added to the metrics once, when the connection closes.
 
-pub mod accesslog;
 pub mod metrics;
 
 use std::{
@@ -16,18 +15,16 @@ use std::{
     time::Instant,
 };
 
-use serde::Serialize;
-
-use crate::state::Hop;
+pub use ferry_model::admin::Direction;
+use ferry_model::{
+    access_log::AccessLog,
+    admin::{ConnView, Stats},
+    state::Hop,
+    SpiffeId,
+};
 use metrics::{Metrics, TcpCounters, TcpLabels};
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Direction {
-    Outbound,
-    Inbound,
-    Tunnel,
-}
+use crate::proxy::outcome::Outcome;
 
 /// One proxied connection, shared between its copy task and the admin views.
 #[derive(Debug)]
@@ -43,7 +40,7 @@ pub struct Conn {
     pub route: OnceLock<Routed>,
     /// The peer's proven SPIFFE id: the destination's (outbound through the
     /// tunnel) or the source's (inbound from the tunnel).
-    pub peer_identity: OnceLock<String>,
+    pub peer_identity: OnceLock<SpiffeId>,
     /// Bytes from the client towards the destination.
     pub sent: AtomicU64,
     /// Bytes from the destination back to the client.
@@ -51,28 +48,11 @@ pub struct Conn {
     pub started: Instant,
 }
 
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug)]
 pub struct Routed {
     pub service: Option<String>,
     pub endpoint: SocketAddrV4,
     pub hop: Hop,
-}
-
-/// The stable JSON shape of a live connection (admin `/conns`, `ferryctl conns`).
-#[derive(Debug, Serialize, serde::Deserialize)]
-pub struct ConnView {
-    pub id: u64,
-    pub direction: String,
-    pub source: String,
-    pub client: String,
-    pub orig_dst: String,
-    pub service: Option<String>,
-    pub endpoint: Option<String>,
-    pub hop: Option<String>,
-    pub peer_identity: Option<String>,
-    pub sent: u64,
-    pub received: u64,
-    pub age_ms: u64,
 }
 
 impl Conn {
@@ -80,13 +60,13 @@ impl Conn {
         let r = self.route.get();
         ConnView {
             id: self.id,
-            direction: format!("{:?}", self.direction).to_lowercase(),
+            direction: self.direction,
             source: self.source.clone(),
             client: self.client.to_string(),
             orig_dst: self.orig_dst.to_string(),
             service: r.and_then(|r| r.service.clone()),
             endpoint: r.map(|r| r.endpoint.to_string()),
-            hop: r.map(|r| format!("{:?}", r.hop).to_lowercase()),
+            hop: r.map(|r| r.hop),
             peer_identity: self.peer_identity.get().cloned(),
             sent: self.sent.load(Ordering::Relaxed),
             received: self.received.load(Ordering::Relaxed),
@@ -95,7 +75,7 @@ impl Conn {
     }
 }
 
-#[derive(Default, Debug, Serialize)]
+#[derive(Default, Debug)]
 pub struct Counters {
     pub outbound_opened: AtomicU64,
     pub inbound_opened: AtomicU64,
@@ -103,7 +83,9 @@ pub struct Counters {
     pub closed: AtomicU64,
     pub failed: AtomicU64,
     pub no_orig_dst: AtomicU64,
-    /// Plaintext inbound refused because the workload is STRICT.
+    /// Inbound connections the gate refused.
+    pub refused: AtomicU64,
+    /// Of those, plaintext refused because the workload is STRICT.
     pub refused_plaintext: AtomicU64,
     pub bytes_sent: AtomicU64,
     pub bytes_received: AtomicU64,
@@ -112,33 +94,56 @@ pub struct Counters {
     pub hop_direct: AtomicU64,
 }
 
+impl Counters {
+    /// The `/stats` view.
+    pub fn snapshot(&self) -> Stats {
+        let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        Stats {
+            outbound_opened: l(&self.outbound_opened),
+            inbound_opened: l(&self.inbound_opened),
+            tunnel_opened: l(&self.tunnel_opened),
+            closed: l(&self.closed),
+            failed: l(&self.failed),
+            no_orig_dst: l(&self.no_orig_dst),
+            refused: l(&self.refused),
+            refused_plaintext: l(&self.refused_plaintext),
+            bytes_sent: l(&self.bytes_sent),
+            bytes_received: l(&self.bytes_received),
+            hop_local: l(&self.hop_local),
+            hop_tunnel: l(&self.hop_tunnel),
+            hop_direct: l(&self.hop_direct),
+        }
+    }
+}
+
 pub struct Telemetry {
     next: AtomicU64,
     live: Mutex<HashMap<u64, Arc<Conn>>>,
     pub counters: Arc<Counters>,
     pub metrics: Metrics,
-    pub access_log: std::sync::RwLock<accesslog::AccessLog>,
+    pub access_log: std::sync::RwLock<AccessLog>,
     /// `settings.metrics`.
     pub metrics_on: std::sync::atomic::AtomicBool,
 }
 
 /// Removes the connection from the live table and writes its access log line
 /// when dropped, whatever way the connection ends.
-pub struct ConnGuard<'a> {
-    t: &'a Telemetry,
+pub struct ConnGuard {
+    t: Arc<Telemetry>,
     pub conn: Arc<Conn>,
-    pub outcome: Option<String>,
+    /// How the connection ended; `Ok` unless set otherwise.
+    pub outcome: Outcome,
     tcp: Vec<TcpCounters>,
     log: bool,
 }
 
 impl Telemetry {
-    pub fn new(pin_root: std::path::PathBuf, node: String, hbone: Option<Arc<crate::tunnel::hbone::Hbone>>) -> Self {
-        let counters = Arc::new(Counters::default());
+    /// `metrics` was made with [`Metrics::new`] over `counters`.
+    pub fn new(metrics: Metrics, counters: Arc<Counters>) -> Self {
         Self {
             next: AtomicU64::new(0),
             live: Mutex::new(HashMap::new()),
-            metrics: Metrics::new(pin_root, node, counters.clone(), hbone),
+            metrics,
             counters,
             access_log: Default::default(),
             metrics_on: true.into(),
@@ -147,13 +152,13 @@ impl Telemetry {
 
     /// A new live connection. `namespace` picks the access-log policy.
     pub fn open(
-        &self,
+        self: &Arc<Self>,
         direction: Direction,
         namespace: &str,
         source: String,
         client: SocketAddrV4,
         orig_dst: SocketAddrV4,
-    ) -> ConnGuard<'_> {
+    ) -> ConnGuard {
         let id = self.next.fetch_add(1, Ordering::Relaxed) + 1;
         let c = match direction {
             Direction::Outbound => &self.counters.outbound_opened,
@@ -183,9 +188,9 @@ impl Telemetry {
             .unwrap_or_else(|e| e.into_inner())
             .should_log(namespace, id);
         ConnGuard {
-            t: self,
+            t: self.clone(),
             conn,
-            outcome: None,
+            outcome: Outcome::Ok,
             tcp: Vec::new(),
             log,
         }
@@ -204,7 +209,7 @@ impl Telemetry {
     }
 }
 
-impl ConnGuard<'_> {
+impl ConnGuard {
     /// Records where the connection goes, once decided.
     pub fn routed(&mut self, service: Option<String>, endpoint: SocketAddrV4, hop: Hop) {
         let c = &self.t.counters;
@@ -229,7 +234,7 @@ impl ConnGuard<'_> {
     }
 }
 
-impl Drop for ConnGuard<'_> {
+impl Drop for ConnGuard {
     fn drop(&mut self) {
         let c = &self.conn;
         self.t.live.lock().unwrap_or_else(|e| e.into_inner()).remove(&c.id);
@@ -238,9 +243,15 @@ impl Drop for ConnGuard<'_> {
         k.closed.fetch_add(1, Ordering::Relaxed);
         k.bytes_sent.fetch_add(sent, Ordering::Relaxed);
         k.bytes_received.fetch_add(received, Ordering::Relaxed);
-        let outcome = self.outcome.as_deref().unwrap_or("ok");
-        if outcome != "ok" {
-            k.failed.fetch_add(1, Ordering::Relaxed);
+        match &self.outcome {
+            Outcome::Ok => {}
+            Outcome::Refused(_) => {
+                k.refused.fetch_add(1, Ordering::Relaxed);
+                k.failed.fetch_add(1, Ordering::Relaxed);
+            }
+            _ => {
+                k.failed.fetch_add(1, Ordering::Relaxed);
+            }
         }
         for t in &self.tcp {
             t.closed.inc();
@@ -253,18 +264,19 @@ impl Drop for ConnGuard<'_> {
         tracing::info!(
             target: "ferry::access",
             id = c.id,
-            direction = ?c.direction,
+            direction = %c.direction,
             source = %c.source,
             client = %c.client,
             orig_dst = %c.orig_dst,
             service = c.route.get().and_then(|r| r.service.as_deref()).unwrap_or("-"),
             endpoint = %c.route.get().map(|r| r.endpoint.to_string()).unwrap_or_else(|| "-".into()),
-            hop = ?c.route.get().map(|r| r.hop),
-            peer_identity = c.peer_identity.get().map(String::as_str).unwrap_or("-"),
+            hop = c.route.get().map_or("-", |r| r.hop.as_str()),
+            peer_identity = %c.peer_identity.get().map_or_else(|| "-".to_owned(), SpiffeId::to_string),
             sent,
             received,
             duration_ms = c.started.elapsed().as_millis() as u64,
-            outcome,
+            outcome = self.outcome.code(),
+            reason = %self.outcome,
             "connection closed"
         );
     }

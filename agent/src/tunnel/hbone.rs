@@ -2,7 +2,8 @@
 //! port 15008, opened from the source pod's netns to the destination pod's IP.
 //! The client presents the source workload's certificate and checks the
 //! server's SPIFFE id against the destination it expects; the server requires
-//! a client chain to the trust bundle and learns the peer's identity.
+//! a client chain to the trust bundle and learns the peer's identity, then
+//! hands each CONNECT stream to the proxy's [`Handler`].
 //!
 //! Pool invariants: one HTTP/2 connection per (source workload, its current
 //! certificate serial, destination IP), shared by that pair's streams. A
@@ -32,15 +33,14 @@ use prometheus_client::{
 use rustls::pki_types::ServerName;
 use tokio::net::TcpStream;
 
-use super::{BoxStream, TUNNEL_PORT};
+use ferry_model::SpiffeId;
+use prometheus_client::{collector::Collector, encoding::DescriptorEncoder, registry::Registry};
+
+use super::{BoxStream, Handler, TunnelRequest, TunnelSource, TUNNEL_PORT};
 use crate::{
-    identity::{tls::spiffe_id, Identities},
-    proxy::{copy, PodCtx, Proxy},
+    identity::{tls::peer_spiffe_id, Identities},
     sockets,
-    telemetry::{
-        metrics::{tcp_labels, Peer, Reporter},
-        Direction,
-    },
+    telemetry::metrics::const_counter,
 };
 
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -112,14 +112,34 @@ impl Hbone {
         }
     }
 
+    /// Registers the tunnel's metrics.
+    pub fn register_metrics(self: &Arc<Self>, r: &mut Registry) {
+        r.register(
+            "ferry_tunnel_handshake_failures",
+            "outgoing tunnel handshakes that failed, by reason",
+            self.stats.handshake_failures.clone(),
+        );
+        r.register(
+            "ferry_tunnel_refused",
+            "incoming tunnel connections refused, by reason (detail in the log)",
+            self.stats.refused.clone(),
+        );
+        r.register_collector(Box::new(StatsCollector(self.clone())));
+    }
+
     /// A CONNECT stream from `src` to `target`, over a pooled connection.
-    pub async fn open(&self, src: &PodCtx, target: SocketAddrV4, expected: &str) -> io::Result<BoxStream> {
-        let uid = &src.workload.uid;
+    pub async fn open(
+        &self,
+        src: TunnelSource<'_>,
+        target: SocketAddrV4,
+        expected: &SpiffeId,
+    ) -> io::Result<BoxStream> {
+        let uid = src.uid;
         let cert = self
             .ids
             .get(uid)
             .ok_or_else(|| err(io::ErrorKind::NotConnected, "no workload certificate yet"))?;
-        let key = (uid.clone(), cert.serial.clone(), *target.ip());
+        let key = (uid.to_owned(), cert.serial.clone(), *target.ip());
         let mut sender = {
             let mut pool = self.pool.lock().await;
             match pool.get(&key).filter(|s| !s.is_closed()).cloned() {
@@ -160,17 +180,12 @@ impl Hbone {
 
     async fn dial(
         &self,
-        src: &PodCtx,
+        src: TunnelSource<'_>,
         client: &Arc<rustls::ClientConfig>,
         ip: Ipv4Addr,
-        expected: &str,
+        expected: &SpiffeId,
     ) -> io::Result<SendRequest<Empty<Bytes>>> {
-        let tcp = sockets::connect(
-            Some(&src.netns),
-            sockets::Source::Any,
-            SocketAddrV4::new(ip, TUNNEL_PORT),
-        )
-        .await?;
+        let tcp = sockets::connect(src.sockets, sockets::Source::Any, SocketAddrV4::new(ip, TUNNEL_PORT)).await?;
         let connector = tokio_rustls::TlsConnector::from(client.clone());
         let tls = match tokio::time::timeout(
             HANDSHAKE_TIMEOUT,
@@ -181,7 +196,7 @@ impl Hbone {
             Ok(Ok(t)) => t,
             Ok(Err(e)) => {
                 count(&self.stats.handshake_failures, "tls");
-                tracing::warn!(src = %src.label(), dst = %ip, reason = %e, "tunnel handshake failed");
+                tracing::warn!(src = %src.label, dst = %ip, reason = %e, "tunnel handshake failed");
                 return Err(e);
             }
             Err(_) => {
@@ -194,11 +209,12 @@ impl Hbone {
             .1
             .peer_certificates()
             .and_then(|c| c.first())
-            .and_then(spiffe_id);
-        if peer.as_deref() != Some(expected) {
+            .and_then(peer_spiffe_id);
+        if peer.as_ref() != Some(expected) {
             count(&self.stats.handshake_failures, "identity");
-            let reason = format!("destination {ip} proved {:?}, expected {expected}", peer);
-            tracing::warn!(src = %src.label(), reason = %reason, "tunnel refused: wrong identity");
+            let proved = peer.map_or_else(|| "no SPIFFE id".to_owned(), |p| p.to_string());
+            let reason = format!("destination {ip} proved {proved}, expected {expected}");
+            tracing::warn!(src = %src.label, reason = %reason, "tunnel refused: wrong identity");
             return Err(err(io::ErrorKind::PermissionDenied, reason));
         }
         self.stats.handshakes_ok.fetch_add(1, Ordering::Relaxed);
@@ -216,40 +232,44 @@ impl Hbone {
     }
 }
 
-/// Serves one accepted connection on a pod's tunnel listener.
-pub async fn serve(proxy: Arc<Proxy>, pod: Arc<PodCtx>, tcp: TcpStream, hb: Arc<Hbone>) {
-    let Ok((_, peer)) = sockets::v4_addrs(&tcp) else { return };
-    let refuse = |kind: &'static str, reason: String| {
-        count(&hb.stats.refused, kind);
-        tracing::warn!(pod = %pod.label(), client = %peer, reason = %reason, "refused tunnel connection");
-    };
-    let Some(cert) = hb.ids.get(&pod.workload.uid) else {
-        return refuse("no_certificate", "this pod has no certificate yet".into());
-    };
-    let acceptor = tokio_rustls::TlsAcceptor::from(cert.server.clone());
-    let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-        Ok(Ok(t)) => t,
-        Ok(Err(e)) => return refuse("tls", format!("TLS handshake: {e}")),
-        Err(_) => return refuse("timeout", "TLS handshake timed out".into()),
-    };
-    let Some(peer_id) = tls
-        .get_ref()
-        .1
-        .peer_certificates()
-        .and_then(|c| c.first())
-        .and_then(spiffe_id)
-    else {
-        return refuse("no_spiffe_id", "client certificate has no SPIFFE id".into());
-    };
-    let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
-        let (proxy, pod, peer_id) = (proxy.clone(), pod.clone(), peer_id.clone());
-        async move { Ok::<_, std::convert::Infallible>(connect(proxy, pod, peer, peer_id, req).await) }
-    });
-    let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-        .initial_stream_window_size(stream_window())
-        .initial_connection_window_size(conn_window())
-        .serve_connection(TokioIo::new(tls), svc)
-        .await;
+impl Hbone {
+    /// Serves one connection accepted on pod `uid`'s tunnel listener: mutual
+    /// TLS with that pod's certificate, then HTTP/2, each CONNECT stream
+    /// handed to `handler` with the identity the client proved.
+    pub async fn serve<H: Handler>(&self, tcp: TcpStream, uid: &str, label: &str, handler: Arc<H>) {
+        let Ok((_, peer)) = sockets::v4_addrs(&tcp) else { return };
+        let refuse = |kind: &'static str, reason: String| {
+            count(&self.stats.refused, kind);
+            tracing::warn!(pod = %label, client = %peer, reason = %reason, "refused tunnel connection");
+        };
+        let Some(cert) = self.ids.get(uid) else {
+            return refuse("no_certificate", "this pod has no certificate yet".into());
+        };
+        let acceptor = tokio_rustls::TlsAcceptor::from(cert.server.clone());
+        let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+            Ok(Ok(t)) => t,
+            Ok(Err(e)) => return refuse("tls", format!("TLS handshake: {e}")),
+            Err(_) => return refuse("timeout", "TLS handshake timed out".into()),
+        };
+        let Some(identity) = tls
+            .get_ref()
+            .1
+            .peer_certificates()
+            .and_then(|c| c.first())
+            .and_then(peer_spiffe_id)
+        else {
+            return refuse("no_spiffe_id", "client certificate has no SPIFFE id".into());
+        };
+        let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+            let (handler, identity) = (handler.clone(), identity.clone());
+            async move { Ok::<_, std::convert::Infallible>(connect(handler, peer, identity, req).await) }
+        });
+        let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+            .initial_stream_window_size(stream_window())
+            .initial_connection_window_size(conn_window())
+            .serve_connection(TokioIo::new(tls), svc)
+            .await;
+    }
 }
 
 fn status(code: StatusCode) -> Response<Empty<Bytes>> {
@@ -258,12 +278,12 @@ fn status(code: StatusCode) -> Response<Empty<Bytes>> {
     r
 }
 
-/// One CONNECT stream: deliver to the app in `pod` from the client's address.
-async fn connect(
-    proxy: Arc<Proxy>,
-    pod: Arc<PodCtx>,
+/// One CONNECT stream: the handler decides; accepted, it carries the
+/// upgraded stream.
+async fn connect<H: Handler>(
+    handler: Arc<H>,
     peer: SocketAddrV4,
-    peer_id: String,
+    identity: SpiffeId,
     req: Request<hyper::body::Incoming>,
 ) -> Response<Empty<Bytes>> {
     if req.method() != Method::CONNECT {
@@ -276,46 +296,48 @@ async fn connect(
     else {
         return status(StatusCode::BAD_REQUEST);
     };
-    if *target.ip() != pod.ip() {
-        tracing::warn!(pod = %pod.label(), %target, "tunnel CONNECT for another pod");
-        return status(StatusCode::MISDIRECTED_REQUEST);
-    }
-    let app = match proxy.deliver(&pod, *peer.ip(), target).await {
+    let accepted = match handler
+        .accept(TunnelRequest {
+            peer,
+            target,
+            identity: Some(identity),
+        })
+        .await
+    {
         Ok(a) => a,
-        Err(e) => {
-            tracing::warn!(pod = %pod.label(), %target, error = %e, "tunnel delivery failed");
-            return status(StatusCode::SERVICE_UNAVAILABLE);
-        }
+        Err(r) => return status(r.status()),
     };
     tokio::spawn(async move {
-        let state = proxy.state();
-        let src = state.workload_by_ip(*peer.ip());
-        let source = src
-            .map(|w| format!("{}/{}", w.namespace, w.name))
-            .unwrap_or_else(|| peer_id.clone());
-        let mut g = proxy
-            .telemetry
-            .open(Direction::Tunnel, &pod.workload.namespace, source, peer, target);
-        let _ = g.conn.peer_identity.set(peer_id);
-        let (s, d) = (
-            Peer {
-                workload: src,
-                authenticated: true,
-            },
-            Peer {
-                workload: Some(&pod.workload),
-                authenticated: true,
-            },
-        );
-        g.report(&tcp_labels(Reporter::Destination, s, d, None, true));
         match hyper::upgrade::on(req).await {
-            Ok(up) => {
-                if let Err(e) = copy::bidi(TokioIo::new(up), app, &g.conn.sent, &g.conn.received).await {
-                    g.outcome = Some(e.to_string());
-                }
-            }
-            Err(e) => g.outcome = Some(format!("upgrade: {e}")),
+            Ok(up) => handler.relay(accepted, Box::new(TokioIo::new(up))).await,
+            Err(e) => tracing::warn!(client = %peer, error = %e, "tunnel stream upgrade failed"),
         }
     });
     status(StatusCode::OK)
+}
+
+/// Pool and handshake counters, read at scrape time.
+#[derive(Debug)]
+struct StatsCollector(Arc<Hbone>);
+
+impl Collector for StatsCollector {
+    fn encode(&self, mut enc: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let t = &self.0.stats;
+        for (name, v, help) in [
+            (
+                "ferry_tunnel_pool_connections",
+                &t.pooled_connections_opened,
+                "pooled HTTP/2 connections opened",
+            ),
+            ("ferry_tunnel_streams", &t.streams_opened, "CONNECT streams opened"),
+            (
+                "ferry_tunnel_handshakes",
+                &t.handshakes_ok,
+                "outgoing tunnel handshakes that proved the expected identity",
+            ),
+        ] {
+            const_counter(&mut enc, name, help, v.load(Ordering::Relaxed))?;
+        }
+        Ok(())
+    }
 }

@@ -1,5 +1,8 @@
 //! The hop between nodes, from the source pod's netns to the destination pod's
-//! tunnel port (15008):
+//! tunnel port (15008). Transport only: the client opens a stream to a
+//! target; the server authenticates the peer, reads the target and hands
+//! (peer, identity, target, stream) to a [`Handler`], the proxy's one
+//! inbound path, which decides and delivers. Two transports:
 //! - [`hbone`] (default when a CA is configured): HTTP/2 CONNECT over mutual
 //!   TLS 1.3, each side proving a SPIFFE identity;
 //! - plain (no CA: development and the "mTLS off" benchmark): plain TCP opened
@@ -8,17 +11,20 @@
 pub mod hbone;
 
 use std::{
+    future::Future,
     io,
     net::{Ipv4Addr, SocketAddrV4},
+    sync::Arc,
     time::Duration,
 };
 
+use ferry_model::SpiffeId;
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::TcpStream,
 };
 
-use crate::sockets;
+use crate::sockets::{self, SocketFactory};
 
 pub const TUNNEL_PORT: u16 = 15008;
 const MAGIC: &[u8; 6] = b"FERRY\x01";
@@ -58,27 +64,79 @@ pub trait Stream: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
 impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Stream for T {}
 pub type BoxStream = Box<dyn Stream>;
 
+/// A stream the server accepted, as it hands it to the proxy.
+#[derive(Clone, Debug)]
+pub struct TunnelRequest {
+    /// The tunnel's peer: the source pod's address.
+    pub peer: SocketAddrV4,
+    /// Where the source's app was going (must be this pod).
+    pub target: SocketAddrV4,
+    /// The SPIFFE id the peer proved; None on the plain transport.
+    pub identity: Option<SpiffeId>,
+}
+
+/// How the server answers a stream the handler does not take.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reject {
+    /// Policy refuses it (403).
+    Forbidden,
+    /// Not for this pod (421).
+    Misdirected,
+    /// The app cannot be reached (503).
+    Unavailable,
+}
+
+impl Reject {
+    pub fn status(self) -> hyper::StatusCode {
+        match self {
+            Reject::Forbidden => hyper::StatusCode::FORBIDDEN,
+            Reject::Misdirected => hyper::StatusCode::MISDIRECTED_REQUEST,
+            Reject::Unavailable => hyper::StatusCode::SERVICE_UNAVAILABLE,
+        }
+    }
+}
+
+/// The proxy's side of the tunnel server: decides on each stream before it
+/// is answered, then carries the accepted ones.
+pub trait Handler: Send + Sync + 'static {
+    type Accepted: Send + 'static;
+    /// Decides on a stream; `Ok` answers it as accepted.
+    fn accept(&self, req: TunnelRequest) -> impl Future<Output = Result<Self::Accepted, Reject>> + Send;
+    /// Carries an accepted stream until it ends.
+    fn relay(&self, accepted: Self::Accepted, stream: BoxStream) -> impl Future<Output = ()> + Send;
+}
+
+/// The source side of a tunnelled connection: which pod, and its sockets.
+#[derive(Clone, Copy)]
+pub struct TunnelSource<'a> {
+    /// The source workload's uid (whose certificate is presented).
+    pub uid: &'a str,
+    /// `namespace/name`, for logs.
+    pub label: &'a str,
+    pub sockets: &'a dyn SocketFactory,
+}
+
 /// How the agent reaches a pod on another node.
 #[derive(Clone, Default)]
 pub enum Tunnel {
     #[default]
     Plain,
-    Hbone(std::sync::Arc<hbone::Hbone>),
+    Hbone(Arc<hbone::Hbone>),
 }
 
 impl Tunnel {
-    /// Opens a stream from `src` (the source pod) to `target` on another node,
-    /// whose workload must prove `expected` (a SPIFFE id) when mTLS is on.
+    /// Opens a stream from `src` to `target` on another node, whose workload
+    /// must prove `expected` when mTLS is on.
     pub async fn open(
         &self,
-        src: &crate::proxy::PodCtx,
+        src: TunnelSource<'_>,
         target: SocketAddrV4,
-        expected: &str,
+        expected: &SpiffeId,
     ) -> io::Result<BoxStream> {
         match self {
             Tunnel::Plain => {
                 let to = SocketAddrV4::new(*target.ip(), TUNNEL_PORT);
-                let mut s = sockets::connect(Some(&src.netns), sockets::Source::Any, to).await?;
+                let mut s = sockets::connect(src.sockets, sockets::Source::Any, to).await?;
                 s.write_all(&encode(target)).await?;
                 Ok(Box::new(s))
             }
@@ -90,13 +148,44 @@ impl Tunnel {
         matches!(self, Tunnel::Hbone(_))
     }
 
-    /// Reads the target of an accepted tunnel stream.
-    pub async fn accept(&self, s: &mut TcpStream) -> io::Result<SocketAddrV4> {
-        let mut b = [0u8; PREFACE_LEN];
-        tokio::time::timeout(PREFACE_TIMEOUT, s.read_exact(&mut b))
-            .await
-            .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "no tunnel preface within 5s"))??;
-        decode(&b).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
+    /// Serves one connection accepted on pod `uid`'s tunnel listener,
+    /// handing each stream in it to `handler`.
+    pub async fn serve<H: Handler>(&self, tcp: TcpStream, uid: &str, label: &str, handler: Arc<H>) {
+        match self {
+            Tunnel::Plain => serve_plain(tcp, label, handler).await,
+            Tunnel::Hbone(h) => h.serve(tcp, uid, label, handler).await,
+        }
+    }
+}
+
+/// The plain transport: a 12-byte preface, then the stream itself.
+async fn serve_plain<H: Handler>(mut tcp: TcpStream, label: &str, handler: Arc<H>) {
+    let Ok((_, peer)) = sockets::v4_addrs(&tcp) else { return };
+    let mut b = [0u8; PREFACE_LEN];
+    let target = match tokio::time::timeout(PREFACE_TIMEOUT, tcp.read_exact(&mut b)).await {
+        Ok(Ok(_)) => match decode(&b) {
+            Ok(t) => t,
+            Err(e) => {
+                tracing::warn!(pod = %label, client = %peer, error = %e, "refused tunnel connection");
+                return;
+            }
+        },
+        Ok(Err(e)) => {
+            tracing::warn!(pod = %label, client = %peer, error = %e, "refused tunnel connection");
+            return;
+        }
+        Err(_) => {
+            tracing::warn!(pod = %label, client = %peer, error = "no tunnel preface within 5s", "refused tunnel connection");
+            return;
+        }
+    };
+    let req = TunnelRequest {
+        peer,
+        target,
+        identity: None,
+    };
+    if let Ok(acc) = handler.accept(req).await {
+        handler.relay(acc, Box::new(tcp)).await;
     }
 }
 

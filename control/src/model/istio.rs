@@ -2,7 +2,7 @@
 //! the subset Ferry reads, with the field names of Istio's API reference.
 //! Unknown fields are errors, not silently dropped: a policy field Ferry does
 //! not know would otherwise be a policy Ferry does not enforce.
-//! (PeerAuthentication is the agent's type: crate `ferry_agent::policy`.)
+//! (PeerAuthentication is shared with the agent: `ferry_model::peer_auth`.)
 
 use std::collections::BTreeMap;
 
@@ -352,7 +352,7 @@ pub struct Subset {
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct AuthorizationPolicySpec {
     #[serde(default)]
-    pub selector: Option<ferry_agent::policy::Selector>,
+    pub selector: Option<ferry_model::peer_auth::Selector>,
     #[serde(default)]
     pub action: AuthzAction,
     #[serde(default)]

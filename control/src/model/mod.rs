@@ -41,7 +41,7 @@ pub enum Object {
     Pod(Arc<Pod>),
     Service(Arc<Service>),
     EndpointSlice(Arc<EndpointSlice>),
-    PeerAuthentication(Arc<ferry_agent::policy::PeerAuthentication>),
+    PeerAuthentication(Arc<ferry_model::peer_auth::PeerAuthentication>),
     AuthorizationPolicy(Arc<Custom<istio::AuthorizationPolicySpec>>),
     VirtualService(Arc<Custom<istio::VirtualServiceSpec>>),
     DestinationRule(Arc<Custom<istio::DestinationRuleSpec>>),

@@ -57,19 +57,7 @@ const KINDS: &[(&str, &[&str])] = &[
     ),
 ];
 
-/// Documents of `text` (verbatim) with the line each starts on (1-based).
-pub fn split_documents(text: &str) -> Vec<(usize, String)> {
-    let mut docs = vec![(1, String::new())];
-    for (i, line) in text.lines().enumerate() {
-        if line == "---" || line.starts_with("--- ") {
-            docs.push((i + 2, String::new()));
-        } else if let Some((_, d)) = docs.last_mut() {
-            d.push_str(line);
-            d.push('\n');
-        }
-    }
-    docs
-}
+pub use ferry_model::yaml::split_documents;
 
 pub fn parse_file(file: &str, text: &str) -> (Vec<Doc>, Vec<Problem>) {
     let mut docs = Vec::new();

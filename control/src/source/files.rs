@@ -12,7 +12,7 @@ use std::{
 };
 
 use crate::{
-    discovery::Store,
+    config_stream::Store,
     model::{parse_file, Cluster, Doc, Key, Located, Problem, Severity},
 };
 

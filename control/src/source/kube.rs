@@ -27,7 +27,7 @@ use tokio::sync::Notify;
 
 use crate::{
     compute,
-    discovery::Store,
+    config_stream::Store,
     model::{parse_file, Cluster, Key, Located, Problem},
 };
 

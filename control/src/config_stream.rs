@@ -11,8 +11,8 @@ use std::{
     sync::{Arc, Mutex},
 };
 
-use ferry_agent::config::Workload;
 use ferry_api::discovery::{self as pb, discovery_server::Discovery};
+use ferry_model::Workload;
 use futures::{channel::mpsc, SinkExt, Stream, StreamExt};
 use serde::Serialize;
 use tokio::sync::watch;

@@ -1,17 +1,40 @@
-//! The subscription: connect to ferry-control (TLS, node credential), say
-//! what this node already holds, then apply each response whole or NACK it.
-//! Disconnected, the agent keeps serving its last-known config and retries
-//! with capped, jittered backoff; a reconnect resumes from what it holds.
+//! The config stream's client: connect to ferry-control (TLS, node
+//! credential), say what this node already holds, then turn each response
+//! into the node's desired state, validated whole: handed to the reconciler
+//! ([`Apply`]) and ACKed, or NACKed with every problem. It produces desired
+//! state and reports its own status; nothing else. Disconnected, the node
+//! keeps its last-known config and the client retries with capped, jittered
+//! backoff; a reconnect resumes from what it holds.
 
-use std::{path::PathBuf, sync::Arc, time::Duration};
+use std::{
+    path::PathBuf,
+    sync::{Arc, RwLock},
+    time::Duration,
+};
 
-use ferry_api::discovery::{self as pb, discovery_client::DiscoveryClient};
+use ferry_api::{
+    channel::{self, ControlEndpoint},
+    discovery::{self as pb, discovery_client::DiscoveryClient},
+};
+use ferry_model::{admin::ControlStatus, proto::HeldResources as Resources, Settings};
 use futures::{channel::mpsc, SinkExt};
+use prometheus_client::metrics::{counter::Counter, gauge::Gauge};
 use tokio::sync::watch;
-use tonic::transport::{Certificate, ClientTlsConfig, Endpoint};
 
-use super::Resources;
-use crate::{agent::Agent, config::Settings};
+use crate::reconcile::Apply;
+
+/// Where the client's output goes.
+#[derive(Clone)]
+pub struct Sinks {
+    /// Desired state, applied before the ACK.
+    pub apply: Arc<dyn Apply>,
+    /// The stream's state, for `/config_dump`.
+    pub status: Arc<RwLock<Option<ControlStatus>>>,
+    /// 1 while the stream is up.
+    pub connected: Gauge,
+    /// Updates rejected (NACKed).
+    pub rejected: Counter,
+}
 
 #[derive(Clone, Debug)]
 pub struct Options {
@@ -53,30 +76,15 @@ fn save(path: &std::path::Path, held: &Resources) {
     }
 }
 
-/// What `/config_dump` shows about the stream.
-#[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
-pub struct ControlStatus {
-    pub endpoint: String,
-    pub connected: bool,
-    /// The control plane's snapshot version last applied here.
-    pub system_version: u64,
-    /// Resources held (this node's pods, mesh members, services, policies).
-    pub resources: usize,
-    pub last_nack: Option<String>,
-    pub last_error: Option<String>,
-}
-
-fn set_status(agent: &Agent, f: impl FnOnce(&mut ControlStatus)) {
-    let mut c = agent.control.write().unwrap_or_else(|e| e.into_inner());
+fn set_status(sinks: &Sinks, f: impl FnOnce(&mut ControlStatus)) {
+    let mut c = sinks.status.write().unwrap_or_else(|e| e.into_inner());
     f(c.get_or_insert_with(Default::default));
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum StreamError {
-    #[error("reading {0}: {1}")]
-    File(PathBuf, std::io::Error),
-    #[error("connecting to {0}: {1}")]
-    Connect(String, String),
+    #[error(transparent)]
+    Channel(#[from] channel::ChannelError),
     #[error("the control plane refused the subscription: {0}")]
     Refused(String),
     #[error("stream broken: {0}")]
@@ -88,8 +96,8 @@ const BACKOFF_MAX: Duration = Duration::from_secs(5);
 
 /// Runs forever: keeps the node subscribed and its config current.
 /// `settings` are the node's own (from its local file); a change re-applies.
-pub async fn run(agent: Arc<Agent>, opts: Options, node: String, mut settings: watch::Receiver<Settings>) {
-    set_status(&agent, |s| s.endpoint = opts.control.clone());
+pub async fn run(sinks: Sinks, opts: Options, node: String, mut settings: watch::Receiver<Settings>) {
+    set_status(&sinks, |s| s.endpoint = opts.control.clone());
     let mut held: Option<Resources> = opts.state_file.as_deref().and_then(load);
     if let Some(h) = &held {
         // Serve what was last applied right away: after an agent restart the
@@ -101,30 +109,30 @@ pub async fn run(agent: Arc<Agent>, opts: Options, node: String, mut settings: w
                     resources = h.0.len(),
                     "serving the saved config until the control plane answers"
                 );
-                agent.apply(cfg).await;
-                set_status(&agent, |st| st.resources = h.0.len());
+                sinks.apply.apply(cfg).await;
+                set_status(&sinks, |st| st.resources = h.0.len());
             }
             Err(p) => {
-                tracing::warn!(problems = ?p, "the saved config does not apply; waiting for the control plane");
+                tracing::warn!(problems = %p.join("; "), "the saved config does not apply; waiting for the control plane");
                 held = None;
             }
         }
     }
     let mut backoff = BACKOFF_MIN;
     loop {
-        let got_response = match session(&agent, &opts, &node, &mut held, &mut settings).await {
+        let got_response = match session(&sinks, &opts, &node, &mut held, &mut settings).await {
             Ok(got) => {
                 tracing::warn!("the control plane closed the config stream; reconnecting");
                 got
             }
             Err((got, e)) => {
                 tracing::warn!(error = %e, "config stream down; serving the last-known config");
-                set_status(&agent, |s| s.last_error = Some(e.to_string()));
+                set_status(&sinks, |s| s.last_error = Some(e.to_string()));
                 got
             }
         };
-        agent.proxy.telemetry.metrics.control_connected.set(0);
-        set_status(&agent, |s| s.connected = false);
+        sinks.connected.set(0);
+        set_status(&sinks, |s| s.connected = false);
         if got_response {
             backoff = BACKOFF_MIN;
         }
@@ -138,7 +146,7 @@ pub async fn run(agent: Arc<Agent>, opts: Options, node: String, mut settings: w
                 r = settings.changed() => {
                     if r.is_err() { return; }
                     let s = settings.borrow_and_update().clone();
-                    reapply(&agent, &node, held.as_ref(), &s).await;
+                    reapply(&sinks, &node, held.as_ref(), &s).await;
                 }
             }
         }
@@ -146,42 +154,29 @@ pub async fn run(agent: Arc<Agent>, opts: Options, node: String, mut settings: w
     }
 }
 
-async fn reapply(agent: &Agent, node: &str, held: Option<&Resources>, settings: &Settings) {
+async fn reapply(sinks: &Sinks, node: &str, held: Option<&Resources>, settings: &Settings) {
     let Some(held) = held else { return };
     match held.to_config(node, settings) {
-        Ok(cfg) => agent.apply(cfg).await,
-        Err(p) => tracing::error!(problems = ?p, "new local settings rejected"),
+        Ok(cfg) => {
+            sinks.apply.apply(cfg).await;
+        }
+        Err(p) => tracing::error!(problems = %p.join("; "), "new local settings rejected"),
     }
 }
 
 /// One connection. Returns whether any response arrived (for backoff).
 async fn session(
-    agent: &Agent,
+    sinks: &Sinks,
     opts: &Options,
     node: &str,
     held: &mut Option<Resources>,
     settings: &mut watch::Receiver<Settings>,
 ) -> Result<bool, (bool, StreamError)> {
-    let fail = |e| (false, e);
-    let token =
-        std::fs::read_to_string(&opts.token_file).map_err(|e| fail(StreamError::File(opts.token_file.clone(), e)))?;
-    let ca =
-        std::fs::read_to_string(&opts.control_ca).map_err(|e| fail(StreamError::File(opts.control_ca.clone(), e)))?;
-    let connect_err = |e: String| fail(StreamError::Connect(opts.control.clone(), e));
-    let channel = Endpoint::from_shared(opts.control.clone())
-        .map_err(|e| connect_err(e.to_string()))?
-        .tls_config(
-            ClientTlsConfig::new()
-                .ca_certificate(Certificate::from_pem(ca))
-                .domain_name("ferry-control"),
-        )
-        .map_err(|e| connect_err(e.to_string()))?
-        .connect_timeout(Duration::from_secs(3))
-        .http2_keep_alive_interval(Duration::from_secs(10))
-        .keep_alive_timeout(Duration::from_secs(5))
-        .connect()
-        .await
-        .map_err(|e| connect_err(format!("{e:?}")))?;
+    let fail = |e: channel::ChannelError| (false, StreamError::from(e));
+    let token = channel::read_token(&opts.token_file).map_err(fail)?;
+    let mut endpoint = ControlEndpoint::from_ca_file(&opts.control, &opts.control_ca).map_err(fail)?;
+    endpoint.keepalive = true;
+    let ch = endpoint.connect().await.map_err(fail)?;
 
     let (mut tx, rx) = mpsc::unbounded::<pb::DiscoveryRequest>();
     let first = pb::DiscoveryRequest {
@@ -191,18 +186,14 @@ async fn session(
     };
     let resumed = first.initial_versions.len();
     let _ = tx.send(first).await;
-    let mut req = tonic::Request::new(rx);
-    let auth = format!("Bearer {}", token.trim())
-        .parse()
-        .map_err(|_| fail(StreamError::Refused("the token is not valid metadata".into())))?;
-    req.metadata_mut().insert("authorization", auth);
-    let mut stream = DiscoveryClient::new(channel)
+    let req = channel::with_token(rx, &token).map_err(fail)?;
+    let mut stream = DiscoveryClient::new(ch)
         .stream(req)
         .await
-        .map_err(|s| fail(StreamError::Refused(s.message().to_owned())))?
+        .map_err(|s| (false, StreamError::Refused(s.message().to_owned())))?
         .into_inner();
-    agent.proxy.telemetry.metrics.control_connected.set(1);
-    set_status(agent, |s| {
+    sinks.connected.set(1);
+    set_status(sinks, |s| {
         s.connected = true;
         s.last_error = None;
     });
@@ -222,7 +213,7 @@ async fn session(
                 let settings_now = settings.borrow().clone();
                 let answer = match next.to_config(node, &settings_now) {
                     Ok(cfg) => {
-                        agent.apply(cfg).await;
+                        sinks.apply.apply(cfg).await;
                         tracing::info!(
                             nonce = %resp.nonce,
                             system_version = resp.system_version,
@@ -231,7 +222,7 @@ async fn session(
                             held = next.0.len(),
                             "config update applied (ACK)"
                         );
-                        set_status(agent, |s| {
+                        set_status(sinks, |s| {
                             s.system_version = resp.system_version;
                             s.resources = next.0.len();
                         });
@@ -242,9 +233,9 @@ async fn session(
                         String::new()
                     }
                     Err(problems) => {
-                        agent.proxy.telemetry.metrics.config_rejected.inc();
+                        sinks.rejected.inc();
                         let why = problems.join("; ");
-                        set_status(agent, |s| s.last_nack = Some(why.clone()));
+                        set_status(sinks, |s| s.last_nack = Some(why.clone()));
                         tracing::error!(nonce = %resp.nonce, reason = %why, "config update rejected (NACK); keeping the previous config");
                         why
                     }
@@ -261,7 +252,7 @@ async fn session(
             r = settings.changed() => {
                 if r.is_err() { return Ok(got); }
                 let s = settings.borrow_and_update().clone();
-                reapply(agent, node, held.as_ref(), &s).await;
+                reapply(sinks, node, held.as_ref(), &s).await;
             }
         }
     }

@@ -12,7 +12,7 @@ use ferry_api::discovery::{
 };
 use ferry_control::{
     compute,
-    discovery::{DiscoveryService, Store},
+    config_stream::{DiscoveryService, Store},
     model::Cluster,
 };
 use futures::{channel::mpsc, SinkExt};
@@ -39,7 +39,7 @@ const SVC: &str = "apiVersion: v1\nkind: Service\nmetadata: {name: echo}\nspec: 
 
 struct Server {
     store: Arc<Store>,
-    status: Arc<Mutex<BTreeMap<String, ferry_control::discovery::NodeStatus>>>,
+    status: Arc<Mutex<BTreeMap<String, ferry_control::config_stream::NodeStatus>>>,
     addr: String,
     _dir: TempDir,
 }
@@ -144,7 +144,7 @@ fn names(r: &pb::DiscoveryResponse) -> Vec<&str> {
     r.resources.iter().map(|x| x.name.as_str()).collect()
 }
 
-async fn wait_status(s: &Server, node: &str, f: impl Fn(&ferry_control::discovery::NodeStatus) -> bool) {
+async fn wait_status(s: &Server, node: &str, f: impl Fn(&ferry_control::config_stream::NodeStatus) -> bool) {
     for _ in 0..100 {
         if s.status.lock().unwrap().get(node).is_some_and(&f) {
             return;

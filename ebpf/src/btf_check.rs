@@ -58,8 +58,8 @@ fn btf_structs(obj: &[u8]) -> HashMap<String, (usize, Vec<(String, usize)>)> {
 
 #[test]
 fn layouts_match_btf() {
-    let btf = btf_structs(super::object());
-    for (cname, size, fields) in super::maps::layouts() {
+    let btf = btf_structs(crate::object());
+    for (cname, size, fields) in crate::maps::layouts() {
         let (bsize, bfields) = btf
             .get(cname)
             .unwrap_or_else(|| panic!("struct {cname} not in the object's BTF"));

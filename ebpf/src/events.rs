@@ -6,7 +6,7 @@ use std::net::Ipv4Addr;
 use aya::maps::{MapData, RingBuf};
 use tokio::io::unix::AsyncFd;
 
-use super::maps::{Event, EV_ERROR, EV_INBOUND, EV_REDIRECT};
+use crate::maps::{Event, EV_ERROR, EV_INBOUND, EV_REDIRECT};
 
 /// Decodes one ring-buffer record; None for a short or unknown record.
 pub fn decode(bytes: &[u8]) -> Option<Event> {

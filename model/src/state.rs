@@ -1,6 +1,7 @@
-//! The agent's state store: one typed, validated view of the workloads and
-//! services it serves, built from the control plane's stream or the config
-//! file. Routing decisions are pure functions over it.
+//! The state store: one typed, immutable view of the workloads and services
+//! an agent serves, built from the control plane's stream or the config
+//! file, and swapped whole on each change. Routing decisions are pure
+//! functions over it.
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -11,7 +12,6 @@ use std::{
 use serde::Serialize;
 
 use crate::config::{ConfigFile, Service, Settings, Workload};
-use crate::redirect::maps::{DST_POD, DST_SERVICE};
 
 #[derive(Debug, Default)]
 pub struct State {
@@ -21,7 +21,7 @@ pub struct State {
     pub version: u64,
     pub workloads: BTreeMap<String, Workload>,
     pub services: Vec<Service>,
-    pub peer_authentications: Vec<crate::policy::PeerAuthentication>,
+    pub peer_authentications: Vec<crate::peer_auth::PeerAuthentication>,
     by_ip: HashMap<Ipv4Addr, String>,
     /// (vip, port) -> (service index, port index)
     by_vip: HashMap<(Ipv4Addr, u16), (usize, usize)>,
@@ -41,7 +41,7 @@ pub struct Route {
     pub hop: Hop,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Hop {
     /// An enrolled pod on this node: handed to its inbound side in the agent.
@@ -50,6 +50,30 @@ pub enum Hop {
     Tunnel,
     /// Not in the mesh: connect directly from the source pod.
     Direct,
+}
+
+impl Hop {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Hop::Local => "local",
+            Hop::Tunnel => "tunnel",
+            Hop::Direct => "direct",
+        }
+    }
+}
+
+impl std::fmt::Display for Hop {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// What a connection to a mesh destination is steered for: a service
+/// VIP:port, or an enrolled pod (any port).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MeshDst {
+    Service,
+    Pod,
 }
 
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]
@@ -90,15 +114,15 @@ impl State {
     }
 
     /// What connect4/6 steer: every service VIP:port, and every enrolled pod (any port).
-    pub fn mesh_destinations(&self) -> BTreeMap<(Ipv4Addr, u16), u32> {
+    pub fn mesh_destinations(&self) -> BTreeMap<(Ipv4Addr, u16), MeshDst> {
         let mut out = BTreeMap::new();
         for s in &self.services {
             for p in &s.ports {
-                out.insert((s.vip, p.port), DST_SERVICE);
+                out.insert((s.vip, p.port), MeshDst::Service);
             }
         }
         for w in self.workloads.values().filter(|w| w.enrolled) {
-            out.insert((w.ip, 0), DST_POD);
+            out.insert((w.ip, 0), MeshDst::Pod);
         }
         out
     }
@@ -194,8 +218,8 @@ services:
     fn mesh_destinations_cover_vips_and_enrolled_pods() {
         let s = state();
         let d = s.mesh_destinations();
-        assert_eq!(d.get(&("10.96.0.10".parse().unwrap(), 80)), Some(&DST_SERVICE));
-        assert_eq!(d.get(&("10.1.2.3".parse().unwrap(), 0)), Some(&DST_POD));
+        assert_eq!(d.get(&("10.96.0.10".parse().unwrap(), 80)), Some(&MeshDst::Service));
+        assert_eq!(d.get(&("10.1.2.3".parse().unwrap(), 0)), Some(&MeshDst::Pod));
         assert!(!d.contains_key(&("10.1.2.4".parse().unwrap(), 0)));
         assert_eq!(s.local_enrolled().count(), 2);
     }

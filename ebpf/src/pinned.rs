@@ -9,7 +9,7 @@ use std::{
 use aya::maps::{Array, HashMap, Map, MapData, PerCpuArray, PerCpuHashMap};
 use serde::Serialize;
 
-use super::maps::{self, Dst, DstKey, OrigDst, Pod, SockKey, Traffic};
+use crate::maps::{self, Dst, DstKey, OrigDst, Pod, SockKey, Traffic};
 
 #[derive(Debug, thiserror::Error)]
 pub enum PinnedError {

@@ -1,11 +1,8 @@
-//! The agent's side of the control plane's config stream (see
-//! api/proto/ferry/discovery.proto): the resources this node holds, how a
-//! response changes them (validated as a whole before anything is applied:
-//! a rejected response leaves the previous state), and the conversions
-//! between the wire messages and the config types the state store uses.
-//! The subscription loop itself is in [`client`].
-
-pub mod client;
+//! The config stream's wire messages (api/proto/ferry/discovery.proto) and
+//! the model, both ways: the control plane encodes with the `*_to`
+//! functions; an agent keeps the resources it holds ([`HeldResources`]),
+//! applies a response to them and turns them back into a validated config
+//! (a rejected response leaves the previous state).
 
 use std::{collections::BTreeMap, net::Ipv4Addr};
 
@@ -14,7 +11,8 @@ use sha2::{Digest, Sha256};
 
 use crate::{
     config::{ConfigFile, Endpoint, Service, ServicePort, Settings, Workload},
-    policy::{self, PeerAuthentication},
+    peer_auth::{self as policy, PeerAuthentication},
+    protocol::Protocol,
 };
 
 /// Resource name prefixes (one per kind).
@@ -24,15 +22,15 @@ pub const PEER_AUTHENTICATION: &str = "peerauthentication/";
 
 /// The resources a node holds, by name.
 #[derive(Clone, Debug, Default, PartialEq)]
-pub struct Resources(pub BTreeMap<String, pb::Resource>);
+pub struct HeldResources(pub BTreeMap<String, pb::Resource>);
 
-impl Resources {
+impl HeldResources {
     /// Name -> version: what a reconnecting agent tells the control plane.
     pub fn versions(&self) -> BTreeMap<String, String> {
         self.0.iter().map(|(n, r)| (n.clone(), r.version.clone())).collect()
     }
 
-    /// The resources after `resp` (checked by [`Resources::to_config`]).
+    /// The resources after `resp` (checked by [`HeldResources::to_config`]).
     pub fn with(&self, resp: &pb::DiscoveryResponse) -> Self {
         let mut next = self.clone();
         for name in &resp.removed {
@@ -134,7 +132,7 @@ fn workload_from(w: &pb::Workload) -> Result<Workload, String> {
     })
 }
 
-pub fn service_to(s: &Service, protocols: &[String]) -> pb::resource::Kind {
+pub fn service_to(s: &Service) -> pb::resource::Kind {
     pb::resource::Kind::Service(pb::Service {
         name: s.name.clone(),
         namespace: s.namespace.clone(),
@@ -142,12 +140,11 @@ pub fn service_to(s: &Service, protocols: &[String]) -> pb::resource::Kind {
         ports: s
             .ports
             .iter()
-            .enumerate()
-            .map(|(i, p)| pb::ServicePort {
+            .map(|p| pb::ServicePort {
                 port: p.port.into(),
                 target_port: p.target_port.into(),
                 name: p.name.clone().unwrap_or_default(),
-                protocol: protocols.get(i).cloned().unwrap_or_default(),
+                protocol: p.protocol.as_str().to_owned(),
             })
             .collect(),
         endpoints: s
@@ -170,6 +167,13 @@ fn service_from(s: &pb::Service) -> Result<Service, String> {
                 port: port("port", p.port)?,
                 target_port: port("targetPort", p.target_port)?,
                 name: (!p.name.is_empty()).then(|| p.name.clone()),
+                // Empty: from a control plane that did not send one.
+                protocol: match p.protocol.as_str() {
+                    "" => Protocol::Auto,
+                    other => other
+                        .parse()
+                        .map_err(|e: crate::protocol::UnknownProtocol| format!("port {}: {e}", p.port))?,
+                },
             })
         })
         .collect::<Result<_, String>>()?;
@@ -272,7 +276,7 @@ workloads:
 services:
   - name: echo
     vip: 10.96.0.10
-    ports: [{port: 80, targetPort: 8080, name: http}]
+    ports: [{port: 80, targetPort: 8080, name: http, protocol: http}, {port: 81, targetPort: 81}]
     endpoints: [{ip: 10.1.2.2}, {ip: 10.1.2.3, ready: false}]
 peerAuthentications:
   - metadata: {name: d, namespace: shop}
@@ -282,13 +286,13 @@ peerAuthentications:
         .unwrap()
     }
 
-    fn resources(c: &ConfigFile) -> Resources {
-        let mut r = Resources::default();
+    fn resources(c: &ConfigFile) -> HeldResources {
+        let mut r = HeldResources::default();
         let all = c
             .workloads
             .iter()
             .map(workload_to)
-            .chain(c.services.iter().map(|s| service_to(s, &[])))
+            .chain(c.services.iter().map(service_to))
             .chain(c.peer_authentications.iter().map(peer_authentication_to));
         for k in all {
             let res = resource(k);

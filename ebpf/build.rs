@@ -1,11 +1,11 @@
-//! Compiles Ferry's eBPF programs (C, clang -target bpf) into OUT_DIR; the agent
+//! Compiles Ferry's eBPF programs (C, clang -target bpf) into OUT_DIR; this crate
 //! embeds the object. `-g` is required: aya needs BTF for the `.maps` section.
 use std::{env, path::PathBuf, process::Command};
 
 const SOURCES: &[&str] = &["ferry.bpf.c", "include/ferry.h"];
 
 fn main() {
-    let ebpf = PathBuf::from(env::var("CARGO_MANIFEST_DIR").unwrap()).join("../ebpf");
+    let ebpf = PathBuf::from(env::var("CARGO_MANIFEST_DIR").unwrap());
     for s in SOURCES {
         println!("cargo:rerun-if-changed={}", ebpf.join(s).display());
     }

@@ -1,11 +1,13 @@
-//! The agent's configuration: the node's settings and the cluster state it
+//! An agent's configuration: the node's settings and the cluster state it
 //! needs. Standalone agents read all of it from a file; with the control
-//! plane, the file holds the settings and the stream (`crate::discovery`)
-//! builds the rest in this same shape, validated the same way.
+//! plane, the file holds the settings and the config stream builds the rest
+//! in this same shape (`crate::proto`), validated the same way.
 //!
 //! Parsing collects every problem before reporting, each with its path.
 
 use std::{collections::BTreeMap, fmt, net::Ipv4Addr, path::PathBuf};
+
+pub use crate::workload::{Endpoint, Service, ServicePort, Workload};
 
 use serde::{Deserialize, Serialize};
 
@@ -22,7 +24,7 @@ pub struct ConfigFile {
     pub services: Vec<Service>,
     /// Istio `PeerAuthentication` objects, as is (STRICT/PERMISSIVE per namespace or workload).
     #[serde(default)]
-    pub peer_authentications: Vec<crate::policy::PeerAuthentication>,
+    pub peer_authentications: Vec<crate::peer_auth::PeerAuthentication>,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
@@ -39,7 +41,7 @@ pub struct Settings {
     pub cgroup_root: Option<PathBuf>,
     /// Access logs: `mode: off|sampled|full`, `sampleRate`, per-namespace `namespaces`.
     #[serde(default)]
-    pub access_log: crate::telemetry::accesslog::AccessLog,
+    pub access_log: crate::access_log::AccessLog,
     /// Istio-standard per-connection metrics (label lookups per connection);
     /// off only to measure their cost.
     #[serde(default = "yes")]
@@ -50,7 +52,7 @@ pub struct Settings {
     pub node_addresses: Vec<Ipv4Addr>,
 }
 
-fn yes() -> bool {
+pub(crate) fn yes() -> bool {
     true
 }
 
@@ -65,66 +67,6 @@ impl Default for Settings {
             metrics: true,
         }
     }
-}
-
-#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct Workload {
-    pub uid: String,
-    pub name: String,
-    #[serde(default = "default_ns")]
-    pub namespace: String,
-    #[serde(default = "default_sa")]
-    pub service_account: String,
-    pub node: String,
-    pub ip: Ipv4Addr,
-    /// Opted in to the mesh (the `ferry.dev/mesh: enabled` annotation).
-    #[serde(default)]
-    pub enrolled: bool,
-    #[serde(default)]
-    pub labels: BTreeMap<String, String>,
-    /// The pod's netns (a path such as /run/netns/x); else found from its processes.
-    #[serde(default)]
-    pub netns: Option<PathBuf>,
-    /// The pod's host-side veth, for per-pod tc counters.
-    #[serde(default)]
-    pub host_veth: Option<String>,
-}
-
-fn default_ns() -> String {
-    "default".into()
-}
-fn default_sa() -> String {
-    "default".into()
-}
-
-#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct Service {
-    pub name: String,
-    #[serde(default = "default_ns")]
-    pub namespace: String,
-    pub vip: Ipv4Addr,
-    pub ports: Vec<ServicePort>,
-    #[serde(default)]
-    pub endpoints: Vec<Endpoint>,
-}
-
-#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct ServicePort {
-    pub port: u16,
-    pub target_port: u16,
-    #[serde(default)]
-    pub name: Option<String>,
-}
-
-#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct Endpoint {
-    pub ip: Ipv4Addr,
-    #[serde(default = "yes")]
-    pub ready: bool,
 }
 
 /// Every problem found in a config, with where it is.
@@ -157,15 +99,6 @@ impl ConfigFile {
         } else {
             Err(err(problems))
         }
-    }
-
-    pub fn load(path: &std::path::Path) -> Result<Self, ConfigError> {
-        let name = path.display().to_string();
-        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
-            source_name: name.clone(),
-            problems: vec![format!("cannot read: {e}")],
-        })?;
-        Self::parse(&name, &text)
     }
 
     /// Semantic checks serde cannot express. Returns every problem.

@@ -92,7 +92,7 @@ pub fn run(pin_root: &Path, cgroup_root: Option<&Path>) -> Vec<Check> {
             "point --cgroup-root at the kubelet's pod cgroups on the cgroup v2 mount",
         ));
     }
-    let bpffs = crate::redirect::is_bpffs(pin_root);
+    let bpffs = crate::loader::is_bpffs(pin_root);
     out.push(check(
         "bpffs",
         bpffs,
@@ -108,7 +108,7 @@ pub fn run(pin_root: &Path, cgroup_root: Option<&Path>) -> Vec<Check> {
         "mount bpffs: `mount -t bpf bpf /sys/fs/bpf`",
     ));
     if bpffs && euid == 0 {
-        for (name, res) in crate::redirect::probe_programs(pin_root) {
+        for (name, res) in crate::loader::probe_programs(pin_root) {
             let ok = res.is_ok();
             out.push(check(
                 &format!("program {name}"),

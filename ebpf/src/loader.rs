@@ -1,19 +1,11 @@
-//! The eBPF side, seen from the agent: loads Ferry's object once, owns its
-//! programs, maps and links, and offers mesh operations (enroll a pod, set the
-//! mesh destinations, read an original destination). Nothing else in the agent
-//! touches aya.
+//! The loader: loads Ferry's object once, owns its programs, maps and links,
+//! and offers mesh operations (enroll a pod, set the mesh destinations, read
+//! an original destination). Nothing outside this crate touches aya.
 //!
 //! Pins (per node, so two agents on one kernel never share state):
 //! `<pin_root>/<node>/<map>` for every map and `<pin_root>/<node>/links/<owner>/<hook>`
 //! for every attachment, so `ferryctl` can read them and a restarted agent
 //! finds steering still in place and swaps in its own programs.
-
-pub mod events;
-pub mod maps;
-pub mod pinned;
-
-#[cfg(test)]
-mod btf_check;
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -35,7 +27,7 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 
-use maps::{Config, Dst, DstKey, InboundKey, OrigDst, Pod, SockKey};
+use crate::maps::{Config, Dst, DstKey, InboundKey, OrigDst, Pod, SockKey};
 
 /// The compiled programs (built from ebpf/ by build.rs).
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/ferry.bpf.o"));
@@ -153,7 +145,8 @@ pub struct PodHooks<'a> {
     pub uid: &'a str,
     pub pod_id: u32,
     pub cgroup: &'a Path,
-    pub netns: &'a crate::netns::Netns,
+    /// The pod's network namespace (for `sk_lookup`).
+    pub netns: std::os::fd::BorrowedFd<'a>,
     pub netns_cookie: u64,
     pub ip: Ipv4Addr,
     pub host_veth: Option<&'a str>,
@@ -177,14 +170,9 @@ pub struct Redirector {
 /// The `ferry_orig_dst` map: what the agent reads for every accepted connection.
 pub struct OrigDstTable(Mutex<BpfHash<MapData, SockKey, OrigDst>>);
 
-/// Source of original destinations (the eBPF map; a plain map in tests).
-pub trait OrigDstSource: Send + Sync + 'static {
+impl OrigDstTable {
     /// Takes (reads and deletes) the record of the connection seen as `key`.
-    fn take(&self, key: &SockKey) -> Option<OrigDst>;
-}
-
-impl OrigDstSource for OrigDstTable {
-    fn take(&self, key: &SockKey) -> Option<OrigDst> {
+    pub fn take(&self, key: &SockKey) -> Option<OrigDst> {
         let mut m = self.0.lock().unwrap_or_else(|e| e.into_inner());
         let v = m.get(key, 0).ok()?;
         let _ = m.remove(key);
@@ -402,7 +390,7 @@ impl Redirector {
                 ip4: u32::from(e.ip).to_be(),
             });
             if let Some(ifindex) = e.ifindex {
-                if let Ok(mut t) = aya::maps::PerCpuHashMap::<&mut MapData, u32, maps::Traffic>::try_from(
+                if let Ok(mut t) = aya::maps::PerCpuHashMap::<&mut MapData, u32, crate::maps::Traffic>::try_from(
                     self.bpf.map_mut("ferry_traffic").expect("ferry_traffic"),
                 ) {
                     let _ = t.remove(&ifindex);

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::Workload;
+use crate::workload::Workload;
 
 /// Istio's root namespace: a policy there applies mesh-wide.
 pub const ROOT_NAMESPACE: &str = "istio-system";
@@ -116,10 +116,14 @@ pub fn mode_for(w: &Workload, policies: &[PeerAuthentication]) -> Mode {
 /// are skipped (they belong to other parts of the mesh).
 pub fn peer_authentications_in(text: &str) -> Result<Vec<PeerAuthentication>, String> {
     let mut out = Vec::new();
-    for (i, doc) in serde_norway::Deserializer::from_str(text).enumerate() {
-        let v = serde_norway::Value::deserialize(doc).map_err(|e| format!("document {}: {e}", i + 1))?;
+    for (line, doc) in crate::yaml::split_documents(text) {
+        let v: serde_norway::Value =
+            serde_norway::from_str(&doc).map_err(|e| format!("document at line {line}: {e}"))?;
         if v.get("kind").and_then(|k| k.as_str()) == Some("PeerAuthentication") {
-            out.push(serde_norway::from_value(v).map_err(|e| format!("document {} (PeerAuthentication): {e}", i + 1))?);
+            out.push(
+                serde_norway::from_value(v)
+                    .map_err(|e| format!("document at line {line} (PeerAuthentication): {e}"))?,
+            );
         }
     }
     Ok(out)
@@ -164,7 +168,7 @@ mod tests {
 
     #[test]
     fn the_seed_example_is_accepted_as_is() {
-        let seed = include_str!("../../../tests/fixtures/reviews-routing-circuit-breaking-mtls.yaml");
+        let seed = include_str!("../../tests/fixtures/reviews-routing-circuit-breaking-mtls.yaml");
         let pas = peer_authentications_in(seed).unwrap();
         assert_eq!(pas.len(), 1);
         assert_eq!(

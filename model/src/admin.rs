@@ -1,0 +1,133 @@
+//! The agent's admin views, typed: what `/config_dump`, `/conns`, `/certs`
+//! and `/stats` serve and what `ferryctl` and the tests read back. Field
+//! names and enum values here are the stable JSON shape.
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    config::{Service, Settings, Workload},
+    spiffe::SpiffeId,
+    state::Hop,
+};
+
+/// Which of the proxy's paths a connection came in on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Direction {
+    /// From an enrolled pod's app (outbound listener).
+    Outbound,
+    /// Plaintext to an enrolled pod (sk_lookup).
+    Inbound,
+    /// Through the tunnel from another node.
+    Tunnel,
+}
+
+impl Direction {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Direction::Outbound => "outbound",
+            Direction::Inbound => "inbound",
+            Direction::Tunnel => "tunnel",
+        }
+    }
+}
+
+impl fmt::Display for Direction {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A local pod, as the agent's reconciler sees it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PodStatus {
+    pub uid: String,
+    pub name: String,
+    pub namespace: String,
+    pub ip: String,
+    pub enrolled: bool,
+    pub pod_id: Option<u32>,
+    pub netns_cookie: Option<u64>,
+    pub cgroup: Option<String>,
+    pub netns: Option<String>,
+    pub host_veth: Option<String>,
+    /// Why the pod asked to be enrolled but is not.
+    pub error: Option<String>,
+}
+
+/// The config stream's state, when the config comes from the control plane.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct ControlStatus {
+    pub endpoint: String,
+    pub connected: bool,
+    /// The control plane's snapshot version last applied here.
+    pub system_version: u64,
+    /// Resources held (this node's pods, mesh members, services, policies).
+    pub resources: usize,
+    pub last_nack: Option<String>,
+    pub last_error: Option<String>,
+}
+
+/// `/config_dump`: the agent's whole state.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ConfigDump {
+    pub node: String,
+    /// The config version fully applied (0: none yet).
+    pub version: u64,
+    pub settings: Settings,
+    pub pods: Vec<PodStatus>,
+    pub workloads: Vec<Workload>,
+    pub services: Vec<Service>,
+    pub control: Option<ControlStatus>,
+}
+
+/// `/conns`: one live connection.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ConnView {
+    pub id: u64,
+    pub direction: Direction,
+    /// Source workload (namespace/name) or client address.
+    pub source: String,
+    pub client: String,
+    pub orig_dst: String,
+    pub service: Option<String>,
+    pub endpoint: Option<String>,
+    pub hop: Option<Hop>,
+    pub peer_identity: Option<SpiffeId>,
+    pub sent: u64,
+    pub received: u64,
+    pub age_ms: u64,
+}
+
+/// `/certs`: one workload certificate.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct CertView {
+    pub uid: String,
+    pub spiffe_id: SpiffeId,
+    pub serial: String,
+    pub not_after_unix: i64,
+    pub seconds_to_expiry: i64,
+    pub seconds_to_rotation: i64,
+}
+
+/// `/stats`: the proxy's counters since start.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Stats {
+    pub outbound_opened: u64,
+    pub inbound_opened: u64,
+    pub tunnel_opened: u64,
+    pub closed: u64,
+    pub failed: u64,
+    pub no_orig_dst: u64,
+    /// Inbound connections refused by the inbound gate (STRICT, identity, target).
+    pub refused: u64,
+    /// Of those, plaintext refused because the workload is STRICT.
+    pub refused_plaintext: u64,
+    pub bytes_sent: u64,
+    pub bytes_received: u64,
+    pub hop_local: u64,
+    pub hop_tunnel: u64,
+    pub hop_direct: u64,
+}
