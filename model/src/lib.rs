@@ -10,6 +10,7 @@
 
 pub mod access_log;
 pub mod admin;
+pub mod admission;
 pub mod config;
 pub mod peer_auth;
 #[cfg(feature = "proto")]

@@ -1,24 +1,23 @@
 //! The one inbound path: every connection to an enrolled pod's app, whether
 //! plaintext handed over by sk_lookup (15006) or a stream out of the tunnel
-//! (15008), is opened by [`open`] (telemetry, the gate, delivery from the
-//! client's own address) and carried by [`relay`]. The tunnel is only the
+//! (15008), is opened by [`open`] (telemetry, the gate deciding by
+//! `ferry_model::admission`, delivery from the client's own address) and carried by [`relay`]. The tunnel is only the
 //! transport: it hands its streams here through [`FromTunnel`].
 
 use std::sync::{atomic::Ordering, Arc};
 
-use ferry_model::admin::Direction;
+use ferry_model::{
+    admin::Direction,
+    admission::{self, InboundConn, Refusal},
+};
 use tokio::net::TcpStream;
 
-use super::{
-    copy,
-    gate::{self, InboundConn, Refusal},
-    outcome::Outcome,
-    PodCtx, Proxy,
-};
+use super::{copy, PodCtx, Proxy};
 use crate::{
     sockets,
     telemetry::{
         metrics::{tcp_labels, Peer, Reporter},
+        outcome::Outcome,
         ConnGuard,
     },
     tunnel::{BoxStream, Handler, Reject, TunnelRequest},
@@ -62,7 +61,7 @@ pub async fn open(proxy: &Proxy, pod: &PodCtx, conn: InboundConn) -> Result<Open
         None,
         mtls,
     ));
-    if let Err(r) = gate::admit(&state, &pod.workload, &conn) {
+    if let Err(r) = admission::admit(&state, &pod.workload, &conn) {
         if r == Refusal::PlaintextToStrict {
             proxy
                 .telemetry

@@ -7,14 +7,13 @@
 //!   the [`Tunnel`] transport.
 //!
 //! Both inbound kinds take the one inbound path ([`inbound`]): the gate
-//! ([`gate`]), then delivery to the app from the client's own address.
+//! (`ferry_model::admission`), then delivery to the app from the client's
+//! own address.
 
 pub mod copy;
-pub mod gate;
 pub mod inbound;
 pub mod orig_dst;
 pub mod outbound;
-pub mod outcome;
 
 use std::{
     collections::HashMap,

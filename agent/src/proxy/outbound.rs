@@ -7,10 +7,13 @@ use std::sync::atomic::Ordering;
 use ferry_model::{admin::Direction, state::Hop};
 use tokio::net::TcpStream;
 
-use super::{copy, orig_dst::ConnKey, outcome::Outcome, PodCtx, Proxy};
+use super::{copy, orig_dst::ConnKey, PodCtx, Proxy};
 use crate::{
     sockets,
-    telemetry::metrics::{tcp_labels, Peer, Reporter},
+    telemetry::{
+        metrics::{tcp_labels, Peer, Reporter},
+        outcome::Outcome,
+    },
     tunnel::{BoxStream, TunnelSource},
 };
 

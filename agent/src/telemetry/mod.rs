@@ -4,6 +4,7 @@
 //! copy loop and added to the metrics once, when the connection closes.
 
 pub mod metrics;
+pub mod outcome;
 
 use std::{
     collections::HashMap,
@@ -24,7 +25,7 @@ use ferry_model::{
 };
 use metrics::{Metrics, TcpCounters, TcpLabels};
 
-use crate::proxy::outcome::Outcome;
+use outcome::Outcome;
 
 /// One proxied connection, shared between its copy task and the admin views.
 #[derive(Debug)]

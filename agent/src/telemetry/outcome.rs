@@ -3,9 +3,7 @@
 
 use std::{fmt, io, net::SocketAddrV4};
 
-use ferry_model::state::RouteError;
-
-use super::gate::Refusal;
+use ferry_model::{admission::Refusal, state::RouteError};
 
 #[derive(Debug)]
 pub enum Outcome {

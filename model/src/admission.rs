@@ -1,12 +1,13 @@
-//! The inbound gate: the one decision every connection to an enrolled pod
-//! passes, plaintext or tunnelled, before it is delivered. Today it decides
-//! the target and PeerAuthentication (STRICT refuses a connection without a
-//! proven identity); AuthorizationPolicy joins it here. A pure function of
-//! the state snapshot, the destination workload and the connection.
+//! Admission: the decision the agent's inbound gate takes for every
+//! connection to an enrolled pod, plaintext or tunnelled, before it is
+//! delivered. Today it decides the target and PeerAuthentication (STRICT
+//! refuses a connection without a proven identity); AuthorizationPolicy
+//! joins it here. A pure function of the state snapshot, the destination
+//! workload and the connection.
 
 use std::{fmt, net::SocketAddrV4};
 
-use ferry_model::{
+use crate::{
     admin::Direction,
     peer_auth::{mode_for, Mode},
     state::State,
@@ -74,7 +75,7 @@ pub fn admit(state: &State, pod: &Workload, conn: &InboundConn) -> Result<(), Re
 #[cfg(test)]
 mod tests {
     use super::*;
-    use ferry_model::ConfigFile;
+    use crate::ConfigFile;
 
     fn state(strict: bool) -> State {
         let pa = if strict {

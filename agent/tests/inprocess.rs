@@ -1,0 +1,216 @@
+//! The agent's data path and reconciler in one process, over loopback, with
+//! no privileges: enrollment (and its failure), outbound through a VIP to a
+//! local pod, the HBONE tunnel between two agents with real mutual TLS, and
+//! the refusals (no original destination, wrong identity, STRICT, a target
+//! that is not the pod), each beside a positive control.
+
+mod common;
+
+use std::{net::SocketAddrV4, sync::atomic::Ordering};
+
+use common::*;
+use ferry_model::admin::Direction;
+use tokio::io::AsyncWriteExt;
+
+fn a(s: &str) -> SocketAddrV4 {
+    s.parse().unwrap()
+}
+
+#[tokio::test]
+async fn reconciler_enrolls_serves_and_unenrolls() {
+    let ag = agent("n1", false, &["broken"]);
+    let cfg = |with_server: bool| {
+        let server = if with_server {
+            "  - {uid: server, name: server, node: n1, ip: 127.20.0.3, enrolled: true}\n"
+        } else {
+            ""
+        };
+        config(&format!(
+            "node: n1\nworkloads:\n  - {{uid: client, name: client, node: n1, ip: 127.20.0.2, enrolled: true}}\n{server}  - {{uid: broken, name: broken, node: n1, ip: 127.20.0.9, enrolled: true}}\n  - {{uid: other, name: other, node: n2, ip: 127.20.1.2, enrolled: true}}\nservices:\n  - {{name: echo, vip: 10.96.0.10, ports: [{{port: 80, targetPort: 8080}}], endpoints: [{{ip: 127.20.0.3}}]}}\n"
+        ))
+    };
+    let _app = echo_app(a("127.20.0.3:8080")).await;
+    assert_eq!(ag.reconciler.reconcile(cfg(true)).await, 1);
+    assert_eq!(ag.reconciler.applied_version(), 1);
+
+    // Local pods steered (not the other node's), the broken one reported.
+    let status = ag.reconciler.pod_status();
+    let st = |uid: &str| status.iter().find(|s| s.uid == uid).cloned().unwrap();
+    assert!(st("client").enrolled && st("server").enrolled);
+    assert!(!st("broken").enrolled);
+    assert!(st("broken").error.unwrap().contains("has no netns"));
+    assert!(status.iter().all(|s| s.uid != "other"));
+    assert_eq!(ag.node.lock().unwrap().steered, ["client", "server"]);
+    let dsts = ag.node.lock().unwrap().destinations.clone();
+    assert!(dsts.contains_key(&("10.96.0.10".parse().unwrap(), 80)));
+
+    // VIP -> the local endpoint, delivered from the client's own address.
+    let got = app_connect(&ag, "127.20.0.2".parse().unwrap(), a("10.96.0.10:80"), "hi")
+        .await
+        .unwrap();
+    assert_eq!(got, "127.20.0.2 hi");
+    let c = ag.proxy.telemetry.counters.snapshot();
+    assert_eq!((c.outbound_opened, c.hop_local, c.failed), (1, 1, 0));
+
+    // Server removed: unsteered, its listeners gone; the client still served.
+    assert_eq!(ag.reconciler.reconcile(cfg(false)).await, 2);
+    assert_eq!(ag.node.lock().unwrap().unsteered, ["server"]);
+    until("the server's listeners to close", || {
+        std::net::TcpStream::connect("127.20.0.3:15001").is_err()
+    })
+    .await;
+    let got = app_connect(&ag, "127.20.0.2".parse().unwrap(), a("127.20.0.3:8080"), "direct")
+        .await
+        .unwrap();
+    assert_eq!(got, "127.20.0.2 direct", "not enrolled any more: reached directly");
+}
+
+#[tokio::test]
+async fn no_original_destination_is_closed_and_counted() {
+    let ag = agent("n1", false, &[]);
+    ag.reconciler
+        .reconcile(config(
+            "node: n1\nworkloads: [{uid: c, name: c, node: n1, ip: 127.21.0.2, enrolled: true}]\n",
+        ))
+        .await;
+    let _app = echo_app(a("127.21.0.5:8080")).await;
+    // Positive control: with a recorded destination, the app answers.
+    let ok = app_connect(&ag, "127.21.0.2".parse().unwrap(), a("127.21.0.5:8080"), "x").await;
+    assert_eq!(ok.unwrap(), "127.21.0.2 x");
+    // Without one, the connection is closed with nothing relayed.
+    let s = tokio::net::TcpStream::connect("127.21.0.2:15001").await.unwrap();
+    let got = exchange(s, "y").await.unwrap_or_default();
+    assert_eq!(got, "");
+    until("no_orig_dst counted", || {
+        ag.proxy.telemetry.counters.no_orig_dst.load(Ordering::Relaxed) == 1
+    })
+    .await;
+}
+
+/// Two agents (nodes n1 and n2) with HBONE between them.
+async fn two_nodes(
+    net: u8,
+    server_sa_in_config: &str,
+    server_sa_in_cert: &str,
+    strict: bool,
+) -> (TestAgent, TestAgent) {
+    let ca = TestCa::new();
+    let pa = if strict {
+        "peerAuthentications: [{metadata: {name: s, namespace: default}, spec: {mtls: {mode: STRICT}}}]\n"
+    } else {
+        ""
+    };
+    let yaml = |node: &str| {
+        config(&format!(
+            "node: {node}\nworkloads:\n  - {{uid: client, name: client, serviceAccount: client, node: n1, ip: 127.{net}.1.2, enrolled: true}}\n  - {{uid: server, name: server, serviceAccount: {server_sa_in_config}, node: n2, ip: 127.{net}.2.2, enrolled: true}}\n{pa}"
+        ))
+    };
+    let (n1, n2) = (agent("n1", true, &[]), agent("n2", true, &[]));
+    let (c, k) = ca.workload("spiffe://cluster.local/ns/default/sa/client");
+    n1.ids.as_ref().unwrap().install("client", &c, &k).unwrap();
+    let (c, k) = ca.workload(&format!("spiffe://cluster.local/ns/default/sa/{server_sa_in_cert}"));
+    n2.ids.as_ref().unwrap().install("server", &c, &k).unwrap();
+    n1.reconciler.reconcile(yaml("n1")).await;
+    n2.reconciler.reconcile(yaml("n2")).await;
+    (n1, n2)
+}
+
+#[tokio::test]
+async fn hbone_carries_a_connection_with_proven_identities() {
+    let (n1, n2) = two_nodes(22, "server", "server", true).await;
+    let _app = echo_app(a("127.22.2.2:8080")).await;
+    // A long exchange keeps the connection open while the destination's
+    // live view is read.
+    let s = tokio::net::TcpSocket::new_v4().unwrap();
+    s.bind("127.22.1.2:0".parse().unwrap()).unwrap();
+    let app = match s.local_addr().unwrap() {
+        std::net::SocketAddr::V4(a) => a,
+        _ => unreachable!(),
+    };
+    n1.orig.insert(
+        ferry_agent::proxy::orig_dst::ConnKey {
+            netns_cookie: cookie("127.22.1.2".parse().unwrap()),
+            app,
+            proxy: a("127.22.1.2:15001"),
+        },
+        a("127.22.2.2:8080"),
+    );
+    let mut conn = s.connect("127.22.1.2:15001".parse().unwrap()).await.unwrap();
+    conn.write_all(b"over the tunnel").await.unwrap();
+    until("the tunnelled connection at the destination", || {
+        n2.proxy.telemetry.live().iter().any(|c| {
+            c.direction == Direction::Tunnel
+                && c.peer_identity.get().map(|i| i.to_string()).as_deref()
+                    == Some("spiffe://cluster.local/ns/default/sa/client")
+        })
+    })
+    .await;
+    let got = exchange(conn, "").await.unwrap();
+    assert_eq!(
+        got, "127.22.1.2 over the tunnel",
+        "STRICT passes a proven identity; client IP kept"
+    );
+    let hb = n1.hbone.as_ref().unwrap();
+    assert_eq!(hb.stats.handshakes_ok.load(Ordering::Relaxed), 1);
+    let c1 = n1.proxy.telemetry.counters.snapshot();
+    assert_eq!((c1.hop_tunnel, c1.failed), (1, 0));
+    until("the destination to close", || {
+        n2.proxy.telemetry.counters.snapshot().closed == 1
+    })
+    .await;
+    assert_eq!(n2.proxy.telemetry.counters.snapshot().failed, 0);
+}
+
+#[tokio::test]
+async fn a_destination_proving_another_identity_is_refused() {
+    // n1 expects the server to run as `server`; its certificate says `imposter`.
+    let (n1, n2) = two_nodes(23, "server", "imposter", false).await;
+    let _app = echo_app(a("127.23.2.2:8080")).await;
+    let got = app_connect(&n1, "127.23.1.2".parse().unwrap(), a("127.23.2.2:8080"), "secret").await;
+    assert_eq!(got.unwrap_or_default(), "", "nothing relayed to the wrong identity");
+    until("the refusal to be counted", || {
+        n1.proxy.telemetry.counters.snapshot().failed == 1
+    })
+    .await;
+    let hb = n1.hbone.as_ref().unwrap();
+    assert_eq!(hb.stats.handshakes_ok.load(Ordering::Relaxed), 0);
+    assert_eq!(n2.proxy.telemetry.counters.snapshot().tunnel_opened, 0);
+
+    // Positive control: the same pair with the right identity works.
+    let (n1, _n2) = two_nodes(24, "server", "server", false).await;
+    let _app = echo_app(a("127.24.2.2:8080")).await;
+    let got = app_connect(&n1, "127.24.1.2".parse().unwrap(), a("127.24.2.2:8080"), "ok").await;
+    assert_eq!(got.unwrap(), "127.24.1.2 ok");
+}
+
+/// The plain tunnel (no CA) proves no identity: the gate refuses it for a
+/// STRICT workload, as it refuses plaintext inbound; a PERMISSIVE one takes it.
+#[tokio::test]
+async fn the_gate_refuses_strict_and_misdirected_on_the_plain_tunnel() {
+    let ag = agent("n2", false, &[]);
+    ag.reconciler
+        .reconcile(config(
+            "node: n2\nworkloads:\n  - {uid: open, name: open, node: n2, ip: 127.25.0.2, enrolled: true}\n  - {uid: locked, name: locked, namespace: vault, node: n2, ip: 127.25.0.3, enrolled: true}\npeerAuthentications: [{metadata: {name: s, namespace: vault}, spec: {mtls: {mode: STRICT}}}]\n",
+        ))
+        .await;
+    let _a1 = echo_app(a("127.25.0.2:8080")).await;
+    let _a2 = echo_app(a("127.25.0.3:8080")).await;
+    let tunnel = |to: &'static str, target: &'static str| async move {
+        let s = tokio::net::TcpSocket::new_v4().unwrap();
+        s.bind("127.25.9.9:0".parse().unwrap()).unwrap();
+        let mut s = s.connect(to.parse().unwrap()).await.unwrap();
+        s.write_all(&ferry_agent::tunnel::encode(a(target))).await.unwrap();
+        exchange(s, "via tunnel").await.unwrap_or_default()
+    };
+    // Positive control: PERMISSIVE takes a plain tunnel stream.
+    assert_eq!(
+        tunnel("127.25.0.2:15008", "127.25.0.2:8080").await,
+        "127.25.9.9 via tunnel"
+    );
+    // STRICT refuses it.
+    assert_eq!(tunnel("127.25.0.3:15008", "127.25.0.3:8080").await, "");
+    // A target that is not the pod is refused.
+    assert_eq!(tunnel("127.25.0.2:15008", "127.25.0.3:8080").await, "");
+    let c = ag.proxy.telemetry.counters.snapshot();
+    assert_eq!((c.tunnel_opened, c.refused, c.refused_plaintext), (3, 2, 1));
+}
