@@ -92,7 +92,9 @@ async fn acks_nacks_saves_and_resumes() {
     let (subs_tx, mut subs) = mpsc::unbounded();
     tokio::spawn(
         tonic::transport::Server::builder()
-            .tls_config(tonic::transport::ServerTlsConfig::new().identity(tonic::transport::Identity::from_pem(cert, key)))
+            .tls_config(
+                tonic::transport::ServerTlsConfig::new().identity(tonic::transport::Identity::from_pem(cert, key)),
+            )
             .unwrap()
             .add_service(DiscoveryServer::new(Fake(subs_tx)))
             .serve_with_incoming(incoming),
@@ -150,7 +152,11 @@ async fn acks_nacks_saves_and_resumes() {
         .unwrap();
     let nack = next(&mut sub.requests, "the NACK").await.unwrap();
     assert_eq!(nack.response_nonce, "2");
-    assert!(nack.error_detail.contains("10.1.1.2 already used"), "{}", nack.error_detail);
+    assert!(
+        nack.error_detail.contains("10.1.1.2 already used"),
+        "{}",
+        nack.error_detail
+    );
     assert_eq!(sinks.rejected.get(), 1);
     assert!(applied.try_recv().is_err(), "a rejected update is not applied");
     {

@@ -115,9 +115,7 @@ async fn subscribe(
     })
     .await
     .unwrap();
-    let mut req = tonic::Request::new(rx);
-    req.metadata_mut()
-        .insert("authorization", format!("Bearer {token}").parse().unwrap());
+    let req = ferry_api::channel::with_token(rx, token).unwrap();
     let rx = DiscoveryClient::new(ch).stream(req).await?.into_inner();
     Ok(Agent { tx, rx })
 }

@@ -1,15 +1,14 @@
 //! `ferryctl bpf dump`: a pinned map decoded, joined with the agent's
 //! workload names, filtered by pod or address.
 
-use serde::Serialize;
-use serde_json::Value;
+use ferry_model::admin::PodStatus;
+use serde_json::{Map, Value};
 
-use crate::{admin_get, pinned, Args, CtlError, DumpMap};
-
-/// Local workloads from the agent, when it answers (for names in dumps).
-fn workloads(args: &Args) -> Option<Vec<Value>> {
-    admin_get(args.admin, "/config_dump").ok()?["pods"].as_array().cloned()
-}
+use crate::{
+    admin,
+    output::{counters, to_values},
+    pinned, Args, CtlError, DumpMap,
+};
 
 /// Rows of one pinned map, joined with workload names, filtered.
 pub(crate) fn dump(
@@ -19,14 +18,9 @@ pub(crate) fn dump(
     ip: Option<&str>,
 ) -> Result<(Vec<Value>, &'static [&'static str]), CtlError> {
     let p = pinned(args)?;
-    fn values<T: Serialize>(rows: Vec<T>) -> Vec<Value> {
-        rows.into_iter()
-            .map(|r| serde_json::to_value(r).unwrap_or(Value::Null))
-            .collect()
-    }
     let (mut rows, columns): (Vec<Value>, &'static [&'static str]) = match map {
         DumpMap::Pods => (
-            values(p.pods()?),
+            to_values(&p.pods()?)?,
             &[
                 "netns_cookie",
                 "pod_id",
@@ -37,13 +31,13 @@ pub(crate) fn dump(
                 "cgroup",
             ],
         ),
-        DumpMap::MeshDst => (values(p.mesh_dst()?), &["ip", "port", "kind"]),
+        DumpMap::MeshDst => (to_values(&p.mesh_dst()?)?, &["ip", "port", "kind"]),
         DumpMap::OrigDst => (
-            values(p.orig_dst()?),
+            to_values(&p.orig_dst()?)?,
             &["netns_cookie", "client", "agent", "orig_dst", "pod_id"],
         ),
         DumpMap::Traffic => (
-            values(p.traffic()?),
+            to_values(&p.traffic()?)?,
             &[
                 "ifindex",
                 "interface",
@@ -55,15 +49,9 @@ pub(crate) fn dump(
                 "tx_bytes",
             ],
         ),
-        DumpMap::Stats => (
-            p.stats()?
-                .into_iter()
-                .map(|(k, v)| serde_json::json!({"counter": k, "value": v}))
-                .collect(),
-            &["counter", "value"],
-        ),
+        DumpMap::Stats => (to_values(&counters(p.stats()?))?, &["counter", "value"]),
         DumpMap::Config => (
-            values(vec![p.config()?]),
+            to_values(&[p.config()?])?,
             &[
                 "flags",
                 "agent_mark",
@@ -75,35 +63,37 @@ pub(crate) fn dump(
             ],
         ),
     };
-    let wls = workloads(args).unwrap_or_default();
-    // Join: pods by netns cookie, traffic by host veth.
+    // Local workloads from the agent, when it answers (for names in dumps).
+    let pods = match admin::config_dump(args.admin) {
+        Ok(d) => Some(d.pods),
+        Err(e @ CtlError::AgentDown(..)) if pod.is_some() => {
+            return Err(CtlError::Other(format!(
+                "--pod needs the agent (for pod names); use --ip instead: {e}"
+            )))
+        }
+        Err(e) if pod.is_some() => return Err(e),
+        Err(CtlError::AgentDown(..)) => None,
+        Err(e) => {
+            eprintln!("ferryctl: rows not joined with workload names: {e}");
+            None
+        }
+    };
+    let pods = pods.unwrap_or_default();
     for r in &mut rows {
-        let w = wls.iter().find(|w| {
-            (r.get("netns_cookie").is_some() && w["netns_cookie"] == r["netns_cookie"])
-                || (r.get("interface").is_some_and(|i| !i.is_null()) && w["host_veth"] == r["interface"])
-        });
-        if let (Some(w), Some(obj)) = (w, r.as_object_mut()) {
-            for k in ["namespace", "name", "ip", "host_veth", "cgroup", "netns", "uid"] {
-                obj.entry(k).or_insert(w[k].clone());
-            }
+        if let (Some(w), Some(obj)) = (pods.iter().find(|w| joins(w, r)), r.as_object_mut()) {
+            join(obj, w);
         }
     }
     if let Some(pod) = pod {
-        if wls.is_empty() {
-            return Err(CtlError::Other(
-                "--pod needs the agent (for pod names); use --ip instead".into(),
-            ));
-        }
         let (ns, name) = pod.split_once('/').map_or((None, pod), |(n, p)| (Some(n), p));
-        let w = wls
+        let w = pods
             .iter()
-            .find(|w| w["name"] == name && ns.is_none_or(|n| w["namespace"] == n))
-            .ok_or_else(|| CtlError::Other(format!("no local workload named {pod}")))?
-            .clone();
+            .find(|w| w.name == name && ns.is_none_or(|n| w.namespace == n))
+            .ok_or_else(|| CtlError::Other(format!("no local workload named {pod}")))?;
         rows.retain(|r| {
-            (r.get("netns_cookie").is_some() && r["netns_cookie"] == w["netns_cookie"])
-                || (r.get("pod_id").is_some() && r["pod_id"] == w["pod_id"])
-                || r.get("name").is_some_and(|n| *n == w["name"])
+            joins(w, r)
+                || w.pod_id.is_some_and(|id| r["pod_id"].as_u64() == Some(id.into()))
+                || r["name"].as_str() == Some(w.name.as_str())
         });
     }
     if let Some(ip) = ip {
@@ -116,4 +106,29 @@ pub(crate) fn dump(
         });
     }
     Ok((rows, columns))
+}
+
+/// Whether a pinned row is about this pod: pods by netns cookie, traffic by
+/// host veth.
+fn joins(w: &PodStatus, r: &Value) -> bool {
+    w.netns_cookie.is_some_and(|c| r["netns_cookie"].as_u64() == Some(c))
+        || w.host_veth
+            .as_deref()
+            .is_some_and(|v| r["interface"].as_str() == Some(v))
+}
+
+/// Adds the pod's names to a pinned row (fields the row has are kept).
+fn join(row: &mut Map<String, Value>, w: &PodStatus) {
+    let opt = |v: &Option<String>| v.clone().map_or(Value::Null, Value::String);
+    for (k, v) in [
+        ("namespace", Value::String(w.namespace.clone())),
+        ("name", Value::String(w.name.clone())),
+        ("ip", Value::String(w.ip.clone())),
+        ("host_veth", opt(&w.host_veth)),
+        ("cgroup", opt(&w.cgroup)),
+        ("netns", opt(&w.netns)),
+        ("uid", Value::String(w.uid.clone())),
+    ] {
+        row.entry(k).or_insert(v);
+    }
 }

@@ -4,21 +4,18 @@
 //! Exit codes: 0 ok, 1 other error, 2 usage, 3 agent not reachable, 4 no Ferry
 //! maps, 5 `check` found the node cannot run Ferry, 6 `analyze` found errors.
 
-use std::{
-    io::{Read, Write},
-    net::{SocketAddr, TcpStream},
-    path::PathBuf,
-    time::Duration,
-};
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
+mod admin;
 mod analyze;
 mod dump;
 mod output;
+mod views;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use ferry_ebpf::pinned::{Pinned, PinnedError};
-use output::emit;
-use serde_json::Value;
+use output::{counters, emit, emit_rows, print_doc};
+use views::ServiceRow;
 
 #[derive(Parser)]
 #[command(version, about = "Inspect Ferry's eBPF maps and agent state on a node", after_help = EXAMPLES)]
@@ -136,6 +133,12 @@ enum CtlError {
     AgentDown(SocketAddr, std::io::Error),
     #[error(transparent)]
     Pinned(#[from] PinnedError),
+    #[error("agent admin {addr}{path} answered what this ferryctl cannot read: {error} (are ferryctl and ferry-agent the same version?)")]
+    BadAnswer {
+        addr: SocketAddr,
+        path: &'static str,
+        error: serde_json::Error,
+    },
     #[error("{0}")]
     Other(String),
     #[error("{0} check(s) failed: this node cannot run Ferry as it is (see the remedy column)")]
@@ -220,114 +223,29 @@ fn run(args: &Args) -> Result<(), CtlError> {
             if !*watch {
                 return Ok(());
             }
-            std::thread::sleep(std::time::Duration::from_secs(1));
+            std::thread::sleep(Duration::from_secs(1));
         },
-        Cmd::ConfigDump => {
-            let v = admin_get(args.admin, "/config_dump")?;
-            match args.output {
-                Output::Yaml => print!("{}", serde_norway::to_string(&v).unwrap_or_default()),
-                _ => println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default()),
-            }
-            Ok(())
-        }
+        Cmd::ConfigDump => print_doc(args, &admin::config_dump(args.admin)?),
         Cmd::Completions { shell } => {
             use clap::CommandFactory;
             clap_complete::generate(*shell, &mut Args::command(), "ferryctl", &mut std::io::stdout());
             Ok(())
         }
-        Cmd::Workloads => {
-            let dump = admin_get(args.admin, "/config_dump")?;
-            let pods = dump["pods"].as_array().cloned().unwrap_or_default();
-            emit(
-                args,
-                &pods,
-                &[
-                    "namespace",
-                    "name",
-                    "ip",
-                    "enrolled",
-                    "pod_id",
-                    "netns_cookie",
-                    "host_veth",
-                    "error",
-                ],
-            )
-        }
-        Cmd::Conns => {
-            let conns = admin_get(args.admin, "/conns")?;
-            let rows = conns.as_array().cloned().unwrap_or_default();
-            emit(
-                args,
-                &rows,
-                &[
-                    "id",
-                    "direction",
-                    "source",
-                    "orig_dst",
-                    "service",
-                    "endpoint",
-                    "hop",
-                    "sent",
-                    "received",
-                    "age_ms",
-                ],
-            )
-        }
+        Cmd::Workloads => emit_rows(args, &admin::config_dump(args.admin)?.pods),
+        Cmd::Conns => emit_rows(args, &admin::conns(args.admin)?),
         Cmd::Services => {
-            let dump = admin_get(args.admin, "/config_dump")?;
-            let rows: Vec<Value> = dump["services"]
-                .as_array()
-                .cloned()
-                .unwrap_or_default()
-                .into_iter()
-                .map(|s| {
-                    let ports: Vec<String> = s["ports"]
-                        .as_array()
-                        .into_iter()
-                        .flatten()
-                        .map(|p| format!("{}->{}", p["port"], p["targetPort"]))
-                        .collect();
-                    let eps: Vec<String> = s["endpoints"]
-                        .as_array()
-                        .into_iter()
-                        .flatten()
-                        .map(|e| format!("{}{}", e["ip"].as_str().unwrap_or("?"), if e["ready"] == false { " (not ready)" } else { "" }))
-                        .collect();
-                    serde_json::json!({"namespace": s["namespace"], "name": s["name"], "vip": s["vip"], "ports": ports.join(","), "endpoints": eps.join(",")})
-                })
-                .collect();
-            emit(args, &rows, &["namespace", "name", "vip", "ports", "endpoints"])
+            let dump = admin::config_dump(args.admin)?;
+            let rows: Vec<ServiceRow> = dump.services.iter().map(ServiceRow::from).collect();
+            emit_rows(args, &rows)
         }
-        Cmd::Control => {
-            let dump = admin_get(args.admin, "/config_dump")?;
-            match dump.get("control").filter(|c| !c.is_null()) {
-                Some(c) => emit(
-                    args,
-                    std::slice::from_ref(c),
-                    &[
-                        "endpoint",
-                        "connected",
-                        "system_version",
-                        "resources",
-                        "last_nack",
-                        "last_error",
-                    ],
-                ),
-                None => {
-                    println!("standalone: this agent takes its config from a file (no --discovery)");
-                    Ok(())
-                }
+        Cmd::Control => match admin::config_dump(args.admin)?.control {
+            Some(c) => emit_rows(args, std::slice::from_ref(&c)),
+            None => {
+                println!("standalone: this agent takes its config from a file (no --discovery)");
+                Ok(())
             }
-        }
-        Cmd::Certs => {
-            let certs = admin_get(args.admin, "/certs")?;
-            let rows = certs.as_array().cloned().unwrap_or_default();
-            emit(
-                args,
-                &rows,
-                &["uid", "spiffe_id", "serial", "seconds_to_expiry", "seconds_to_rotation"],
-            )
-        }
+        },
+        Cmd::Certs => emit_rows(args, &admin::certs(args.admin)?),
         Cmd::Check { cgroup_root } => {
             let rows = ferry_ebpf::preflight::run(&args.pin_root, cgroup_root.as_deref());
             emit(args, &rows, &["check", "ok", "detail", "remedy"])?;
@@ -336,36 +254,6 @@ fn run(args: &Args) -> Result<(), CtlError> {
             }
             Ok(())
         }
-        Cmd::Stats => {
-            let s = admin_get(args.admin, "/stats")?;
-            let rows: Vec<Value> = s
-                .as_object()
-                .map(|o| {
-                    o.iter()
-                        .map(|(k, v)| serde_json::json!({"counter": k, "value": v}))
-                        .collect()
-                })
-                .unwrap_or_default();
-            emit(args, &rows, &["counter", "value"])
-        }
+        Cmd::Stats => emit_rows(args, &counters(admin::stats(args.admin)?.counters())),
     }
-}
-
-fn admin_get(addr: SocketAddr, path: &str) -> Result<Value, CtlError> {
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).map_err(|e| CtlError::AgentDown(addr, e))?;
-    s.set_read_timeout(Some(Duration::from_secs(5)))
-        .map_err(|e| CtlError::AgentDown(addr, e))?;
-    write!(s, "GET {path} HTTP/1.0\r\nHost: ferry-admin\r\n\r\n").map_err(|e| CtlError::AgentDown(addr, e))?;
-    let mut resp = String::new();
-    s.read_to_string(&mut resp).map_err(|e| CtlError::AgentDown(addr, e))?;
-    let (head, body) = resp
-        .split_once("\r\n\r\n")
-        .ok_or_else(|| CtlError::Other("malformed admin response".into()))?;
-    if !head.starts_with("HTTP/1.1 200") && !head.starts_with("HTTP/1.0 200") {
-        return Err(CtlError::Other(format!(
-            "admin {path}: {}",
-            head.lines().next().unwrap_or("")
-        )));
-    }
-    serde_json::from_str(body).map_err(|e| CtlError::Other(format!("admin {path}: bad JSON: {e}")))
 }

@@ -363,7 +363,7 @@ impl Redirector {
         )
         .map_err(map_err("ferry_pods"))?;
         drop(old);
-        tracing::debug!(pod = pod.uid, ?links, "hooks attached and pinned");
+        tracing::debug!(pod = pod.uid, links = links.len(), dir = %links_dir.display(), "hooks attached and pinned");
         self.pods.insert(
             pod.uid.to_owned(),
             Enrolled {

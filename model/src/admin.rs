@@ -131,3 +131,71 @@ pub struct Stats {
     pub hop_tunnel: u64,
     pub hop_direct: u64,
 }
+
+impl Stats {
+    /// Every counter with its JSON field name, in declaration order (for
+    /// tables that list counters one per row).
+    pub fn counters(&self) -> [(&'static str, u64); 13] {
+        // Exhaustive on purpose: a new counter does not compile until listed here.
+        let Stats {
+            outbound_opened,
+            inbound_opened,
+            tunnel_opened,
+            closed,
+            failed,
+            no_orig_dst,
+            refused,
+            refused_plaintext,
+            bytes_sent,
+            bytes_received,
+            hop_local,
+            hop_tunnel,
+            hop_direct,
+        } = *self;
+        [
+            ("outbound_opened", outbound_opened),
+            ("inbound_opened", inbound_opened),
+            ("tunnel_opened", tunnel_opened),
+            ("closed", closed),
+            ("failed", failed),
+            ("no_orig_dst", no_orig_dst),
+            ("refused", refused),
+            ("refused_plaintext", refused_plaintext),
+            ("bytes_sent", bytes_sent),
+            ("bytes_received", bytes_received),
+            ("hop_local", hop_local),
+            ("hop_tunnel", hop_tunnel),
+            ("hop_direct", hop_direct),
+        ]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counters_are_named_as_serialized() {
+        let s = Stats {
+            outbound_opened: 1,
+            inbound_opened: 2,
+            tunnel_opened: 3,
+            closed: 4,
+            failed: 5,
+            no_orig_dst: 6,
+            refused: 7,
+            refused_plaintext: 8,
+            bytes_sent: 9,
+            bytes_received: 10,
+            hop_local: 11,
+            hop_tunnel: 12,
+            hop_direct: 13,
+        };
+        let json = serde_json::to_value(&s).unwrap();
+        let obj = json.as_object().unwrap();
+        assert_eq!(obj.len(), s.counters().len());
+        for (name, value) in s.counters() {
+            assert_eq!(obj[name], value, "{name}");
+        }
+    }
+}

@@ -322,6 +322,23 @@ peerAuthentications:
     }
 
     #[test]
+    fn an_unknown_protocol_on_the_wire_is_a_problem() {
+        let c = cfg();
+        let mut held = resources(&c);
+        let r = held.0.get_mut("service/default/echo").unwrap();
+        if let Some(pb::resource::Kind::Service(s)) = &mut r.kind {
+            s.ports[0].protocol = "smtp".into();
+        }
+        let problems = held.to_config("n1", &c.settings).unwrap_err();
+        assert!(
+            problems
+                .iter()
+                .any(|p| p.contains("service/default/echo: port 80: \"smtp\" is not a protocol")),
+            "{problems:?}"
+        );
+    }
+
+    #[test]
     fn versions_are_content_digests() {
         let c = cfg();
         let a = resources(&c);
