@@ -15,7 +15,7 @@ use anyhow::{Context, Result};
 use serde::Serialize;
 use serde_json::Value;
 
-use crate::{ClusterBox, Spec};
+use ferry_box::{BoxState, ClusterBox, Spec};
 
 #[derive(Clone, Copy)]
 pub struct Sizes {
@@ -175,7 +175,8 @@ fn cpu_s(pid: u32) -> f64 {
     (field(11) + field(12)) as f64 / clk_tck()
 }
 
-fn rss_kib(pid: u32) -> u64 {
+/// VmRSS of a process, in KiB (0 when it is gone).
+pub(crate) fn rss_kib(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .unwrap_or_default()
         .lines()
@@ -197,7 +198,7 @@ fn proxies_rss(pids: &[u32]) -> u64 {
 }
 
 fn json(out: &str) -> Result<Value> {
-    serde_json::from_str(out.trim()).with_context(|| format!("client output {out:?}"))
+    serde_json::from_str(out.trim()).with_context(|| format!("client output: {}", out.trim()))
 }
 
 fn run(sc: &Scenario, sizes: Sizes, bins: &Path) -> Result<Row> {
@@ -414,7 +415,7 @@ pub fn latency_svg(rows: &[Row]) -> String {
 /// (127.0.0.1:15001, the app connects to it) and inside the server pod (pod IP
 /// :15006, forwarding to the app on loopback). Killed with the box. Returns
 /// their pids (their CPU and memory are the sidecar model's proxy cost).
-fn start_sidecars(s: &crate::BoxState, server: &str) -> Result<Vec<u32>> {
+fn start_sidecars(s: &BoxState, server: &str) -> Result<Vec<u32>> {
     let server_ip = s.pod_ip(server)?;
     let mut pids = Vec::new();
     let conf = |name: &str, bind: String, to: String| -> Result<String> {
@@ -455,6 +456,7 @@ fn start_sidecars(s: &crate::BoxState, server: &str) -> Result<Vec<u32>> {
     Ok(pids)
 }
 
+/// A command's trimmed stdout, or nothing (for the report's machine line).
 pub fn sh(cmd: &str, args: &[&str]) -> String {
     Command::new(cmd)
         .args(args)

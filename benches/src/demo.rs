@@ -2,8 +2,8 @@
 
 use std::path::PathBuf;
 
-use crate::ClusterBox;
 use anyhow::Result;
+use ferry_box::{manifests, sample_value, ClusterBox};
 
 fn section(title: &str) {
     println!("\n\x1b[1m== {title}\x1b[0m");
@@ -16,11 +16,6 @@ fn ferryctl(b: &ClusterBox, node: usize, args: &[&str]) -> Result<()> {
         print!("{}", String::from_utf8_lossy(&out.stderr));
     }
     Ok(())
-}
-
-/// The demo app: Kubernetes YAML the box schedules and ferry-control reads.
-pub fn manifests() -> PathBuf {
-    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/bookinfo"))
 }
 
 fn pods_line(b: &ClusterBox) -> Result<()> {
@@ -50,7 +45,7 @@ fn pods_line(b: &ClusterBox) -> Result<()> {
 
 pub fn run(bins: PathBuf, keep: bool) -> Result<()> {
     section("The app: examples/bookinfo (Kubernetes YAML), checked offline first");
-    let dir = manifests();
+    let dir = manifests::bookinfo();
     let out = std::process::Command::new(bins.join("ferryctl"))
         .args(["analyze", "-f"])
         .arg(&dir)
@@ -59,7 +54,7 @@ pub fn run(bins: PathBuf, keep: bool) -> Result<()> {
     print!("  {}", String::from_utf8_lossy(&out.stdout));
 
     section("Bringing up the cluster-in-a-box, config from ferry-control");
-    let spec = crate::manifests::spec_from_dir(&dir, 2)?;
+    let spec = manifests::spec_from_dir(&dir, 2)?;
     let mut b = ClusterBox::up(spec, bins)?;
     let s = b.state.clone();
     println!(
@@ -75,8 +70,11 @@ pub fn run(bins: PathBuf, keep: bool) -> Result<()> {
     pods_line(&b)?;
     for svc in &s.spec.services {
         println!(
-            "  service {:<12} {}:{} -> {:?}",
-            svc.name, svc.vip, svc.port, svc.endpoints
+            "  service {:<12} {}:{} -> {}",
+            svc.name,
+            svc.vip,
+            svc.port,
+            svc.endpoints.join(", ")
         );
     }
 
@@ -164,7 +162,7 @@ pub fn run(bins: PathBuf, keep: bool) -> Result<()> {
             .filter(|m| m.metric == "istio_tcp_connections_opened_total")
         {
             let l = |k: &str| m.labels.get(k).unwrap_or("-").to_owned();
-            let v = crate::sample_value(&m.value);
+            let v = sample_value(&m.value);
             if l("source_workload") == "unknown" {
                 continue; // the box's own readiness probes from the node
             }
@@ -183,11 +181,7 @@ pub fn run(bins: PathBuf, keep: bool) -> Result<()> {
             .iter()
             .filter(|m| m.metric == "ferry_ebpf_redirects_total")
         {
-            println!(
-                "  node{} ferry_ebpf_redirects_total {}",
-                n + 1,
-                crate::sample_value(&m.value)
-            );
+            println!("  node{} ferry_ebpf_redirects_total {}", n + 1, sample_value(&m.value));
         }
     }
 

@@ -10,11 +10,12 @@
 //! Every name carries the box id, so boxes run in parallel; addresses live only
 //! inside the box's namespaces (no route leaves the machine). A state file in
 //! /run/ferry-box/ lets `down` remove everything, also after a crash.
+//!
+//! This crate is the harness, the sample workload (`ferry-workload`) and the
+//! box CLI (`ferry-box box ...`); the benchmarks and the demo that drive it
+//! are `ferry-bench` (benches/).
 
-pub mod bench;
-pub mod bench_control;
 pub use query::{eventually, require_root, sample_value};
-pub mod demo;
 pub mod manifests;
 pub mod proto;
 mod query;

@@ -4,13 +4,23 @@
 //! Namespace's labels are kept; everything else (Services with selectors,
 //! routes, policies) goes to ferry-control as written.
 
-use std::{collections::BTreeMap, net::Ipv4Addr, path::Path};
+use std::{
+    collections::BTreeMap,
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+};
 
 use anyhow::{bail, Context, Result};
 use ferry_control::model::{parse::split_documents, parse_file, Object, Severity};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 use crate::{PodSpec, ServiceSpec, Spec};
+
+/// The demo app, `examples/bookinfo`: Kubernetes YAML the box schedules and
+/// ferry-control reads.
+pub fn bookinfo() -> PathBuf {
+    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/bookinfo"))
+}
 
 pub fn spec_from_dir(dir: &Path, nodes: usize) -> Result<Spec> {
     let mut spec = Spec {

@@ -240,7 +240,7 @@ fn agents_keep_serving_without_the_control_plane_and_converge_after() {
 #[test]
 fn the_bookinfo_manifests_run_as_written() {
     require_root();
-    let spec = ferry_box::manifests::spec_from_dir(&ferry_box::demo::manifests(), 2).unwrap();
+    let spec = ferry_box::manifests::spec_from_dir(&ferry_box::manifests::bookinfo(), 2).unwrap();
     let b = ClusterBox::up(spec, ferry_box::default_bin_dir()).expect("box up");
     let s = &b.state;
     // Enrollment: the namespace's Istio ambient label, except where the pod opts out.

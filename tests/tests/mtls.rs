@@ -8,6 +8,10 @@ use std::{
     time::{Duration, Instant},
 };
 
+use ferry_api::{
+    channel::{self, ControlEndpoint},
+    identity::{identity_client::IdentityClient, SignRequest},
+};
 use ferry_box::{eventually, require_root, BoxState, ClusterBox, Spec};
 
 const VIP: &str = "10.96.0.10:80";
@@ -147,8 +151,12 @@ fn csr() -> String {
 }
 
 fn sign(s: &BoxState, token_of_node: usize, pod: &str) -> Result<String, tonic::Status> {
-    let token = std::fs::read_to_string(s.token_path(token_of_node)).unwrap();
-    let ca = std::fs::read_to_string(s.ca_dir().join("ca.cert.pem")).unwrap();
+    let token = channel::read_token(&s.token_path(token_of_node)).unwrap();
+    let control = ControlEndpoint::from_ca_file(
+        &format!("https://{}", ferry_box::CONTROL_ADDR),
+        &s.ca_dir().join("ca.cert.pem"),
+    )
+    .unwrap();
     let uid = s.pod_uid(pod);
     s.in_node(0, move || {
         let rt = tokio::runtime::Builder::new_current_thread()
@@ -156,24 +164,17 @@ fn sign(s: &BoxState, token_of_node: usize, pod: &str) -> Result<String, tonic::
             .build()
             .unwrap();
         rt.block_on(async move {
-            let tls = tonic::transport::ClientTlsConfig::new()
-                .ca_certificate(tonic::transport::Certificate::from_pem(ca))
-                .domain_name("ferry-control");
-            let ch = tonic::transport::Endpoint::from_shared(format!("https://{}", ferry_box::CONTROL_ADDR))
-                .unwrap()
-                .tls_config(tls)
-                .unwrap()
-                .connect()
-                .await
-                .unwrap();
-            let mut req = tonic::Request::new(ferry_api::identity::SignRequest {
-                pod_uid: uid,
-                csr_pem: csr(),
-                ttl_seconds: 60,
-            });
-            req.metadata_mut()
-                .insert("authorization", format!("Bearer {}", token.trim()).parse().unwrap());
-            ferry_api::identity::identity_client::IdentityClient::new(ch)
+            let ch = control.connect().await.unwrap();
+            let req = channel::with_token(
+                SignRequest {
+                    pod_uid: uid,
+                    csr_pem: csr(),
+                    ttl_seconds: 60,
+                },
+                &token,
+            )
+            .unwrap();
+            IdentityClient::new(ch)
                 .sign(req)
                 .await
                 .map(|r| r.into_inner().spiffe_id)
@@ -423,7 +424,7 @@ fn strict_refuses_plaintext_permissive_lets_it_in_and_probes_always_pass() {
     b.update(|s| s.peer_authentications = strict.clone()).unwrap();
     assert!(b.state.who("outsider", &echo1).is_err(), "STRICT must refuse plaintext");
     assert!(eventually(Duration::from_secs(5), || log(&b.state, 0)
-        .contains("refused plaintext connection")));
+        .contains("refused inbound connection")));
     // Mesh traffic still flows (cross node: mTLS; same node: handed over inside the agent).
     assert!(b.state.who("client", VIP).is_ok());
     assert!(b.state.who("client", &echo1).is_ok());

@@ -1,6 +1,7 @@
 //! cargo xtask: prerequisites, building, and running the cluster-in-a-box
-//! (`ferry-box`), the demo and the tests. It depends on nothing of Ferry's so
-//! it can install what Ferry's own build needs (clang for the eBPF programs).
+//! (`ferry-box`), the demo and the benchmarks (`ferry-bench`) and the tests.
+//! It depends on nothing of Ferry's so it can install what Ferry's own build
+//! needs (clang for the eBPF programs).
 
 mod deps;
 
@@ -38,9 +39,10 @@ enum Cmd {
         /// About a minute; what `cargo xtask test` runs (checks it works, not its numbers).
         #[arg(long)]
         quick: bool,
-        /// Report path without extension.
-        #[arg(long, default_value = "docs/benchmarks")]
-        out: String,
+        /// Report path without extension [default: docs/benchmarks; with
+        /// --quick, target/bench-quick/benchmarks, never over docs/].
+        #[arg(long)]
+        out: Option<String>,
     },
     /// The cluster-in-a-box: `box up`, `box down [ID]`, `box list`, `box exec POD -- CMD`.
     Box {
@@ -57,16 +59,26 @@ fn main() -> Result<()> {
             if keep {
                 args.push("--keep".into());
             }
-            ferry_box(&args)
+            run_bin("ferry-bench", &args)
         }
         Cmd::Box { args } => {
             let mut all = vec!["box".to_owned()];
             all.extend(args);
-            ferry_box(&all)
+            run_bin("ferry-box", &all)
         }
         Cmd::Bench { quick, out } => {
             deps::ensure()?;
             let bins = build_bins(true)?;
+            let out = match out {
+                Some(out) => out,
+                // A quick run's numbers mean nothing: keep them out of docs/.
+                None if quick => {
+                    let dir = bins.parent().context("no target directory")?.join("bench-quick");
+                    std::fs::create_dir_all(&dir)?;
+                    dir.join("benchmarks").display().to_string()
+                }
+                None => "docs/benchmarks".to_owned(),
+            };
             // The data path on the box, then the control plane at scale.
             for (cmd, out) in [
                 ("bench", out.clone()),
@@ -76,7 +88,7 @@ fn main() -> Result<()> {
                 if quick {
                     args.push("--quick".into());
                 }
-                let st = Command::new(bins.join("ferry-box"))
+                let st = Command::new(bins.join("ferry-bench"))
                     .args(&args)
                     .env("FERRY_BIN_DIR", &bins)
                     .status()?;
@@ -102,11 +114,12 @@ fn main() -> Result<()> {
     }
 }
 
-/// Runs the box CLI after making sure prerequisites and binaries are there.
-fn ferry_box(args: &[String]) -> Result<()> {
+/// Runs one of Ferry's binaries (`ferry-box`, `ferry-bench`) after making
+/// sure prerequisites and binaries are there; exits with its status.
+fn run_bin(bin: &str, args: &[String]) -> Result<()> {
     deps::ensure()?;
     let bins = build_bins(false)?;
-    let st = Command::new(bins.join("ferry-box"))
+    let st = Command::new(bins.join(bin))
         .args(args)
         .env("FERRY_BIN_DIR", &bins)
         .status()?;

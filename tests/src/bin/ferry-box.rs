@@ -1,10 +1,11 @@
-//! ferry-box: the cluster-in-a-box CLI (up, down, list, exec) and the demo.
-//! `cargo xtask` builds everything and runs this; use it directly with
-//! FERRY_BIN_DIR pointing at the built binaries.
+//! ferry-box: the cluster-in-a-box CLI (up, down, list, exec). `cargo xtask
+//! box` builds everything and runs this; use it directly with FERRY_BIN_DIR
+//! pointing at the built binaries. The demo and the benchmarks are
+//! `ferry-bench` (benches/).
 
 use anyhow::{bail, Result};
 use clap::{Parser, Subcommand};
-use ferry_box::{default_bin_dir, demo, BoxState, ClusterBox, Spec};
+use ferry_box::{default_bin_dir, BoxState, ClusterBox, Spec};
 
 #[derive(Parser)]
 #[command(about = "Ferry's cluster-in-a-box")]
@@ -15,28 +16,6 @@ struct Args {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Bring up the cluster-in-a-box, drive traffic, show what happened.
-    Demo {
-        /// Leave the box running afterwards.
-        #[arg(long)]
-        keep: bool,
-    },
-    /// Benchmarks on the box (writes <out>.json and <out>.md).
-    Bench {
-        /// A short run (CI checks it runs, not its numbers).
-        #[arg(long)]
-        quick: bool,
-        #[arg(long, default_value = "docs/benchmarks")]
-        out: std::path::PathBuf,
-    },
-    /// The control plane at scale: generated cluster, real ferry-control,
-    /// simulated agents (writes <out>.json and <out>.md).
-    BenchControl {
-        #[arg(long)]
-        quick: bool,
-        #[arg(long, default_value = "docs/benchmarks-control-plane")]
-        out: std::path::PathBuf,
-    },
     /// Manage a cluster-in-a-box.
     Box {
         #[command(subcommand)]
@@ -65,25 +44,6 @@ enum BoxOp {
 fn main() -> Result<()> {
     let args = Args::parse();
     match args.cmd {
-        Cmd::Demo { keep } => demo::run(default_bin_dir(), keep),
-        Cmd::Bench { quick, out } => {
-            let sizes = if quick {
-                ferry_box::bench::QUICK
-            } else {
-                ferry_box::bench::FULL
-            };
-            ferry_box::bench::bench(sizes, quick, &default_bin_dir(), &out)
-        }
-        Cmd::BenchControl { quick, out } => {
-            let scale = if quick {
-                ferry_box::bench_control::QUICK
-            } else {
-                ferry_box::bench_control::FULL
-            };
-            let r = ferry_box::bench_control::bench(scale, &default_bin_dir(), &out)?;
-            println!("{}", serde_json::to_string_pretty(&r)?);
-            Ok(())
-        }
         Cmd::Box { op } => match op {
             BoxOp::Up => {
                 let b = ClusterBox::up(Spec::demo(), default_bin_dir())?;

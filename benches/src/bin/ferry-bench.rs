@@ -1,0 +1,87 @@
+//! ferry-bench: the benchmarks and the demo, run on the cluster-in-a-box.
+//! `cargo xtask bench` and `cargo xtask demo` build everything and run this;
+//! use it directly with FERRY_BIN_DIR pointing at the built binaries.
+
+use std::path::PathBuf;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+use ferry_bench::{bench, bench_control, demo};
+use ferry_box::default_bin_dir;
+
+#[derive(Parser)]
+#[command(about = "Ferry's benchmarks and demo, on the cluster-in-a-box")]
+struct Args {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Bring up the cluster-in-a-box, drive traffic, show what happened.
+    Demo {
+        /// Leave the box running afterwards.
+        #[arg(long)]
+        keep: bool,
+    },
+    /// Benchmarks on the box (writes <out>.json, <out>.md and <out>.svg).
+    Bench {
+        /// A short run (CI checks it runs, not its numbers).
+        #[arg(long)]
+        quick: bool,
+        /// Report path without extension [default: docs/benchmarks, with
+        /// --quick a temporary directory].
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// The control plane at scale: generated cluster, real ferry-control,
+    /// simulated agents (writes <out>.json and <out>.md).
+    BenchControl {
+        /// A short run (CI checks it runs, not its numbers).
+        #[arg(long)]
+        quick: bool,
+        /// Report path without extension [default:
+        /// docs/benchmarks-control-plane, with --quick a temporary directory].
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+}
+
+/// Where a report goes by default: docs/ for a full run; a quick run's
+/// numbers mean nothing, so they never replace the published ones.
+fn default_out(name: &str, quick: bool) -> Result<PathBuf> {
+    if !quick {
+        return Ok(PathBuf::from("docs").join(name));
+    }
+    let dir = std::env::temp_dir().join("ferry-bench-quick");
+    std::fs::create_dir_all(&dir)?;
+    Ok(dir.join(name))
+}
+
+fn main() -> Result<()> {
+    match Args::parse().cmd {
+        Cmd::Demo { keep } => demo::run(default_bin_dir(), keep),
+        Cmd::Bench { quick, out } => {
+            let out = match out {
+                Some(out) => out,
+                None => default_out("benchmarks", quick)?,
+            };
+            let sizes = if quick { bench::QUICK } else { bench::FULL };
+            bench::bench(sizes, quick, &default_bin_dir(), &out)
+        }
+        Cmd::BenchControl { quick, out } => {
+            let out = match out {
+                Some(out) => out,
+                None => default_out("benchmarks-control-plane", quick)?,
+            };
+            let scale = if quick {
+                bench_control::QUICK
+            } else {
+                bench_control::FULL
+            };
+            let r = bench_control::bench(scale, &default_bin_dir(), &out)?;
+            println!("{}", serde_json::to_string_pretty(&r)?);
+            Ok(())
+        }
+    }
+}
