@@ -1,7 +1,7 @@
 //! The admin endpoint (localhost:15000 by default): health, readiness and
 //! JSON views of the agent's state for `ferryctl` and operators.
 
-use std::sync::Arc;
+use std::{borrow::Cow, sync::Arc};
 
 use ferry_api::admin_http::{self, json, text, AdminRequest, Body};
 use ferry_model::admin::ConfigDump;
@@ -60,10 +60,10 @@ pub fn route(agent: &Agent, req: &AdminRequest<'_>) -> Response<Body> {
             json(&ConfigDump {
                 node: state.node.clone(),
                 version: rec.applied_version(),
-                settings: state.settings.clone(),
+                settings: Cow::Borrowed(&state.settings),
                 pods: rec.pod_status(),
-                workloads: state.workloads.values().cloned().collect(),
-                services: state.services.clone(),
+                workloads: state.workloads.values().map(Cow::Borrowed).collect(),
+                services: Cow::Borrowed(&state.services),
                 control: agent.control.read().unwrap_or_else(|e| e.into_inner()).clone(),
             })
         }

@@ -13,7 +13,7 @@ use serde::de::DeserializeOwned;
 use crate::CtlError;
 
 /// `/config_dump`: the agent's whole state.
-pub(crate) fn config_dump(addr: SocketAddr) -> Result<ConfigDump, CtlError> {
+pub(crate) fn config_dump(addr: SocketAddr) -> Result<ConfigDump<'static>, CtlError> {
     get(addr, "/config_dump")
 }
 

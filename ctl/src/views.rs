@@ -193,7 +193,7 @@ mod tests {
         }
     }
 
-    fn config_dump() -> ConfigDump {
+    fn config_dump() -> ConfigDump<'static> {
         let workload = |uid: &str, name: &str, ip: &str| Workload {
             uid: uid.into(),
             name: name.into(),
@@ -211,17 +211,17 @@ mod tests {
         ConfigDump {
             node: "node1".into(),
             version: 3,
-            settings: Settings::default(),
+            settings: std::borrow::Cow::Owned(Settings::default()),
             pods: vec![
                 pod("client-uid", "client", "10.1.1.10", Some(1)),
                 pod("echo-1-uid", "echo-1", "10.1.1.11", Some(2)),
                 plain,
             ],
             workloads: vec![
-                workload("client-uid", "client", "10.1.1.10"),
-                workload("echo-1-uid", "echo-1", "10.1.1.11"),
+                std::borrow::Cow::Owned(workload("client-uid", "client", "10.1.1.10")),
+                std::borrow::Cow::Owned(workload("echo-1-uid", "echo-1", "10.1.1.11")),
             ],
-            services: vec![Service {
+            services: std::borrow::Cow::Owned(vec![Service {
                 name: "echo".into(),
                 namespace: "default".into(),
                 vip: "10.96.0.10".parse().unwrap(),
@@ -249,7 +249,7 @@ mod tests {
                         ready: false,
                     },
                 ],
-            }],
+            }]),
             control: Some(ControlStatus {
                 endpoint: "https://ferry-control.ferry-system:15010".into(),
                 connected: true,
@@ -264,7 +264,7 @@ mod tests {
     #[test]
     fn config_dump_views() {
         let body = serde_json::to_string(&config_dump()).unwrap();
-        let dump: ConfigDump = answer("/config_dump", &body);
+        let dump: ConfigDump<'static> = answer("/config_dump", &body);
         assert_eq!(
             rows_table(&dump.pods),
             "\

@@ -2,7 +2,7 @@
 //! and `/stats` serve and what `ferryctl` and the tests read back. Field
 //! names and enum values here are the stable JSON shape.
 
-use std::fmt;
+use std::{borrow::Cow, fmt};
 
 use serde::{Deserialize, Serialize};
 
@@ -72,14 +72,18 @@ pub struct ControlStatus {
 
 /// `/config_dump`: the agent's whole state.
 #[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct ConfigDump {
+///
+/// The bulk (settings, workloads, services) is borrowed when the agent
+/// serves it, so a dump of a large mesh copies nothing but JSON; readers
+/// get owned values.
+pub struct ConfigDump<'a> {
     pub node: String,
     /// The config version fully applied (0: none yet).
     pub version: u64,
-    pub settings: Settings,
+    pub settings: Cow<'a, Settings>,
     pub pods: Vec<PodStatus>,
-    pub workloads: Vec<Workload>,
-    pub services: Vec<Service>,
+    pub workloads: Vec<Cow<'a, Workload>>,
+    pub services: Cow<'a, [Service]>,
     pub control: Option<ControlStatus>,
 }
 
