@@ -1,10 +1,18 @@
 //! Who may get which certificate: a node (known by its bootstrap credential)
-//! gets certificates only for pods scheduled on it. Pure: the cluster view and
-//! the credentials are passed in.
+//! gets certificates only for pods scheduled on it. Pure: the cluster view,
+//! the credentials and the time are passed in. Tokens are compared in
+//! constant time, and an address that keeps presenting bad credentials is
+//! throttled ([`FailureLimiter`]).
 
-use std::collections::BTreeMap;
+use std::{
+    collections::{BTreeMap, HashMap},
+    net::IpAddr,
+    sync::Mutex,
+    time::{Duration, Instant},
+};
 
 use ferry_model::Workload;
+use sha2::{Digest, Sha256};
 
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]
 pub enum Denied {
@@ -14,13 +22,82 @@ pub enum Denied {
     NoSuchPod(String),
     #[error("node {node} asked for pod {pod} which runs on node {actual}")]
     WrongNode { node: String, pod: String, actual: String },
+    #[error("too many failed credential checks from this address; retry in {retry_in_s}s")]
+    Throttled { retry_in_s: u64 },
 }
 
-/// The node a credential belongs to.
+/// Equality of two secrets in time independent of their contents: their
+/// SHA-256 digests (fixed length) compared without an early exit.
+fn same_secret(a: &str, b: &str) -> bool {
+    let (x, y) = (Sha256::digest(a.as_bytes()), Sha256::digest(b.as_bytes()));
+    std::hint::black_box(x.iter().zip(y.iter()).fold(0u8, |acc, (p, q)| acc | (p ^ q))) == 0
+}
+
+/// The node a credential belongs to. Every known token is compared, in
+/// constant time, whatever matches.
 pub fn node_of<'a>(tokens: &'a BTreeMap<String, String>, token: Option<&str>) -> Result<&'a String, Denied> {
-    token
-        .and_then(|t| tokens.iter().find(|(_, v)| v.as_str() == t).map(|(n, _)| n))
-        .ok_or(Denied::Unauthenticated)
+    let token = token.ok_or(Denied::Unauthenticated)?;
+    let mut found = None;
+    for (node, t) in tokens {
+        if same_secret(t, token) && found.is_none() {
+            found = Some(node);
+        }
+    }
+    found.ok_or(Denied::Unauthenticated)
+}
+
+/// Failed credential checks per source address: after `max` failures within
+/// `window` (counted from the first), the address is refused without a
+/// check until the window has passed. Bounded: expired entries are dropped
+/// when the table grows past `MAX_TRACKED`.
+pub struct FailureLimiter {
+    max: u32,
+    window: Duration,
+    seen: Mutex<HashMap<IpAddr, (Instant, u32)>>,
+}
+
+const MAX_TRACKED: usize = 4096;
+
+impl Default for FailureLimiter {
+    /// 10 failures a minute.
+    fn default() -> Self {
+        Self::new(10, Duration::from_secs(60))
+    }
+}
+
+impl FailureLimiter {
+    pub fn new(max: u32, window: Duration) -> Self {
+        Self {
+            max,
+            window,
+            seen: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Whether `ip` may try a credential at `now`.
+    pub fn check(&self, ip: IpAddr, now: Instant) -> Result<(), Denied> {
+        let seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+        match seen.get(&ip) {
+            Some(&(since, n)) if n >= self.max && now.duration_since(since) < self.window => Err(Denied::Throttled {
+                retry_in_s: (self.window - now.duration_since(since)).as_secs().max(1),
+            }),
+            _ => Ok(()),
+        }
+    }
+
+    /// Records a failed check from `ip` at `now`.
+    pub fn failed(&self, ip: IpAddr, now: Instant) {
+        let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+        if seen.len() >= MAX_TRACKED {
+            let window = self.window;
+            seen.retain(|_, (since, _)| now.duration_since(*since) < window);
+        }
+        let e = seen.entry(ip).or_insert((now, 0));
+        if now.duration_since(e.0) >= self.window {
+            *e = (now, 0);
+        }
+        e.1 += 1;
+    }
 }
 
 /// The SPIFFE id `token`'s node may have certified for pod `uid`.
@@ -75,6 +152,42 @@ mod tests {
         assert_eq!(
             authorize(&tokens, &pods, Some("tok-a"), "p9"),
             Err(Denied::NoSuchPod("p9".into()))
+        );
+        // A prefix or an extension of a token is not the token.
+        assert_eq!(
+            authorize(&tokens, &pods, Some("tok-"), "p1"),
+            Err(Denied::Unauthenticated)
+        );
+        assert_eq!(
+            authorize(&tokens, &pods, Some("tok-aa"), "p1"),
+            Err(Denied::Unauthenticated)
+        );
+    }
+
+    #[test]
+    fn repeated_failures_throttle_that_address_only_and_only_for_the_window() {
+        let l = FailureLimiter::new(3, Duration::from_secs(60));
+        let (bad, good): (IpAddr, IpAddr) = ("10.0.0.9".parse().unwrap(), "10.0.0.2".parse().unwrap());
+        let t0 = Instant::now();
+        for i in 0..3 {
+            assert_eq!(l.check(bad, t0), Ok(()), "attempt {i} is checked");
+            l.failed(bad, t0);
+        }
+        assert!(matches!(
+            l.check(bad, t0 + Duration::from_secs(1)),
+            Err(Denied::Throttled { .. })
+        ));
+        assert_eq!(
+            l.check(good, t0 + Duration::from_secs(1)),
+            Ok(()),
+            "another address is unaffected"
+        );
+        assert_eq!(l.check(bad, t0 + Duration::from_secs(61)), Ok(()), "the window passes");
+        l.failed(bad, t0 + Duration::from_secs(61));
+        assert_eq!(
+            l.check(bad, t0 + Duration::from_secs(62)),
+            Ok(()),
+            "counting starts again"
         );
     }
 }

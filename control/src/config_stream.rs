@@ -90,6 +90,8 @@ pub struct DiscoveryService {
     /// node: token (re-read per subscription, so a rotated token applies).
     pub tokens: PathBuf,
     pub status: Arc<Mutex<BTreeMap<String, NodeStatus>>>,
+    /// Throttles addresses that keep presenting bad credentials (shared with the CA).
+    pub limiter: Arc<crate::authz::FailureLimiter>,
 }
 
 type Responses = Pin<Box<dyn Stream<Item = Result<pb::DiscoveryResponse, Status>> + Send>>;
@@ -100,10 +102,16 @@ impl Discovery for DiscoveryService {
 
     async fn stream(&self, req: Request<Streaming<pb::DiscoveryRequest>>) -> Result<Response<Responses>, Status> {
         let token = crate::bearer(&req);
+        let (from, now) = (crate::peer_ip(&req), std::time::Instant::now());
         let tokens = crate::load_tokens(&self.tokens).map_err(|e| Status::internal(e.to_string()))?;
-        let node = crate::authz::node_of(&tokens, token.as_deref())
-            .map_err(|e| Status::unauthenticated(e.to_string()))?
-            .clone();
+        let node = self
+            .limiter
+            .check(from, now)
+            .and_then(|()| crate::authz::node_of(&tokens, token.as_deref()).cloned())
+            .map_err(|d| {
+                tracing::warn!(from = %from, reason = %d, "subscription refused");
+                crate::denied_status(&self.limiter, from, now, d)
+            })?;
         let mut inbound = req.into_inner();
         let first = inbound
             .message()

@@ -26,8 +26,33 @@ pub fn load_tokens(path: &std::path::Path) -> anyhow::Result<BTreeMap<String, St
     serde_norway::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
 }
 
+/// The address a request came from (unspecified when unknown).
+pub fn peer_ip<T>(req: &Request<T>) -> std::net::IpAddr {
+    req.remote_addr()
+        .map_or(std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), |a| a.ip())
+}
+
+/// The gRPC status for a denial; a bad credential counts against `from`.
+pub fn denied_status(
+    limiter: &authz::FailureLimiter,
+    from: std::net::IpAddr,
+    now: std::time::Instant,
+    d: authz::Denied,
+) -> Status {
+    match d {
+        authz::Denied::Unauthenticated => {
+            limiter.failed(from, now);
+            Status::unauthenticated(d.to_string())
+        }
+        authz::Denied::Throttled { .. } => Status::resource_exhausted(d.to_string()),
+        _ => Status::permission_denied(d.to_string()),
+    }
+}
+
 pub struct IdentityService {
     pub ca: Arc<ca::Ca>,
+    /// Throttles addresses that keep presenting bad credentials (shared with the stream).
+    pub limiter: Arc<authz::FailureLimiter>,
     pub store: Arc<config_stream::Store>,
     pub tokens: PathBuf,
     pub max_ttl: Duration,
@@ -37,17 +62,20 @@ pub struct IdentityService {
 impl Identity for IdentityService {
     async fn sign(&self, req: Request<SignRequest>) -> Result<Response<SignResponse>, Status> {
         let token = bearer(&req);
+        let from = peer_ip(&req);
+        let now = std::time::Instant::now();
         let req = req.into_inner();
         let tokens = load_tokens(&self.tokens).map_err(|e| Status::internal(e.to_string()))?;
         let snap = self.store.current();
-        let id = match authz::authorize(&tokens, &snap.pods, token.as_deref(), &req.pod_uid) {
+        let decision = self
+            .limiter
+            .check(from, now)
+            .and_then(|()| authz::authorize(&tokens, &snap.pods, token.as_deref(), &req.pod_uid));
+        let id = match decision {
             Ok(id) => id,
             Err(d) => {
-                tracing::warn!(pod = %req.pod_uid, reason = %d, "certificate request denied");
-                return Err(match d {
-                    authz::Denied::Unauthenticated => Status::unauthenticated(d.to_string()),
-                    _ => Status::permission_denied(d.to_string()),
-                });
+                tracing::warn!(pod = %req.pod_uid, from = %from, reason = %d, "certificate request denied");
+                return Err(denied_status(&self.limiter, from, now, d));
             }
         };
         let ttl = Duration::from_secs(req.ttl_seconds.max(1).into()).min(self.max_ttl);

@@ -66,8 +66,10 @@ async fn main() -> anyhow::Result<()> {
             tokio::spawn(source::kube::run(client, store.clone(), problems.clone()));
         }
     }
+    let limiter = Arc::new(ferry_control::authz::FailureLimiter::default());
     let identity = IdentityService {
         ca,
+        limiter: limiter.clone(),
         store: store.clone(),
         tokens: args.tokens.clone(),
         max_ttl: Duration::from_secs(args.max_ttl_seconds),
@@ -85,6 +87,7 @@ async fn main() -> anyhow::Result<()> {
         store,
         tokens: args.tokens,
         status: nodes,
+        limiter,
     };
     tracing::info!(listen = %args.listen, "ferry-control serving (CA and config stream)");
     Server::builder()

@@ -72,6 +72,7 @@ async fn server_unloaded() -> Server {
         store: store.clone(),
         tokens,
         status: status.clone(),
+        limiter: Default::default(),
     };
     let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = format!("http://{}", l.local_addr().unwrap());
@@ -236,6 +237,25 @@ async fn a_node_subscribes_only_as_itself() {
     // n2 gets n1's enrolled pod (a mesh member) and the services.
     let mut b = subscribe(&s.addr, "t2", "n2", BTreeMap::new()).await.unwrap();
     assert_eq!(names(&b.next().await), ["service/default/echo", "workload/a"]);
+}
+
+#[tokio::test]
+async fn an_address_guessing_tokens_is_throttled() {
+    let s = server().await;
+    // Positive control: the right token works from this address.
+    let mut a = subscribe(&s.addr, "t1", "n1", BTreeMap::new()).await.unwrap();
+    assert!(!names(&a.next().await).is_empty());
+    // Ten wrong guesses are each answered Unauthenticated...
+    for i in 0..10 {
+        let e = subscribe(&s.addr, &format!("guess-{i}"), "n1", BTreeMap::new()).await.err().unwrap();
+        assert_eq!(e.code(), tonic::Code::Unauthenticated, "guess {i}: {e:?}");
+    }
+    // ...then the address is refused without a check, the right token too.
+    for token in ["guess-10", "t1"] {
+        let e = subscribe(&s.addr, token, "n1", BTreeMap::new()).await.err().unwrap();
+        assert_eq!(e.code(), tonic::Code::ResourceExhausted, "{token}: {e:?}");
+        assert!(e.message().contains("too many failed credential checks"), "{e:?}");
+    }
 }
 
 #[tokio::test]
