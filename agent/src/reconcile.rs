@@ -243,7 +243,7 @@ impl<N: Node> Reconciler<N> {
         if let Some(ids) = &self.ids {
             // Have a certificate before steering starts, so the pod's first
             // cross-node connection can use it; keep_fresh retries if not.
-            match tokio::time::timeout(Duration::from_secs(3), ids.fetch(&w.uid)).await {
+            match tokio::time::timeout(Duration::from_secs(3), ids.fetch(&w.uid, &w.spiffe_id())).await {
                 Ok(Ok(c)) => {
                     tracing::info!(pod = %w.label(), spiffe_id = %c.spiffe_id, "workload certificate installed")
                 }
@@ -259,7 +259,7 @@ impl<N: Node> Reconciler<N> {
         let ctx = Arc::new(PodCtx::new(workload, plumbed.sockets.clone(), plumbed.netns_cookie));
         let mut tasks = self.proxy.serve_pod(ctx.clone(), listeners);
         if let Some(ids) = &self.ids {
-            tasks.push(ids.keep_fresh(w.uid.clone()));
+            tasks.push(ids.keep_fresh(w.uid.clone(), w.spiffe_id()));
         }
         Ok(Enrolled {
             ctx,

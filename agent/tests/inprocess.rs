@@ -106,10 +106,20 @@ async fn two_nodes(
         ))
     };
     let (n1, n2) = (agent("n1", true, &[]), agent("n2", true, &[]));
-    let (c, k) = ca.workload("spiffe://cluster.local/ns/default/sa/client");
-    n1.ids.as_ref().unwrap().install("client", &c, &k).unwrap();
-    let (c, k) = ca.workload(&format!("spiffe://cluster.local/ns/default/sa/{server_sa_in_cert}"));
-    n2.ids.as_ref().unwrap().install("server", &c, &k).unwrap();
+    let id = |sa: &str| format!("spiffe://cluster.local/ns/default/sa/{sa}");
+    let (c, k) = ca.workload(&id("client"));
+    n1.ids
+        .as_ref()
+        .unwrap()
+        .install("client", &c.spiffe_id.parse().unwrap(), &c, &k)
+        .unwrap();
+    // n2 holds the certificate the test gives it (an imposter, in one test).
+    let (c, k) = ca.workload(&id(server_sa_in_cert));
+    n2.ids
+        .as_ref()
+        .unwrap()
+        .install("server", &c.spiffe_id.parse().unwrap(), &c, &k)
+        .unwrap();
     n1.reconciler.reconcile(yaml("n1")).await;
     n2.reconciler.reconcile(yaml("n2")).await;
     (n1, n2)
@@ -213,4 +223,37 @@ async fn the_gate_refuses_strict_and_misdirected_on_the_plain_tunnel() {
     assert_eq!(tunnel("127.25.0.2:15008", "127.25.0.3:8080").await, "");
     let c = ag.proxy.telemetry.counters.snapshot();
     assert_eq!((c.tunnel_opened, c.refused, c.refused_plaintext), (3, 2, 1));
+}
+
+#[test]
+fn the_agent_refuses_a_misbehaving_cas_certificates() {
+    use ferry_agent::identity::IdentityError;
+    let ag = agent("n1", true, &[]);
+    let ids = ag.ids.as_ref().unwrap();
+    let (ca, other_ca) = (TestCa::new(), TestCa::new());
+    let me: ferry_model::SpiffeId = "spiffe://cluster.local/ns/shop/sa/web".parse().unwrap();
+    // Positive control: the right certificate, with this workload's key, installs.
+    let (good, key) = ca.workload(&me.to_string());
+    let installed = ids.install("w", &me, &good, &key).unwrap();
+    assert_eq!(installed.spiffe_id, me);
+    // Another workload's identity.
+    let (wrong_id, k) = ca.workload("spiffe://cluster.local/ns/shop/sa/admin");
+    let e = ids.install("w", &me, &wrong_id, &k).unwrap_err();
+    assert!(matches!(e, IdentityError::WrongIdentity { .. }), "{e}");
+    // The right identity claimed in the answer, another in the certificate.
+    let mut lying = wrong_id.clone();
+    lying.spiffe_id = me.to_string();
+    let e = ids.install("w", &me, &lying, &k).unwrap_err();
+    assert!(matches!(e, IdentityError::WrongIdentity { .. }), "{e}");
+    // A certificate for a key that is not the one made here.
+    let (for_other_key, _) = ca.workload(&me.to_string());
+    let e = ids.install("w", &me, &for_other_key, &key).unwrap_err();
+    assert!(matches!(e, IdentityError::WrongKey), "{e}");
+    // A chain that does not lead to the trust bundle it came with.
+    let (mut foreign, k) = other_ca.workload(&me.to_string());
+    foreign.trust_bundle_pem = ca.pem().to_owned();
+    let e = ids.install("w", &me, &foreign, &k).unwrap_err();
+    assert!(matches!(e, IdentityError::BadChain(_)), "{e}");
+    // Every refusal left the good certificate in place.
+    assert_eq!(ids.get("w").unwrap().serial, installed.serial);
 }

@@ -247,7 +247,10 @@ async fn an_address_guessing_tokens_is_throttled() {
     assert!(!names(&a.next().await).is_empty());
     // Ten wrong guesses are each answered Unauthenticated...
     for i in 0..10 {
-        let e = subscribe(&s.addr, &format!("guess-{i}"), "n1", BTreeMap::new()).await.err().unwrap();
+        let e = subscribe(&s.addr, &format!("guess-{i}"), "n1", BTreeMap::new())
+            .await
+            .err()
+            .unwrap();
         assert_eq!(e.code(), tonic::Code::Unauthenticated, "guess {i}: {e:?}");
     }
     // ...then the address is refused without a check, the right token too.

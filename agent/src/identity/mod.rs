@@ -48,6 +48,12 @@ pub enum IdentityError {
     Tls(#[from] tls::TlsError),
     #[error("the CA answered with a bad SPIFFE id: {0}")]
     BadId(#[from] ferry_model::spiffe::BadSpiffeId),
+    #[error("refused the CA's certificate: it is for {got}, the workload is {expected}")]
+    WrongIdentity { got: String, expected: SpiffeId },
+    #[error("refused the CA's certificate: it does not carry this workload's key")]
+    WrongKey,
+    #[error("refused the CA's certificate: {0}")]
+    BadChain(String),
 }
 
 /// A workload's current certificate and the TLS configs built from it.
@@ -58,6 +64,16 @@ pub struct WorkloadCert {
     pub issued_at: SystemTime,
     pub server: Arc<ServerConfig>,
     pub client: Arc<ClientConfig>,
+}
+
+impl std::fmt::Debug for WorkloadCert {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WorkloadCert")
+            .field("spiffe_id", &self.spiffe_id.to_string())
+            .field("serial", &self.serial)
+            .field("not_after_unix", &self.not_after_unix)
+            .finish_non_exhaustive()
+    }
 }
 
 pub struct Identities {
@@ -126,7 +142,7 @@ impl Identities {
     }
 
     /// Makes a key, has the CA sign it, and installs the result for `uid`.
-    pub async fn fetch(&self, uid: &str) -> Result<Arc<WorkloadCert>, IdentityError> {
+    pub async fn fetch(&self, uid: &str, expected: &SpiffeId) -> Result<Arc<WorkloadCert>, IdentityError> {
         let token = channel::read_token(&self.opts.token_file)?;
         let key = rcgen::KeyPair::generate().map_err(|e| IdentityError::Key(e.to_string()))?;
         let csr = rcgen::CertificateParams::default()
@@ -149,21 +165,48 @@ impl Identities {
             .await
             .map_err(|s| IdentityError::Refused(s.message().to_owned()))?
             .into_inner();
-        self.install(uid, &resp, &key.serialize_pem())
+        self.install(uid, expected, &resp, &key.serialize_pem())
     }
 
-    /// Installs a signed certificate (with its key) as `uid`'s.
-    pub fn install(&self, uid: &str, resp: &SignResponse, key_pem: &str) -> Result<Arc<WorkloadCert>, IdentityError> {
+    /// Installs a signed certificate (with its key) as `uid`'s, once it is
+    /// verified: it chains to the trust bundle (for client and server use,
+    /// valid now), it carries the key made here, and its SPIFFE id is the
+    /// workload's (`expected`). A misbehaving CA's answer is refused and the
+    /// previous certificate, if any, stays.
+    pub fn install(
+        &self,
+        uid: &str,
+        expected: &SpiffeId,
+        resp: &SignResponse,
+        key_pem: &str,
+    ) -> Result<Arc<WorkloadCert>, IdentityError> {
         let chain = tls::certs_from_pem(&resp.cert_chain_pem)?;
         let roots = tls::roots(&resp.trust_bundle_pem)?;
         let key_der = tls::key_from_pem(key_pem)?;
+        let leaf = chain
+            .first()
+            .ok_or_else(|| IdentityError::BadChain("no certificate in the chain".into()))?;
+        tls::verify_chain(leaf, &chain[1..], &roots).map_err(|e| IdentityError::BadChain(e.to_string()))?;
+        let got = tls::peer_spiffe_id(leaf);
+        let claimed: SpiffeId = resp.spiffe_id.parse()?;
+        if got.as_ref() != Some(expected) || &claimed != expected {
+            return Err(IdentityError::WrongIdentity {
+                got: got.map_or_else(|| "no SPIFFE id".to_owned(), |g| g.to_string()),
+                expected: expected.clone(),
+            });
+        }
+        let ours = rcgen::KeyPair::from_pem(key_pem).map_err(|e| IdentityError::Key(e.to_string()))?;
+        if tls::public_key_der(leaf).as_deref() != Some(rcgen::PublicKeyData::subject_public_key_info(&ours).as_slice())
+        {
+            return Err(IdentityError::WrongKey);
+        }
         let serial = chain
             .first()
             .and_then(tls::serial_and_expiry)
             .map(|(s, _)| s)
             .unwrap_or_default();
         let cert = Arc::new(WorkloadCert {
-            spiffe_id: resp.spiffe_id.parse()?,
+            spiffe_id: claimed,
             serial,
             not_after_unix: resp.not_after_unix,
             issued_at: SystemTime::now(),
@@ -180,7 +223,7 @@ impl Identities {
     /// Keeps `uid`'s certificate fresh until `uid` is forgotten. Retries with
     /// backoff while the CA is unreachable; the current certificate keeps
     /// serving meanwhile.
-    pub fn keep_fresh(self: &Arc<Self>, uid: String) -> tokio::task::AbortHandle {
+    pub fn keep_fresh(self: &Arc<Self>, uid: String, id: SpiffeId) -> tokio::task::AbortHandle {
         let me = self.clone();
         tokio::spawn(async move {
             let mut backoff = Duration::from_millis(200);
@@ -192,7 +235,7 @@ impl Identities {
                 };
                 tokio::time::sleep(wait).await;
                 let had = me.get(&uid).is_some();
-                match me.fetch(&uid).await {
+                match me.fetch(&uid, &id).await {
                     Ok(c) => {
                         backoff = Duration::from_millis(200);
                         if had {

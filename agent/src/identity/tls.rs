@@ -58,6 +58,41 @@ pub fn peer_spiffe_id(cert: &CertificateDer<'_>) -> Option<ferry_model::SpiffeId
     })
 }
 
+/// The DER SubjectPublicKeyInfo of a certificate.
+pub fn public_key_der(cert: &CertificateDer<'_>) -> Option<Vec<u8>> {
+    let (_, c) = x509_parser::parse_x509_certificate(cert.as_ref()).ok()?;
+    Some(c.tbs_certificate.subject_pki.raw.to_vec())
+}
+
+/// Verifies `leaf` (with `intermediates`) to `roots`, valid now, for both
+/// uses a workload certificate has: client and server.
+pub fn verify_chain(
+    leaf: &CertificateDer<'_>,
+    intermediates: &[CertificateDer<'_>],
+    roots: &RootCertStore,
+) -> Result<(), rustls::Error> {
+    let now = UnixTime::now();
+    let algs = provider().signature_verification_algorithms.all;
+    for usage in [webpki::KeyUsage::client_auth(), webpki::KeyUsage::server_auth()] {
+        verify_end_entity(leaf, intermediates, roots, algs, now, usage)?;
+    }
+    Ok(())
+}
+
+fn verify_end_entity(
+    leaf: &CertificateDer<'_>,
+    intermediates: &[CertificateDer<'_>],
+    roots: &RootCertStore,
+    algs: &[&dyn rustls::pki_types::SignatureVerificationAlgorithm],
+    now: UnixTime,
+    usage: webpki::KeyUsage,
+) -> Result<(), rustls::Error> {
+    let cert = webpki::EndEntityCert::try_from(leaf).map_err(|e| rustls::Error::General(e.to_string()))?;
+    cert.verify_for_usage(algs, &roots.roots, intermediates, now, usage, None, None)
+        .map_err(|e| rustls::Error::InvalidCertificate(webpki_error(e)))?;
+    Ok(())
+}
+
 /// Serial number (hex) and expiry of a certificate, for views and rotation.
 pub fn serial_and_expiry(cert: &CertificateDer<'_>) -> Option<(String, i64)> {
     let (_, c) = x509_parser::parse_x509_certificate(cert.as_ref()).ok()?;
@@ -116,17 +151,14 @@ impl ServerCertVerifier for ChainOnly {
         _ocsp: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        let cert = webpki::EndEntityCert::try_from(end_entity).map_err(|e| rustls::Error::General(e.to_string()))?;
-        cert.verify_for_usage(
-            self.provider.signature_verification_algorithms.all,
-            &self.roots.roots,
+        verify_end_entity(
+            end_entity,
             intermediates,
+            &self.roots,
+            self.provider.signature_verification_algorithms.all,
             now,
             webpki::KeyUsage::server_auth(),
-            None,
-            None,
-        )
-        .map_err(|e| rustls::Error::InvalidCertificate(webpki_error(e)))?;
+        )?;
         Ok(ServerCertVerified::assertion())
     }
 
