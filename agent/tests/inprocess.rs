@@ -257,3 +257,117 @@ fn the_agent_refuses_a_misbehaving_cas_certificates() {
     // Every refusal left the good certificate in place.
     assert_eq!(ids.get("w").unwrap().serial, installed.serial);
 }
+
+/// n1 (client 127.N.1.2) and n2 (server 127.N.2.2) with HBONE, and a third
+/// workload at 127.N.3.2 on a node without an agent.
+async fn mesh_of_three(net: u8) -> (TestAgent, TestAgent) {
+    let ca = TestCa::new();
+    let yaml = |node: &str| {
+        config(&format!(
+            "node: {node}\nworkloads:\n  - {{uid: client, name: client, serviceAccount: client, node: n1, ip: 127.{net}.1.2, enrolled: true}}\n  - {{uid: server, name: server, serviceAccount: server, node: n2, ip: 127.{net}.2.2, enrolled: true}}\n  - {{uid: hole, name: hole, serviceAccount: hole, node: n3, ip: 127.{net}.3.2, enrolled: true}}\n"
+        ))
+    };
+    let (n1, n2) = (agent("n1", true, &[]), agent("n2", true, &[]));
+    for (a, uid) in [(&n1, "client"), (&n2, "server")] {
+        let (c, k) = ca.workload(&format!("spiffe://cluster.local/ns/default/sa/{uid}"));
+        a.ids
+            .as_ref()
+            .unwrap()
+            .install(uid, &c.spiffe_id.parse().unwrap(), &c, &k)
+            .unwrap();
+    }
+    n1.reconciler.reconcile(yaml("n1")).await;
+    n2.reconciler.reconcile(yaml("n2")).await;
+    (n1, n2)
+}
+
+#[tokio::test]
+async fn a_blackholed_destination_stalls_no_other() {
+    let (n1, _n2) = mesh_of_three(26).await;
+    let _app = echo_app(a("127.26.2.2:8080")).await;
+    // The hole takes TCP connections on its tunnel port and never answers.
+    let hole = tokio::net::TcpListener::bind("127.26.3.2:15008").await.unwrap();
+    let (held_tx, mut held) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok((s, _)) = hole.accept().await {
+            let _ = held_tx.send(s);
+        }
+    });
+    let client: std::net::Ipv4Addr = "127.26.1.2".parse().unwrap();
+    let started = tokio::time::Instant::now();
+    let to_hole = {
+        let (orig, proxy) = (n1.orig.clone(), n1.proxy.clone());
+        let probe = TestAgent::view(orig, proxy);
+        tokio::spawn(async move { app_connect(&probe, client, a("127.26.3.2:8080"), "lost").await })
+    };
+    let _stuck = tokio::time::timeout(DEADLINE, held.recv()).await.unwrap().unwrap();
+    // Another destination is reached at once, while the hole's dial hangs.
+    let t = tokio::time::Instant::now();
+    let got = app_connect(&n1, client, a("127.26.2.2:8080"), "fine").await.unwrap();
+    assert_eq!(got, "127.26.1.2 fine");
+    assert!(
+        t.elapsed() < std::time::Duration::from_secs(3),
+        "took {:?}",
+        t.elapsed()
+    );
+    assert!(!to_hole.is_finished(), "the hole's connection is still waiting");
+    // The hole's connection fails on the handshake deadline, with a reason.
+    let lost = tokio::time::timeout(std::time::Duration::from_secs(20), to_hole)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(lost.unwrap_or_default(), "", "nothing relayed");
+    assert!(started.elapsed() >= ferry_agent::tunnel::hbone::HANDSHAKE_TIMEOUT);
+    until("the failure to be counted", || {
+        n1.proxy.telemetry.counters.snapshot().failed == 1
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn streams_beyond_one_connections_limit_open_more_connections() {
+    // 250 connections at once, each ~4 descriptors: lift the soft limit.
+    // SAFETY: getrlimit/setrlimit on a live, properly sized struct.
+    unsafe {
+        let mut r: libc::rlimit = std::mem::zeroed();
+        libc::getrlimit(libc::RLIMIT_NOFILE, &mut r);
+        r.rlim_cur = r.rlim_max.min(8192).max(r.rlim_cur);
+        libc::setrlimit(libc::RLIMIT_NOFILE, &r);
+    }
+    const N: usize = 250;
+    let (n1, _n2) = mesh_of_three(27).await;
+    // The app answers nobody until all N are connected: the N streams are
+    // open at the same time.
+    let app = tokio::net::TcpListener::bind("127.27.2.2:8080").await.unwrap();
+    tokio::spawn(async move {
+        let mut waiting = Vec::new();
+        while waiting.len() < N {
+            let Ok((s, peer)) = app.accept().await else { return };
+            waiting.push((s, peer));
+        }
+        for (mut s, peer) in waiting {
+            tokio::spawn(async move {
+                use tokio::io::AsyncReadExt;
+                let mut buf = [0u8; 64];
+                let n = s.read(&mut buf).await.unwrap_or(0);
+                let _ = s
+                    .write_all(format!("{} {}", peer.ip(), String::from_utf8_lossy(&buf[..n])).as_bytes())
+                    .await;
+                let _ = s.shutdown().await;
+            });
+        }
+    });
+    let client: std::net::Ipv4Addr = "127.27.1.2".parse().unwrap();
+    let all = futures::future::join_all((0..N).map(|i| {
+        let probe = TestAgent::view(n1.orig.clone(), n1.proxy.clone());
+        async move { app_connect(&probe, client, a("127.27.2.2:8080"), &format!("n{i}")).await }
+    }))
+    .await;
+    for (i, r) in all.into_iter().enumerate() {
+        assert_eq!(r.unwrap(), format!("127.27.1.2 n{i}"));
+    }
+    let hb = n1.hbone.as_ref().unwrap();
+    let expected = N.div_ceil(ferry_agent::tunnel::pool::MAX_STREAMS) as u64;
+    assert_eq!(hb.stats.pooled_connections_opened.load(Ordering::Relaxed), expected);
+    assert_eq!(hb.pooled("client", "127.27.2.2".parse().unwrap()), expected as usize);
+}

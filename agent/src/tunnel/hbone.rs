@@ -5,14 +5,12 @@
 //! a client chain to the trust bundle and learns the peer's identity, then
 //! hands each CONNECT stream to the proxy's [`Handler`].
 //!
-//! Pool invariants: one HTTP/2 connection per (source workload, its current
-//! certificate serial, destination IP), shared by that pair's streams. A
-//! renewed certificate has a new serial, so new streams go over a new
-//! connection with it while old streams finish on the old one. A closed
-//! connection is dropped from the pool on next use.
+//! The client's connections are pooled ([`super::pool`], whose header states
+//! its invariants). Every wait has a deadline: the TCP connect
+//! ([`CONNECT_TIMEOUT`]), the TLS handshake ([`HANDSHAKE_TIMEOUT`]), and a
+//! stream's whole opening ([`OPEN_TIMEOUT`]).
 
 use std::{
-    collections::HashMap,
     io,
     net::{Ipv4Addr, SocketAddrV4},
     sync::{
@@ -25,7 +23,7 @@ use std::{
 use bytes::Bytes;
 use http_body_util::Empty;
 use hyper::{client::conn::http2::SendRequest, Method, Request, Response, StatusCode};
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use prometheus_client::{
     encoding::EncodeLabelSet,
     metrics::{counter::Counter, family::Family},
@@ -36,14 +34,26 @@ use tokio::net::TcpStream;
 use ferry_model::SpiffeId;
 use prometheus_client::{collector::Collector, encoding::DescriptorEncoder, registry::Registry};
 
-use super::{BoxStream, Handler, TunnelRequest, TunnelSource, TUNNEL_PORT};
+use super::{
+    pool::{Conn, Lease, Leased, Pick, Pool, MAX_STREAMS},
+    BoxStream, Handler, TunnelRequest, TunnelSource, TUNNEL_PORT,
+};
 use crate::{
     identity::{tls::peer_spiffe_id, Identities},
     sockets,
     telemetry::metrics::const_counter,
 };
 
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// TCP connect to a destination's tunnel port.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// The TLS handshake after it.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Opening one stream, from asking the pool to the CONNECT's answer
+/// (covers a dial, or a wait for a free stream on a full key).
+pub const OPEN_TIMEOUT: Duration = Duration::from_secs(20);
+/// HTTP/2 pings on idle and busy connections; no answer in time closes it.
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
+const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
 /// HTTP/2 flow-control windows. h2's 64 KiB default caps a stream at 64 KiB
 /// per round trip; docs/identity.md has the measurement behind 1 MiB.
 /// `FERRY_H2_STREAM_WINDOW` (bytes) overrides it, for measuring.
@@ -60,8 +70,6 @@ fn stream_window() -> u32 {
 fn conn_window() -> u32 {
     stream_window().saturating_mul(4)
 }
-
-type PoolKey = (String, String, Ipv4Addr);
 
 /// A bounded set of failure reasons (the detail goes to the log).
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -87,7 +95,7 @@ pub struct TunnelStats {
 
 pub struct Hbone {
     pub ids: Arc<Identities>,
-    pool: tokio::sync::Mutex<HashMap<PoolKey, SendRequest<Empty<Bytes>>>>,
+    pool: Pool,
     pub stats: TunnelStats,
 }
 
@@ -140,18 +148,32 @@ impl Hbone {
             .get(uid)
             .ok_or_else(|| err(io::ErrorKind::NotConnected, "no workload certificate yet"))?;
         let key = (uid.to_owned(), cert.serial.clone(), *target.ip());
-        let mut sender = {
-            let mut pool = self.pool.lock().await;
-            match pool.get(&key).filter(|s| !s.is_closed()).cloned() {
-                Some(s) => s,
-                None => {
-                    let s = self.dial(src, &cert.client, *target.ip(), expected).await?;
-                    pool.retain(|_, s| !s.is_closed());
-                    pool.insert(key, s.clone());
-                    s
+        let opened = tokio::time::timeout(OPEN_TIMEOUT, async {
+            let lease = loop {
+                match self.pool.pick(&key).await {
+                    Pick::Leased(l) => break l,
+                    Pick::Dial(guard) => {
+                        let sender = self.dial(src, &cert.client, *target.ip(), expected).await?;
+                        break Pool::add(guard, Conn::new(sender, cert.not_after_unix));
+                    }
+                    // Every connection of this key is at its stream limit.
+                    Pick::Full => tokio::time::sleep(Duration::from_millis(20)).await,
                 }
-            }
-        };
+            };
+            self.connect(lease, target).await
+        })
+        .await;
+        opened.unwrap_or_else(|_| {
+            Err(err(
+                io::ErrorKind::TimedOut,
+                format!("tunnel to {target}: no stream within {}s", OPEN_TIMEOUT.as_secs()),
+            ))
+        })
+    }
+
+    /// Sends the CONNECT on the leased connection and upgrades the answer.
+    async fn connect(&self, lease: Lease, target: SocketAddrV4) -> io::Result<BoxStream> {
+        let mut sender = lease.conn().sender.clone();
         let req = Request::builder()
             .method(Method::CONNECT)
             .uri(target.to_string())
@@ -175,7 +197,17 @@ impl Hbone {
             .await
             .map_err(|e| err(io::ErrorKind::BrokenPipe, e.to_string()))?;
         self.stats.streams_opened.fetch_add(1, Ordering::Relaxed);
-        Ok(Box::new(TokioIo::new(up)))
+        Ok(Box::new(Leased {
+            stream: TokioIo::new(up),
+            _lease: lease,
+        }))
+    }
+
+    /// Connections pooled from `uid` (with its current certificate) to `ip`.
+    pub fn pooled(&self, uid: &str, ip: Ipv4Addr) -> usize {
+        self.ids
+            .get(uid)
+            .map_or(0, |c| self.pool.connections(&(uid.to_owned(), c.serial.clone(), ip)))
     }
 
     async fn dial(
@@ -185,7 +217,23 @@ impl Hbone {
         ip: Ipv4Addr,
         expected: &SpiffeId,
     ) -> io::Result<SendRequest<Empty<Bytes>>> {
-        let tcp = sockets::connect(src.sockets, sockets::Source::Any, SocketAddrV4::new(ip, TUNNEL_PORT)).await?;
+        let to = SocketAddrV4::new(ip, TUNNEL_PORT);
+        let tcp = match tokio::time::timeout(CONNECT_TIMEOUT, sockets::connect(src.sockets, sockets::Source::Any, to))
+            .await
+        {
+            Ok(r) => r?,
+            Err(_) => {
+                count(&self.stats.handshake_failures, "connect_timeout");
+                tracing::warn!(src = %src.label, dst = %ip, "tunnel connect timed out");
+                return Err(err(
+                    io::ErrorKind::TimedOut,
+                    format!(
+                        "tunnel connect to {to}: no answer within {}s",
+                        CONNECT_TIMEOUT.as_secs()
+                    ),
+                ));
+            }
+        };
         let connector = tokio_rustls::TlsConnector::from(client.clone());
         let tls = match tokio::time::timeout(
             HANDSHAKE_TIMEOUT,
@@ -219,6 +267,10 @@ impl Hbone {
         }
         self.stats.handshakes_ok.fetch_add(1, Ordering::Relaxed);
         let (sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .keep_alive_interval(KEEPALIVE_INTERVAL)
+            .keep_alive_timeout(KEEPALIVE_TIMEOUT)
+            .keep_alive_while_idle(true)
             .initial_stream_window_size(stream_window())
             .initial_connection_window_size(conn_window())
             .handshake(TokioIo::new(tls))
@@ -265,6 +317,10 @@ impl Hbone {
             async move { Ok::<_, std::convert::Infallible>(connect(handler, peer, identity, req).await) }
         });
         let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .keep_alive_interval(KEEPALIVE_INTERVAL)
+            .keep_alive_timeout(KEEPALIVE_TIMEOUT)
+            .max_concurrent_streams(MAX_STREAMS as u32)
             .initial_stream_window_size(stream_window())
             .initial_connection_window_size(conn_window())
             .serve_connection(TokioIo::new(tls), svc)

@@ -9,6 +9,7 @@
 //!   by a 12-byte preface naming the target (`FERRY\x01` + IPv4 + port).
 
 pub mod hbone;
+pub mod pool;
 
 use std::{
     future::Future,

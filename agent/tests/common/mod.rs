@@ -176,6 +176,37 @@ pub struct TestAgent {
     pub hbone: Option<Arc<Hbone>>,
 }
 
+impl TestAgent {
+    /// Enough of an agent for [`app_connect`] (its proxy and orig-dst map),
+    /// to move into a task.
+    pub fn view(orig: Arc<Table>, proxy: Arc<Proxy>) -> AppSide {
+        AppSide { orig, proxy }
+    }
+}
+
+/// The part of an agent an app's connection needs.
+pub struct AppSide {
+    pub orig: Arc<Table>,
+    pub proxy: Arc<Proxy>,
+}
+
+/// Anything with an orig-dst table apps record into.
+pub trait HasOrig {
+    fn orig(&self) -> &Table;
+}
+
+impl HasOrig for TestAgent {
+    fn orig(&self) -> &Table {
+        &self.orig
+    }
+}
+
+impl HasOrig for AppSide {
+    fn orig(&self) -> &Table {
+        &self.orig
+    }
+}
+
 /// An agent; with `mtls`, its tunnel is HBONE and its identities are
 /// installed by the test (the CA address refuses at once).
 pub fn agent(node: &str, mtls: bool, broken: &[&str]) -> TestAgent {
@@ -234,7 +265,7 @@ pub async fn echo_app(addr: SocketAddrV4) -> tokio::task::JoinHandle<()> {
 
 /// What an app in `pod` sees when it connects to `orig` (steered to its
 /// agent's outbound listener, as connect4 would): the reply, or the error.
-pub async fn app_connect(a: &TestAgent, pod: Ipv4Addr, orig: SocketAddrV4, msg: &str) -> io::Result<String> {
+pub async fn app_connect(a: &impl HasOrig, pod: Ipv4Addr, orig: SocketAddrV4, msg: &str) -> io::Result<String> {
     let s = TcpSocket::new_v4()?;
     s.bind(SocketAddr::V4(SocketAddrV4::new(pod, 0)))?;
     let app = match s.local_addr()? {
@@ -242,7 +273,7 @@ pub async fn app_connect(a: &TestAgent, pod: Ipv4Addr, orig: SocketAddrV4, msg: 
         SocketAddr::V6(_) => unreachable!(),
     };
     let proxy = SocketAddrV4::new(pod, OUTBOUND_PORT);
-    a.orig.insert(
+    a.orig().insert(
         ConnKey {
             netns_cookie: cookie(pod),
             app,

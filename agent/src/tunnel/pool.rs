@@ -1,0 +1,211 @@
+//! The HBONE client's connection pool.
+//!
+//! Invariants:
+//! - A key is (source workload uid, its certificate's serial, destination
+//!   IP): a renewed certificate has a new serial, so new streams use a new
+//!   connection while old streams finish on the old one.
+//! - The map's lock is held only to find or create a key's slot, never
+//!   across I/O. Each slot has its own async lock, held while a connection
+//!   is chosen or dialed: one dial per key at a time (single flight); other
+//!   keys never wait for it, so one unreachable node stalls nobody else.
+//! - A connection carries at most [`MAX_STREAMS`] streams at once (the
+//!   server is configured with the same limit). When every connection of a
+//!   key is full, another is dialed, up to [`MAX_CONNS`] per key; past that
+//!   a caller waits for a free stream until its deadline.
+//! - A connection is not used for new streams once closed, once its
+//!   certificate has expired, or after [`IDLE_TIMEOUT`] without streams;
+//!   such connections leave the pool (HTTP/2 closes when the last handle and
+//!   stream are gone). HTTP/2 pings find dead peers.
+
+use std::{
+    collections::HashMap,
+    net::Ipv4Addr,
+    pin::Pin,
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        Arc, Mutex,
+    },
+    task::{Context, Poll},
+    time::{Duration, Instant},
+};
+
+use bytes::Bytes;
+use http_body_util::Empty;
+use hyper::client::conn::http2::SendRequest;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+/// Streams per HTTP/2 connection (client and server agree).
+pub const MAX_STREAMS: usize = 100;
+/// Connections per key.
+pub const MAX_CONNS: usize = 64;
+/// A connection without streams for this long is dropped.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(300);
+
+pub type PoolKey = (String, String, Ipv4Addr);
+
+/// One pooled HTTP/2 connection.
+pub struct Conn {
+    pub sender: SendRequest<Empty<Bytes>>,
+    active: Arc<AtomicUsize>,
+    /// When the certificate it was opened with expires (unix seconds).
+    not_after_unix: i64,
+    idle_since: Mutex<Instant>,
+}
+
+impl Conn {
+    pub fn new(sender: SendRequest<Empty<Bytes>>, not_after_unix: i64) -> Arc<Self> {
+        Arc::new(Self {
+            sender,
+            active: Arc::new(AtomicUsize::new(0)),
+            not_after_unix,
+            idle_since: Mutex::new(Instant::now()),
+        })
+    }
+
+    /// Whether new streams may use it at `now` (unix seconds / instant).
+    fn usable(&self, now_unix: i64, now: Instant) -> bool {
+        let idle = self.active.load(Ordering::Acquire) == 0
+            && now.duration_since(*self.idle_since.lock().unwrap_or_else(|e| e.into_inner())) > IDLE_TIMEOUT;
+        !self.sender.is_closed() && now_unix < self.not_after_unix && !idle
+    }
+
+    fn has_room(&self) -> bool {
+        self.active.load(Ordering::Acquire) < MAX_STREAMS
+    }
+
+    /// Takes one of its stream slots until the lease is dropped.
+    fn lease(self: &Arc<Self>) -> Lease {
+        self.active.fetch_add(1, Ordering::AcqRel);
+        Lease(self.clone())
+    }
+
+    pub fn active(&self) -> usize {
+        self.active.load(Ordering::Acquire)
+    }
+}
+
+/// A stream slot on a connection; given back when dropped.
+pub struct Lease(Arc<Conn>);
+
+impl Lease {
+    pub fn conn(&self) -> &Arc<Conn> {
+        &self.0
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        if self.0.active.fetch_sub(1, Ordering::AcqRel) == 1 {
+            *self.0.idle_since.lock().unwrap_or_else(|e| e.into_inner()) = Instant::now();
+        }
+    }
+}
+
+/// What a key's slot holds.
+type Slot = Arc<tokio::sync::Mutex<Vec<Arc<Conn>>>>;
+
+#[derive(Default)]
+pub struct Pool {
+    slots: Mutex<HashMap<PoolKey, Slot>>,
+}
+
+/// What choosing a connection found.
+pub enum Pick {
+    /// A stream slot on a pooled connection.
+    Leased(Lease),
+    /// None has room and the key may have another: dial it while holding
+    /// this guard (single flight), then [`Pool::add`] it.
+    Dial(tokio::sync::OwnedMutexGuard<Vec<Arc<Conn>>>),
+    /// Every connection is full and the key has its maximum: wait.
+    Full,
+}
+
+fn now_unix() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
+}
+
+impl Pool {
+    fn slot(&self, key: &PoolKey) -> Slot {
+        let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(s) = slots.get(key) {
+            return s.clone();
+        }
+        // A new key: drop slots nobody uses and that hold nothing usable.
+        let (now_unix, now) = (now_unix(), Instant::now());
+        slots.retain(|_, s| {
+            Arc::strong_count(s) > 1
+                || s.try_lock()
+                    .map_or(true, |conns| conns.iter().any(|c| c.usable(now_unix, now)))
+        });
+        slots.entry(key.clone()).or_default().clone()
+    }
+
+    /// Picks a connection with room for one more stream, or says to dial
+    /// one (the caller then holds the key's lock), or that all are full.
+    pub async fn pick(&self, key: &PoolKey) -> Pick {
+        let slot = self.slot(key);
+        let mut conns = slot.lock_owned().await;
+        let (now_unix, now) = (now_unix(), Instant::now());
+        conns.retain(|c| c.usable(now_unix, now));
+        if let Some(c) = conns.iter().find(|c| c.has_room()) {
+            return Pick::Leased(c.lease());
+        }
+        if conns.len() < MAX_CONNS {
+            Pick::Dial(conns)
+        } else {
+            Pick::Full
+        }
+    }
+
+    /// Adds a dialed connection under the key's lock and leases a stream on it.
+    pub fn add(mut guard: tokio::sync::OwnedMutexGuard<Vec<Arc<Conn>>>, conn: Arc<Conn>) -> Lease {
+        let lease = conn.lease();
+        guard.push(conn);
+        lease
+    }
+
+    /// Connections pooled for `key` (for tests and views).
+    pub fn connections(&self, key: &PoolKey) -> usize {
+        let slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+        slots
+            .get(key)
+            .and_then(|s| s.try_lock().ok().map(|c| c.len()))
+            .unwrap_or(0)
+    }
+}
+
+/// A tunnelled stream that holds its connection's stream slot while open.
+pub struct Leased<S> {
+    pub stream: S,
+    pub _lease: Lease,
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Leased<S> {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.stream).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Leased<S> {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write(cx, buf)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.stream).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+}
