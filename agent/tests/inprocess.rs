@@ -131,21 +131,9 @@ async fn hbone_carries_a_connection_with_proven_identities() {
     let _app = echo_app(a("127.22.2.2:8080")).await;
     // A long exchange keeps the connection open while the destination's
     // live view is read.
-    let s = tokio::net::TcpSocket::new_v4().unwrap();
-    s.bind("127.22.1.2:0".parse().unwrap()).unwrap();
-    let app = match s.local_addr().unwrap() {
-        std::net::SocketAddr::V4(a) => a,
-        _ => unreachable!(),
-    };
-    n1.orig.insert(
-        ferry_agent::proxy::orig_dst::ConnKey {
-            netns_cookie: cookie("127.22.1.2".parse().unwrap()),
-            app,
-            proxy: a("127.22.1.2:15001"),
-        },
-        a("127.22.2.2:8080"),
-    );
-    let mut conn = s.connect("127.22.1.2:15001".parse().unwrap()).await.unwrap();
+    let mut conn = app_stream(&n1, "127.22.1.2".parse().unwrap(), a("127.22.2.2:8080"))
+        .await
+        .unwrap();
     conn.write_all(b"over the tunnel").await.unwrap();
     until("the tunnelled connection at the destination", || {
         n2.proxy.telemetry.live().iter().any(|c| {

@@ -263,14 +263,13 @@ pub async fn echo_app(addr: SocketAddrV4) -> tokio::task::JoinHandle<()> {
     })
 }
 
-/// What an app in `pod` sees when it connects to `orig` (steered to its
-/// agent's outbound listener, as connect4 would): the reply, or the error.
-pub async fn app_connect(a: &impl HasOrig, pod: Ipv4Addr, orig: SocketAddrV4, msg: &str) -> io::Result<String> {
+/// An app in `pod` connecting to `orig`, steered to its agent's outbound
+/// listener as connect4 would (the original destination recorded first).
+pub async fn app_stream(a: &impl HasOrig, pod: Ipv4Addr, orig: SocketAddrV4) -> io::Result<TcpStream> {
     let s = TcpSocket::new_v4()?;
     s.bind(SocketAddr::V4(SocketAddrV4::new(pod, 0)))?;
-    let app = match s.local_addr()? {
-        SocketAddr::V4(a) => a,
-        SocketAddr::V6(_) => unreachable!(),
+    let SocketAddr::V4(app) = s.local_addr()? else {
+        unreachable!("bound to an IPv4 address")
     };
     let proxy = SocketAddrV4::new(pod, OUTBOUND_PORT);
     a.orig().insert(
@@ -281,7 +280,13 @@ pub async fn app_connect(a: &impl HasOrig, pod: Ipv4Addr, orig: SocketAddrV4, ms
         },
         orig,
     );
-    exchange(s.connect(SocketAddr::V4(proxy)).await?, msg).await
+    s.connect(SocketAddr::V4(proxy)).await
+}
+
+/// What an app in `pod` sees when it connects to `orig` and sends `msg`:
+/// the reply, or the error.
+pub async fn app_connect(a: &impl HasOrig, pod: Ipv4Addr, orig: SocketAddrV4, msg: &str) -> io::Result<String> {
+    exchange(app_stream(a, pod, orig).await?, msg).await
 }
 
 /// Writes `msg`, half-closes, reads to the end (within the deadline).
