@@ -103,11 +103,6 @@ impl<N: Node> Reconciler<N> {
             .collect()
     }
 
-    /// Runs `f` on the node (e.g. to read its pin directory).
-    pub async fn with_node<T>(&self, f: impl FnOnce(&mut N) -> T) -> T {
-        f(&mut self.inner.lock().await.node)
-    }
-
     /// Makes the node match `cfg`. Pods that fail to enroll are reported in
     /// their status and left uncaptured; the rest proceed.
     pub async fn reconcile(&self, cfg: ConfigFile) -> u64 {
@@ -279,10 +274,7 @@ impl<N: Node> Reconciler<N> {
     }
 }
 
-impl<N: Node> Apply for Reconciler<N>
-where
-    N::Pod: Send,
-{
+impl<N: Node> Apply for Reconciler<N> {
     fn apply(&self, cfg: ConfigFile) -> BoxFuture<'_, u64> {
         Box::pin(self.reconcile(cfg))
     }

@@ -4,7 +4,7 @@
 //! `ferry_model::admission`, delivery from the client's own address) and carried by [`relay`]. The tunnel is only the
 //! transport: it hands its streams here through [`FromTunnel`].
 
-use std::sync::{atomic::Ordering, Arc};
+use std::sync::Arc;
 
 use ferry_model::{
     admin::Direction,
@@ -46,8 +46,9 @@ pub async fn open(proxy: &Proxy, pod: &PodCtx, conn: InboundConn) -> Result<Open
     if let Some(id) = &conn.identity {
         let _ = g.conn.peer_identity.set(id.clone());
     }
-    let dst_id = pod.workload.spiffe_id();
     let mtls = conn.identity.is_some();
+    // Formatted only when a proven identity makes it a label.
+    let dst_id = mtls.then(|| pod.workload.spiffe_id());
     g.report(&tcp_labels(
         Reporter::Destination,
         Peer {
@@ -56,19 +57,12 @@ pub async fn open(proxy: &Proxy, pod: &PodCtx, conn: InboundConn) -> Result<Open
         },
         Peer {
             workload: Some(&pod.workload),
-            principal: mtls.then_some(&dst_id),
+            principal: dst_id.as_ref(),
         },
         None,
         mtls,
     ));
     if let Err(r) = admission::admit(&state, &pod.workload, &conn) {
-        if r == Refusal::PlaintextToStrict {
-            proxy
-                .telemetry
-                .counters
-                .refused_plaintext
-                .fetch_add(1, Ordering::Relaxed);
-        }
         tracing::warn!(pod = %pod.label, client = %conn.peer, via = %conn.via, reason = %r, "refused inbound connection");
         let reject = match r {
             Refusal::Misdirected { .. } => Reject::Misdirected,

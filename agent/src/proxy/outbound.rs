@@ -50,10 +50,13 @@ pub async fn handle(proxy: &Proxy, pod: &PodCtx, client: TcpStream) {
     let dst = state.workload_by_ip(*route.endpoint.ip());
     // Only the tunnel leaves the node; it is mutual TLS when a CA is configured.
     let mtls = route.hop == Hop::Tunnel && proxy.tunnel.is_mtls();
-    let (src_id, dst_id) = (pod.workload.spiffe_id(), dst.map(|d| d.spiffe_id()));
+    // Identities are formatted only where used: the tunnel's expected peer,
+    // and principal labels under mTLS.
+    let dst_id = dst.filter(|_| route.hop == Hop::Tunnel).map(|d| d.spiffe_id());
+    let src_id = mtls.then(|| pod.workload.spiffe_id());
     let src_peer = Peer {
         workload: Some(&pod.workload),
-        principal: mtls.then_some(&src_id),
+        principal: src_id.as_ref(),
     };
     let dst_peer = Peer {
         workload: dst,

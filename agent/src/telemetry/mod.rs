@@ -20,6 +20,7 @@ pub use ferry_model::admin::Direction;
 use ferry_model::{
     access_log::AccessLog,
     admin::{ConnView, Stats},
+    admission::Refusal,
     state::Hop,
     SpiffeId,
 };
@@ -246,8 +247,11 @@ impl Drop for ConnGuard {
         k.bytes_received.fetch_add(received, Ordering::Relaxed);
         match &self.outcome {
             Outcome::Ok => {}
-            Outcome::Refused(_) => {
+            Outcome::Refused(r) => {
                 k.refused.fetch_add(1, Ordering::Relaxed);
+                if *r == Refusal::PlaintextToStrict {
+                    k.refused_plaintext.fetch_add(1, Ordering::Relaxed);
+                }
                 k.failed.fetch_add(1, Ordering::Relaxed);
             }
             _ => {

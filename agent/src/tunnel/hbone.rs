@@ -35,7 +35,7 @@ use ferry_model::SpiffeId;
 use prometheus_client::{collector::Collector, encoding::DescriptorEncoder, registry::Registry};
 
 use super::{
-    pool::{Conn, Lease, Leased, Pick, Pool, MAX_STREAMS},
+    pool::{Lease, Leased, Pick, Pool, MAX_STREAMS},
     BoxStream, Handler, TunnelRequest, TunnelSource, TUNNEL_PORT,
 };
 use crate::{
@@ -154,10 +154,11 @@ impl Hbone {
                     Pick::Leased(l) => break l,
                     Pick::Dial(guard) => {
                         let sender = self.dial(src, &cert.client, *target.ip(), expected).await?;
-                        break Pool::add(guard, Conn::new(sender, cert.not_after_unix));
+                        break Pool::add(guard, sender, cert.not_after_unix);
                     }
-                    // Every connection of this key is at its stream limit.
-                    Pick::Full => tokio::time::sleep(Duration::from_millis(20)).await,
+                    // Every connection of this key is at its stream limit:
+                    // wait for one of its streams to end.
+                    Pick::Full(freed) => freed.notified().await,
                 }
             };
             self.connect(lease, target).await

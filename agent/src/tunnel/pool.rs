@@ -11,7 +11,8 @@
 //! - A connection carries at most [`MAX_STREAMS`] streams at once (the
 //!   server is configured with the same limit). When every connection of a
 //!   key is full, another is dialed, up to [`MAX_CONNS`] per key; past that
-//!   a caller waits for a free stream until its deadline.
+//!   a caller waits, until its deadline, for a stream of that key to end
+//!   (woken by it, not polling).
 //! - A connection is not used for new streams once closed, once its
 //!   certificate has expired, or after [`IDLE_TIMEOUT`] without streams;
 //!   such connections leave the pool (HTTP/2 closes when the last handle and
@@ -32,7 +33,10 @@ use std::{
 use bytes::Bytes;
 use http_body_util::Empty;
 use hyper::client::conn::http2::SendRequest;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::{
+    io::{AsyncRead, AsyncWrite, ReadBuf},
+    sync::Notify,
+};
 
 /// Streams per HTTP/2 connection (client and server agree).
 pub const MAX_STREAMS: usize = 100;
@@ -50,15 +54,18 @@ pub struct Conn {
     /// When the certificate it was opened with expires (unix seconds).
     not_after_unix: i64,
     idle_since: Mutex<Instant>,
+    /// Its key's wake-up for callers waiting on a full key.
+    freed: Arc<Notify>,
 }
 
 impl Conn {
-    pub fn new(sender: SendRequest<Empty<Bytes>>, not_after_unix: i64) -> Arc<Self> {
+    fn new(sender: SendRequest<Empty<Bytes>>, not_after_unix: i64, freed: Arc<Notify>) -> Arc<Self> {
         Arc::new(Self {
             sender,
             active: Arc::new(AtomicUsize::new(0)),
             not_after_unix,
             idle_since: Mutex::new(Instant::now()),
+            freed,
         })
     }
 
@@ -78,10 +85,6 @@ impl Conn {
         self.active.fetch_add(1, Ordering::AcqRel);
         Lease(self.clone())
     }
-
-    pub fn active(&self) -> usize {
-        self.active.load(Ordering::Acquire)
-    }
 }
 
 /// A stream slot on a connection; given back when dropped.
@@ -98,11 +101,26 @@ impl Drop for Lease {
         if self.0.active.fetch_sub(1, Ordering::AcqRel) == 1 {
             *self.0.idle_since.lock().unwrap_or_else(|e| e.into_inner()) = Instant::now();
         }
+        // One stream slot is free: one waiter may take it (a permit is kept
+        // if nobody waits yet, so no wake-up is lost).
+        self.0.freed.notify_one();
     }
 }
 
-/// What a key's slot holds.
-type Slot = Arc<tokio::sync::Mutex<Vec<Arc<Conn>>>>;
+/// A key's connections, and the wake-up for callers waiting on them.
+#[derive(Default)]
+struct SlotInner {
+    conns: Arc<tokio::sync::Mutex<Vec<Arc<Conn>>>>,
+    freed: Arc<Notify>,
+}
+
+type Slot = Arc<SlotInner>;
+
+/// The key's lock, held while a connection is dialed (single flight).
+pub struct DialGuard {
+    conns: tokio::sync::OwnedMutexGuard<Vec<Arc<Conn>>>,
+    freed: Arc<Notify>,
+}
 
 #[derive(Default)]
 pub struct Pool {
@@ -115,9 +133,10 @@ pub enum Pick {
     Leased(Lease),
     /// None has room and the key may have another: dial it while holding
     /// this guard (single flight), then [`Pool::add`] it.
-    Dial(tokio::sync::OwnedMutexGuard<Vec<Arc<Conn>>>),
-    /// Every connection is full and the key has its maximum: wait.
-    Full,
+    Dial(DialGuard),
+    /// Every connection is full and the key has its maximum: wait on this
+    /// for a stream to end, then pick again.
+    Full(Arc<Notify>),
 }
 
 fn now_unix() -> i64 {
@@ -136,7 +155,8 @@ impl Pool {
         let (now_unix, now) = (now_unix(), Instant::now());
         slots.retain(|_, s| {
             Arc::strong_count(s) > 1
-                || s.try_lock()
+                || s.conns
+                    .try_lock()
                     .map_or(true, |conns| conns.iter().any(|c| c.usable(now_unix, now)))
         });
         slots.entry(key.clone()).or_default().clone()
@@ -146,23 +166,27 @@ impl Pool {
     /// one (the caller then holds the key's lock), or that all are full.
     pub async fn pick(&self, key: &PoolKey) -> Pick {
         let slot = self.slot(key);
-        let mut conns = slot.lock_owned().await;
+        let mut conns = slot.conns.clone().lock_owned().await;
         let (now_unix, now) = (now_unix(), Instant::now());
         conns.retain(|c| c.usable(now_unix, now));
         if let Some(c) = conns.iter().find(|c| c.has_room()) {
             return Pick::Leased(c.lease());
         }
         if conns.len() < MAX_CONNS {
-            Pick::Dial(conns)
+            Pick::Dial(DialGuard {
+                conns,
+                freed: slot.freed.clone(),
+            })
         } else {
-            Pick::Full
+            Pick::Full(slot.freed.clone())
         }
     }
 
     /// Adds a dialed connection under the key's lock and leases a stream on it.
-    pub fn add(mut guard: tokio::sync::OwnedMutexGuard<Vec<Arc<Conn>>>, conn: Arc<Conn>) -> Lease {
+    pub fn add(mut guard: DialGuard, sender: SendRequest<Empty<Bytes>>, not_after_unix: i64) -> Lease {
+        let conn = Conn::new(sender, not_after_unix, guard.freed.clone());
         let lease = conn.lease();
-        guard.push(conn);
+        guard.conns.push(conn);
         lease
     }
 
@@ -171,7 +195,7 @@ impl Pool {
         let slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
         slots
             .get(key)
-            .and_then(|s| s.try_lock().ok().map(|c| c.len()))
+            .and_then(|s| s.conns.try_lock().ok().map(|c| c.len()))
             .unwrap_or(0)
     }
 }
