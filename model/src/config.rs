@@ -25,6 +25,10 @@ pub struct ConfigFile {
     /// Istio `PeerAuthentication` objects, as is (STRICT/PERMISSIVE per namespace or workload).
     #[serde(default)]
     pub peer_authentications: Vec<crate::peer_auth::PeerAuthentication>,
+    /// Per-Service L7/L4 routes (compiled by the control plane from
+    /// VirtualServices/DestinationRules or Gateway API routes).
+    #[serde(default)]
+    pub routes: Vec<crate::route::ServiceRouting>,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
@@ -149,6 +153,20 @@ impl ConfigFile {
                 }
                 if s.ports[..k].iter().any(|o| o.port == port.port) {
                     p.push(format!("{at}.ports[{k}].port: {} listed twice", port.port));
+                }
+            }
+        }
+        let mut routed = BTreeMap::new();
+        for (i, r) in self.routes.iter().enumerate() {
+            if let Some(j) = routed.insert(r.service.as_str(), i) {
+                p.push(format!(
+                    "routes[{i}].service: {:?} already routed by routes[{j}]",
+                    r.service
+                ));
+            }
+            for (k, h) in r.http.iter().enumerate() {
+                if h.backends.is_empty() && h.redirect.is_none() {
+                    p.push(format!("routes[{i}].http[{k}]: no backend and no redirect"));
                 }
             }
         }

@@ -11,11 +11,13 @@
 pub mod access_log;
 pub mod admin;
 pub mod admission;
+pub mod authz;
 pub mod config;
 pub mod peer_auth;
 #[cfg(feature = "proto")]
 pub mod proto;
 pub mod protocol;
+pub mod route;
 pub mod spiffe;
 pub mod state;
 pub mod workload;

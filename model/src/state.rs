@@ -11,7 +11,10 @@ use std::{
 
 use serde::Serialize;
 
-use crate::config::{ConfigFile, Service, Settings, Workload};
+use crate::{
+    config::{ConfigFile, Service, ServicePort, Settings, Workload},
+    route::{pick_weighted, ServiceRouting, Subset},
+};
 
 #[derive(Debug, Default)]
 pub struct State {
@@ -27,6 +30,10 @@ pub struct State {
     by_vip: HashMap<(Ipv4Addr, u16), (usize, usize)>,
     /// Round-robin cursor per service.
     rr: Vec<AtomicUsize>,
+    /// Routes per Service (`namespace/name`).
+    routing: HashMap<String, std::sync::Arc<ServiceRouting>>,
+    /// `namespace/name` -> service index.
+    by_name: HashMap<String, usize>,
 }
 
 /// Where a steered connection goes.
@@ -80,6 +87,14 @@ pub enum MeshDst {
 pub enum RouteError {
     #[error("service {0} has no ready endpoint")]
     NoEndpoint(String),
+    #[error("service {0} is not known")]
+    UnknownService(String),
+    #[error("service {service} has no port {port}")]
+    NoPort { service: String, port: u16 },
+    #[error("subset {subset} of service {service} is not defined")]
+    UnknownSubset { service: String, subset: String },
+    #[error("every backend of the route for {0} has weight 0")]
+    NoBackend(String),
 }
 
 impl State {
@@ -91,7 +106,19 @@ impl State {
                 by_vip.insert((s.vip, p.port), (i, k));
             }
         }
+        let by_name = cfg
+            .services
+            .iter()
+            .enumerate()
+            .map(|(i, s)| (format!("{}/{}", s.namespace, s.name), i))
+            .collect();
         Self {
+            by_name,
+            routing: cfg
+                .routes
+                .into_iter()
+                .map(|r| (r.service.clone(), std::sync::Arc::new(r)))
+                .collect(),
             node: cfg.node,
             settings: cfg.settings,
             version,
@@ -127,33 +154,104 @@ impl State {
         out
     }
 
-    /// The route for a connection whose original destination was `orig`.
+    /// The Service and port a connection to `orig` was addressed to, when
+    /// `orig` is a service VIP:port.
+    pub fn service_at(&self, orig: SocketAddrV4) -> Option<(&Service, &ServicePort)> {
+        let &(si, pi) = self.by_vip.get(&(*orig.ip(), orig.port()))?;
+        let s = &self.services[si];
+        Some((s, &s.ports[pi]))
+    }
+
+    /// A Service by `namespace/name`.
+    pub fn service(&self, key: &str) -> Option<&Service> {
+        self.by_name.get(key).map(|&i| &self.services[i])
+    }
+
+    /// The routes for a Service (`namespace/name`), if any object routes it.
+    pub fn routing(&self, service: &str) -> Option<&std::sync::Arc<ServiceRouting>> {
+        self.routing.get(service)
+    }
+
+    /// Every Service's routes.
+    pub fn routings(&self) -> impl Iterator<Item = &ServiceRouting> {
+        self.routing.values().map(|r| &**r)
+    }
+
+    /// The route for a connection whose original destination was `orig`:
+    /// a VIP goes to one of its ready endpoints (the first matching TCP
+    /// route's weighted backends when one exists, else round robin), a pod
+    /// address to itself.
     pub fn route(&self, orig: SocketAddrV4) -> Result<Route, RouteError> {
-        let (endpoint, service) = match self.by_vip.get(&(*orig.ip(), orig.port())) {
-            Some(&(si, pi)) => {
-                let svc = &self.services[si];
-                let ready: Vec<_> = svc.endpoints.iter().filter(|e| e.ready).collect();
-                let name = format!("{}/{}", svc.namespace, svc.name);
-                if ready.is_empty() {
-                    return Err(RouteError::NoEndpoint(name));
-                }
-                let n = self.rr[si].fetch_add(1, Ordering::Relaxed) % ready.len();
-                (SocketAddrV4::new(ready[n].ip, svc.ports[pi].target_port), Some(name))
-            }
-            None => (orig, None),
+        let Some(&(si, pi)) = self.by_vip.get(&(*orig.ip(), orig.port())) else {
+            return Ok(self.route_to(orig, None));
         };
+        let svc = &self.services[si];
+        let key = format!("{}/{}", svc.namespace, svc.name);
+        let port = svc.ports[pi].port;
+        if let Some(r) = self.routing.get(&key) {
+            if let Some(t) = r.select_tcp(port, None) {
+                let roll = self.rr[si].fetch_add(1, Ordering::Relaxed) as u64;
+                let b =
+                    pick_weighted(&t.backends, |b| b.weight, roll).ok_or_else(|| RouteError::NoBackend(key.clone()))?;
+                let subset = match &b.subset {
+                    Some(name) => Some(r.subset(&b.service, name).ok_or_else(|| RouteError::UnknownSubset {
+                        service: b.service.clone(),
+                        subset: name.clone(),
+                    })?),
+                    None => None,
+                };
+                return self.pick_endpoint(&b.service, b.port.unwrap_or(port), subset);
+            }
+        }
+        self.pick_endpoint(&key, port, None)
+    }
+
+    /// One ready endpoint of Service `service` (`namespace/name`) on its port
+    /// `port`, restricted to `subset`'s pods when given; round robin.
+    pub fn pick_endpoint(&self, service: &str, port: u16, subset: Option<&Subset>) -> Result<Route, RouteError> {
+        let &si = self
+            .by_name
+            .get(service)
+            .ok_or_else(|| RouteError::UnknownService(service.to_owned()))?;
+        let svc = &self.services[si];
+        let sp = svc
+            .ports
+            .iter()
+            .find(|p| p.port == port)
+            .ok_or_else(|| RouteError::NoPort {
+                service: service.to_owned(),
+                port,
+            })?;
+        let ready: Vec<_> = svc
+            .endpoints
+            .iter()
+            .filter(|e| e.ready)
+            .filter(|e| subset.is_none_or(|s| self.workload_by_ip(e.ip).is_some_and(|w| s.selects(w))))
+            .collect();
+        if ready.is_empty() {
+            return Err(RouteError::NoEndpoint(match subset {
+                Some(s) => format!("{service} (subset {})", s.name),
+                None => service.to_owned(),
+            }));
+        }
+        let n = self.rr[si].fetch_add(1, Ordering::Relaxed) % ready.len();
+        Ok(self.route_to(SocketAddrV4::new(ready[n].ip, sp.target_port), Some(service.to_owned())))
+    }
+
+    /// Where `endpoint` is, relative to this node.
+    pub fn route_to(&self, endpoint: SocketAddrV4, service: Option<String>) -> Route {
         let dst = self.workload_by_ip(*endpoint.ip());
         let hop = match dst {
             Some(w) if w.enrolled && w.node == self.node => Hop::Local,
             Some(w) if w.enrolled => Hop::Tunnel,
             _ => Hop::Direct,
         };
-        Ok(Route {
+        Route {
             endpoint,
             service,
             workload: dst.map(|w| w.uid.clone()),
             hop,
-        })
+        }
     }
 }
 
@@ -222,5 +320,62 @@ services:
         assert_eq!(d.get(&("10.1.2.3".parse().unwrap(), 0)), Some(&MeshDst::Pod));
         assert!(!d.contains_key(&("10.1.2.4".parse().unwrap(), 0)));
         assert_eq!(s.local_enrolled().count(), 2);
+    }
+
+    #[test]
+    fn subsets_and_weighted_tcp_routes() {
+        let cfg = ConfigFile::parse(
+            "t",
+            r#"
+node: n1
+workloads:
+  - {uid: a, name: db-a, node: n1, ip: 10.1.1.2, enrolled: true, labels: {version: a}}
+  - {uid: b, name: db-b, node: n2, ip: 10.1.2.2, enrolled: true, labels: {version: b}}
+services:
+  - name: db
+    vip: 10.96.0.10
+    ports: [{port: 5432, targetPort: 15432}]
+    endpoints: [{ip: 10.1.1.2}, {ip: 10.1.2.2}]
+routes:
+  - service: default/db
+    tcp: [{backends: [{service: default/db, subset: a, weight: 80}, {service: default/db, subset: b, weight: 20}]}]
+    subsets: {default/db: [{name: a, labels: {version: a}}, {name: b, labels: {version: b}}]}
+"#,
+        )
+        .unwrap();
+        let s = State::from_config(cfg, 1);
+        let mut to_a = 0;
+        for _ in 0..1000 {
+            let r = s.route(a("10.96.0.10:5432")).unwrap();
+            if r.endpoint == a("10.1.1.2:15432") {
+                to_a += 1;
+                assert_eq!(r.hop, Hop::Local);
+            } else {
+                assert_eq!((r.endpoint, r.hop), (a("10.1.2.2:15432"), Hop::Tunnel));
+            }
+        }
+        assert_eq!(to_a, 800);
+        let routing = s.routing("default/db").unwrap().clone();
+        let b = routing.subset("default/db", "b").unwrap();
+        assert_eq!(
+            s.pick_endpoint("default/db", 5432, Some(b)).unwrap().endpoint,
+            a("10.1.2.2:15432")
+        );
+        let none = Subset {
+            name: "c".into(),
+            labels: [("version".to_string(), "c".to_string())].into(),
+        };
+        assert_eq!(
+            s.pick_endpoint("default/db", 5432, Some(&none)),
+            Err(RouteError::NoEndpoint("default/db (subset c)".into()))
+        );
+        assert!(matches!(
+            s.pick_endpoint("default/db", 1, None),
+            Err(RouteError::NoPort { .. })
+        ));
+        assert!(matches!(
+            s.pick_endpoint("x/y", 1, None),
+            Err(RouteError::UnknownService(_))
+        ));
     }
 }

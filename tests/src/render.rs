@@ -70,6 +70,7 @@ impl BoxState {
             workloads,
             services,
             peer_authentications: self.spec.peer_authentications.clone(),
+            routes: Vec::new(),
         }
     }
 
