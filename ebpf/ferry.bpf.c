@@ -251,11 +251,33 @@ int ferry_sk_msg(struct sk_msg_md *msg)
 }
 
 /*
+ * What to do with a connection to the pod at ip4 that the agent cannot take
+ * (no listener in ferry_inbound, or assigning to it failed): the pod's
+ * inbound mode decides. STRICT refuses it (SK_DROP: the lookup fails and TCP
+ * answers RST), so plaintext never reaches a STRICT app while the agent is
+ * down; PERMISSIVE and pods without an entry pass it to the app.
+ */
+static __always_inline int no_listener(__u32 ip4, __u32 lport)
+{
+	struct ferry_inbound_key k = { .ip4 = ip4 };
+	struct ferry_inbound_policy *pol = bpf_map_lookup_elem(&ferry_inbound_policy, &k);
+	if (pol && pol->mode == FERRY_INBOUND_STRICT) {
+		stat_inc(FERRY_STAT_INBOUND_DROPPED);
+		emit(FERRY_EV_ERROR, 0, 0, ip4, lport, -111 /* ECONNREFUSED */);
+		return SK_DROP;
+	}
+	return SK_PASS;
+}
+
+/*
  * Attached to each enrolled pod's netns: a TCP connection to the pod's IP on
  * an application port goes to the agent's inbound listener in that pod, with
  * its destination (local) address intact. Never captured: the agent's own
- * ports, and connections from the agent's delivery port range (the agent
- * delivering to the app).
+ * ports, connections from the agent's delivery port range (the agent
+ * delivering to the app), the pod talking to itself, and kubelet probes
+ * (source FERRY_PROBE_IP4), which reach the app whatever the agent is doing.
+ * Without a working listener the pod's ferry_inbound_policy decides
+ * (no_listener): a STRICT pod fails closed.
  */
 SEC("sk_lookup")
 int ferry_sk_lookup(struct bpf_sk_lookup *ctx)
@@ -274,17 +296,21 @@ int ferry_sk_lookup(struct bpf_sk_lookup *ctx)
 		return SK_PASS;
 	if (ctx->remote_ip4 == ctx->local_ip4)
 		return SK_PASS; /* the pod talking to itself */
+	if (ctx->remote_ip4 == bpf_htonl(FERRY_PROBE_IP4)) {
+		stat_inc(FERRY_STAT_PROBES);
+		return SK_PASS; /* a kubelet probe: straight to the app */
+	}
 
 	struct ferry_inbound_key k = { .ip4 = ctx->local_ip4 };
 	struct bpf_sock *sk = bpf_map_lookup_elem(&ferry_inbound, &k);
 	if (!sk)
-		return SK_PASS; /* no listener (agent down): fail open */
+		return no_listener(ctx->local_ip4, lport); /* agent down */
 	long err = bpf_sk_assign(ctx, sk, 0);
 	bpf_sk_release(sk);
 	if (err) {
 		stat_inc(FERRY_STAT_INBOUND_ASSIGN_ERR);
 		emit(FERRY_EV_ERROR, 0, 0, ctx->local_ip4, lport, err);
-		return SK_PASS;
+		return no_listener(ctx->local_ip4, lport);
 	}
 	stat_inc(FERRY_STAT_INBOUND_ASSIGNED);
 	if (cfg->flags & FERRY_F_EVENTS)

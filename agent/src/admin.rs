@@ -4,7 +4,7 @@
 use std::{borrow::Cow, sync::Arc};
 
 use ferry_api::admin_http::{self, json, text, AdminRequest, Body};
-use ferry_model::admin::ConfigDump;
+use ferry_model::admin::{AuthzQuery, ConfigDump};
 use hyper::{Response, StatusCode};
 use tokio::net::TcpListener;
 
@@ -78,10 +78,30 @@ pub fn route(agent: &Agent, req: &AdminRequest<'_>) -> Response<Body> {
         ),
         "/stats" => json(&agent.proxy.telemetry.counters.snapshot()),
         "/certs" => json(&agent.ids.as_ref().map(|i| i.views()).unwrap_or_default()),
+        "/authz" => authz(agent, req.query),
         _ => text(
             StatusCode::NOT_FOUND,
-            "not found; try /healthz /ready /config_dump /conns /stats /certs, POST /logging?level=\n",
+            "not found; try /healthz /ready /config_dump /conns /stats /certs /authz?from=&to=&port=, POST /logging?level=\n",
         ),
+    }
+}
+
+/// `/authz?from=ns/sa-or-pod&to=ns/pod&port=P[&method=&path=&host=&header=k:v]`:
+/// the authorization dry run, answered from the live state (the deciding
+/// policy, rule and reason; see `ferry_model::admin::AuthzQuery`).
+fn authz(agent: &Agent, query: Option<&str>) -> Response<Body> {
+    let q = match AuthzQuery::from_query(query.unwrap_or("")) {
+        Ok(q) => q,
+        Err(e) => {
+            return text(
+                StatusCode::BAD_REQUEST,
+                &format!("{e}\nusage: /authz?from=ns/sa-or-pod&to=ns/pod&port=P[&method=GET&path=/x&header=k:v]\n"),
+            )
+        }
+    };
+    match agent.proxy.state().authz_check(&q) {
+        Ok(check) => json(&check),
+        Err(e) => text(StatusCode::NOT_FOUND, &format!("{e}\n")),
     }
 }
 

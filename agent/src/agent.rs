@@ -27,8 +27,13 @@ pub struct Options {
     /// Fallback cgroup root when the config has none (kubelet's kubepods).
     pub cgroup_root: PathBuf,
     /// The CA to get workload certificates from; with it the tunnel is mTLS
-    /// (HBONE), without it plain (development, benchmarks).
+    /// (HBONE). Without it there is no tunnel, unless
+    /// `insecure_plaintext_tunnel`.
     pub identity: Option<identity::Options>,
+    /// Without a CA, run the unauthenticated plain tunnel between nodes
+    /// (tests, benchmarks). Never in production: anyone who reaches a pod's
+    /// port 15008 could then name any target.
+    pub insecure_plaintext_tunnel: bool,
 }
 
 pub struct Agent {
@@ -60,7 +65,17 @@ impl Agent {
             ids.register_metrics(metrics.registry_mut());
         }
         let telemetry = Arc::new(Telemetry::new(metrics, counters));
-        let tunnel = hbone.map_or(Tunnel::Plain, Tunnel::Hbone);
+        let tunnel = match hbone {
+            Some(h) => Tunnel::Hbone(h),
+            None if opts.insecure_plaintext_tunnel => {
+                tracing::warn!("no CA: running the UNAUTHENTICATED plaintext tunnel (--insecure-plaintext-tunnel)");
+                Tunnel::Plain
+            }
+            None => {
+                tracing::warn!("no CA: the tunnel between nodes is off (cross-node mesh connections are refused)");
+                Tunnel::Off
+            }
+        };
         let proxy = Proxy::new(orig, tunnel, telemetry);
         let reconciler = Arc::new(Reconciler::new(
             ebpf,

@@ -13,7 +13,7 @@ use std::{
 };
 
 use ferry_ebpf::{cgroup, maps, PodHooks, RedirectError, Redirector};
-use ferry_model::{state::MeshDst, Settings, Workload};
+use ferry_model::{admission::Fallback, state::MeshDst, Settings, Workload};
 use tokio::net::TcpListener;
 
 use crate::{
@@ -24,6 +24,9 @@ use crate::{
 };
 
 pub const ADMIN_PORT: u16 = 15000;
+
+// The gate (ferry-model) and sk_lookup (ferry.h) admit probes from one address.
+const _: () = assert!(maps::PROBE_SOURCE.to_bits() == ferry_model::admission::PROBE_SOURCE.to_bits());
 
 #[derive(Debug, thiserror::Error)]
 pub enum EnrollError {
@@ -84,8 +87,20 @@ pub trait Node: Send + 'static {
         pod: &Plumbed<Self::Pod>,
         inbound: &TcpListener,
     ) -> Result<(), EnrollError>;
-    /// Stops steering a pod.
+    /// Stops steering a pod (and forgets its inbound fallback).
     fn unsteer(&mut self, uid: &str) -> Result<(), EnrollError>;
+    /// What the node does with connections to pod `ip` while the agent
+    /// cannot take them (`ferry_model::admission::fallback`); it must hold
+    /// when the agent is gone. Set before the pod's steering is turned on and
+    /// whenever its policy changes. A node without such a fallback (tests)
+    /// has nothing to do.
+    fn set_fallback(&mut self, _ip: Ipv4Addr, _fallback: Fallback) -> Result<(), EnrollError> {
+        Ok(())
+    }
+    /// Forgets pod `ip`'s fallback (an enrollment that did not complete).
+    fn clear_fallback(&mut self, _ip: Ipv4Addr) -> Result<(), EnrollError> {
+        Ok(())
+    }
     /// Node-wide switches from the settings.
     fn configure(&mut self, settings: &Settings) -> Result<(), EnrollError>;
     /// What connect4/6 steer.
@@ -186,6 +201,18 @@ impl Node for EbpfNode {
 
     fn unsteer(&mut self, uid: &str) -> Result<(), EnrollError> {
         Ok(self.redirect.unenroll(uid)?)
+    }
+
+    fn set_fallback(&mut self, ip: Ipv4Addr, fallback: Fallback) -> Result<(), EnrollError> {
+        let mode = match fallback {
+            Fallback::Refuse => maps::INBOUND_STRICT,
+            Fallback::Deliver => maps::INBOUND_PERMISSIVE,
+        };
+        Ok(self.redirect.set_inbound_policy(ip, mode)?)
+    }
+
+    fn clear_fallback(&mut self, ip: Ipv4Addr) -> Result<(), EnrollError> {
+        Ok(self.redirect.remove_inbound_policy(ip)?)
     }
 
     fn configure(&mut self, settings: &Settings) -> Result<(), EnrollError> {

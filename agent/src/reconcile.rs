@@ -15,7 +15,12 @@ use std::{
     time::Duration,
 };
 
-use ferry_model::{admin::PodStatus, state::State, ConfigFile, Workload};
+use ferry_model::{
+    admin::PodStatus,
+    admission::{self, Fallback},
+    state::State,
+    ConfigFile, Workload,
+};
 use futures::future::BoxFuture;
 use tokio::task::AbortHandle;
 
@@ -33,6 +38,8 @@ pub trait Apply: Send + Sync {
 struct Enrolled<P> {
     ctx: Arc<PodCtx>,
     pod_id: u32,
+    /// What the node does with the pod's inbound while the agent is away.
+    fallback: Fallback,
     plumbed: Plumbed<P>,
     tasks: Vec<AbortHandle>,
 }
@@ -136,8 +143,9 @@ impl<N: Node> Reconciler<N> {
                 host_veth: w.host_veth.clone(),
                 error: None,
             };
+            let fallback = admission::fallback(&state, w);
             if w.enrolled && !inner.enrolled.contains_key(&w.uid) {
-                match self.enroll(&mut inner, w, &cgroup_root).await {
+                match self.enroll(&mut inner, w, &cgroup_root, fallback).await {
                     Ok(e) => {
                         tracing::info!(pod = %e.ctx.label, pod_id = e.pod_id, ip = %w.ip, "pod enrolled");
                         inner.enrolled.insert(w.uid.clone(), e);
@@ -146,6 +154,17 @@ impl<N: Node> Reconciler<N> {
                         tracing::error!(pod = %w.label(), error = %err, "pod not enrolled");
                         st.error = Some(err.to_string());
                     }
+                }
+            }
+            let Inner { node, enrolled, .. } = &mut *inner;
+            if let Some(e) = enrolled.get_mut(&w.uid).filter(|e| e.fallback != fallback) {
+                // A policy change (PeerAuthentication): the pinned fallback follows.
+                match node.set_fallback(w.ip, fallback) {
+                    Ok(()) => {
+                        tracing::info!(pod = %e.ctx.label, fallback = ?fallback, "inbound fallback updated");
+                        e.fallback = fallback;
+                    }
+                    Err(err) => tracing::error!(pod = %e.ctx.label, error = %err, "cannot update the inbound fallback"),
                 }
             }
             if let Some(e) = inner.enrolled.get(&w.uid) {
@@ -216,6 +235,7 @@ impl<N: Node> Reconciler<N> {
         inner: &mut Inner<N>,
         w: &Workload,
         cgroup_root: &Path,
+        fallback: Fallback,
     ) -> Result<Enrolled<N::Pod>, EnrollError> {
         let plumbed = inner.node.plumb(w, cgroup_root).await?;
         let listen = |addr| {
@@ -246,7 +266,15 @@ impl<N: Node> Reconciler<N> {
                 Err(_) => tracing::warn!(pod = %w.label(), "no certificate yet: the CA did not answer in 3s"),
             }
         }
-        inner.node.steer(w, pod_id, &plumbed, &listeners.inbound)?;
+        // The fallback first: from the moment steering is on, the pod's
+        // inbound is decided by the agent or, while it is away, by this.
+        inner.node.set_fallback(w.ip, fallback)?;
+        if let Err(e) = inner.node.steer(w, pod_id, &plumbed, &listeners.inbound) {
+            if let Err(err) = inner.node.clear_fallback(w.ip) {
+                tracing::warn!(pod = %w.label(), error = %err, "cannot clear the inbound fallback");
+            }
+            return Err(e);
+        }
         let workload = Workload {
             host_veth: plumbed.host_veth.clone(),
             ..w.clone()
@@ -259,6 +287,7 @@ impl<N: Node> Reconciler<N> {
         Ok(Enrolled {
             ctx,
             pod_id,
+            fallback,
             plumbed,
             tasks,
         })

@@ -1,29 +1,18 @@
 //! Checks across objects (what `ferryctl analyze` and the control plane's
-//! log report): references to services that do not exist, subsets no
-//! DestinationRule defines, weights that do not add up, routes to services
-//! without endpoints, opt-in labels and annotations that do nothing.
-//! Parse-level errors (types, unknown fields) come from `model::parse`.
-
-use std::collections::{BTreeMap, BTreeSet};
+//! log report): references to services that do not exist, weights that do
+//! not add up, routes to services without endpoints, opt-in labels and
+//! annotations that do nothing, policies accepted but not enforced; plus
+//! everything the route compiler reports (`crate::routes`: which object
+//! wins a Service, subsets no DestinationRule defines, fields not
+//! supported or not enforced). Parse-level errors (types, unknown fields)
+//! come from `model::parse`.
 
 use crate::{
     compute::{mesh_view, MeshView},
     model::{parse::MESH_ANNOTATION, Cluster, Key, Located, Object, Problem, Severity},
 };
 
-/// (namespace, name) of the service a host names, seen from namespace `ns`.
-/// None for wildcards and hosts outside the cluster.
-pub fn service_of_host(host: &str, ns: &str) -> Option<(String, String)> {
-    if host.contains('*') {
-        return None;
-    }
-    let parts: Vec<&str> = host.trim_end_matches('.').split('.').collect();
-    match parts.as_slice() {
-        [name] => Some((ns.into(), (*name).into())),
-        [name, n] | [name, n, "svc"] | [name, n, "svc", "cluster", "local"] => Some(((*n).into(), (*name).into())),
-        _ => None,
-    }
-}
+pub use crate::routes::service_of_host;
 
 struct Ctx<'a> {
     cluster: &'a Cluster,
@@ -91,34 +80,8 @@ impl Ctx<'_> {
                 format!("Service {ns}/{name} has no ready endpoints"),
             );
         }
-        if let Some(subset) = subset {
-            let defined = self.subsets(&ns, &name);
-            if !defined.contains(subset) {
-                self.add(
-                    Severity::Warning,
-                    key,
-                    at,
-                    format!("{field}.subset"),
-                    format!("no DestinationRule for {ns}/{name} defines subset {subset:?}"),
-                );
-            }
-        }
-    }
-
-    fn subsets(&self, ns: &str, name: &str) -> BTreeSet<String> {
-        self.cluster
-            .objects
-            .iter()
-            .filter_map(|(k, l)| match &l.object {
-                Object::DestinationRule(dr)
-                    if service_of_host(&dr.spec.host, &k.namespace) == Some((ns.into(), name.into())) =>
-                {
-                    Some(dr.spec.subsets.iter().map(|s| s.name.clone()))
-                }
-                _ => None,
-            })
-            .flatten()
-            .collect()
+        // Subsets are checked by the route compiler (an error: crate::routes).
+        let _ = subset;
     }
 }
 
@@ -139,23 +102,9 @@ pub fn analyze_with(cluster: &Cluster, view: &MeshView) -> Vec<Problem> {
         view,
         out: Vec::new(),
     };
-    let mut vs_hosts: BTreeMap<(String, String), Key> = BTreeMap::new();
     for (key, at) in &cluster.objects {
         match &at.object {
             Object::VirtualService(vs) => {
-                for (i, h) in vs.spec.hosts.iter().enumerate() {
-                    if let Some(svc) = service_of_host(h, &key.namespace) {
-                        if let Some(other) = vs_hosts.insert(svc, key.clone()) {
-                            c.add(
-                                Severity::Warning,
-                                key,
-                                at,
-                                format!("spec.hosts[{i}]"),
-                                format!("{other} also routes {h:?}: only one applies"),
-                            );
-                        }
-                    }
-                }
                 for (i, r) in vs.spec.http.iter().enumerate() {
                     for (j, d) in r.route.iter().enumerate() {
                         let field = format!("spec.http[{i}].route[{j}].destination");
@@ -205,6 +154,23 @@ pub fn analyze_with(cluster: &Cluster, view: &MeshView) -> Vec<Problem> {
                                 format!("no pod has the labels of subset {:?}", s.name),
                             );
                         }
+                    }
+                }
+            }
+            Object::AuthorizationPolicy(_) => authorization_policy_not_enforced(&mut c, key, at),
+            Object::GrpcRoute(r) => {
+                c.parents(key, at, &r.spec.parent_refs);
+                for (i, rule) in r.spec.rules.iter().enumerate() {
+                    for (j, b) in rule.backend_refs.iter().enumerate() {
+                        c.backend_ref(key, at, format!("spec.rules[{i}].backendRefs[{j}]"), b);
+                    }
+                }
+            }
+            Object::TcpRoute(r) => {
+                c.parents(key, at, &r.spec.parent_refs);
+                for (i, rule) in r.spec.rules.iter().enumerate() {
+                    for (j, b) in rule.backend_refs.iter().enumerate() {
+                        c.backend_ref(key, at, format!("spec.rules[{i}].backendRefs[{j}]"), b);
                     }
                 }
             }
@@ -275,7 +241,48 @@ pub fn analyze_with(cluster: &Cluster, view: &MeshView) -> Vec<Problem> {
             _ => {}
         }
     }
+    c.out.extend(crate::routes::compile(cluster).problems);
     c.out
+}
+
+/// AuthorizationPolicy is parsed and validated but not enforced by the
+/// agents yet: one warning per policy. (The one place to remove when
+/// enforcement lands.)
+fn authorization_policy_not_enforced(c: &mut Ctx<'_>, key: &Key, at: &Located) {
+    c.add(
+        Severity::Warning,
+        key,
+        at,
+        String::new(),
+        format!(
+            "AuthorizationPolicy {}/{}: {}",
+            key.namespace,
+            key.name,
+            crate::routes::NOT_ENFORCED
+        ),
+    );
+}
+
+impl Ctx<'_> {
+    fn parents(&mut self, key: &Key, at: &Located, refs: &[crate::model::gateway::ParentRef]) {
+        for (i, p) in refs.iter().enumerate() {
+            let ns = p.namespace.clone().unwrap_or_else(|| key.namespace.clone());
+            if p.is_service() && self.cluster.service(&ns, &p.name).is_none() {
+                self.add(
+                    Severity::Error,
+                    key,
+                    at,
+                    format!("spec.parentRefs[{i}]"),
+                    format!("no Service {ns}/{}", p.name),
+                );
+            }
+        }
+    }
+
+    fn backend_ref(&mut self, key: &Key, at: &Located, field: String, b: &crate::model::gateway::BackendRef) {
+        let ns = b.namespace.clone().unwrap_or_else(|| key.namespace.clone());
+        self.destination(key, at, field, &format!("{}.{ns}", b.name), None);
+    }
 }
 
 #[cfg(test)]

@@ -8,7 +8,10 @@ use std::{
 };
 
 use ferry_api::discovery as pb;
-use ferry_model::{peer_auth::PeerAuthentication, proto as disc, Endpoint, Protocol, Service, ServicePort, Workload};
+use ferry_model::{
+    peer_auth::PeerAuthentication, proto as disc, route::ServiceRouting, Endpoint, Protocol, Service, ServicePort,
+    Workload,
+};
 use k8s_openapi::{
     api::{
         core::v1::{Pod, Service as KService},
@@ -52,6 +55,8 @@ pub struct MeshView {
     /// Services with a cluster IP, endpoints resolved, each port's protocol selected.
     pub services: Vec<Service>,
     pub peer_authentications: Vec<PeerAuthentication>,
+    /// Routes per routed Service (`crate::routes`), by Service.
+    pub routes: Vec<ServiceRouting>,
 }
 
 fn pod_ipv4(p: &Pod) -> Option<Ipv4Addr> {
@@ -248,6 +253,7 @@ pub fn mesh_view(cluster: &Cluster, derive_endpoints: bool) -> MeshView {
         workloads,
         services,
         peer_authentications,
+        routes: crate::routes::compile(cluster).routings,
     }
 }
 
@@ -271,6 +277,7 @@ impl Resources {
     pub fn reusing(view: &MeshView, prev: Option<(&MeshView, &Resources)>) -> Self {
         let mut old_w: HashMap<&str, (&Workload, Arc<pb::Resource>)> = HashMap::new();
         let mut old_s: HashMap<(&str, &str), (&Service, Arc<pb::Resource>)> = HashMap::new();
+        let mut old_r: HashMap<&str, (&ServiceRouting, Arc<pb::Resource>)> = HashMap::new();
         if let Some((pv, pr)) = prev {
             let by_name: HashMap<&str, &Arc<pb::Resource>> = pr
                 .shared
@@ -287,6 +294,11 @@ impl Resources {
                 let name = format!("{}{}/{}", disc::SERVICE, s.namespace, s.name);
                 if let Some(r) = by_name.get(name.as_str()) {
                     old_s.insert((&s.namespace, &s.name), (s, (*r).clone()));
+                }
+            }
+            for rt in &pv.routes {
+                if let Some(r) = by_name.get(disc::routing_name(&rt.service).as_str()) {
+                    old_r.insert(&rt.service, (rt, (*r).clone()));
                 }
             }
         }
@@ -310,6 +322,14 @@ impl Resources {
         }
         for p in &view.peer_authentications {
             r.shared.push(Arc::new(disc::resource(disc::peer_authentication_to(p))));
+        }
+        // Every node gets every Service's routes: a source on any node may call it.
+        for rt in &view.routes {
+            let res = match old_r.get(rt.service.as_str()) {
+                Some((o, res)) if *o == rt => res.clone(),
+                _ => Arc::new(disc::resource(disc::routing_to(rt))),
+            };
+            r.shared.push(res);
         }
         r
     }

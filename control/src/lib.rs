@@ -11,6 +11,7 @@ pub mod ca;
 pub mod compute;
 pub mod config_stream;
 pub mod model;
+pub mod routes;
 pub mod source;
 
 use std::{collections::BTreeMap, path::PathBuf, sync::Arc, time::Duration};

@@ -278,3 +278,50 @@ async fn nothing_is_sent_before_the_source_is_read() {
     assert!(r.removed.is_empty(), "{r:?}");
     assert_eq!(names(&r), ["service/default/echo", "workload/a"]);
 }
+
+fn vs(weight_a: u32) -> String {
+    format!(
+        "---\napiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: echo}}\nspec:\n  hosts: [echo]\n  http:\n  - match: [{{headers: {{user: {{exact: tester}}}}}}]\n    route: [{{destination: {{host: echo, subset: b}}}}]\n  - route:\n    - {{destination: {{host: echo, subset: a}}, weight: {weight_a}}}\n    - {{destination: {{host: echo, subset: b}}, weight: {}}}\n---\napiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: echo}}\nspec: {{host: echo, subsets: [{{name: a, labels: {{app: echo}}}}, {{name: b, labels: {{app: echo}}}}]}}\n",
+        100 - weight_a
+    )
+}
+
+#[tokio::test]
+async fn a_virtual_service_change_streams_as_one_service_routing_delta() {
+    let s = server_unloaded().await;
+    let base = format!("{}{SVC}", pod("a", "n1", "10.1.1.2"));
+    s.store
+        .publish(compute::mesh_view(&cluster(&format!("{base}{}", vs(90))), true));
+    let mut a = subscribe(&s.addr, "t1", "n1", BTreeMap::new()).await.unwrap();
+    let first = a.next().await;
+    assert_eq!(
+        names(&first),
+        ["routing/default/echo", "service/default/echo", "workload/a"]
+    );
+    // What the agent does with it: the model's ServiceRouting, validated.
+    let held = ferry_model::proto::HeldResources::default().with(&first);
+    let cfg = held.to_config("n1", &Default::default()).unwrap();
+    let weights: Vec<u32> = cfg.routes[0].http[1].backends.iter().map(|b| b.weight).collect();
+    assert_eq!(weights, [90, 10]);
+    assert_eq!(cfg.routes[0].subsets["default/echo"].len(), 2);
+    a.answer(&first, "").await;
+    wait_status(&s, "n1", |st| st.acked_version == 1).await;
+
+    // The canary moves to 50/50: only the routing resource changes.
+    s.store
+        .publish(compute::mesh_view(&cluster(&format!("{base}{}", vs(50))), true));
+    let d = a.next().await;
+    assert_eq!(names(&d), ["routing/default/echo"]);
+    assert!(d.removed.is_empty());
+    let cfg = held.with(&d).to_config("n1", &Default::default()).unwrap();
+    let weights: Vec<u32> = cfg.routes[0].http[1].backends.iter().map(|b| b.weight).collect();
+    assert_eq!(weights, [50, 50]);
+    a.answer(&d, "").await;
+    wait_status(&s, "n1", |st| st.acked_version == 2).await;
+
+    // The VirtualService is deleted: the routing is removed.
+    s.store.publish(compute::mesh_view(&cluster(&base), true));
+    let d = a.next().await;
+    assert!(d.resources.is_empty(), "{d:?}");
+    assert_eq!(d.removed, ["routing/default/echo"]);
+}

@@ -2,12 +2,14 @@
 //! analyze mesh YAML offline.
 //!
 //! Exit codes: 0 ok, 1 other error, 2 usage, 3 agent not reachable, 4 no Ferry
-//! maps, 5 `check` found the node cannot run Ferry, 6 `analyze` found errors.
+//! maps, 5 `check` found the node cannot run Ferry, 6 `analyze` found errors,
+//! 7 `authz check` decided deny.
 
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 mod admin;
 mod analyze;
+mod authz;
 mod dump;
 mod output;
 mod views;
@@ -40,7 +42,9 @@ const EXAMPLES: &str = "Examples:
   ferryctl bpf dump mesh-dst -o json
   ferryctl --node node1 bpf dump traffic
   ferryctl conns
-  ferryctl analyze -f ./manifests/";
+  ferryctl analyze -f ./manifests/
+  ferryctl authz check --from default/bookinfo-productpage --to default/details-v1 --to-labels app=details --port 9080 --method GET --path /details/0 -f policies.yaml
+  ferryctl authz check --from default/sleep --to default/details-v1 --port 9080 --agent http://127.0.0.1:15000";
 
 #[derive(Clone, Copy, ValueEnum, PartialEq)]
 enum Output {
@@ -86,12 +90,25 @@ enum Cmd {
         #[arg(long)]
         all: bool,
     },
+    /// Authorization dry runs (AuthorizationPolicy).
+    Authz {
+        #[command(subcommand)]
+        op: AuthzOp,
+    },
     /// Preflight: can this node run Ferry? (exit 5 if not)
     Check {
         /// Also check the kubelet's pod cgroup root.
         #[arg(long)]
         cgroup_root: Option<PathBuf>,
     },
+}
+
+#[derive(Subcommand)]
+enum AuthzOp {
+    /// May a source call a workload on a port (with an HTTP request)? Names
+    /// the deciding policy, rule and reason; exit 7 on deny. Offline from
+    /// YAML (-f, --config) or live from the destination's agent (--agent).
+    Check(Box<authz::CheckArgs>),
 }
 
 #[derive(Subcommand)]
@@ -143,6 +160,8 @@ enum CtlError {
     Other(String),
     #[error("{0} check(s) failed: this node cannot run Ferry as it is (see the remedy column)")]
     CheckFailed(usize),
+    #[error("denied: {0}")]
+    Denied(String),
 }
 
 impl CtlError {
@@ -151,6 +170,7 @@ impl CtlError {
             CtlError::AgentDown(..) => 3,
             CtlError::Pinned(PinnedError::NotFound(_)) => 4,
             CtlError::CheckFailed(_) => 5,
+            CtlError::Denied(_) => 7,
             _ => 1,
         }
     }
@@ -191,6 +211,7 @@ fn pinned(args: &Args) -> Result<Pinned, CtlError> {
 fn run(args: &Args) -> Result<(), CtlError> {
     match &args.cmd {
         Cmd::Analyze { paths, all } => analyze::analyze(args, paths, *all),
+        Cmd::Authz { op: AuthzOp::Check(c) } => authz::check(args, c),
         Cmd::Bpf { op: BpfOp::Maps } => {
             let rows = pinned(args)?.maps()?;
             emit(

@@ -91,6 +91,35 @@ struct ferry_inbound_key {
 };
 _Static_assert(sizeof(struct ferry_inbound_key) == 4, "ferry_inbound_key layout");
 
+/*
+ * ferry_inbound_policy: key = pod IPv4 (struct ferry_inbound_key, as
+ * ferry_inbound), value = the pod's inbound mode, which sk_lookup applies when
+ * the pod has no working inbound listener (agent down, restarting, not yet
+ * enrolled). Keyed by the pod IP rather than the netns cookie: sk_lookup runs
+ * in softirq for every lookup in the netns, loopback included, and only
+ * connections to the pod's own IP are the mesh's business.
+ * Written by the agent before it turns a pod's steering on and whenever its
+ * PeerAuthentication changes; removed when the pod is unenrolled. Pinned, so
+ * it outlives the agent: that is the point. Absent = not captured.
+ */
+#define FERRY_INBOUND_NONE 0       /* not captured: pass, as if absent */
+#define FERRY_INBOUND_PERMISSIVE 1 /* no listener: pass to the app */
+#define FERRY_INBOUND_STRICT 2     /* no listener: drop (RST), probes excepted */
+struct ferry_inbound_policy {
+	__u32 mode;
+	__u32 flags; /* reserved, 0 */
+};
+_Static_assert(sizeof(struct ferry_inbound_policy) == 8, "ferry_inbound_policy layout");
+
+/*
+ * Kubelet probes: connections from this link-local source (169.254.7.127,
+ * Istio ambient's probe address; host byte order here) go straight to the
+ * app, whatever the mode and whatever the agent is doing. Only the node's own
+ * stack can complete a handshake from it (the pod's reply is routed to the
+ * node, which owns the address). docs/identity.md, "Fail closed".
+ */
+#define FERRY_PROBE_IP4 0xa9fe077f
+
 /* ferry_traffic: per-CPU counters, key = ifindex of a pod's host-side veth.
  * "rx" and "tx" are from the pod's point of view. */
 struct ferry_traffic {
@@ -113,6 +142,8 @@ enum ferry_stat {
 	FERRY_STAT_SPLICE_MISS = 7,    /* no peer yet: this connection falls back to the normal path */
 	FERRY_STAT_EVENTS_DROPPED = 8, /* ring buffer full */
 	FERRY_STAT_AGENT_SKIPPED = 9,  /* connect() by a socket carrying the agent mark */
+	FERRY_STAT_INBOUND_DROPPED = 10, /* STRICT pod, no working listener: refused (fail closed) */
+	FERRY_STAT_PROBES = 11,          /* probe-source connections passed to the app */
 	FERRY_STAT_MAX = 16,
 };
 
@@ -184,6 +215,14 @@ struct {
 	__type(key, struct ferry_inbound_key);
 	__type(value, __u32);
 } ferry_inbound SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+	__uint(max_entries, FERRY_MAX_PODS);
+	__type(key, struct ferry_inbound_key);
+	__type(value, struct ferry_inbound_policy);
+} ferry_inbound_policy SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_SOCKHASH);

@@ -27,7 +27,7 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 
-use crate::maps::{Config, Dst, DstKey, InboundKey, OrigDst, Pod, SockKey};
+use crate::maps::{Config, Dst, DstKey, InboundKey, InboundPolicy, OrigDst, Pod, SockKey};
 
 /// The compiled programs (built from ebpf/ by build.rs).
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/ferry.bpf.o"));
@@ -389,6 +389,8 @@ impl Redirector {
             let _ = inbound.remove(&InboundKey {
                 ip4: u32::from(e.ip).to_be(),
             });
+            // After its steering and listener: the pod is not captured any more.
+            self.remove_inbound_policy(e.ip)?;
             if let Some(ifindex) = e.ifindex {
                 if let Ok(mut t) = aya::maps::PerCpuHashMap::<&mut MapData, u32, crate::maps::Traffic>::try_from(
                     self.bpf.map_mut("ferry_traffic").expect("ferry_traffic"),
@@ -402,9 +404,49 @@ impl Redirector {
         Ok(())
     }
 
+    /// Sets what `sk_lookup` does with connections to pod `ip` while its
+    /// inbound listener is missing (`maps::INBOUND_*`). Pinned: it holds while
+    /// the agent is down. Written before the pod's steering is turned on.
+    pub fn set_inbound_policy(&mut self, ip: Ipv4Addr, mode: u32) -> Result<()> {
+        let mut m = self.inbound_policy_map()?;
+        m.insert(InboundKey::new(ip), InboundPolicy { mode, flags: 0 }, 0)
+            .map_err(map_err("ferry_inbound_policy"))
+    }
+
+    /// Forgets pod `ip`'s inbound policy (the pod is no longer captured).
+    pub fn remove_inbound_policy(&mut self, ip: Ipv4Addr) -> Result<()> {
+        let mut m = self.inbound_policy_map()?;
+        match m.remove(&InboundKey::new(ip)) {
+            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+            Err(e) => Err(map_err("ferry_inbound_policy")(e)),
+        }
+    }
+
+    fn inbound_policy_map(&mut self) -> Result<BpfHash<&mut MapData, InboundKey, InboundPolicy>> {
+        BpfHash::try_from(
+            self.bpf
+                .map_mut("ferry_inbound_policy")
+                .expect("ferry_inbound_policy in object"),
+        )
+        .map_err(map_err("ferry_inbound_policy"))
+    }
+
     /// Removes pinned links of pods that are not enrolled any more (left by a
-    /// previous agent run). Call after the first reconcile.
+    /// previous agent run), and their inbound policies. Call after the first
+    /// reconcile.
     pub fn prune_stale_links(&mut self) {
+        let live: std::collections::HashSet<Ipv4Addr> = self.pods.values().map(|e| e.ip).collect();
+        if let Ok(mut m) = self.inbound_policy_map() {
+            let stale: Vec<InboundKey> = m
+                .keys()
+                .filter_map(|k| k.ok())
+                .filter(|k| !live.contains(&k.ip()))
+                .collect();
+            for k in stale {
+                tracing::info!(ip = %k.ip(), "removing the inbound policy of a pod no longer enrolled");
+                let _ = m.remove(&k);
+            }
+        }
         let Ok(rd) = fs::read_dir(self.dir.join("links")) else {
             return;
         };

@@ -13,6 +13,16 @@ pub const FLAG_EVENTS: u32 = 0x2;
 pub const DST_SERVICE: u32 = 1;
 pub const DST_POD: u32 = 2;
 
+/// `ferry_inbound_policy` modes (FERRY_INBOUND_*): what `sk_lookup` does with
+/// a connection to a pod whose inbound listener is missing (agent down).
+pub const INBOUND_NONE: u32 = 0;
+pub const INBOUND_PERMISSIVE: u32 = 1;
+pub const INBOUND_STRICT: u32 = 2;
+
+/// FERRY_PROBE_IP4: the kubelet probe source `sk_lookup` always passes to the
+/// app (169.254.7.127, Istio ambient's).
+pub const PROBE_SOURCE: Ipv4Addr = Ipv4Addr::new(169, 254, 7, 127);
+
 /// Names of the pinned maps, as declared in ferry.h.
 pub const MAP_NAMES: &[&str] = &[
     "ferry_config",
@@ -21,6 +31,7 @@ pub const MAP_NAMES: &[&str] = &[
     "ferry_orig_cookie",
     "ferry_orig_dst",
     "ferry_inbound",
+    "ferry_inbound_policy",
     "ferry_splice",
     "ferry_splice_off",
     "ferry_traffic",
@@ -130,6 +141,27 @@ pub struct InboundKey {
     pub ip4: u32,
 }
 
+impl InboundKey {
+    pub fn new(ip: Ipv4Addr) -> Self {
+        Self {
+            ip4: u32::from(ip).to_be(),
+        }
+    }
+    pub fn ip(&self) -> Ipv4Addr {
+        Ipv4Addr::from(u32::from_be(self.ip4))
+    }
+}
+
+/// Value of `ferry_inbound_policy` (key: [`InboundKey`], the pod IP).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct InboundPolicy {
+    /// One of `INBOUND_*`.
+    pub mode: u32,
+    /// Reserved, 0.
+    pub flags: u32,
+}
+
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct Traffic {
@@ -160,6 +192,8 @@ pub const STAT_NAMES: &[(u32, &str)] = &[
     (7, "splice_fallbacks"),
     (8, "events_dropped"),
     (9, "agent_skipped"),
+    (10, "inbound_dropped"),
+    (11, "probes_passed"),
 ];
 pub const STAT_MAX: u32 = 16;
 
@@ -188,7 +222,20 @@ macro_rules! pod {
         unsafe impl aya::Pod for $t {}
     )*};
 }
-pod!(Config, Pod, DstKey, Dst, SockKey, OrigDst, InboundKey, Traffic);
+pod!(
+    Config,
+    Pod,
+    DstKey,
+    Dst,
+    SockKey,
+    OrigDst,
+    InboundKey,
+    InboundPolicy,
+    Traffic
+);
+
+/// ferry.h spells the probe source in host byte order.
+const _: () = assert!(PROBE_SOURCE.to_bits() == 0xa9fe_077f);
 
 /// ferry_event only travels through the ring buffer, so it has no BTF in the
 /// object; ferry.h asserts its size, and so does this.
@@ -231,6 +278,7 @@ pub fn layouts() -> Vec<Layout> {
         ),
         layout!("ferry_orig_dst", OrigDst, [ip4, port, pad, pod_id, pad2, ts_ns]),
         layout!("ferry_inbound_key", InboundKey, [ip4]),
+        layout!("ferry_inbound_policy", InboundPolicy, [mode, flags]),
         layout!("ferry_traffic", Traffic, [rx_packets, rx_bytes, tx_packets, tx_bytes]),
     ]
 }

@@ -49,6 +49,14 @@ pub struct DstRow {
 }
 
 #[derive(Debug, Serialize)]
+pub struct InboundPolicyRow {
+    pub ip: Ipv4Addr,
+    /// `strict` (no listener: refused), `permissive` (no listener: to the
+    /// app), `none`.
+    pub mode: &'static str,
+}
+
+#[derive(Debug, Serialize)]
 pub struct OrigDstRow {
     pub netns_cookie: u64,
     pub client: String,
@@ -125,6 +133,7 @@ impl Pinned {
                 "ferry_orig_cookie" => Some(count_keys_of::<u64, OrigDst>(self.map(name)?)),
                 "ferry_splice_off" => Some(count_keys_of::<SockKey, u32>(self.map(name)?)),
                 "ferry_inbound" => Some(sockhash_len::<maps::InboundKey>(self.map(name)?)),
+                "ferry_inbound_policy" => Some(self.inbound_policy()?.len()),
                 "ferry_splice" => Some(sockhash_len::<SockKey>(self.map(name)?)),
                 _ => None,
             };
@@ -188,6 +197,29 @@ impl Pinned {
                 pod_id: v.pod_id,
             })
             .collect())
+    }
+
+    /// `ferry_inbound_policy`: each captured pod's IP and what `sk_lookup`
+    /// does for it while its inbound listener is missing.
+    pub fn inbound_policy(&self) -> Result<Vec<InboundPolicyRow>, PinnedError> {
+        let name = "ferry_inbound_policy";
+        let m: HashMap<_, maps::InboundKey, maps::InboundPolicy> =
+            HashMap::try_from(self.map(name)?).map_err(Self::err(name))?;
+        let mut v: Vec<_> = m
+            .iter()
+            .filter_map(Result::ok)
+            .map(|(k, p)| InboundPolicyRow {
+                ip: k.ip(),
+                mode: match p.mode {
+                    maps::INBOUND_STRICT => "strict",
+                    maps::INBOUND_PERMISSIVE => "permissive",
+                    maps::INBOUND_NONE => "none",
+                    _ => "unknown",
+                },
+            })
+            .collect();
+        v.sort_by_key(|r| r.ip);
+        Ok(v)
     }
 
     pub fn mesh_dst(&self) -> Result<Vec<DstRow>, PinnedError> {

@@ -1,8 +1,8 @@
-//! The agent's admin views, typed: what `/config_dump`, `/conns`, `/certs`
-//! and `/stats` serve and what `ferryctl` and the tests read back. Field
+//! The agent's admin views, typed: what `/config_dump`, `/conns`, `/certs`,
+//! `/stats` and `/authz` serve and what `ferryctl` and the tests read back. Field
 //! names and enum values here are the stable JSON shape.
 
-use std::{borrow::Cow, fmt};
+use std::{borrow::Cow, fmt, net::IpAddr};
 
 use serde::{Deserialize, Serialize};
 
@@ -174,9 +174,171 @@ impl Stats {
     }
 }
 
+/// An authorization dry run (`/authz?from=..&to=..&port=..`, `ferryctl
+/// authz check`): may `from` reach `to` on `port`, with an HTTP request when
+/// `method`, `path`, `host` or a header is given (else an L4 check).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuthzQuery {
+    /// `ns/pod`, `ns/serviceaccount`, a SPIFFE id, or an IP (plaintext).
+    pub from: String,
+    /// Overrides the source address (for `ipBlocks`).
+    pub from_ip: Option<IpAddr>,
+    /// The destination workload: `ns/pod` or its IP.
+    pub to: String,
+    pub port: u16,
+    pub method: Option<String>,
+    pub path: Option<String>,
+    pub host: Option<String>,
+    pub headers: Vec<(String, String)>,
+}
+
+impl AuthzQuery {
+    /// The query string (`from=..&to=..&port=..[&method=..][&header=k:v]`),
+    /// percent-encoded.
+    pub fn to_query(&self) -> String {
+        let mut kv: Vec<(&str, String)> = vec![
+            ("from", self.from.clone()),
+            ("to", self.to.clone()),
+            ("port", self.port.to_string()),
+        ];
+        if let Some(ip) = self.from_ip {
+            kv.push(("from_ip", ip.to_string()));
+        }
+        for (k, v) in [("method", &self.method), ("path", &self.path), ("host", &self.host)] {
+            if let Some(v) = v {
+                kv.push((k, v.clone()));
+            }
+        }
+        for (k, v) in &self.headers {
+            kv.push(("header", format!("{k}:{v}")));
+        }
+        kv.iter()
+            .map(|(k, v)| format!("{k}={}", encode(v)))
+            .collect::<Vec<_>>()
+            .join("&")
+    }
+
+    /// Parses [`AuthzQuery::to_query`]'s form; every problem named.
+    pub fn from_query(q: &str) -> Result<Self, String> {
+        let mut out = AuthzQuery::default();
+        let mut port = None;
+        for pair in q.split('&').filter(|p| !p.is_empty()) {
+            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+            let v = decode(v).ok_or_else(|| format!("{k}: bad percent-encoding"))?;
+            match k {
+                "from" | "src" => out.from = v,
+                "to" | "dst" => out.to = v,
+                "port" => port = Some(v.parse::<u16>().map_err(|_| format!("port: {v:?} is not 0-65535"))?),
+                "from_ip" => out.from_ip = Some(v.parse().map_err(|_| format!("from_ip: {v:?} is not an address"))?),
+                "method" => out.method = Some(v),
+                "path" => out.path = Some(v),
+                "host" => out.host = Some(v),
+                "header" => {
+                    let (n, val) = v
+                        .split_once(':')
+                        .ok_or_else(|| format!("header: {v:?} is not name:value"))?;
+                    out.headers.push((n.to_owned(), val.to_owned()));
+                }
+                other => return Err(format!("unknown parameter {other:?}")),
+            }
+        }
+        if out.from.is_empty() || out.to.is_empty() {
+            return Err("from and to are required".into());
+        }
+        out.port = port.ok_or("port is required")?;
+        Ok(out)
+    }
+}
+
+fn encode(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~/:".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+fn decode(s: &str) -> Option<String> {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        match b[i] {
+            b'%' => {
+                let hex = std::str::from_utf8(b.get(i + 1..i + 3)?).ok()?;
+                out.push(u8::from_str_radix(hex, 16).ok()?);
+                i += 3;
+            }
+            b'+' => {
+                out.push(b' ');
+                i += 1;
+            }
+            c => {
+                out.push(c);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+/// The answer to an [`AuthzQuery`]: the decision and what took it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuthzCheck {
+    /// The source as resolved: `ns/name (pod)`, `ns/sa (service account)`,
+    /// a SPIFFE id, or `ip plaintext`.
+    pub from: String,
+    pub source_principal: Option<String>,
+    pub source_ip: String,
+    /// The destination workload, `ns/name`.
+    pub to: String,
+    /// Its address and the port checked.
+    pub destination: String,
+    /// `l4` or `http`.
+    pub layer: String,
+    pub allowed: bool,
+    /// The decision as the agent logs it (`deny default/x[0] matched_deny`).
+    pub decision: String,
+    /// The deciding policy (`namespace/name`), if one decided.
+    pub policy: Option<String>,
+    pub rule: Option<usize>,
+    /// `allow`, or the deny reason's code.
+    pub reason: String,
+    /// AUDIT policies that matched.
+    pub audited: Vec<String>,
+    /// Every policy that applies to the destination.
+    pub policies: Vec<String>,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn authz_queries_round_trip_through_the_query_string() {
+        let q = AuthzQuery {
+            from: "default/bookinfo-productpage".into(),
+            from_ip: Some("10.1.1.2".parse().unwrap()),
+            to: "default/details-v1".into(),
+            port: 9080,
+            method: Some("GET".into()),
+            path: Some("/details/0?x=1&y=2 z".into()),
+            host: None,
+            headers: vec![("x-user".into(), "a:b&c".into())],
+        };
+        let s = q.to_query();
+        assert!(!s.contains(' ') && s.matches('&').count() == 6, "{s}");
+        assert_eq!(AuthzQuery::from_query(&s).unwrap(), q);
+        assert_eq!(AuthzQuery::from_query("src=a/b&dst=c/d&port=80").unwrap().to, "c/d");
+        assert!(AuthzQuery::from_query("from=a/b&to=c/d").unwrap_err().contains("port"));
+        assert!(AuthzQuery::from_query("from=a/b&to=c/d&port=99999").is_err());
+        assert!(AuthzQuery::from_query("from=a/b&to=c/d&port=1&path=%zz").is_err());
+        assert!(AuthzQuery::from_query("from=a/b&to=c/d&port=1&bogus=1").is_err());
+    }
 
     #[test]
     fn counters_are_named_as_serialized() {

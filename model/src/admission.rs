@@ -4,8 +4,17 @@
 //! refuses a connection without a proven identity); AuthorizationPolicy
 //! joins it here. A pure function of the state snapshot, the destination
 //! workload and the connection.
+//!
+//! [`fallback`] is the same decision for when the agent is not there to take
+//! it: what the node's eBPF (`sk_lookup`, from a pinned per-pod map) does with
+//! a connection to the pod while its inbound listener is missing. Both admit
+//! kubelet probes by one rule: plaintext from [`PROBE_SOURCE`], and nothing
+//! else from the node.
 
-use std::{fmt, net::SocketAddrV4};
+use std::{
+    fmt,
+    net::{Ipv4Addr, SocketAddrV4},
+};
 
 use crate::{
     admin::Direction,
@@ -57,19 +66,48 @@ impl fmt::Display for Refusal {
     }
 }
 
+/// The source address of kubelet probes (Istio ambient's, link-local): the
+/// node's probe path, and nothing else, connects from it. Plaintext from it is
+/// admitted even under STRICT; plaintext from the node's other addresses
+/// (hostNetwork pods, traffic SNATed to the node) is not. The eBPF side
+/// (`FERRY_PROBE_IP4` in `ebpf/include/ferry.h`) uses the same address.
+pub const PROBE_SOURCE: Ipv4Addr = Ipv4Addr::new(169, 254, 7, 127);
+
+/// Whether `conn` is a kubelet probe: plaintext, handed over by `sk_lookup`
+/// (never out of the tunnel), from [`PROBE_SOURCE`].
+pub fn is_probe(conn: &InboundConn) -> bool {
+    conn.via == Direction::Inbound && conn.identity.is_none() && *conn.peer.ip() == PROBE_SOURCE
+}
+
 /// Whether `pod` accepts `conn`.
 pub fn admit(state: &State, pod: &Workload, conn: &InboundConn) -> Result<(), Refusal> {
     if *conn.target.ip() != pod.ip {
         return Err(Refusal::Misdirected { target: conn.target });
     }
-    if conn.identity.is_none() && mode_for(pod, &state.peer_authentications) == Mode::Strict {
-        // Kubelet probes come as plaintext from the node's own addresses.
-        let probe = conn.via == Direction::Inbound && state.settings.node_addresses.contains(conn.peer.ip());
-        if !probe {
-            return Err(Refusal::PlaintextToStrict);
-        }
+    if conn.identity.is_none() && mode_for(pod, &state.peer_authentications) == Mode::Strict && !is_probe(conn) {
+        return Err(Refusal::PlaintextToStrict);
     }
     Ok(())
+}
+
+/// What happens to a connection to an enrolled pod that the agent cannot
+/// take (its in-pod listener is gone: agent restarting, crashed, stopped).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fallback {
+    /// Refused (STRICT): no proven identity is possible without the agent.
+    /// Kubelet probes ([`PROBE_SOURCE`]) still reach the app.
+    Refuse,
+    /// Delivered to the app as plaintext (PERMISSIVE, DISABLE).
+    Deliver,
+}
+
+/// [`admit`]'s decision for a plaintext connection from outside the mesh, for
+/// when the agent is not there to take it: kept by the node (eBPF) per pod.
+pub fn fallback(state: &State, pod: &Workload) -> Fallback {
+    match mode_for(pod, &state.peer_authentications) {
+        Mode::Strict => Fallback::Refuse,
+        Mode::Permissive | Mode::Disable | Mode::Unset => Fallback::Deliver,
+    }
 }
 
 #[cfg(test)]
@@ -129,14 +167,24 @@ mod tests {
             admit(&s, &pod, &conn("10.1.2.2:4000", "10.1.1.2:80", false, Tunnel)),
             Err(Refusal::PlaintextToStrict)
         );
-        // Kubelet probes from the node's address, plaintext inbound only.
+        // Kubelet probes come from the probe source, plaintext inbound only.
         assert_eq!(
-            admit(&s, &pod, &conn("10.0.0.1:4000", "10.1.1.2:80", false, Inbound)),
+            admit(&s, &pod, &conn("169.254.7.127:4000", "10.1.1.2:80", false, Inbound)),
             Ok(())
         );
         assert_eq!(
-            admit(&s, &pod, &conn("10.0.0.1:4000", "10.1.1.2:80", false, Tunnel)),
+            admit(&s, &pod, &conn("169.254.7.127:4000", "10.1.1.2:80", false, Tunnel)),
             Err(Refusal::PlaintextToStrict)
+        );
+        // The node's own address is not a probe (hostNetwork pods, traffic
+        // SNATed to the node), even listed in nodeAddresses.
+        assert_eq!(
+            admit(&s, &pod, &conn("10.0.0.1:4000", "10.1.1.2:80", false, Inbound)),
+            Err(Refusal::PlaintextToStrict)
+        );
+        assert_eq!(
+            admit(&p, &pod, &conn("10.0.0.1:4000", "10.1.1.2:80", false, Inbound)),
+            Ok(())
         );
         // Another pod's address is refused whatever the identity.
         assert_eq!(
@@ -145,5 +193,42 @@ mod tests {
                 target: "10.1.1.9:80".parse().unwrap()
             })
         );
+    }
+
+    #[test]
+    fn probes_are_recognised_by_their_source_only() {
+        let c = |peer: &str, id: bool, via| conn(peer, "10.1.1.2:80", id, via);
+        assert!(is_probe(&c("169.254.7.127:1234", false, Direction::Inbound)));
+        // Not through the tunnel, not with an identity, not from elsewhere on the node.
+        assert!(!is_probe(&c("169.254.7.127:1234", false, Direction::Tunnel)));
+        assert!(!is_probe(&c("169.254.7.127:1234", true, Direction::Inbound)));
+        assert!(!is_probe(&c("10.0.0.1:1234", false, Direction::Inbound)));
+        assert!(!is_probe(&c("169.254.7.128:1234", false, Direction::Inbound)));
+    }
+
+    #[test]
+    fn the_fallback_refuses_exactly_what_the_gate_refuses_from_outside_the_mesh() {
+        let (s, p) = (state(true), state(false));
+        let pod = s.workloads["a"].clone();
+        assert_eq!(fallback(&s, &pod), Fallback::Refuse);
+        assert_eq!(fallback(&p, &pod), Fallback::Deliver);
+        // The gate agrees for a plaintext client from outside the mesh (and
+        // from the node's address), and admits the probe in both modes.
+        for (st, want) in [(&s, Fallback::Refuse), (&p, Fallback::Deliver)] {
+            for peer in ["10.9.9.9:4000", "10.0.0.1:4000"] {
+                let got = admit(st, &pod, &conn(peer, "10.1.1.2:80", false, Direction::Inbound));
+                assert_eq!(got.is_ok(), want == Fallback::Deliver, "{peer}");
+            }
+            let probe = conn("169.254.7.127:4000", "10.1.1.2:80", false, Direction::Inbound);
+            assert_eq!(admit(st, &pod, &probe), Ok(()));
+        }
+        // DISABLE is PERMISSIVE inbound, for the fallback too.
+        let cfg = ConfigFile::parse(
+            "t",
+            "node: n1\nworkloads: [{uid: a, name: srv, node: n1, ip: 10.1.1.2, enrolled: true}]\npeerAuthentications: [{metadata: {name: d, namespace: default}, spec: {mtls: {mode: DISABLE}}}]\n",
+        )
+        .unwrap();
+        let d = State::from_config(cfg, 1);
+        assert_eq!(fallback(&d, &d.workloads["a"]), Fallback::Deliver);
     }
 }

@@ -29,6 +29,10 @@ pub struct ConfigFile {
     /// VirtualServices/DestinationRules or Gateway API routes).
     #[serde(default)]
     pub routes: Vec<crate::route::ServiceRouting>,
+    /// Istio `AuthorizationPolicy` objects (`docs/security.md`): enforced by
+    /// the destination's agent on every inbound connection.
+    #[serde(default)]
+    pub authorization_policies: Vec<crate::authz::AuthzPolicy>,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
@@ -50,8 +54,11 @@ pub struct Settings {
     /// off only to measure their cost.
     #[serde(default = "yes")]
     pub metrics: bool,
-    /// This node's own addresses: kubelet health probes come from them and
-    /// are let in as plaintext even under STRICT mTLS.
+    /// This node's own addresses. Accepted for compatibility; no longer a
+    /// STRICT bypass: kubelet probes are recognised by their source
+    /// `169.254.7.127` (`admission::PROBE_SOURCE`), and plaintext from the
+    /// node's addresses (hostNetwork pods, SNATed traffic) is refused under
+    /// STRICT like any other (docs/identity.md, "Fail closed").
     #[serde(default)]
     pub node_addresses: Vec<Ipv4Addr>,
 }
@@ -170,6 +177,17 @@ impl ConfigFile {
                 }
             }
         }
+        let mut policies = BTreeMap::new();
+        for (i, a) in self.authorization_policies.iter().enumerate() {
+            let at = format!("authorizationPolicies[{i}] ({}/{})", a.namespace, a.name);
+            if a.name.is_empty() || a.namespace.is_empty() {
+                p.push(format!("{at}: name and namespace must not be empty"));
+            }
+            if let Some(j) = policies.insert((a.namespace.as_str(), a.name.as_str()), i) {
+                p.push(format!("{at}: already defined by authorizationPolicies[{j}]"));
+            }
+            p.extend(crate::authz::validate(a).into_iter().map(|e| format!("{at}.{e}")));
+        }
         p
     }
 }
@@ -225,5 +243,37 @@ services:
         let e = ConfigFile::parse("x", "node: n1\nworkloads: [{uid: a, name: b, node: n, ip: nope}]\n").unwrap_err();
         assert!(e.to_string().contains("invalid IPv4 address syntax"), "{e}");
         assert!(ConfigFile::parse("x", ":\n - [").is_err());
+    }
+
+    #[test]
+    fn authorization_policies_are_validated_with_their_paths() {
+        let ok = "node: n1\nauthorizationPolicies:\n  - {name: deny-foo, namespace: default, spec: {action: DENY, rules: [{from: [{source: {namespaces: [foo]}}]}]}}\n";
+        let c = ConfigFile::parse("ok", ok).unwrap();
+        assert_eq!(c.authorization_policies[0].name, "deny-foo");
+        assert!(ConfigFile::parse("none", "node: n1\n")
+            .unwrap()
+            .authorization_policies
+            .is_empty());
+        let bad = r#"
+node: n1
+authorizationPolicies:
+  - {name: ext, namespace: default, spec: {action: CUSTOM, provider: {name: opa}, rules: [{}]}}
+  - {name: ext, namespace: default, spec: {rules: [{from: [{source: {ipBlocks: [10.0.0.0/99]}}]}]}}
+"#;
+        let e = ConfigFile::parse("bad", bad).unwrap_err();
+        let all = e.to_string();
+        assert_eq!(e.problems.len(), 3, "{all}");
+        assert!(
+            all.contains("authorizationPolicies[0] (default/ext).spec.action: CUSTOM"),
+            "{all}"
+        );
+        assert!(
+            all.contains("authorizationPolicies[1] (default/ext): already defined by authorizationPolicies[0]"),
+            "{all}"
+        );
+        assert!(
+            all.contains("authorizationPolicies[1] (default/ext).spec.rules[0].from[0].source.ipBlocks[0]"),
+            "{all}"
+        );
     }
 }

@@ -13,12 +13,15 @@ use crate::{
     config::{ConfigFile, Endpoint, Service, ServicePort, Settings, Workload},
     peer_auth::{self as policy, PeerAuthentication},
     protocol::Protocol,
+    route::{self, ServiceRouting},
 };
 
 /// Resource name prefixes (one per kind).
 pub const WORKLOAD: &str = "workload/";
 pub const SERVICE: &str = "service/";
 pub const PEER_AUTHENTICATION: &str = "peerauthentication/";
+/// `routing/<namespace>/<name>` of the routed Service: one per Service.
+pub const SERVICE_ROUTING: &str = "routing/";
 
 /// The resources a node holds, by name.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -58,6 +61,7 @@ impl HeldResources {
                 Some(pb::resource::Kind::PeerAuthentication(p)) => {
                     peer_authentication_from(p).map(|p| cfg.peer_authentications.push(p))
                 }
+                Some(pb::resource::Kind::ServiceRouting(r)) => routing_from(r).map(|r| cfg.routes.push(r)),
                 None => Err("no content (unknown kind?)".to_owned()),
             };
             if let Err(e) = res {
@@ -80,6 +84,7 @@ pub fn resource(kind: pb::resource::Kind) -> pb::Resource {
         pb::resource::Kind::Workload(w) => format!("{WORKLOAD}{}", w.uid),
         pb::resource::Kind::Service(s) => format!("{SERVICE}{}/{}", s.namespace, s.name),
         pb::resource::Kind::PeerAuthentication(p) => format!("{PEER_AUTHENTICATION}{}/{}", p.namespace, p.name),
+        pb::resource::Kind::ServiceRouting(r) => format!("{SERVICE_ROUTING}{}", r.service),
     };
     let mut r = pb::Resource {
         name,
@@ -262,6 +267,446 @@ fn peer_authentication_from(p: &pb::PeerAuthentication) -> Result<PeerAuthentica
     })
 }
 
+/// The resource name of the routes of Service `namespace/name`.
+pub fn routing_name(service: &str) -> String {
+    format!("{SERVICE_ROUTING}{service}")
+}
+
+pub fn routing_to(r: &ServiceRouting) -> pb::resource::Kind {
+    pb::resource::Kind::ServiceRouting(pb::ServiceRouting {
+        service: r.service.clone(),
+        origins: r
+            .origins
+            .iter()
+            .map(|o| pb::RouteOrigin {
+                kind: o.kind.as_str().to_owned(),
+                namespace: o.namespace.clone(),
+                name: o.name.clone(),
+            })
+            .collect(),
+        http: r.http.iter().map(http_route_to).collect(),
+        tcp: r
+            .tcp
+            .iter()
+            .map(|t| pb::TcpRoute {
+                port: t.port.map(u32::from),
+                source_labels: t.source_labels.clone(),
+                backends: t.backends.iter().map(backend_to).collect(),
+            })
+            .collect(),
+        subsets: r
+            .subsets
+            .iter()
+            .map(|(svc, ss)| {
+                let subsets = ss
+                    .iter()
+                    .map(|s| pb::Subset {
+                        name: s.name.clone(),
+                        labels: s.labels.clone(),
+                    })
+                    .collect();
+                (svc.clone(), pb::SubsetList { subsets })
+            })
+            .collect(),
+    })
+}
+
+fn http_route_to(h: &route::HttpRoute) -> pb::HttpRoute {
+    pb::HttpRoute {
+        name: h.name.clone(),
+        matches: h.matches.iter().map(http_match_to).collect(),
+        backends: h.backends.iter().map(backend_to).collect(),
+        timeout_ms: h.timeout_ms,
+        retries: h.retries.as_ref().map(|r| pb::RetryPolicy {
+            attempts: r.attempts,
+            per_try_timeout_ms: r.per_try_timeout_ms,
+            retry_on: r.retry_on.iter().map(|c| retry_on_name(*c)).collect(),
+        }),
+        fault: h.fault.as_ref().map(|f| pb::Fault {
+            delay: f.delay.as_ref().map(|d| pb::FaultDelay {
+                delay_ms: d.delay_ms,
+                percent: d.percent,
+            }),
+            abort: f.abort.as_ref().map(|a| pb::FaultAbort {
+                status: Some(match a.status {
+                    route::AbortStatus::Http(s) => pb::fault_abort::Status::HttpStatus(s.into()),
+                    route::AbortStatus::Grpc(s) => pb::fault_abort::Status::GrpcStatus(s),
+                }),
+                percent: a.percent,
+            }),
+        }),
+        mirrors: h
+            .mirrors
+            .iter()
+            .map(|m| pb::Mirror {
+                backend: Some(backend_to(&m.backend)),
+                percent: m.percent,
+            })
+            .collect(),
+        request_headers: header_ops_to(&h.request_headers),
+        response_headers: header_ops_to(&h.response_headers),
+        rewrite: h.rewrite.as_ref().map(|r| pb::Rewrite {
+            prefix: r.prefix.clone(),
+            full_path: r.full_path.clone(),
+            authority: r.authority.clone(),
+        }),
+        redirect: h.redirect.as_ref().map(|r| pb::Redirect {
+            scheme: r.scheme.clone(),
+            authority: r.authority.clone(),
+            port: r.port.map(u32::from),
+            path: r.path.clone(),
+            prefix: r.prefix.clone(),
+            status: r.status.into(),
+        }),
+    }
+}
+
+fn http_match_to(m: &route::HttpMatch) -> pb::HttpMatch {
+    let map =
+        |m: &BTreeMap<String, route::StringMatch>| m.iter().map(|(k, v)| (k.clone(), string_match_to(v))).collect();
+    pb::HttpMatch {
+        uri: m.uri.as_ref().map(string_match_to),
+        method: m.method.as_ref().map(string_match_to),
+        authority: m.authority.as_ref().map(string_match_to),
+        headers: map(&m.headers),
+        without_headers: map(&m.without_headers),
+        query_params: map(&m.query_params),
+        port: m.port.map(u32::from),
+        source_labels: m.source_labels.clone(),
+        source_namespace: m.source_namespace.clone(),
+        ignore_uri_case: m.ignore_uri_case,
+    }
+}
+
+fn string_match_to(m: &route::StringMatch) -> pb::StringMatch {
+    use pb::string_match::Kind;
+    pb::StringMatch {
+        kind: Some(match m {
+            route::StringMatch::Exact(s) => Kind::Exact(s.clone()),
+            route::StringMatch::Prefix(s) => Kind::Prefix(s.clone()),
+            route::StringMatch::PathPrefix(s) => Kind::PathPrefix(s.clone()),
+            route::StringMatch::Regex(r) => Kind::Regex(r.as_str().to_owned()),
+            route::StringMatch::Present => Kind::Present(true),
+        }),
+    }
+}
+
+fn backend_to(b: &route::Backend) -> pb::Backend {
+    pb::Backend {
+        service: b.service.clone(),
+        port: b.port.map(u32::from),
+        subset: b.subset.clone(),
+        weight: b.weight,
+        request_headers: header_ops_to(&b.request_headers),
+        response_headers: header_ops_to(&b.response_headers),
+    }
+}
+
+fn header_ops_to(h: &route::HeaderOps) -> Option<pb::HeaderOps> {
+    let pairs = |v: &[(String, String)]| {
+        v.iter()
+            .map(|(name, value)| pb::Header {
+                name: name.clone(),
+                value: value.clone(),
+            })
+            .collect()
+    };
+    (!h.is_empty()).then(|| pb::HeaderOps {
+        set: pairs(&h.set),
+        add: pairs(&h.add),
+        remove: h.remove.clone(),
+    })
+}
+
+/// Envoy's name of a retry condition (what [`route::RetryOn::parse`] reads).
+pub fn retry_on_name(c: route::RetryOn) -> String {
+    use route::RetryOn::*;
+    match c {
+        FiveXx => "5xx",
+        GatewayError => "gateway-error",
+        Reset => "reset",
+        ConnectFailure => "connect-failure",
+        RefusedStream => "refused-stream",
+        RetriableStatus4xx => "retriable-4xx",
+        Status(code) => return code.to_string(),
+        Cancelled => "cancelled",
+        DeadlineExceeded => "deadline-exceeded",
+        Internal => "internal",
+        ResourceExhausted => "resource-exhausted",
+        Unavailable => "unavailable",
+    }
+    .to_owned()
+}
+
+/// Every problem of a wire ServiceRouting, joined (a NACK lists them all).
+fn routing_from(r: &pb::ServiceRouting) -> Result<ServiceRouting, String> {
+    let mut problems = Vec::new();
+    let origins = r
+        .origins
+        .iter()
+        .filter_map(|o| {
+            let kind = match o.kind.as_str() {
+                "VirtualService" => route::RouteKind::VirtualService,
+                "HTTPRoute" => route::RouteKind::HttpRoute,
+                "GRPCRoute" => route::RouteKind::GrpcRoute,
+                "TCPRoute" => route::RouteKind::TcpRoute,
+                other => {
+                    problems.push(format!("origins: {other:?} is not a route kind"));
+                    return None;
+                }
+            };
+            Some(route::RouteOrigin {
+                kind,
+                namespace: o.namespace.clone(),
+                name: o.name.clone(),
+            })
+        })
+        .collect();
+    let http = r
+        .http
+        .iter()
+        .enumerate()
+        .map(|(i, h)| http_route_from(h, &format!("http[{i}]"), &mut problems))
+        .collect();
+    let tcp = r
+        .tcp
+        .iter()
+        .enumerate()
+        .map(|(i, t)| route::TcpRoute {
+            port: opt_port(&format!("tcp[{i}].port"), t.port, &mut problems),
+            source_labels: t.source_labels.clone(),
+            backends: t
+                .backends
+                .iter()
+                .enumerate()
+                .map(|(k, b)| backend_from(b, &format!("tcp[{i}].backends[{k}]"), &mut problems))
+                .collect(),
+        })
+        .collect();
+    let subsets = r
+        .subsets
+        .iter()
+        .map(|(svc, l)| {
+            let ss = l
+                .subsets
+                .iter()
+                .map(|s| route::Subset {
+                    name: s.name.clone(),
+                    labels: s.labels.clone(),
+                })
+                .collect();
+            (svc.clone(), ss)
+        })
+        .collect();
+    if r.service
+        .split_once('/')
+        .is_none_or(|(ns, n)| ns.is_empty() || n.is_empty())
+    {
+        problems.push(format!("service: {:?} is not namespace/name", r.service));
+    }
+    if problems.is_empty() {
+        Ok(ServiceRouting {
+            service: r.service.clone(),
+            origins,
+            http,
+            tcp,
+            subsets,
+        })
+    } else {
+        Err(problems.join("; "))
+    }
+}
+
+fn opt_port(at: &str, p: Option<u32>, problems: &mut Vec<String>) -> Option<u16> {
+    let p = p?;
+    port(at, p).map_err(|e| problems.push(e)).ok()
+}
+
+fn percent(at: &str, v: f64, problems: &mut Vec<String>) -> f64 {
+    if !(0.0..=100.0).contains(&v) {
+        problems.push(format!("{at}: {v} is not a percentage (0-100)"));
+    }
+    v
+}
+
+fn http_route_from(h: &pb::HttpRoute, at: &str, problems: &mut Vec<String>) -> route::HttpRoute {
+    let retries = h.retries.as_ref().map(|r| route::RetryPolicy {
+        attempts: r.attempts,
+        per_try_timeout_ms: r.per_try_timeout_ms,
+        retry_on: r
+            .retry_on
+            .iter()
+            .filter_map(|c| {
+                route::RetryOn::parse(c)
+                    .map_err(|e| problems.push(format!("{at}.retries: {e}")))
+                    .ok()
+            })
+            .collect(),
+    });
+    let fault = h.fault.as_ref().map(|f| route::Fault {
+        delay: f.delay.as_ref().map(|d| route::FaultDelay {
+            delay_ms: d.delay_ms,
+            percent: percent(&format!("{at}.fault.delay.percent"), d.percent, problems),
+        }),
+        abort: f.abort.as_ref().and_then(|a| {
+            let status = match a.status {
+                Some(pb::fault_abort::Status::HttpStatus(s)) => match u16::try_from(s) {
+                    Ok(s) if (200..600).contains(&s) => route::AbortStatus::Http(s),
+                    _ => {
+                        problems.push(format!("{at}.fault.abort: {s} is not an HTTP status"));
+                        return None;
+                    }
+                },
+                Some(pb::fault_abort::Status::GrpcStatus(s)) => route::AbortStatus::Grpc(s),
+                None => {
+                    problems.push(format!("{at}.fault.abort: no status"));
+                    return None;
+                }
+            };
+            Some(route::FaultAbort {
+                status,
+                percent: percent(&format!("{at}.fault.abort.percent"), a.percent, problems),
+            })
+        }),
+    });
+    let mirrors = h
+        .mirrors
+        .iter()
+        .enumerate()
+        .filter_map(|(k, m)| {
+            let at = format!("{at}.mirrors[{k}]");
+            let Some(b) = &m.backend else {
+                problems.push(format!("{at}: no backend"));
+                return None;
+            };
+            Some(route::Mirror {
+                backend: backend_from(b, &at, problems),
+                percent: percent(&format!("{at}.percent"), m.percent, problems),
+            })
+        })
+        .collect();
+    let redirect = h.redirect.as_ref().map(|r| {
+        let status = match u16::try_from(r.status) {
+            Ok(s @ (301 | 302 | 303 | 307 | 308)) => s,
+            _ => {
+                problems.push(format!("{at}.redirect.status: {} is not a redirect status", r.status));
+                301
+            }
+        };
+        route::Redirect {
+            scheme: r.scheme.clone(),
+            authority: r.authority.clone(),
+            port: opt_port(&format!("{at}.redirect.port"), r.port, problems),
+            path: r.path.clone(),
+            prefix: r.prefix.clone(),
+            status,
+        }
+    });
+    route::HttpRoute {
+        name: h.name.clone(),
+        matches: h
+            .matches
+            .iter()
+            .enumerate()
+            .map(|(k, m)| http_match_from(m, &format!("{at}.matches[{k}]"), problems))
+            .collect(),
+        backends: h
+            .backends
+            .iter()
+            .enumerate()
+            .map(|(k, b)| backend_from(b, &format!("{at}.backends[{k}]"), problems))
+            .collect(),
+        timeout_ms: h.timeout_ms,
+        retries,
+        fault,
+        mirrors,
+        request_headers: header_ops_from(h.request_headers.as_ref()),
+        response_headers: header_ops_from(h.response_headers.as_ref()),
+        rewrite: h.rewrite.as_ref().map(|r| route::Rewrite {
+            prefix: r.prefix.clone(),
+            full_path: r.full_path.clone(),
+            authority: r.authority.clone(),
+        }),
+        redirect,
+    }
+}
+
+fn http_match_from(m: &pb::HttpMatch, at: &str, problems: &mut Vec<String>) -> route::HttpMatch {
+    let mut one = |what: &str, v: &Option<pb::StringMatch>| {
+        v.as_ref()
+            .and_then(|v| string_match_from(v, &format!("{at}.{what}"), problems))
+    };
+    let uri = one("uri", &m.uri);
+    let method = one("method", &m.method);
+    let authority = one("authority", &m.authority);
+    let mut map = |what: &str, m: &BTreeMap<String, pb::StringMatch>| {
+        m.iter()
+            .filter_map(|(k, v)| Some((k.clone(), string_match_from(v, &format!("{at}.{what}[{k}]"), problems)?)))
+            .collect()
+    };
+    route::HttpMatch {
+        uri,
+        method,
+        authority,
+        headers: map("headers", &m.headers),
+        without_headers: map("withoutHeaders", &m.without_headers),
+        query_params: map("queryParams", &m.query_params),
+        port: opt_port(&format!("{at}.port"), m.port, problems),
+        source_labels: m.source_labels.clone(),
+        source_namespace: m.source_namespace.clone(),
+        ignore_uri_case: m.ignore_uri_case,
+    }
+}
+
+fn string_match_from(m: &pb::StringMatch, at: &str, problems: &mut Vec<String>) -> Option<route::StringMatch> {
+    use pb::string_match::Kind;
+    Some(match &m.kind {
+        Some(Kind::Exact(s)) => route::StringMatch::Exact(s.clone()),
+        Some(Kind::Prefix(s)) => route::StringMatch::Prefix(s.clone()),
+        Some(Kind::PathPrefix(s)) => route::StringMatch::PathPrefix(s.clone()),
+        Some(Kind::Regex(re)) => match route::Regex::new(re) {
+            Ok(r) => route::StringMatch::Regex(r),
+            Err(e) => {
+                let e = e.to_string().split_whitespace().collect::<Vec<_>>().join(" ");
+                problems.push(format!("{at}: regex {re:?}: {e}"));
+                return None;
+            }
+        },
+        Some(Kind::Present(_)) => route::StringMatch::Present,
+        None => {
+            problems.push(format!("{at}: no match kind"));
+            return None;
+        }
+    })
+}
+
+fn backend_from(b: &pb::Backend, at: &str, problems: &mut Vec<String>) -> route::Backend {
+    if b.service
+        .split_once('/')
+        .is_none_or(|(ns, n)| ns.is_empty() || n.is_empty())
+    {
+        problems.push(format!("{at}.service: {:?} is not namespace/name", b.service));
+    }
+    route::Backend {
+        service: b.service.clone(),
+        port: opt_port(&format!("{at}.port"), b.port, problems),
+        subset: b.subset.clone(),
+        weight: b.weight,
+        request_headers: header_ops_from(b.request_headers.as_ref()),
+        response_headers: header_ops_from(b.response_headers.as_ref()),
+    }
+}
+
+fn header_ops_from(h: Option<&pb::HeaderOps>) -> route::HeaderOps {
+    let Some(h) = h else { return route::HeaderOps::default() };
+    let pairs = |v: &[pb::Header]| v.iter().map(|x| (x.name.clone(), x.value.clone())).collect();
+    route::HeaderOps {
+        set: pairs(&h.set),
+        add: pairs(&h.add),
+        remove: h.remove.clone(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -293,7 +738,8 @@ peerAuthentications:
             .iter()
             .map(workload_to)
             .chain(c.services.iter().map(service_to))
-            .chain(c.peer_authentications.iter().map(peer_authentication_to));
+            .chain(c.peer_authentications.iter().map(peer_authentication_to))
+            .chain(c.routes.iter().map(routing_to));
         for k in all {
             let res = resource(k);
             r.0.insert(res.name.clone(), res);
@@ -397,5 +843,101 @@ peerAuthentications:
             .services
             .is_empty());
         assert_eq!(held, resources(&c));
+    }
+}
+
+#[cfg(test)]
+mod routing_tests {
+    use super::*;
+
+    /// Every field of the routing model set at least once.
+    const ROUTES: &str = r#"
+node: n1
+services:
+  - name: reviews
+    vip: 10.96.0.20
+    ports: [{port: 9080, targetPort: 9080}]
+routes:
+  - service: default/reviews
+    origins: [{kind: VirtualService, namespace: default, name: reviews}, {kind: HttpRoute, namespace: default, name: r2}]
+    http:
+      - name: tester
+        matches:
+          - uri: {prefix: /api}
+            method: {exact: GET}
+            authority: {regex: "reviews(:9080)?"}
+            headers: {user: {exact: tester}, x-any: {}}
+            withoutHeaders: {x-skip: {prefix: "1"}}
+            queryParams: {v: {pathPrefix: /a}}
+            port: 9080
+            sourceLabels: {app: productpage}
+            sourceNamespace: default
+            ignoreUriCase: true
+        backends:
+          - {service: default/reviews, port: 9080, subset: v2, weight: 90, requestHeaders: {set: [[x-a, "1"]], add: [[x-b, "2"]], remove: [x-c]}}
+          - {service: default/reviews, subset: v3, weight: 10}
+        timeoutMs: 3000
+        retries: {attempts: 3, perTryTimeoutMs: 500, retryOn: [5xx, gateway-error, reset, connect-failure, refused-stream, retriable-4xx, {status: 503}, cancelled, deadline-exceeded, internal, resource-exhausted, unavailable]}
+        fault: {delay: {delayMs: 7000, percent: 100.0}, abort: {status: {grpc: 14}, percent: 12.5}}
+        mirrors: [{backend: {service: default/ratings, weight: 1}, percent: 50.0}]
+        requestHeaders: {set: [[x-s, v]]}
+        responseHeaders: {remove: [server]}
+        rewrite: {prefix: /v2, authority: reviews.internal}
+      - name: moved
+        redirect: {scheme: https, authority: example.com, port: 8443, path: /new, status: 308}
+      - name: full
+        backends: [{service: default/reviews}]
+        rewrite: {fullPath: /x}
+        fault: {abort: {status: {http: 503}, percent: 100.0}}
+    tcp:
+      - {port: 9080, sourceLabels: {app: a}, backends: [{service: default/reviews, subset: v1, weight: 80}]}
+      - backends: [{service: default/reviews}]
+    subsets:
+      default/reviews: [{name: v1, labels: {version: v1}}, {name: v2, labels: {version: v2}}]
+"#;
+
+    fn held(c: &ConfigFile) -> HeldResources {
+        let mut r = HeldResources::default();
+        for k in c.services.iter().map(service_to).chain(c.routes.iter().map(routing_to)) {
+            let res = resource(k);
+            r.0.insert(res.name.clone(), res);
+        }
+        r
+    }
+
+    #[test]
+    fn routing_round_trips_through_the_wire_types() {
+        let c = ConfigFile::parse("t", ROUTES).unwrap();
+        let held = held(&c);
+        assert!(held.0.contains_key("routing/default/reviews"), "{:?}", held.0.keys());
+        let back = held.to_config("n1", &c.settings).unwrap();
+        assert_eq!(back.routes, c.routes);
+    }
+
+    #[test]
+    fn a_bad_regex_or_percentage_on_the_wire_is_a_problem() {
+        let c = ConfigFile::parse("t", ROUTES).unwrap();
+        let mut held = held(&c);
+        let r = held.0.get_mut("routing/default/reviews").unwrap();
+        let Some(pb::resource::Kind::ServiceRouting(sr)) = &mut r.kind else {
+            panic!()
+        };
+        sr.http[0].matches[0].uri = Some(pb::StringMatch {
+            kind: Some(pb::string_match::Kind::Regex("(".into())),
+        });
+        sr.http[0].fault.as_mut().unwrap().delay.as_mut().unwrap().percent = 150.0;
+        sr.http[0].retries.as_mut().unwrap().retry_on.push("sometimes".into());
+        let problems = held.to_config("n1", &c.settings).unwrap_err();
+        let all = problems.join("\n");
+        assert!(all.starts_with("routing/default/reviews: "), "{all}");
+        assert!(
+            all.contains("http[0].matches[0].uri: regex \"(\": regex parse error"),
+            "{all}"
+        );
+        assert!(
+            all.contains("http[0].fault.delay.percent: 150 is not a percentage"),
+            "{all}"
+        );
+        assert!(all.contains("\"sometimes\" is not a condition"), "{all}");
     }
 }

@@ -345,14 +345,15 @@ pub struct RetryPolicy {
     pub retry_on: Vec<RetryOn>,
 }
 
-/// Istio's default `retryOn`.
+/// Istio's default `retryOn`: connect-failure, refused-stream, unavailable,
+/// cancelled, retriable-status-codes with 503.
 pub fn default_retry_on() -> Vec<RetryOn> {
     vec![
         RetryOn::ConnectFailure,
         RetryOn::RefusedStream,
         RetryOn::Unavailable,
         RetryOn::Cancelled,
-        RetryOn::RetriableStatus4xx,
+        RetryOn::Status(503),
     ]
 }
 

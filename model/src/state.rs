@@ -1,19 +1,27 @@
 //! The state store: one typed, immutable view of the workloads and services
 //! an agent serves, built from the control plane's stream or the config
 //! file, and swapped whole on each change. Routing decisions are pure
-//! functions over it.
+//! functions over it, and so is authorization: the policies that apply to
+//! each local workload are found once per snapshot ([`State::authz_for`]).
 
 use std::{
+    borrow::Cow,
     collections::{BTreeMap, HashMap},
-    net::{Ipv4Addr, SocketAddrV4},
-    sync::atomic::{AtomicUsize, Ordering},
+    net::{IpAddr, Ipv4Addr, SocketAddrV4},
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        Arc,
+    },
 };
 
 use serde::Serialize;
 
 use crate::{
+    admin::{AuthzCheck, AuthzQuery},
+    authz::{self, AuthzPolicy, Decision, HeaderPairs, HttpAttrs, Request, Verdict},
     config::{ConfigFile, Service, ServicePort, Settings, Workload},
     route::{pick_weighted, ServiceRouting, Subset},
+    SpiffeId,
 };
 
 #[derive(Debug, Default)]
@@ -34,6 +42,10 @@ pub struct State {
     routing: HashMap<String, std::sync::Arc<ServiceRouting>>,
     /// `namespace/name` -> service index.
     by_name: HashMap<String, usize>,
+    /// Istio `AuthorizationPolicy` objects, as validated in the config.
+    pub authorization_policies: Vec<Arc<AuthzPolicy>>,
+    /// Local workload (uid) -> the policies that apply to it.
+    authz: HashMap<String, Vec<Arc<AuthzPolicy>>>,
 }
 
 /// Where a steered connection goes.
@@ -48,7 +60,7 @@ pub struct Route {
     pub hop: Hop,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Hop {
     /// An enrolled pod on this node: handed to its inbound side in the agent.
@@ -112,7 +124,20 @@ impl State {
             .enumerate()
             .map(|(i, s)| (format!("{}/{}", s.namespace, s.name), i))
             .collect();
+        let policies: Vec<Arc<AuthzPolicy>> = cfg.authorization_policies.into_iter().map(Arc::new).collect();
+        let authz = if policies.is_empty() {
+            HashMap::new()
+        } else {
+            cfg.workloads
+                .iter()
+                .filter(|w| w.node == cfg.node)
+                .map(|w| (w.uid.clone(), applicable(&policies, &cfg.services, w)))
+                .filter(|(_, ps)| !ps.is_empty())
+                .collect()
+        };
         Self {
+            authorization_policies: policies,
+            authz,
             by_name,
             routing: cfg
                 .routes
@@ -238,6 +263,128 @@ impl State {
         Ok(self.route_to(SocketAddrV4::new(ready[n].ip, sp.target_port), Some(service.to_owned())))
     }
 
+    /// The authorization policies that apply to `w` (by selector, namespace,
+    /// the root namespace, or a Service it backs). Found once per snapshot
+    /// for this node's workloads (borrowed); computed for any other.
+    pub fn authz_for(&self, w: &Workload) -> Cow<'_, [Arc<AuthzPolicy>]> {
+        if self.authorization_policies.is_empty() {
+            return Cow::Borrowed(&[]);
+        }
+        let local = self.workloads.get(&w.uid).filter(|s| s.node == self.node);
+        match local {
+            Some(_) => Cow::Borrowed(self.authz.get(&w.uid).map_or(&[][..], Vec::as_slice)),
+            None => Cow::Owned(applicable(&self.authorization_policies, &self.services, w)),
+        }
+    }
+
+    /// `evaluate` over the policies that apply to `pod`, the decision handed
+    /// to `f` (it borrows the policies). No allocation when none apply.
+    pub fn authorize<R>(&self, pod: &Workload, req: &Request<'_>, f: impl FnOnce(&Decision<'_>) -> R) -> R {
+        let policies = self.authz_for(pod);
+        let refs: Vec<&AuthzPolicy> = policies.iter().map(|p| &**p).collect();
+        f(&authz::evaluate(&refs, req))
+    }
+
+    /// The dry run behind `/authz` and `ferryctl authz check`: may `q.from`
+    /// reach `q.to` on `q.port` (with `q.method`/`q.path`, an HTTP check)?
+    /// The source is a known pod (`ns/name`: its identity and address), a
+    /// service account (`ns/sa`), a SPIFFE id, or an address (plaintext).
+    pub fn authz_check(&self, q: &AuthzQuery) -> Result<AuthzCheck, String> {
+        let dst = self
+            .find_workload(&q.to)
+            .ok_or_else(|| format!("no workload {:?} (ns/name or IP)", q.to))?;
+        let (identity, src_ip, from) = self.find_source(&q.from)?;
+        let src_ip = q.from_ip.unwrap_or(src_ip);
+        let principal = identity.as_ref().map(SpiffeId::to_string);
+        let headers: Vec<(&str, &str)> = q.headers.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        let pairs = HeaderPairs(&headers);
+        let http =
+            (q.method.is_some() || q.path.is_some() || q.host.is_some() || !headers.is_empty()).then(|| HttpAttrs {
+                method: q.method.as_deref().unwrap_or("GET"),
+                path: q.path.as_deref().unwrap_or("/"),
+                host: q.host.as_deref().unwrap_or(""),
+                headers: &pairs,
+            });
+        let req = Request {
+            source_principal: principal.as_deref(),
+            source_namespace: identity.as_ref().map(SpiffeId::namespace),
+            source_ip: src_ip,
+            destination_ip: IpAddr::V4(dst.ip),
+            destination_port: q.port,
+            sni: None,
+            http,
+        };
+        let policies = self
+            .authz_for(dst)
+            .iter()
+            .map(|p| format!("{}/{}", p.namespace, p.name))
+            .collect();
+        Ok(self.authorize(dst, &req, |d| {
+            let (policy, rule, allowed) = match d.verdict {
+                Verdict::Allow { by, rule } => (by, rule, true),
+                Verdict::Deny { policy, rule, .. } => (policy, rule, false),
+            };
+            AuthzCheck {
+                from,
+                source_principal: principal.clone(),
+                source_ip: src_ip.to_string(),
+                to: dst.label(),
+                destination: SocketAddrV4::new(dst.ip, q.port).to_string(),
+                layer: if req.http.is_some() { "http" } else { "l4" }.into(),
+                allowed,
+                decision: d.to_string(),
+                policy: policy.map(|p| p.to_string()),
+                rule,
+                reason: d.verdict.code().into(),
+                audited: d.audited.iter().map(ToString::to_string).collect(),
+                policies,
+            }
+        }))
+    }
+
+    /// A workload by `namespace/name` or address.
+    fn find_workload(&self, key: &str) -> Option<&Workload> {
+        if let Ok(ip) = key.parse::<Ipv4Addr>() {
+            return self.workload_by_ip(ip);
+        }
+        let (ns, name) = key.split_once('/')?;
+        self.workloads.values().find(|w| w.namespace == ns && w.name == name)
+    }
+
+    /// The identity, address and description of a dry run's source.
+    fn find_source(&self, from: &str) -> Result<(Option<SpiffeId>, IpAddr, String), String> {
+        let any = IpAddr::V4(Ipv4Addr::UNSPECIFIED);
+        if let Ok(ip) = from.parse::<IpAddr>() {
+            let who = match ip {
+                IpAddr::V4(v4) => self.workload_by_ip(v4).map(|w| format!(" ({})", w.label())),
+                IpAddr::V6(_) => None,
+            };
+            return Ok((None, ip, format!("{ip}{} plaintext", who.unwrap_or_default())));
+        }
+        if from.starts_with("spiffe://") {
+            let id: SpiffeId = from.parse().map_err(|e| format!("--from: {e}"))?;
+            return Ok((Some(id), any, from.to_owned()));
+        }
+        let Some((ns, name)) = from
+            .split_once('/')
+            .filter(|(ns, n)| !ns.is_empty() && !n.is_empty() && !n.contains('/'))
+        else {
+            return Err(format!(
+                "source {from:?}: expected ns/pod, ns/serviceaccount, a SPIFFE id or an IP address"
+            ));
+        };
+        Ok(
+            match self.workloads.values().find(|w| w.namespace == ns && w.name == name) {
+                Some(w) => (Some(w.spiffe_id()), IpAddr::V4(w.ip), format!("{} (pod)", w.label())),
+                None => (
+                    Some(SpiffeId::new(ns, name)),
+                    any,
+                    format!("{ns}/{name} (service account)"),
+                ),
+            },
+        )
+    }
+
     /// Where `endpoint` is, relative to this node.
     pub fn route_to(&self, endpoint: SocketAddrV4, service: Option<String>) -> Route {
         let dst = self.workload_by_ip(*endpoint.ip());
@@ -253,6 +400,20 @@ impl State {
             hop,
         }
     }
+}
+
+/// The policies of `policies` that apply to `w`, in their order.
+fn applicable(policies: &[Arc<AuthzPolicy>], services: &[Service], w: &Workload) -> Vec<Arc<AuthzPolicy>> {
+    let backs: Vec<(&str, &str)> = services
+        .iter()
+        .filter(|s| s.endpoints.iter().any(|e| e.ip == w.ip))
+        .map(|s| (s.namespace.as_str(), s.name.as_str()))
+        .collect();
+    policies
+        .iter()
+        .filter(|p| authz::applies_to(p, w, authz::ROOT_NAMESPACE, &backs))
+        .cloned()
+        .collect()
 }
 
 #[cfg(test)]
@@ -377,5 +538,66 @@ routes:
             s.pick_endpoint("x/y", 1, None),
             Err(RouteError::UnknownService(_))
         ));
+    }
+
+    #[test]
+    fn authz_policies_are_found_per_workload_once_and_dry_runs_name_the_decider() {
+        let cfg = ConfigFile::parse(
+            "t",
+            r#"
+node: n1
+workloads:
+  - {uid: d, name: details-v1, serviceAccount: bookinfo-details, node: n1, ip: 10.1.1.3, enrolled: true, labels: {app: details}}
+  - {uid: p, name: productpage-v1, serviceAccount: bookinfo-productpage, node: n2, ip: 10.1.2.2, enrolled: true, labels: {app: productpage}}
+  - {uid: o, name: other, namespace: shop, node: n1, ip: 10.1.1.4, enrolled: true}
+services:
+  - {name: details, vip: 10.96.0.20, ports: [{port: 9080, targetPort: 9080}], endpoints: [{ip: 10.1.1.3}]}
+authorizationPolicies:
+  - {name: mesh-audit, namespace: istio-system, spec: {action: AUDIT, rules: [{}]}}
+  - {name: by-service, namespace: default, spec: {targetRefs: [{kind: Service, name: details}], action: DENY, rules: [{to: [{operation: {ports: ['22']}}]}]}}
+  - {name: details-viewer, namespace: default, spec: {selector: {matchLabels: {app: details}}, rules: [{from: [{source: {principals: [cluster.local/ns/default/sa/bookinfo-productpage]}}]}]}}
+"#,
+        )
+        .unwrap();
+        let s = State::from_config(cfg, 1);
+        let names = |w: &str| {
+            s.authz_for(&s.workloads[w])
+                .iter()
+                .map(|p| p.name.clone())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(names("d"), ["mesh-audit", "by-service", "details-viewer"]);
+        assert!(
+            matches!(s.authz_for(&s.workloads["d"]), Cow::Borrowed(_)),
+            "local: found once"
+        );
+        assert_eq!(names("o"), ["mesh-audit"]);
+        assert_eq!(names("p"), ["mesh-audit"], "another node's workload: computed");
+        let q = |from: &str, port: u16| AuthzQuery {
+            from: from.into(),
+            to: "default/details-v1".into(),
+            port,
+            ..Default::default()
+        };
+        let ok = s.authz_check(&q("default/productpage-v1", 9080)).unwrap();
+        assert!(ok.allowed);
+        assert_eq!(
+            ok.decision,
+            "allow default/details-viewer[0] audit istio-system/mesh-audit"
+        );
+        assert_eq!((ok.source_ip.as_str(), ok.layer.as_str()), ("10.1.2.2", "l4"));
+        let deny = s.authz_check(&q("default/productpage-v1", 22)).unwrap();
+        assert_eq!(
+            (deny.allowed, deny.policy.as_deref(), deny.rule, deny.reason.as_str()),
+            (false, Some("default/by-service"), Some(0), "matched_deny")
+        );
+        let sa = s.authz_check(&q("default/bookinfo-productpage", 9080)).unwrap();
+        assert!(sa.allowed && sa.from.ends_with("(service account)"));
+        let plain = s.authz_check(&q("10.1.2.2", 9080)).unwrap();
+        assert_eq!((plain.allowed, plain.reason.as_str()), (false, "no_allow_matched"));
+        assert!(s.authz_check(&q("nope", 1)).is_err());
+        let mut missing = q("a/b", 1);
+        missing.to = "default/none".into();
+        assert!(s.authz_check(&missing).is_err());
     }
 }

@@ -114,6 +114,13 @@ pub struct Spec {
     /// Labels of the `default` namespace (e.g. istio.io/dataplane-mode: ambient).
     #[serde(default)]
     pub namespace_labels: Vec<(String, String)>,
+    /// Pod name -> its `ferry-workload` arguments (a container's `args` in
+    /// the YAML), `$(VAR)` expanded from the services' `<NAME>_SERVICE_HOST`
+    /// and `_PORT` variables as the kubelet does (`BoxState::workload_args`).
+    /// A pod not listed runs `serve --name POD --port P` for each port in
+    /// its `serve`.
+    #[serde(default)]
+    pub pod_args: Vec<(String, Vec<String>)>,
 }
 
 impl Spec {
@@ -157,6 +164,7 @@ impl Spec {
             discovery: false,
             cluster_yaml: Vec::new(),
             namespace_labels: Vec::new(),
+            pod_args: Vec::new(),
         }
     }
 }
@@ -273,6 +281,43 @@ impl BoxState {
 
     pub fn bin(&self, name: &str) -> String {
         self.bin_dir.join(name).display().to_string()
+    }
+
+    /// The variables the kubelet gives every container for each service
+    /// (`DETAILS_SERVICE_HOST=10.96.0.21`, `DETAILS_SERVICE_PORT=9080`).
+    pub fn service_env(&self) -> Vec<(String, String)> {
+        self.spec
+            .services
+            .iter()
+            .flat_map(|s| {
+                let n = s.name.to_ascii_uppercase().replace('-', "_");
+                [
+                    (format!("{n}_SERVICE_HOST"), s.vip.to_string()),
+                    (format!("{n}_SERVICE_PORT"), s.port.to_string()),
+                ]
+            })
+            .collect()
+    }
+
+    /// Each `ferry-workload` command line `pod` runs: its `args` with
+    /// `$(VAR)` expanded (unknown references kept, as the kubelet does), or
+    /// the TCP protocol's `serve` on each served port.
+    pub fn workload_args(&self, pod: &str) -> Result<Vec<Vec<String>>> {
+        let p = &self.spec.pods[self.pod_index(pod)?];
+        let Some((_, args)) = self.spec.pod_args.iter().find(|(n, _)| *n == p.name) else {
+            return Ok(p
+                .serve
+                .iter()
+                .map(|port| {
+                    ["serve", "--name", &p.name, "--port", &port.to_string()]
+                        .map(str::to_owned)
+                        .to_vec()
+                })
+                .collect());
+        };
+        let env = self.service_env();
+        let expand = |a: &String| env.iter().fold(a.clone(), |a, (k, v)| a.replace(&format!("$({k})"), v));
+        Ok(vec![args.iter().map(expand).collect()])
     }
 }
 
@@ -445,13 +490,11 @@ impl ClusterBox {
         self.state.wait_applied(1)?;
         let s = self.state.clone();
         for p in &s.spec.pods {
-            for port in &p.serve {
+            for args in s.workload_args(&p.name)? {
+                let args: Vec<&str> = args.iter().map(String::as_str).collect();
                 let child = s
-                    .pod_command(
-                        &p.name,
-                        &s.bin("ferry-workload"),
-                        &["serve", "--name", &p.name, "--port", &port.to_string()],
-                    )?
+                    .pod_command(&p.name, &s.bin("ferry-workload"), &args)?
+                    .envs(s.service_env())
                     .stdin(Stdio::null())
                     .stdout(Stdio::null())
                     .stderr(Stdio::null())
@@ -578,6 +621,9 @@ impl ClusterBox {
                 let state = s.dir.join(format!("discovery-node{}.pb", node + 1));
                 cmd.args(["--config-stream", "--state-file", &state.display().to_string()]);
             }
+        } else {
+            // No CA in this box: the agent runs a tunnel only when told to.
+            cmd.arg("--insecure-plaintext-tunnel");
         }
         cmd.env(
             "FERRY_LOG",
@@ -606,6 +652,16 @@ impl ClusterBox {
                 }
                 std::thread::sleep(Duration::from_millis(20));
             }
+        }
+        Ok(())
+    }
+
+    /// Kills a node's agent with SIGKILL (a crash: nothing cleaned up, pins
+    /// stay) and waits until it is gone.
+    pub fn kill_agent(&mut self, node: usize) -> Result<()> {
+        if let Some(mut c) = self.agents.get_mut(node).and_then(Option::take) {
+            c.kill()?;
+            c.wait()?;
         }
         Ok(())
     }

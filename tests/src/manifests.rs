@@ -1,6 +1,8 @@
 //! A box from a directory of Kubernetes YAML: the box plays scheduler and
 //! kubelet. Pods become box pods (node from `spec.nodeName: nodeN`, else
-//! round robin; a process serving each `containerPort`); the `default`
+//! round robin; a process serving each `containerPort`, or `ferry-workload`
+//! with the first container's `args`, `$(SERVICE_HOST)`-style variables
+//! expanded: `BoxState::workload_args`); the `default`
 //! Namespace's labels are kept; everything else (Services with selectors,
 //! routes, policies) goes to ferry-control as written.
 
@@ -72,6 +74,9 @@ pub fn spec_from_dir(dir: &Path, nodes: usize) -> Result<Spec> {
                         annotations: annotations.into_iter().collect(),
                         service_account: ps.service_account_name.clone(),
                     });
+                    if let Some(args) = ps.containers.iter().find_map(|c| c.args.clone()) {
+                        spec.pod_args.push((d.key.name.clone(), args));
+                    }
                 }
                 Object::Namespace(n) if d.key.name == "default" => {
                     spec.namespace_labels = n.metadata.labels.clone().unwrap_or_default().into_iter().collect();

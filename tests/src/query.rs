@@ -193,6 +193,45 @@ impl BoxState {
         .map_err(|_| anyhow::anyhow!("thread panicked"))?
     }
 
+    /// Gives node `node` the kubelet probe source address
+    /// (`ferry_model::admission::PROBE_SOURCE`, 169.254.7.127) on its `lo`, as
+    /// the node's probe path would: connections bound to it are probes.
+    pub fn add_probe_address(&self, node: usize) -> Result<()> {
+        let a = format!("{}/32", ferry_model::admission::PROBE_SOURCE);
+        crate::sys::run(
+            "ip",
+            &["-n", &self.node_netns(node), "addr", "replace", &a, "dev", "lo"],
+        )?;
+        Ok(())
+    }
+
+    /// `WHO` from node `node`'s own netns (a kubelet-style or hostNetwork
+    /// client), from source address `from` (None: the kernel's choice, the
+    /// node's own address). Ok(the server's answer, possibly empty if the
+    /// connection was accepted and closed); Err if it could not connect or
+    /// was reset.
+    pub fn node_who(
+        &self,
+        node: usize,
+        from: Option<std::net::Ipv4Addr>,
+        to: std::net::SocketAddrV4,
+    ) -> Result<std::io::Result<String>> {
+        self.in_node(node, move || -> std::io::Result<String> {
+            use socket2::{Domain, Socket, Type};
+            let s = Socket::new(Domain::IPV4, Type::STREAM, None)?;
+            if let Some(ip) = from {
+                s.bind(&std::net::SocketAddrV4::new(ip, 0).into())?;
+            }
+            s.connect_timeout(&to.into(), Duration::from_secs(3))?;
+            let mut c: TcpStream = s.into();
+            c.set_read_timeout(Some(Duration::from_secs(3)))?;
+            c.write_all(b"WHO\n")?;
+            let mut out = String::new();
+            c.read_to_string(&mut out)?;
+            Ok(out)
+        })
+    }
+
     /// Scrapes a node agent's Prometheus endpoint and parses it.
     pub fn scrape(&self, node: usize) -> Result<prometheus_parse::Scrape> {
         let (code, body) = self.http(node, "GET", "127.0.0.1:15020", "/metrics")?;

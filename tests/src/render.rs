@@ -71,6 +71,7 @@ impl BoxState {
             services,
             peer_authentications: self.spec.peer_authentications.clone(),
             routes: Vec::new(),
+            authorization_policies: Vec::new(),
         }
     }
 

@@ -256,14 +256,14 @@ fn the_bookinfo_manifests_run_as_written() {
     for (name, e) in &enrolled {
         assert_eq!(*e, name != "legacy", "{enrolled:?}");
     }
-    assert_eq!(enrolled.len(), 6);
+    assert_eq!(enrolled.len(), 7);
     // Endpoints from the Service's selector.
     let mut seen: Vec<String> = (0..6)
         .map(|_| s.who("productpage-v1", "10.96.0.22:9080").unwrap().0)
         .collect();
     seen.sort();
     seen.dedup();
-    assert_eq!(seen, ["reviews-v1", "reviews-v2"]);
+    assert_eq!(seen, ["reviews-v1", "reviews-v2", "reviews-v3"]);
     // The seed's PeerAuthentication (STRICT) refuses the opted-out pod's plaintext.
     let ratings = format!("{}:9080", s.pod_ip("ratings-v1").unwrap());
     assert!(s.who("legacy", &ratings).is_err());

@@ -428,23 +428,20 @@ fn strict_refuses_plaintext_permissive_lets_it_in_and_probes_always_pass() {
     // Mesh traffic still flows (cross node: mTLS; same node: handed over inside the agent).
     assert!(b.state.who("client", VIP).is_ok());
     assert!(b.state.who("client", &echo1).is_ok());
-    // A kubelet-style probe from the node's own address still works.
-    let to = echo1.clone();
-    let reply = b
-        .state
-        .in_node(0, move || -> std::io::Result<String> {
-            let mut c = TcpStream::connect_timeout(&to.parse().unwrap(), Duration::from_secs(3))?;
-            c.set_read_timeout(Some(Duration::from_secs(3)))?;
-            c.write_all(b"WHO\n")?;
-            let mut out = String::new();
-            c.read_to_string(&mut out)?;
-            Ok(out)
-        })
-        .unwrap()
-        .unwrap();
+    // A kubelet probe (from the probe source, on the node) still works; the
+    // node's own address (a hostNetwork pod, SNATed traffic) is no probe.
+    b.state.add_probe_address(0).unwrap();
+    let to: std::net::SocketAddrV4 = echo1.parse().unwrap();
+    let probe = ferry_model::admission::PROBE_SOURCE;
+    let reply = b.state.node_who(0, Some(probe), to).unwrap().unwrap();
     assert!(
-        reply.starts_with("echo-1 10.1.1.1:"),
+        reply.starts_with("echo-1 169.254.7.127:"),
         "a probe from the node must reach the app: {reply:?}"
+    );
+    let reply = b.state.node_who(0, None, to).unwrap();
+    assert!(
+        reply.as_ref().map_or(true, String::is_empty),
+        "the node's own address must be refused under STRICT: {reply:?}"
     );
     // Switching back to PERMISSIVE at runtime lets new plaintext connections in.
     b.update(|s| {

@@ -38,7 +38,13 @@ extern "C" {
     fn libc_geteuid() -> u32;
 }
 
+/// The system packages, then the chart's test tools (`chart_tools`).
 pub fn ensure() -> Result<()> {
+    ensure_packages()?;
+    crate::chart_tools::ensure(is_root())
+}
+
+fn ensure_packages() -> Result<()> {
     let missing: Vec<&str> = NEEDED.iter().filter(|(c, _)| !present(c)).map(|(_, p)| *p).collect();
     if missing.is_empty() {
         eprintln!("deps: all present (clang, llvm, libbpf-dev, bpftool, iproute2, iperf3, tcpdump, haproxy)");

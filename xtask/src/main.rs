@@ -3,6 +3,7 @@
 //! It depends on nothing of Ferry's so it can install what Ferry's own build
 //! needs (clang for the eBPF programs).
 
+mod chart_tools;
 mod deps;
 
 use std::{path::PathBuf, process::Command};

@@ -56,6 +56,12 @@ struct Args {
     /// Requested workload certificate lifetime, seconds (renewed at half).
     #[arg(long, default_value_t = 86400)]
     cert_ttl_seconds: u64,
+    /// Without --control (no CA): run the plaintext tunnel between nodes,
+    /// unauthenticated, for tests and benchmarks only. Without this flag and
+    /// without a CA there is no tunnel: cross-node mesh connections are
+    /// refused and port 15008 accepts nothing.
+    #[arg(long, conflicts_with = "control")]
+    insecure_plaintext_tunnel: bool,
     /// On exit, detach everything and remove this node's pins (uninstall).
     /// Without it, steering stays pinned so a restarted agent resumes it.
     #[arg(long)]
@@ -143,6 +149,7 @@ async fn main() -> anyhow::Result<()> {
         pin_root: args.pin_root.clone(),
         cgroup_root: args.cgroup_root.clone(),
         identity,
+        insecure_plaintext_tunnel: args.insecure_plaintext_tunnel,
     };
     let agent = agent::Agent::new(&node, opts).with_context(|| format!("starting the agent for node {node}"))?;
     let admin_l = tokio::net::TcpListener::bind(args.admin)

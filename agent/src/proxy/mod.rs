@@ -1,7 +1,7 @@
 //! The L4 proxy. Per enrolled pod, three listeners made by that pod's
 //! [`SocketFactory`] (inside its netns):
 //! - outbound (127.0.0.1:15001): connections steered by connect4/6
-//!   ([`outbound`]);
+//!   ([`outbound`]; HTTP is routed per request by [`http`]);
 //! - inbound (pod IP:15006): plaintext handed over by sk_lookup;
 //! - tunnel (pod IP:15008): connections from other nodes' agents, opened by
 //!   the [`Tunnel`] transport.
@@ -11,6 +11,7 @@
 //! own address.
 
 pub mod copy;
+pub mod http;
 pub mod inbound;
 pub mod orig_dst;
 pub mod outbound;
@@ -83,6 +84,8 @@ pub struct Proxy {
     orig: Arc<dyn OrigDstSource>,
     pub tunnel: Tunnel,
     pub telemetry: Arc<Telemetry>,
+    /// The L7 path's upstream pool and mirror budget.
+    pub http: http::Shared,
 }
 
 impl Proxy {
@@ -93,6 +96,7 @@ impl Proxy {
             orig,
             tunnel,
             telemetry,
+            http: http::Shared::default(),
         })
     }
 
@@ -100,9 +104,11 @@ impl Proxy {
         self.state.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
-    /// Swaps in a new snapshot; connections already routed keep theirs.
+    /// Swaps in a new snapshot; connections already routed keep theirs,
+    /// except that live inbound ones are re-authorized under its policies.
     pub fn set_state(&self, state: Arc<State>) {
-        *self.state.write().unwrap_or_else(|e| e.into_inner()) = state;
+        *self.state.write().unwrap_or_else(|e| e.into_inner()) = state.clone();
+        inbound::recheck(self, &state);
     }
 
     pub fn local_pod_by_ip(&self, ip: Ipv4Addr) -> Option<Arc<PodCtx>> {
@@ -124,7 +130,7 @@ impl Proxy {
         let (p, q) = (self.clone(), pod.clone());
         let out = accept_loop(l.outbound, pod.clone(), "outbound", move |s| {
             let (p, q) = (p.clone(), q.clone());
-            async move { outbound::handle(&p, &q, s).await }
+            async move { outbound::handle(p, q, s).await }
         });
         let (p, q) = (self.clone(), pod.clone());
         let inb = accept_loop(l.inbound, pod.clone(), "inbound", move |s| {

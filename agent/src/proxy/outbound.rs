@@ -1,23 +1,51 @@
 //! Outbound: a connection from an app, steered to 127.0.0.1:15001 in its pod.
-//! Original destination -> route (a pure decision over the state snapshot)
-//! -> local pod, tunnel or direct; then relay.
+//! Original destination -> protocol (the Service port's, else detected by
+//! [`http::detect`]) -> HTTP ([`http::serve`]: routed per request) or opaque
+//! TCP: route (a pure decision over the state snapshot) -> local pod, tunnel
+//! or direct ([`open_upstream`], shared with the HTTP path); then relay.
 
-use std::sync::atomic::Ordering;
+use std::sync::{atomic::Ordering, Arc};
 
-use ferry_model::{admin::Direction, state::Hop};
-use tokio::net::TcpStream;
+use ferry_model::{
+    admin::Direction,
+    state::{Hop, Route, State},
+    Protocol,
+};
+use tokio::{
+    io::{AsyncRead, AsyncWrite},
+    net::TcpStream,
+};
 
-use super::{copy, orig_dst::ConnKey, PodCtx, Proxy};
+use super::{copy, http, orig_dst::ConnKey, PodCtx, Proxy};
 use crate::{
     sockets,
     telemetry::{
         metrics::{tcp_labels, Peer, Reporter},
         outcome::Outcome,
+        ConnGuard,
     },
     tunnel::{BoxStream, TunnelSource},
 };
 
-pub async fn handle(proxy: &Proxy, pod: &PodCtx, client: TcpStream) {
+/// How a destination's connections are handled.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Handling {
+    Http,
+    Tcp,
+    Detect,
+}
+
+/// The Service port's protocol decides; `auto` ports and pod addresses
+/// without a Service are detected.
+fn handling(state: &State, orig: std::net::SocketAddrV4) -> Handling {
+    match state.service_at(orig).map(|(_, p)| p.protocol) {
+        Some(p) if p.is_http() => Handling::Http,
+        Some(Protocol::Auto) | None => Handling::Detect,
+        Some(_) => Handling::Tcp,
+    }
+}
+
+pub async fn handle(proxy: Arc<Proxy>, pod: Arc<PodCtx>, mut client: TcpStream) {
     let Ok((local, peer)) = sockets::v4_addrs(&client) else {
         return;
     };
@@ -31,7 +59,7 @@ pub async fn handle(proxy: &Proxy, pod: &PodCtx, client: TcpStream) {
         tracing::warn!(pod = %pod.label, client = %peer, "no original destination recorded; closing");
         return;
     };
-    let mut g = proxy.telemetry.open(
+    let g = proxy.telemetry.open(
         Direction::Outbound,
         &pod.workload.namespace,
         pod.label.clone(),
@@ -39,6 +67,28 @@ pub async fn handle(proxy: &Proxy, pod: &PodCtx, client: TcpStream) {
         orig,
     );
     let state = proxy.state();
+    match handling(&state, orig) {
+        Handling::Tcp => relay_tcp(&proxy, &pod, g, client, &state).await,
+        Handling::Http => http::serve(proxy.clone(), pod.clone(), orig, g, client).await,
+        Handling::Detect => {
+            let (d, first) = http::detect::sniff(&mut client, http::detect::SNIFF_WAIT).await;
+            proxy.telemetry.metrics.http.detected(d);
+            let client = http::detect::Rewind::new(first, client);
+            if d.is_http() {
+                http::serve(proxy.clone(), pod.clone(), orig, g, client).await
+            } else {
+                relay_tcp(&proxy, &pod, g, client, &state).await
+            }
+        }
+    }
+}
+
+/// Opaque TCP: one route per connection, then a byte relay.
+async fn relay_tcp<S>(proxy: &Proxy, pod: &PodCtx, mut g: ConnGuard, client: S, state: &State)
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let orig = g.conn.orig_dst;
     let route = match state.route(orig) {
         Ok(r) => r,
         Err(e) => {
@@ -50,9 +100,8 @@ pub async fn handle(proxy: &Proxy, pod: &PodCtx, client: TcpStream) {
     let dst = state.workload_by_ip(*route.endpoint.ip());
     // Only the tunnel leaves the node; it is mutual TLS when a CA is configured.
     let mtls = route.hop == Hop::Tunnel && proxy.tunnel.is_mtls();
-    // Identities are formatted only where used: the tunnel's expected peer,
-    // and principal labels under mTLS.
-    let dst_id = dst.filter(|_| route.hop == Hop::Tunnel).map(|d| d.spiffe_id());
+    // Identities are formatted only where used: principal labels under mTLS.
+    let dst_id = dst.filter(|_| mtls).map(|d| d.spiffe_id());
     let src_id = mtls.then(|| pod.workload.spiffe_id());
     let src_peer = Peer {
         workload: Some(&pod.workload),
@@ -60,7 +109,7 @@ pub async fn handle(proxy: &Proxy, pod: &PodCtx, client: TcpStream) {
     };
     let dst_peer = Peer {
         workload: dst,
-        principal: dst_id.as_ref().filter(|_| mtls),
+        principal: dst_id.as_ref(),
     };
     let svc = route.service.as_deref();
     g.report(&tcp_labels(Reporter::Source, src_peer, dst_peer, svc, mtls));
@@ -68,35 +117,7 @@ pub async fn handle(proxy: &Proxy, pod: &PodCtx, client: TcpStream) {
         // For a same-node hop this agent is also the destination's proxy.
         g.report(&tcp_labels(Reporter::Destination, src_peer, dst_peer, svc, mtls));
     }
-    let upstream: std::io::Result<BoxStream> = match (route.hop, dst_id) {
-        (Hop::Local, _) => match proxy.local_pod_by_ip(*route.endpoint.ip()) {
-            Some(d) => proxy
-                .deliver(&d, pod.ip(), route.endpoint)
-                .await
-                .map(|s| Box::new(s) as BoxStream),
-            None => Err(std::io::Error::other(
-                "destination pod is not enrolled on this node yet",
-            )),
-        },
-        (Hop::Tunnel, Some(expected)) => {
-            let src = TunnelSource {
-                uid: &pod.workload.uid,
-                label: &pod.label,
-                sockets: &*pod.sockets,
-            };
-            let s = proxy.tunnel.open(src, route.endpoint, &expected).await;
-            if s.is_ok() && proxy.tunnel.is_mtls() {
-                // open() succeeds only if the peer proved exactly this id.
-                let _ = g.conn.peer_identity.set(expected);
-            }
-            s
-        }
-        (Hop::Tunnel, None) => Err(std::io::Error::other("tunnel destination is not a known workload")),
-        (Hop::Direct, _) => sockets::connect(&*pod.sockets, sockets::Source::Any, route.endpoint)
-            .await
-            .map(|s| Box::new(s) as BoxStream),
-    };
-    let upstream = match upstream {
+    let upstream = match open_upstream(proxy, pod, &route).await {
         Ok(u) => u,
         Err(error) => {
             g.outcome = Outcome::Connect {
@@ -106,7 +127,46 @@ pub async fn handle(proxy: &Proxy, pod: &PodCtx, client: TcpStream) {
             return;
         }
     };
+    if mtls {
+        if let Some(d) = dst {
+            // open() succeeded: the peer proved exactly this id.
+            let _ = g.conn.peer_identity.set(d.spiffe_id());
+        }
+    }
     if let Err(e) = copy::bidi(client, upstream, &g.conn.sent, &g.conn.received).await {
         g.outcome = Outcome::Relay(e);
+    }
+}
+
+/// Opens a stream from `pod` to `route`'s endpoint by its hop: delivered
+/// into a local pod from `pod`'s address, through the tunnel to another
+/// node (the destination must prove its workload's identity under mTLS),
+/// or connected directly from the pod. The L4 and L7 paths both use it.
+pub(crate) async fn open_upstream(proxy: &Proxy, pod: &PodCtx, route: &Route) -> std::io::Result<BoxStream> {
+    match route.hop {
+        Hop::Local => match proxy.local_pod_by_ip(*route.endpoint.ip()) {
+            Some(d) => proxy
+                .deliver(&d, pod.ip(), route.endpoint)
+                .await
+                .map(|s| Box::new(s) as BoxStream),
+            None => Err(std::io::Error::other(
+                "destination pod is not enrolled on this node yet",
+            )),
+        },
+        Hop::Tunnel => {
+            let state = proxy.state();
+            let Some(expected) = state.workload_by_ip(*route.endpoint.ip()).map(|w| w.spiffe_id()) else {
+                return Err(std::io::Error::other("tunnel destination is not a known workload"));
+            };
+            let src = TunnelSource {
+                uid: &pod.workload.uid,
+                label: &pod.label,
+                sockets: &*pod.sockets,
+            };
+            proxy.tunnel.open(src, route.endpoint, &expected).await
+        }
+        Hop::Direct => sockets::connect(&*pod.sockets, sockets::Source::Any, route.endpoint)
+            .await
+            .map(|s| Box::new(s) as BoxStream),
     }
 }

@@ -179,6 +179,8 @@ pub struct Metrics {
     pub enroll_errors: Gauge,
     /// 1 while the config stream from the control plane is up.
     pub control_connected: Gauge,
+    /// Request metrics of the L7 path and protocol detection.
+    pub http: super::http::HttpMetrics,
 }
 
 /// eBPF-side counters, read from the node's pinned maps at scrape time.
@@ -288,7 +290,9 @@ impl Metrics {
             "Bytes received in the request direction",
             received.clone(),
         );
+        let http = super::http::HttpMetrics::register(&mut registry);
         let m = Self {
+            http,
             opened,
             closed,
             sent,

@@ -1,8 +1,10 @@
-//! Live connections and counters, Prometheus metrics ([`metrics`]) and the
+//! Live connections and counters, Prometheus metrics ([`metrics`]), the
+//! per-request records of the L7 path ([`http`]) and the
 //! access-log line written when a connection closes (the policy in
 //! `ferry_model::access_log` decides which). Nothing here is per byte: byte counts are atomics updated by the
 //! copy loop and added to the metrics once, when the connection closes.
 
+pub mod http;
 pub mod metrics;
 pub mod outcome;
 
@@ -25,8 +27,12 @@ use ferry_model::{
     SpiffeId,
 };
 use metrics::{Metrics, TcpCounters, TcpLabels};
+use prometheus_client::{
+    encoding::EncodeLabelSet,
+    metrics::{counter::Counter, family::Family},
+};
 
-use outcome::Outcome;
+use outcome::{Denial, Outcome};
 
 /// One proxied connection, shared between its copy task and the admin views.
 #[derive(Debug)]
@@ -48,6 +54,46 @@ pub struct Conn {
     /// Bytes from the destination back to the client.
     pub received: AtomicU64,
     pub started: Instant,
+    /// Closes the connection from outside its task (a policy change).
+    pub revoke: Revoke,
+}
+
+/// A live connection's kill switch: the first [`Revoke::revoke`] keeps its
+/// reason and wakes [`Revoke::revoked`] (now or whenever it is awaited).
+#[derive(Debug, Default)]
+pub struct Revoke {
+    reason: OnceLock<Denial>,
+    wake: tokio::sync::Notify,
+}
+
+impl Revoke {
+    /// Asks the connection to close for `why`; false if already asked.
+    pub fn revoke(&self, why: Denial) -> bool {
+        let first = self.reason.set(why).is_ok();
+        if first {
+            self.wake.notify_one();
+        }
+        first
+    }
+
+    /// Resolves once revoked, with the reason.
+    pub async fn revoked(&self) -> Denial {
+        loop {
+            if let Some(d) = self.reason.get() {
+                return d.clone();
+            }
+            self.wake.notified().await;
+        }
+    }
+}
+
+/// Labels of `ferry_authz_denied_total` and `ferry_authz_audited_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AuthzLabels {
+    /// `namespace/name`, or `-` when no single policy decided.
+    pub policy: String,
+    /// The deny reason's code (`matched_deny`, ...); `audit` for AUDIT.
+    pub reason: String,
 }
 
 #[derive(Clone, Debug)]
@@ -120,12 +166,18 @@ impl Counters {
 
 pub struct Telemetry {
     next: AtomicU64,
+    /// Request ids (the L7 path), apart from connection ids.
+    next_request: AtomicU64,
     live: Mutex<HashMap<u64, Arc<Conn>>>,
     pub counters: Arc<Counters>,
     pub metrics: Metrics,
     pub access_log: std::sync::RwLock<AccessLog>,
     /// `settings.metrics`.
     pub metrics_on: std::sync::atomic::AtomicBool,
+    /// Connections denied by authorization policy, by policy and reason.
+    pub authz_denied: Family<AuthzLabels, Counter>,
+    /// Connections an AUDIT policy matched (never denied), by policy.
+    pub authz_audited: Family<AuthzLabels, Counter>,
 }
 
 /// Removes the connection from the live table and writes its access log line
@@ -141,9 +193,24 @@ pub struct ConnGuard {
 
 impl Telemetry {
     /// `metrics` was made with [`Metrics::new`] over `counters`.
-    pub fn new(metrics: Metrics, counters: Arc<Counters>) -> Self {
+    pub fn new(mut metrics: Metrics, counters: Arc<Counters>) -> Self {
+        let (authz_denied, authz_audited) = (Family::default(), Family::default());
+        let r = metrics.registry_mut();
+        r.register(
+            "ferry_authz_denied",
+            "Connections denied by authorization policy (when opened or cut live), by policy and reason",
+            Family::<AuthzLabels, Counter>::clone(&authz_denied),
+        );
+        r.register(
+            "ferry_authz_audited",
+            "Connections an AUDIT authorization policy matched, by policy",
+            Family::<AuthzLabels, Counter>::clone(&authz_audited),
+        );
         Self {
+            authz_denied,
+            authz_audited,
             next: AtomicU64::new(0),
+            next_request: AtomicU64::new(0),
             live: Mutex::new(HashMap::new()),
             metrics,
             counters,
@@ -179,6 +246,7 @@ impl Telemetry {
             sent: AtomicU64::new(0),
             received: AtomicU64::new(0),
             started: Instant::now(),
+            revoke: Revoke::default(),
         });
         self.live
             .lock()
@@ -224,6 +292,17 @@ impl ConnGuard {
         let _ = self.conn.route.set(Routed { service, endpoint, hop });
     }
 
+    /// Counts an AUDIT policy's match (the connection goes on).
+    pub fn audited(&self, policy: String) {
+        self.t
+            .authz_audited
+            .get_or_create(&AuthzLabels {
+                policy,
+                reason: "audit".into(),
+            })
+            .inc();
+    }
+
     /// Counts this connection in the Istio TCP metrics under `labels` (once
     /// per reporter: a same-node connection is reported by both sides).
     pub fn report(&mut self, labels: &TcpLabels) {
@@ -253,6 +332,19 @@ impl Drop for ConnGuard {
                     k.refused_plaintext.fetch_add(1, Ordering::Relaxed);
                 }
                 k.failed.fetch_add(1, Ordering::Relaxed);
+            }
+            Outcome::Denied(d) => {
+                if !d.live {
+                    k.refused.fetch_add(1, Ordering::Relaxed);
+                }
+                k.failed.fetch_add(1, Ordering::Relaxed);
+                self.t
+                    .authz_denied
+                    .get_or_create(&AuthzLabels {
+                        policy: d.policy_label().to_owned(),
+                        reason: d.reason.as_str().to_owned(),
+                    })
+                    .inc();
             }
             _ => {
                 k.failed.fetch_add(1, Ordering::Relaxed);

@@ -3,7 +3,7 @@
 
 use std::{fmt, io, net::SocketAddrV4};
 
-use ferry_model::{admission::Refusal, state::RouteError};
+use ferry_model::{admission::Refusal, authz::DenyReason, state::RouteError};
 
 #[derive(Debug)]
 pub enum Outcome {
@@ -11,6 +11,9 @@ pub enum Outcome {
     Ok,
     /// Refused by the inbound gate.
     Refused(Refusal),
+    /// Denied by authorization policy: when opened, or cut by a re-check
+    /// after a policy change.
+    Denied(Denial),
     /// An outbound connection eBPF recorded no original destination for.
     NoOrigDst,
     /// No route to the original destination.
@@ -22,12 +25,13 @@ pub enum Outcome {
 }
 
 impl Outcome {
-    /// The stable code: `ok`, `refused`, `no_orig_dst`, `no_route`,
-    /// `connect_failed` or `relay_error`.
+    /// The stable code: `ok`, `refused`, `denied`, `no_orig_dst`,
+    /// `no_route`, `connect_failed` or `relay_error`.
     pub fn code(&self) -> &'static str {
         match self {
             Outcome::Ok => "ok",
             Outcome::Refused(_) => "refused",
+            Outcome::Denied(_) => "denied",
             Outcome::NoOrigDst => "no_orig_dst",
             Outcome::NoRoute(_) => "no_route",
             Outcome::Connect { .. } => "connect_failed",
@@ -45,10 +49,53 @@ impl fmt::Display for Outcome {
         match self {
             Outcome::Ok => f.write_str("ok"),
             Outcome::Refused(r) => write!(f, "refused: {r}"),
+            Outcome::Denied(d) => write!(f, "denied: {d}"),
             Outcome::NoOrigDst => f.write_str("no original destination recorded"),
             Outcome::NoRoute(e) => write!(f, "no route: {e}"),
             Outcome::Connect { to, error } => write!(f, "connect {to}: {error}"),
             Outcome::Relay(e) => write!(f, "relay: {e}"),
         }
+    }
+}
+
+/// An authorization denial: the deciding policy and rule (when one decided)
+/// and the stable reason code.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Denial {
+    /// `namespace/name`; None when no ALLOW policy matched.
+    pub policy: Option<String>,
+    pub rule: Option<usize>,
+    pub reason: DenyReason,
+    /// Cut while live, by a re-check after a policy change.
+    pub live: bool,
+}
+
+impl Denial {
+    /// The policy's `namespace/name`, or `-` (logs and metric labels).
+    pub fn policy_label(&self) -> &str {
+        self.policy.as_deref().unwrap_or("-")
+    }
+
+    /// The rule index, or `-`.
+    pub fn rule_label(&self) -> String {
+        self.rule.map_or_else(|| "-".into(), |r| r.to_string())
+    }
+}
+
+/// `<reason>[ policy ns/name[rule]][ (live re-check)]`, e.g.
+/// `matched_deny policy default/deny-foo[0]`.
+impl fmt::Display for Denial {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.reason)?;
+        if let Some(p) = &self.policy {
+            write!(f, " policy {p}")?;
+            if let Some(r) = self.rule {
+                write!(f, "[{r}]")?;
+            }
+        }
+        if self.live {
+            f.write_str(" (live re-check)")?;
+        }
+        Ok(())
     }
 }

@@ -5,8 +5,12 @@
 //! inbound path, which decides and delivers. Two transports:
 //! - [`hbone`] (default when a CA is configured): HTTP/2 CONNECT over mutual
 //!   TLS 1.3, each side proving a SPIFFE identity;
-//! - plain (no CA: development and the "mTLS off" benchmark): plain TCP opened
-//!   by a 12-byte preface naming the target (`FERRY\x01` + IPv4 + port).
+//! - plain (no CA, and only with `--insecure-plaintext-tunnel`: tests and the
+//!   "mTLS off" benchmark): plain TCP opened by a 12-byte preface naming the
+//!   target (`FERRY\x01` + IPv4 + port), no authentication at all.
+//!
+//! Without a CA and without that flag the tunnel is [`Tunnel::Off`]: no hop
+//! between nodes, and nothing accepted on 15008. No CA means no tunnel.
 
 pub mod hbone;
 pub mod pool;
@@ -120,10 +124,18 @@ pub struct TunnelSource<'a> {
 /// How the agent reaches a pod on another node.
 #[derive(Clone, Default)]
 pub enum Tunnel {
+    /// No CA and no explicit opt-in to plaintext: no tunnel (fail closed).
     #[default]
+    Off,
+    /// Unauthenticated (`--insecure-plaintext-tunnel`: tests, benchmarks).
     Plain,
     Hbone(Arc<hbone::Hbone>),
 }
+
+/// Why [`Tunnel::Off`] refuses: said to the local client's agent log and to
+/// the remote peer's.
+const OFF_REASON: &str = "no CA configured: the tunnel between nodes is off (give the agent --control, \
+                          or --insecure-plaintext-tunnel for tests)";
 
 impl Tunnel {
     /// Opens a stream from `src` to `target` on another node, whose workload
@@ -135,6 +147,7 @@ impl Tunnel {
         expected: &SpiffeId,
     ) -> io::Result<BoxStream> {
         match self {
+            Tunnel::Off => Err(io::Error::new(io::ErrorKind::PermissionDenied, OFF_REASON)),
             Tunnel::Plain => {
                 let to = SocketAddrV4::new(*target.ip(), TUNNEL_PORT);
                 let mut s = sockets::connect(src.sockets, sockets::Source::Any, to).await?;
@@ -153,6 +166,11 @@ impl Tunnel {
     /// handing each stream in it to `handler`.
     pub async fn serve<H: Handler>(&self, tcp: TcpStream, uid: &str, label: &str, handler: Arc<H>) {
         match self {
+            Tunnel::Off => {
+                let peer = sockets::v4_addrs(&tcp).map(|(_, p)| p.to_string()).unwrap_or_default();
+                tracing::warn!(pod = %label, client = %peer, error = OFF_REASON, "refused tunnel connection");
+                // Dropped: the peer sees the connection closed, nothing read.
+            }
             Tunnel::Plain => serve_plain(tcp, label, handler).await,
             Tunnel::Hbone(h) => h.serve(tcp, uid, label, handler).await,
         }
@@ -203,5 +221,69 @@ mod tests {
         z[10] = 0;
         z[11] = 0;
         assert_eq!(decode(&z), Err(PrefaceError::BadPort));
+    }
+
+    /// A handler the `Off` tunnel must never reach.
+    struct Unreachable;
+    impl Handler for Unreachable {
+        type Accepted = ();
+        async fn accept(&self, req: TunnelRequest) -> Result<(), Reject> {
+            panic!("the tunnel is off, yet a stream reached the handler: {req:?}")
+        }
+        async fn relay(&self, _: (), _: BoxStream) {}
+    }
+
+    #[tokio::test]
+    async fn no_ca_and_no_flag_means_no_tunnel_either_way() {
+        assert!(matches!(Tunnel::default(), Tunnel::Off), "the default is no tunnel");
+        let off = Tunnel::Off;
+        assert!(!off.is_mtls());
+        // Client side: nothing is dialled, and the reason is clear.
+        let src = TunnelSource {
+            uid: "u",
+            label: "default/a",
+            sockets: &sockets::HostSockets,
+        };
+        let target: SocketAddrV4 = "127.0.0.1:9".parse().unwrap();
+        let e = off
+            .open(src, target, &SpiffeId::new("default", "b"))
+            .await
+            .err()
+            .expect("refused");
+        assert_eq!(e.kind(), io::ErrorKind::PermissionDenied);
+        assert!(e.to_string().contains("--insecure-plaintext-tunnel"), "{e}");
+        // Server side: a valid plain preface is not read, the connection is closed.
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let at = l.local_addr().unwrap();
+        let client = tokio::spawn(async move {
+            let mut c = TcpStream::connect(at).await.unwrap();
+            let _ = c.write_all(&encode(target)).await;
+            let mut rest = Vec::new();
+            let _ = c.read_to_end(&mut rest).await;
+            rest
+        });
+        let (tcp, _) = l.accept().await.unwrap();
+        off.serve(tcp, "u", "default/a", Arc::new(Unreachable)).await;
+        assert!(client.await.unwrap().is_empty(), "nothing comes back");
+        // Positive control: the plain tunnel (with the flag) takes the same preface.
+        struct Seen(tokio::sync::mpsc::UnboundedSender<SocketAddrV4>);
+        impl Handler for Seen {
+            type Accepted = ();
+            async fn accept(&self, req: TunnelRequest) -> Result<(), Reject> {
+                let _ = self.0.send(req.target);
+                Err(Reject::Forbidden)
+            }
+            async fn relay(&self, _: (), _: BoxStream) {}
+        }
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let c = tokio::spawn(async move {
+            let mut c = TcpStream::connect(at).await.unwrap();
+            c.write_all(&encode(target)).await.unwrap();
+            c
+        });
+        let (tcp, _) = l.accept().await.unwrap();
+        Tunnel::Plain.serve(tcp, "u", "default/a", Arc::new(Seen(tx))).await;
+        drop(c.await.unwrap());
+        assert_eq!(rx.recv().await, Some(target));
     }
 }

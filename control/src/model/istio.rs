@@ -44,6 +44,52 @@ pub struct HttpRoute {
     pub rewrite: Option<HttpRewrite>,
     #[serde(default)]
     pub headers: Option<Headers>,
+    #[serde(default)]
+    pub redirect: Option<HttpRedirect>,
+    #[serde(default)]
+    pub mirror: Option<Destination>,
+    #[serde(default)]
+    pub mirror_percentage: Option<Percent>,
+    /// Deprecated integer form of `mirrorPercentage`.
+    #[serde(default)]
+    pub mirror_percent: Option<i64>,
+    #[serde(default)]
+    pub mirrors: Vec<HttpMirrorPolicy>,
+    /// Not supported (rejected by the route compiler with a reason).
+    #[serde(default)]
+    pub direct_response: Option<serde_json::Value>,
+    /// Not supported (rejected by the route compiler with a reason).
+    #[serde(default)]
+    pub delegate: Option<serde_json::Value>,
+    /// Accepted, not enforced.
+    #[serde(default)]
+    pub cors_policy: Option<serde_json::Value>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct HttpMirrorPolicy {
+    pub destination: Destination,
+    #[serde(default)]
+    pub percentage: Option<Percent>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct HttpRedirect {
+    #[serde(default)]
+    pub uri: Option<String>,
+    #[serde(default)]
+    pub authority: Option<String>,
+    #[serde(default)]
+    pub port: Option<u16>,
+    /// FROM_PROTOCOL_DEFAULT or FROM_REQUEST_PORT: accepted, not enforced.
+    #[serde(default)]
+    pub derive_port: Option<String>,
+    #[serde(default)]
+    pub scheme: Option<String>,
+    #[serde(default)]
+    pub redirect_code: Option<u16>,
 }
 
 #[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
@@ -71,6 +117,15 @@ pub struct HttpMatchRequest {
     pub source_namespace: Option<String>,
     #[serde(default)]
     pub ignore_uri_case: bool,
+    /// Gateways this match applies to (`mesh` for Ferry).
+    #[serde(default)]
+    pub gateways: Vec<String>,
+    /// Not supported (the route is rejected with a reason).
+    #[serde(default)]
+    pub scheme: Option<StringMatch>,
+    /// Accepted, not enforced (Ferry's metrics have no per-route prefix).
+    #[serde(default)]
+    pub stat_prefix: Option<String>,
 }
 
 /// Exactly one of exact, prefix, regex (checked in `model::parse`).
@@ -138,6 +193,15 @@ pub struct HttpRetry {
     pub per_try_timeout: Option<Duration>,
     #[serde(default)]
     pub retry_on: Option<String>,
+    /// Accepted, not enforced.
+    #[serde(default)]
+    pub retry_remote_localities: Option<bool>,
+    /// Accepted, not enforced.
+    #[serde(default)]
+    pub retry_ignore_previous_hosts: Option<bool>,
+    /// Accepted, not enforced.
+    #[serde(default)]
+    pub backoff: Option<Duration>,
 }
 
 #[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
@@ -184,6 +248,9 @@ pub struct HttpRewrite {
     pub uri: Option<String>,
     #[serde(default)]
     pub authority: Option<String>,
+    /// Not supported: accepted with a warning, the path is left as is.
+    #[serde(default)]
+    pub uri_regex_rewrite: Option<serde_json::Value>,
 }
 
 #[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
@@ -224,6 +291,11 @@ pub struct L4MatchAttributes {
     pub port: Option<u16>,
     #[serde(default)]
     pub source_labels: BTreeMap<String, String>,
+    #[serde(default)]
+    pub gateways: Vec<String>,
+    /// Not supported for TCP routes (the route is rejected with a reason).
+    #[serde(default)]
+    pub source_namespace: Option<String>,
 }
 
 #[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]

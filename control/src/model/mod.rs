@@ -46,6 +46,8 @@ pub enum Object {
     VirtualService(Arc<Custom<istio::VirtualServiceSpec>>),
     DestinationRule(Arc<Custom<istio::DestinationRuleSpec>>),
     HttpRoute(Arc<Custom<gateway::HttpRouteSpec>>),
+    GrpcRoute(Arc<Custom<gateway::GrpcRouteSpec>>),
+    TcpRoute(Arc<Custom<gateway::TcpRouteSpec>>),
     /// A kind Ferry reads nothing from (Deployment, ConfigMap...): accepted as is.
     Other,
 }

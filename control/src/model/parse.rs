@@ -55,6 +55,11 @@ const KINDS: &[(&str, &[&str])] = &[
         "HTTPRoute",
         &["gateway.networking.k8s.io/v1", "gateway.networking.k8s.io/v1beta1"],
     ),
+    (
+        "GRPCRoute",
+        &["gateway.networking.k8s.io/v1", "gateway.networking.k8s.io/v1alpha2"],
+    ),
+    ("TCPRoute", &["gateway.networking.k8s.io/v1alpha2"]),
 ];
 
 pub use ferry_model::yaml::split_documents;
@@ -172,6 +177,8 @@ fn typed(kind: &str, doc: &str) -> Result<Object, String> {
         "VirtualService" => Object::VirtualService(Arc::new(de::<Custom<_>>(doc)?)),
         "DestinationRule" => Object::DestinationRule(Arc::new(de::<Custom<_>>(doc)?)),
         "HTTPRoute" => Object::HttpRoute(Arc::new(de::<Custom<_>>(doc)?)),
+        "GRPCRoute" => Object::GrpcRoute(Arc::new(de::<Custom<_>>(doc)?)),
+        "TCPRoute" => Object::TcpRoute(Arc::new(de::<Custom<_>>(doc)?)),
         _ => Object::Other,
     })
 }
@@ -286,6 +293,12 @@ fn validate(o: &Object) -> Vec<(String, String)> {
             }
         }
         Object::HttpRoute(r) if r.spec.parent_refs.is_empty() => {
+            p.push(("spec.parentRefs".into(), "at least one parent is required".into()));
+        }
+        Object::GrpcRoute(r) if r.spec.parent_refs.is_empty() => {
+            p.push(("spec.parentRefs".into(), "at least one parent is required".into()));
+        }
+        Object::TcpRoute(r) if r.spec.parent_refs.is_empty() => {
             p.push(("spec.parentRefs".into(), "at least one parent is required".into()));
         }
         _ => {}

@@ -49,6 +49,8 @@ pub const WATCHED: &[(&str, &str, &str, &str)] = &[
     ("networking.istio.io", "v1", "VirtualService", "virtualservices"),
     ("networking.istio.io", "v1", "DestinationRule", "destinationrules"),
     ("gateway.networking.k8s.io", "v1", "HTTPRoute", "httproutes"),
+    ("gateway.networking.k8s.io", "v1", "GRPCRoute", "grpcroutes"),
+    ("gateway.networking.k8s.io", "v1alpha2", "TCPRoute", "tcproutes"),
 ];
 
 /// What every kind's watcher feeds and the publisher reads.

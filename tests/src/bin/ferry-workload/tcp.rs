@@ -1,5 +1,6 @@
-//! Sample workload for the cluster-in-a-box: a TCP server and client speaking
-//! the tiny protocol in `ferry_box::proto` (WHO, ECHO, SINK, SOURCE).
+//! The TCP protocol of `ferry_box::proto` (WHO, ECHO, SINK, SOURCE): the
+//! threaded server (`serve`), its clients (`client ...`), and the same server
+//! on one async connection (`serve_conn`, for `http serve --also-tcp`).
 
 use std::{
     io::{BufRead, BufReader, Read, Write},
@@ -9,34 +10,12 @@ use std::{
 };
 
 use anyhow::{bail, Context, Result};
-use clap::{Parser, Subcommand};
+use clap::Subcommand;
 use ferry_box::proto::{hex, pattern, sha256_of_pattern};
 use sha2::{Digest, Sha256};
 
-#[derive(Parser)]
-struct Args {
-    #[command(subcommand)]
-    cmd: Cmd,
-}
-
 #[derive(Subcommand)]
-enum Cmd {
-    /// Serve the protocol on 0.0.0.0:PORT.
-    Serve {
-        #[arg(long)]
-        name: String,
-        #[arg(long)]
-        port: u16,
-    },
-    /// Client side; prints one JSON line.
-    Client {
-        #[command(subcommand)]
-        op: Op,
-    },
-}
-
-#[derive(Subcommand)]
-enum Op {
+pub enum Op {
     /// Ask who answers (prints the server pod and the client address it saw).
     Who {
         #[arg(long)]
@@ -97,14 +76,7 @@ enum Op {
     },
 }
 
-fn main() -> Result<()> {
-    match Args::parse().cmd {
-        Cmd::Serve { name, port } => serve(name, port),
-        Cmd::Client { op } => client(op),
-    }
-}
-
-fn serve(name: String, port: u16) -> Result<()> {
+pub fn serve(name: String, port: u16) -> Result<()> {
     let l = TcpListener::bind(("0.0.0.0", port)).with_context(|| format!("bind {port}"))?;
     let name = Arc::new(name);
     for s in l.incoming() {
@@ -200,7 +172,7 @@ fn echo(to: SocketAddr, bytes: u64) -> Result<(String, u64)> {
     Ok((hex(&h.finalize()), got))
 }
 
-fn client(op: Op) -> Result<()> {
+pub fn client(op: Op) -> Result<()> {
     match op {
         Op::Who { to } => {
             let mut s = connect(to)?;
@@ -316,5 +288,57 @@ fn client(op: Op) -> Result<()> {
             );
         }
     }
+    Ok(())
+}
+
+/// True when `first` (a connection's first three bytes) opens a command of
+/// the TCP protocol: no HTTP method, nor the HTTP/2 preface, starts the same.
+pub fn is_protocol_command(first: &[u8]) -> bool {
+    matches!(first.get(..3), Some(b"WHO" | b"ECH" | b"SIN" | b"SOU"))
+}
+
+/// The protocol's server on one async connection: the same answers as
+/// `handle`, for a port that also serves HTTP.
+pub async fn serve_conn(name: &str, s: tokio::net::TcpStream) -> Result<()> {
+    use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
+    let peer = s.peer_addr()?;
+    let (r, mut w) = s.into_split();
+    let mut r = tokio::io::BufReader::new(r);
+    let mut line = String::new();
+    r.read_line(&mut line).await?;
+    let mut it = line.split_whitespace();
+    match (it.next(), it.next().and_then(|n| n.parse::<u64>().ok())) {
+        (Some("WHO"), _) => w.write_all(format!("{name} {peer}\n").as_bytes()).await?,
+        (Some("ECHO"), _) => {
+            tokio::io::copy(&mut r, &mut w).await?;
+        }
+        (Some("SINK"), Some(n)) => {
+            let mut h = Sha256::new();
+            let mut left = n;
+            let mut buf = vec![0u8; 64 * 1024];
+            while left > 0 {
+                let k = r.read(&mut buf[..(left as usize).min(65536)]).await?;
+                if k == 0 {
+                    break;
+                }
+                h.update(&buf[..k]);
+                left -= k as u64;
+            }
+            w.write_all(format!("{} {peer}\n", hex(&h.finalize())).as_bytes())
+                .await?;
+        }
+        (Some("SOURCE"), Some(n)) => {
+            let mut buf = vec![0u8; 64 * 1024];
+            let mut off = 0;
+            while off < n {
+                let k = ((n - off) as usize).min(buf.len());
+                pattern(off, &mut buf[..k]);
+                w.write_all(&buf[..k]).await?;
+                off += k as u64;
+            }
+        }
+        _ => w.write_all(b"ERR unknown command\n").await?,
+    }
+    w.shutdown().await?;
     Ok(())
 }

@@ -1,0 +1,44 @@
+//! The L7 half of the outbound path: HTTP/1.1, HTTP/2 and gRPC from an
+//! enrolled pod, routed per request on the source side (as a sidecar would,
+//! with no extra hop).
+//!
+//! - [`detect`]: protocol detection for undeclared ports (bounded wait);
+//! - [`server`]: serves the client connection (hyper, HTTP/1.1 and HTTP/2),
+//!   and per request: route, redirect, faults, backend and endpoint, header
+//!   ops and rewrites, mirrors, timeout, retries, upgrades;
+//! - [`route`]: the per-request decision over the state snapshot (read
+//!   afresh for each request, so config changes apply to the next request);
+//! - [`upstream`]: pooled client connections per (pod, endpoint, version),
+//!   over the same transports as the L4 path (local delivery, tunnel, direct);
+//! - [`body`]: request bodies kept for retries and mirrors, response bodies
+//!   counted for telemetry.
+
+pub mod body;
+pub mod detect;
+pub mod route;
+pub mod server;
+pub mod upstream;
+
+use std::sync::Arc;
+
+use tokio::sync::Semaphore;
+
+pub use server::serve;
+
+/// Mirrored requests in flight at once per agent; past it, copies are skipped.
+pub const MAX_MIRRORS_IN_FLIGHT: usize = 256;
+
+/// What the L7 path shares across connections.
+pub struct Shared {
+    pub pool: upstream::Pool,
+    pub mirrors: Arc<Semaphore>,
+}
+
+impl Default for Shared {
+    fn default() -> Self {
+        Self {
+            pool: upstream::Pool::default(),
+            mirrors: Arc::new(Semaphore::new(MAX_MIRRORS_IN_FLIGHT)),
+        }
+    }
+}
