@@ -196,7 +196,7 @@ fn default_render_validates_strictly_and_is_least_privilege() {
     assert!(agent["ports"].is_null(), "{agent}");
     assert_eq!(
         ds["spec"]["updateStrategy"],
-        json!({"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}})
+        json!({"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 0, "maxUnavailable": 1}})
     );
     assert!(
         pod["tolerations"]
