@@ -103,9 +103,18 @@ pub enum Fallback {
 
 /// [`admit`]'s decision for a plaintext connection from outside the mesh, for
 /// when the agent is not there to take it: kept by the node (eBPF) per pod.
+/// A pod under STRICT, or one any ALLOW/DENY/CUSTOM AuthorizationPolicy
+/// applies to, is refused: eBPF cannot evaluate a policy, and traffic a
+/// policy may forbid must not get through while the agent is away (AUDIT
+/// policies never deny, so they do not count).
 pub fn fallback(state: &State, pod: &Workload) -> Fallback {
+    let policed = state
+        .authz_for(pod)
+        .iter()
+        .any(|p| p.spec.action != crate::authz::Action::Audit);
     match mode_for(pod, &state.peer_authentications) {
         Mode::Strict => Fallback::Refuse,
+        _ if policed => Fallback::Refuse,
         Mode::Permissive | Mode::Disable | Mode::Unset => Fallback::Deliver,
     }
 }
@@ -230,5 +239,31 @@ mod tests {
         .unwrap();
         let d = State::from_config(cfg, 1);
         assert_eq!(fallback(&d, &d.workloads["a"]), Fallback::Deliver);
+    }
+
+    #[test]
+    fn a_policed_pod_falls_back_to_refuse_even_when_permissive() {
+        let with = |policy: &str| {
+            let cfg = ConfigFile::parse(
+                "t",
+                &format!(
+                    "node: n1\nworkloads: [{{uid: a, name: srv, node: n1, ip: 10.1.1.2, enrolled: true}}]\n{policy}"
+                ),
+            )
+            .unwrap();
+            let s = State::from_config(cfg, 1);
+            let pod = s.workloads["a"].clone();
+            fallback(&s, &pod)
+        };
+        // Positive control: no policy, PERMISSIVE by default -> delivered.
+        assert_eq!(with(""), Fallback::Deliver);
+        assert_eq!(
+            with("authorizationPolicies: [{name: d, namespace: default, spec: {action: DENY, rules: [{from: [{source: {namespaces: [x]}}]}]}}]"),
+            Fallback::Refuse
+        );
+        assert_eq!(
+            with("authorizationPolicies: [{name: a, namespace: default, spec: {action: AUDIT, rules: [{}]}}]"),
+            Fallback::Deliver
+        );
     }
 }
