@@ -12,13 +12,15 @@
 //! - [`proxy`]: outbound, the one inbound path and its gate;
 //! - [`tunnel`]: transport between nodes (plain or HBONE), no policy;
 //! - [`sockets`]: the per-pod socket factory; [`netns`], [`podnet`];
-//! - [`identity`]: workload certificates; [`telemetry`]; [`admin`].
+//! - [`identity`]: workload certificates; [`telemetry`]; [`admin`];
+//! - [`handover`]: a hitless upgrade (listeners passed to a new agent).
 //!
 //! Types and decisions shared with other processes are in `ferry_model`.
 
 pub mod admin;
 pub mod agent;
 pub mod config_stream;
+pub mod handover;
 pub mod identity;
 pub mod netns;
 pub mod node;

@@ -39,6 +39,11 @@ pub enum EnrollError {
          15001, 15006 and 15008 in enrolled pods: move the application off them or opt the pod out"
     )]
     PortInUse { port: u16 },
+    #[error(
+        "no workload certificate within {waited:?}: a pod taken over from the previous agent is \
+         served only with one (the previous agent keeps serving it)"
+    )]
+    NoCertificate { waited: std::time::Duration },
     #[error("listener on {addr}: {source}")]
     Listen { addr: SocketAddrV4, source: std::io::Error },
     #[error(transparent)]

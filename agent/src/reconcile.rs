@@ -7,10 +7,12 @@
 
 use std::{
     collections::{BTreeMap, HashMap},
+    net::SocketAddrV4,
+    os::fd::{AsFd, BorrowedFd, OwnedFd},
     path::{Path, PathBuf},
     sync::{
-        atomic::{AtomicU64, Ordering},
-        Arc, RwLock,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+        Arc, Mutex, RwLock,
     },
     time::Duration,
 };
@@ -42,6 +44,13 @@ struct Enrolled<P> {
     fallback: Fallback,
     plumbed: Plumbed<P>,
     tasks: Vec<AbortHandle>,
+    /// The listeners' addresses and a duplicate of each descriptor
+    /// (outbound, inbound, tunnel), for a hand-over to a new agent.
+    addrs: [SocketAddrV4; 3],
+    fds: [OwnedFd; 3],
+    /// Taking over: the listeners, not accepted on until the whole node is
+    /// enrolled ([`Reconciler::start_accepting`]).
+    held: Option<Listeners>,
 }
 
 impl<P> Drop for Enrolled<P> {
@@ -67,6 +76,59 @@ pub struct Reconciler<N: Node> {
     /// Version of the last config fully applied (0: none yet). Published
     /// last, so "applied" means every enrollment of that version is done.
     applied: AtomicU64,
+    /// Listeners received from the previous agent (hand-over), by pod uid:
+    /// an enrollment takes its pod's instead of binding new ones.
+    inherited: Mutex<HashMap<String, Listeners>>,
+    /// Taking over: pruning what the previous run left waits for the
+    /// hand-over to complete (the previous agent still serves until then),
+    /// and accepting waits until every pod is enrolled, so no connection
+    /// this agent accepts meets a local pod it does not know yet.
+    taking_over: AtomicBool,
+    /// Handed over to a new agent: never reconcile again.
+    retired: AtomicBool,
+}
+
+/// How long an enrollment on inherited listeners waits for the pod's
+/// certificate: the new agent must not serve a pod's tunnel without one.
+const INHERITED_CERT_WAIT: Duration = Duration::from_secs(10);
+
+/// A pod's listeners as offered to a new agent.
+pub struct PodListeners<'a> {
+    pub uid: String,
+    pub addrs: [SocketAddrV4; 3],
+    pub fds: [BorrowedFd<'a>; 3],
+}
+
+/// The reconciler held still for a hand-over: nothing is enrolled or
+/// unenrolled while this lives (config updates wait).
+pub struct Frozen<'a, N: Node> {
+    inner: tokio::sync::MutexGuard<'a, Inner<N>>,
+    retired: &'a AtomicBool,
+}
+
+impl<N: Node> Frozen<'_, N> {
+    /// Every enrolled pod's listeners.
+    pub fn listeners(&self) -> Vec<PodListeners<'_>> {
+        self.inner
+            .enrolled
+            .iter()
+            .map(|(uid, e)| PodListeners {
+                uid: uid.clone(),
+                addrs: e.addrs,
+                fds: [e.fds[0].as_fd(), e.fds[1].as_fd(), e.fds[2].as_fd()],
+            })
+            .collect()
+    }
+
+    /// Handed over: stops accepting on every pod (connections already
+    /// accepted run to completion) and never reconciles again, so nothing
+    /// this agent does can undo the new agent's steering.
+    pub fn retire(self) {
+        self.retired.store(true, Ordering::Release);
+        for e in self.inner.enrolled.values() {
+            e.tasks.iter().for_each(AbortHandle::abort);
+        }
+    }
 }
 
 /// Whether an enrolled pod still matches its spec (a veth the node found
@@ -94,6 +156,43 @@ impl<N: Node> Reconciler<N> {
             cgroup_root,
             status: RwLock::new(BTreeMap::new()),
             applied: 0.into(),
+            inherited: Mutex::new(HashMap::new()),
+            taking_over: AtomicBool::new(false),
+            retired: AtomicBool::new(false),
+        }
+    }
+
+    /// Listeners handed over by the previous agent; enrollments take them.
+    /// Until [`Reconciler::start_accepting`], enrolled pods are not accepted
+    /// on, and pruning stale pins waits for [`Reconciler::prune_now`].
+    pub fn inherit(&self, pods: HashMap<String, Listeners>) {
+        self.taking_over.store(true, Ordering::Release);
+        *self.inherited.lock().unwrap_or_else(|e| e.into_inner()) = pods;
+    }
+
+    /// Taking over, once ready: starts accepting on every enrolled pod.
+    pub async fn start_accepting(&self) {
+        let mut inner = self.inner.lock().await;
+        self.taking_over.store(false, Ordering::Release);
+        for e in inner.enrolled.values_mut() {
+            if let Some(l) = e.held.take() {
+                e.tasks.extend(self.proxy.serve_pod(e.ctx.clone(), l));
+            }
+        }
+    }
+
+    /// After a hand-over: drops inherited listeners no pod took and what the
+    /// previous run left for pods no longer enrolled.
+    pub async fn prune_now(&self) {
+        self.inherited.lock().unwrap_or_else(|e| e.into_inner()).clear();
+        self.inner.lock().await.node.prune_stale();
+    }
+
+    /// Holds the reconciler still (see [`Frozen`]).
+    pub async fn freeze(&self) -> Frozen<'_, N> {
+        Frozen {
+            inner: self.inner.lock().await,
+            retired: &self.retired,
         }
     }
 
@@ -117,6 +216,10 @@ impl<N: Node> Reconciler<N> {
         let first = prev.version == 0;
         let state = Arc::new(State::from_config(cfg, prev.version + 1));
         let mut inner = self.inner.lock().await;
+        if self.retired.load(Ordering::Acquire) {
+            tracing::info!("config not applied: this agent has handed over to a new one");
+            return prev.version;
+        }
         if let Err(e) = inner.node.configure(&state.settings) {
             tracing::error!(error = %e, "cannot update node settings");
         }
@@ -183,7 +286,7 @@ impl<N: Node> Reconciler<N> {
         if let Err(e) = inner.node.set_mesh_destinations(&state.mesh_destinations()) {
             tracing::error!(error = %e, "cannot update mesh destinations");
         }
-        if first {
+        if first && !self.taking_over.load(Ordering::Acquire) {
             inner.node.prune_stale();
         }
         self.applied.store(state.version, Ordering::Release);
@@ -238,6 +341,18 @@ impl<N: Node> Reconciler<N> {
         fallback: Fallback,
     ) -> Result<Enrolled<N::Pod>, EnrollError> {
         let plumbed = inner.node.plumb(w, cgroup_root).await?;
+        let addrs = listener_addrs(w.ip);
+        let handed = self
+            .inherited
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&w.uid)
+            .filter(|l| {
+                // Only listeners on this pod's addresses (its IP may have changed).
+                let got = [&l.outbound, &l.inbound, &l.tunnel].map(crate::sockets::local_v4);
+                got == addrs.map(Some)
+            });
+        let inherited = handed.is_some();
         let listen = |addr| {
             plumbed.sockets.listen(addr).map_err(|source| {
                 if source.kind() == std::io::ErrorKind::AddrInUse {
@@ -247,22 +362,48 @@ impl<N: Node> Reconciler<N> {
                 }
             })
         };
-        let [out_a, in_a, tun_a] = listener_addrs(w.ip);
-        let listeners = Listeners {
-            outbound: listen(out_a)?,
-            inbound: listen(in_a)?,
-            tunnel: listen(tun_a)?,
+        let [out_a, in_a, tun_a] = addrs;
+        let listeners = match handed {
+            Some(l) => l,
+            None => Listeners {
+                outbound: listen(out_a)?,
+                inbound: listen(in_a)?,
+                tunnel: listen(tun_a)?,
+            },
         };
+        let fds = [&listeners.outbound, &listeners.inbound, &listeners.tunnel].map(|l| l.as_fd().try_clone_to_owned());
+        let [a, b, c] = fds;
+        let fds = [a?, b?, c?];
         let pod_id = inner.next_pod_id;
         inner.next_pod_id += 1;
         if let Some(ids) = &self.ids {
             // Have a certificate before steering starts, so the pod's first
             // cross-node connection can use it; keep_fresh retries if not.
-            match tokio::time::timeout(Duration::from_secs(3), ids.fetch(&w.uid, &w.spiffe_id())).await {
+            // Inherited listeners are already live (the previous agent
+            // serves them): this agent joins only with a certificate.
+            let wait = if inherited {
+                INHERITED_CERT_WAIT
+            } else {
+                Duration::from_secs(3)
+            };
+            let got = async {
+                loop {
+                    match ids.fetch(&w.uid, &w.spiffe_id()).await {
+                        Ok(c) => return Ok(c),
+                        Err(e) if !inherited => return Err(e),
+                        Err(e) => {
+                            tracing::warn!(pod = %w.label(), error = %e, "no certificate yet; retrying");
+                            tokio::time::sleep(Duration::from_millis(500)).await;
+                        }
+                    }
+                }
+            };
+            match tokio::time::timeout(wait, got).await {
                 Ok(Ok(c)) => {
                     tracing::info!(pod = %w.label(), spiffe_id = %c.spiffe_id, "workload certificate installed")
                 }
                 Ok(Err(e)) => tracing::warn!(pod = %w.label(), error = %e, "no certificate yet"),
+                Err(_) if inherited => return Err(EnrollError::NoCertificate { waited: wait }),
                 Err(_) => tracing::warn!(pod = %w.label(), "no certificate yet: the CA did not answer in 3s"),
             }
         }
@@ -280,7 +421,11 @@ impl<N: Node> Reconciler<N> {
             ..w.clone()
         };
         let ctx = Arc::new(PodCtx::new(workload, plumbed.sockets.clone(), plumbed.netns_cookie));
-        let mut tasks = self.proxy.serve_pod(ctx.clone(), listeners);
+        let (mut tasks, held) = if self.taking_over.load(Ordering::Acquire) {
+            (Vec::new(), Some(listeners))
+        } else {
+            (self.proxy.serve_pod(ctx.clone(), listeners), None)
+        };
         if let Some(ids) = &self.ids {
             tasks.push(ids.keep_fresh(w.uid.clone(), w.spiffe_id()));
         }
@@ -290,6 +435,9 @@ impl<N: Node> Reconciler<N> {
             fallback,
             plumbed,
             tasks,
+            addrs,
+            fds,
+            held,
         })
     }
 

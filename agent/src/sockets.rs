@@ -46,8 +46,26 @@ pub trait SocketFactory: Send + Sync + fmt::Debug {
 }
 
 /// Connects a socket from `f` to `dst`.
+///
+/// A transparent source picks its port itself, and binding a port that a
+/// live connection of another socket holds succeeds (SO_REUSEADDR) while
+/// the connect then fails with `EADDRNOTAVAIL` when the 4-tuple is taken:
+/// that happens when two agents deliver at once (a hand-over, where the old
+/// agent's connections keep their ports). Such a connect is retried on the
+/// next ports; nothing was sent, so a retry is safe.
 pub async fn connect(f: &dyn SocketFactory, src: Source, dst: SocketAddrV4) -> io::Result<TcpStream> {
-    f.socket(src)?.connect(SocketAddr::V4(dst)).await
+    let tries = match src {
+        Source::Any => 1,
+        Source::Transparent(_) => 16,
+    };
+    let mut last = None;
+    for _ in 0..tries {
+        match f.socket(src)?.connect(SocketAddr::V4(dst)).await {
+            Err(e) if e.kind() == io::ErrorKind::AddrNotAvailable => last = Some(e),
+            r => return r,
+        }
+    }
+    Err(last.unwrap_or_else(|| io::Error::from(io::ErrorKind::AddrNotAvailable)))
 }
 
 /// Sockets inside a pod's network namespace, marked as the agent's.
@@ -119,8 +137,12 @@ fn listen_on(sock: Socket, addr: SocketAddrV4) -> io::Result<TcpListener> {
 /// ephemeral range, which the delivery range lies outside of on purpose.
 fn bind_delivery_port(sock: &Socket, ip: Ipv4Addr) -> io::Result<()> {
     static NEXT: AtomicU16 = AtomicU16::new(0);
+    static START: std::sync::Once = std::sync::Once::new();
     let (lo, hi) = DELIVER_PORTS;
     let span = hi - lo + 1;
+    // Each process starts at its own place in the range, so an agent taking
+    // over rarely meets the ports its predecessor's connections still hold.
+    START.call_once(|| NEXT.store(rand::random::<u16>() % span, Ordering::Relaxed));
     for _ in 0..span {
         let port = lo + NEXT.fetch_add(1, Ordering::Relaxed) % span;
         match sock.bind(&SocketAddr::V4(SocketAddrV4::new(ip, port)).into()) {
@@ -133,6 +155,14 @@ fn bind_delivery_port(sock: &Socket, ip: Ipv4Addr) -> io::Result<()> {
         io::ErrorKind::AddrInUse,
         format!("all {span} delivery ports in use for client {ip}"),
     ))
+}
+
+/// A listener's IPv4 address (None: unknown or IPv6).
+pub fn local_v4(l: &TcpListener) -> Option<SocketAddrV4> {
+    match l.local_addr().ok()? {
+        SocketAddr::V4(a) => Some(a),
+        SocketAddr::V6(_) => None,
+    }
 }
 
 /// Both addresses (local, peer) of an accepted IPv4 TCP stream.

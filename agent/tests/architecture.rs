@@ -135,4 +135,9 @@ fn agent_modules_form_no_circle() {
     for low in ["tunnel", "telemetry", "sockets", "identity"] {
         assert!(!g[low].contains("proxy"), "{low} imports the proxy");
     }
+    // The hand-over sits on top, beside the composition root: nothing else
+    // reaches into it (the binary wires it).
+    for (m, deps) in &g {
+        assert!(!deps.contains("handover"), "{m} imports handover");
+    }
 }

@@ -136,11 +136,15 @@ fn scrape(ag: &TestAgent) -> Vec<prometheus_parse::Sample> {
         .samples
 }
 
-/// `istio_requests_total` summed over samples whose labels include `want`.
+/// `istio_requests_total` summed over samples whose labels include `want`,
+/// `reporter="source"` unless `want` names a reporter (a same-node request
+/// is reported by both sides).
 fn requests(ag: &TestAgent, want: &[(&str, &str)]) -> f64 {
+    let reporter = want.iter().any(|(k, _)| *k == "reporter");
     scrape(ag)
         .into_iter()
         .filter(|s| s.metric == "istio_requests_total")
+        .filter(|s| reporter || s.labels.get("reporter") == Some("source"))
         .filter(|s| want.iter().all(|(k, v)| s.labels.get(k) == Some(*v)))
         .map(|s| match s.value {
             prometheus_parse::Value::Counter(v) | prometheus_parse::Value::Untyped(v) => v,

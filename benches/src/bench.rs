@@ -188,7 +188,7 @@ pub(crate) fn rss_kib(pid: u32) -> u64 {
 }
 
 /// CPU seconds of the proxies doing the work (the agents, or the sidecars).
-fn proxies_cpu(pids: &[u32]) -> f64 {
+pub(crate) fn proxies_cpu(pids: &[u32]) -> f64 {
     pids.iter().map(|p| cpu_s(*p)).sum()
 }
 
@@ -416,6 +416,18 @@ pub fn latency_svg(rows: &[Row]) -> String {
 /// :15006, forwarding to the app on loopback). Killed with the box. Returns
 /// their pids (their CPU and memory are the sidecar model's proxy cost).
 fn start_sidecars(s: &BoxState, server: &str) -> Result<Vec<u32>> {
+    let pids = spawn_sidecars(s, server, "tcp")?;
+    let deadline = Instant::now() + std::time::Duration::from_secs(10);
+    while s.who("client", "127.0.0.1:15001").is_err() {
+        anyhow::ensure!(Instant::now() < deadline, "sidecars did not come up");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    Ok(pids)
+}
+
+/// The two sidecars of the model, HAProxy in `mode` (`tcp`, or `http` for
+/// the HTTP rows of `bench_http`), started without waiting for them.
+pub(crate) fn spawn_sidecars(s: &BoxState, server: &str, mode: &str) -> Result<Vec<u32>> {
     let server_ip = s.pod_ip(server)?;
     let mut pids = Vec::new();
     let conf = |name: &str, bind: String, to: String| -> Result<String> {
@@ -423,7 +435,7 @@ fn start_sidecars(s: &BoxState, server: &str) -> Result<Vec<u32>> {
         std::fs::write(
             &path,
             format!(
-                "global\n  maxconn 4000\ndefaults\n  mode tcp\n  timeout connect 5s\n  timeout client 120s\n  \
+                "global\n  maxconn 4000\ndefaults\n  mode {mode}\n  timeout connect 5s\n  timeout client 120s\n  \
                  timeout server 120s\nlisten sidecar\n  bind {bind}\n  server upstream {to}\n"
             ),
         )?;
@@ -448,11 +460,6 @@ fn start_sidecars(s: &BoxState, server: &str) -> Result<Vec<u32>> {
             .context("starting haproxy (cargo xtask deps installs it)")?;
         pids.push(child.id());
     }
-    let deadline = Instant::now() + std::time::Duration::from_secs(10);
-    while s.who("client", "127.0.0.1:15001").is_err() {
-        anyhow::ensure!(Instant::now() < deadline, "sidecars did not come up");
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    }
     Ok(pids)
 }
 
@@ -468,12 +475,20 @@ pub fn sh(cmd: &str, args: &[&str]) -> String {
 /// Runs every scenario and writes `<out>.json` and `<out>.md`.
 pub fn bench(sizes: Sizes, quick: bool, bins: &Path, out: &Path) -> Result<()> {
     let started = Instant::now();
+    // Before minutes of runs: the HTTP rows need wrk and h2load.
+    crate::bench_http::check_tools()?;
     let mut rows = Vec::new();
     for sc in SCENARIOS {
         eprintln!("bench: {} ...", sc.name);
         rows.push(run(sc, sizes, bins)?);
     }
     let splice = splice_rows(bins, if quick { 1 } else { 5 })?;
+    let http_sizes = if quick {
+        crate::bench_http::QUICK
+    } else {
+        crate::bench_http::FULL
+    };
+    let http = crate::bench_http::rows(http_sizes, bins)?;
     eprintln!("bench: agent memory with 1000 workloads ...");
     let conns = if quick { 1_000 } else { 10_000 };
     let (rss_small, rss_conns, rss_1000) = rss_with_workloads(bins, 1000, conns)?;
@@ -493,7 +508,9 @@ pub fn bench(sizes: Sizes, quick: bool, bins: &Path, out: &Path) -> Result<()> {
     });
     std::fs::write(
         out.with_extension("json"),
-        serde_json::to_vec_pretty(&serde_json::json!({"machine": machine, "rows": rows, "splice": splice}))?,
+        serde_json::to_vec_pretty(
+            &serde_json::json!({"machine": machine, "rows": rows, "splice": splice, "http": http}),
+        )?,
     )?;
     let base = |name: &str| rows.iter().find(|r| r.scenario == name);
     let mut md = String::from(
@@ -570,6 +587,7 @@ pub fn bench(sizes: Sizes, quick: bool, bins: &Path, out: &Path) -> Result<()> {
             r.scenario, r.forward_gbit_s, r.reverse_gbit_s, r.spliced_msgs
         ));
     }
+    md.push_str(&crate::bench_http::markdown(&http, http_sizes));
     md.push_str(&format!("\nMachine: {machine}\n"));
     let cmd = if quick {
         "cargo xtask bench --quick"

@@ -1,9 +1,11 @@
 //! ferry-bench: what Ferry costs and what it does, shown on the
 //! cluster-in-a-box (`ferry-box`, the harness it drives): the data-path
-//! benchmarks ([`bench`]), the control plane at scale ([`bench_control`]) and
-//! the narrated demo ([`demo`]). `cargo xtask bench` and `cargo xtask demo`
+//! benchmarks ([`bench`], with its HTTP rows in [`bench_http`]: wrk and
+//! h2load through Ferry's L4 and L7 paths), the control plane at scale
+//! ([`bench_control`]) and the narrated demo ([`demo`]). `cargo xtask bench` and `cargo xtask demo`
 //! build everything and run the `ferry-bench` binary.
 
 pub mod bench;
 pub mod bench_control;
+pub mod bench_http;
 pub mod demo;

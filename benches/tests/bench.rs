@@ -46,9 +46,28 @@ fn quick_benchmark_runs_and_writes_the_report() {
         "splicing really happened: {shown}"
     );
     assert_eq!(splice[1]["spliced_msgs"], 0, "{shown}");
+    // HTTP: 9 scenarios x (wrk, h2load), every one answered; the L7 rows
+    // went through the agent's HTTP layer, the L4 ones did not.
+    let http = report["http"].as_array().unwrap();
+    let shown = &report["http"];
+    assert_eq!(http.len(), 18, "{shown}");
+    for r in http {
+        assert!(
+            r["req_per_s"].as_f64().unwrap() > 0.0 && r["p50_us"].as_u64().unwrap() > 0,
+            "{r}"
+        );
+        let scenario = r["scenario"].as_str().unwrap();
+        let seen = r["l7_requests_seen"].as_u64().unwrap();
+        if scenario.starts_with("ferry L7") {
+            assert!(seen * 10 >= r["requests"].as_u64().unwrap() * 9, "{r}");
+        } else {
+            assert_eq!(seen, 0, "{r}");
+        }
+    }
     let md = std::fs::read_to_string(out.with_extension("md")).unwrap();
     assert!(md.contains("ferry cross-node mTLS") && md.contains("vs direct"));
     assert!(md.contains("splice on"));
+    assert!(md.contains("h2load") && md.contains("What the L7 path adds over the L4 path"));
     let svg = std::fs::read_to_string(out.with_extension("svg")).unwrap();
     assert!(
         svg.starts_with("<svg") && svg.matches("<rect").count() == 21,

@@ -1,7 +1,9 @@
 //! Checks across objects (what `ferryctl analyze` and the control plane's
 //! log report): references to services that do not exist, weights that do
 //! not add up, routes to services without endpoints, opt-in labels and
-//! annotations that do nothing, policies accepted but not enforced; plus
+//! annotations that do nothing, AuthorizationPolicies that select nothing,
+//! name unknown service accounts or have HTTP rules where HTTP is not
+//! checked ([`authz`]); plus
 //! everything the route compiler reports (`crate::routes`: which object
 //! wins a Service, subsets no DestinationRule defines, fields not
 //! supported or not enforced). Parse-level errors (types, unknown fields)
@@ -13,6 +15,8 @@ use crate::{
 };
 
 pub use crate::routes::service_of_host;
+
+mod authz;
 
 struct Ctx<'a> {
     cluster: &'a Cluster,
@@ -157,7 +161,6 @@ pub fn analyze_with(cluster: &Cluster, view: &MeshView) -> Vec<Problem> {
                     }
                 }
             }
-            Object::AuthorizationPolicy(_) => authorization_policy_not_enforced(&mut c, key, at),
             Object::GrpcRoute(r) => {
                 c.parents(key, at, &r.spec.parent_refs);
                 for (i, rule) in r.spec.rules.iter().enumerate() {
@@ -241,26 +244,9 @@ pub fn analyze_with(cluster: &Cluster, view: &MeshView) -> Vec<Problem> {
             _ => {}
         }
     }
+    authz::check(&mut c);
     c.out.extend(crate::routes::compile(cluster).problems);
     c.out
-}
-
-/// AuthorizationPolicy is parsed and validated but not enforced by the
-/// agents yet: one warning per policy. (The one place to remove when
-/// enforcement lands.)
-fn authorization_policy_not_enforced(c: &mut Ctx<'_>, key: &Key, at: &Located) {
-    c.add(
-        Severity::Warning,
-        key,
-        at,
-        String::new(),
-        format!(
-            "AuthorizationPolicy {}/{}: {}",
-            key.namespace,
-            key.name,
-            crate::routes::NOT_ENFORCED
-        ),
-    );
 }
 
 impl Ctx<'_> {

@@ -1,16 +1,20 @@
 //! Cluster model -> what agents need. Pure functions: who is enrolled, what
-//! each service's endpoints are, and which resources each node receives.
+//! each service's endpoints are, and which resources each node receives
+//! (which AuthorizationPolicies: [`PolicyPlacement`]).
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::{BTreeMap, BTreeSet, HashMap},
     net::Ipv4Addr,
     sync::Arc,
 };
 
 use ferry_api::discovery as pb;
 use ferry_model::{
-    peer_auth::PeerAuthentication, proto as disc, route::ServiceRouting, Endpoint, Protocol, Service, ServicePort,
-    Workload,
+    authz::{AuthzPolicy, ROOT_NAMESPACE},
+    peer_auth::PeerAuthentication,
+    proto as disc,
+    route::ServiceRouting,
+    Endpoint, Protocol, Service, ServicePort, Workload,
 };
 use k8s_openapi::{
     api::{
@@ -57,6 +61,8 @@ pub struct MeshView {
     pub peer_authentications: Vec<PeerAuthentication>,
     /// Routes per routed Service (`crate::routes`), by Service.
     pub routes: Vec<ServiceRouting>,
+    /// Every valid AuthorizationPolicy (invalid ones never reach the model).
+    pub authorization_policies: Vec<AuthzPolicy>,
 }
 
 fn pod_ipv4(p: &Pod) -> Option<Ipv4Addr> {
@@ -254,15 +260,86 @@ pub fn mesh_view(cluster: &Cluster, derive_endpoints: bool) -> MeshView {
         services,
         peer_authentications,
         routes: crate::routes::compile(cluster).routings,
+        authorization_policies: cluster.authorization_policies().map(|(_, _, p)| p).collect(),
+    }
+}
+
+/// Which nodes need an AuthorizationPolicy.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PolicyNodes<'a> {
+    /// Every node: a policy in the root namespace may apply to any workload.
+    Every,
+    /// These nodes (possibly none: the policy applies to no pod today).
+    Only(BTreeSet<&'a str>),
+}
+
+/// Where AuthorizationPolicies go. A node gets every policy that *may*
+/// apply to one of its pods (enrolled or not), found without evaluating
+/// selectors, so a label change never has to move a policy:
+/// - a policy in the root namespace (`istio-system`): every node;
+/// - any other policy: the nodes with a pod in the policy's namespace
+///   (a selector or namespace-wide policy can only apply there);
+/// - plus, for `targetRefs`/`targetRef`, the nodes with a pod backing the
+///   Service named (an endpoint with the pod's address: the agent's own
+///   test, `State::authz_for`), wherever that pod's namespace is.
+///
+/// A superset of what the agent will use; never less.
+pub struct PolicyPlacement<'a> {
+    by_namespace: HashMap<&'a str, BTreeSet<&'a str>>,
+    by_service: HashMap<(&'a str, &'a str), BTreeSet<&'a str>>,
+}
+
+impl<'a> PolicyPlacement<'a> {
+    pub fn new(view: &'a MeshView) -> Self {
+        let mut by_namespace: HashMap<&str, BTreeSet<&str>> = HashMap::new();
+        let mut by_ip: HashMap<Ipv4Addr, BTreeSet<&str>> = HashMap::new();
+        for w in &view.workloads {
+            by_namespace.entry(&w.namespace).or_default().insert(&w.node);
+            by_ip.entry(w.ip).or_default().insert(&w.node);
+        }
+        let mut by_service: HashMap<(&str, &str), BTreeSet<&str>> = HashMap::new();
+        for s in &view.services {
+            let nodes: BTreeSet<&str> = s
+                .endpoints
+                .iter()
+                .filter_map(|e| by_ip.get(&e.ip))
+                .flatten()
+                .copied()
+                .collect();
+            if !nodes.is_empty() {
+                by_service.insert((&s.namespace, &s.name), nodes);
+            }
+        }
+        Self {
+            by_namespace,
+            by_service,
+        }
+    }
+
+    pub fn nodes(&self, p: &AuthzPolicy) -> PolicyNodes<'a> {
+        if p.namespace == ROOT_NAMESPACE {
+            return PolicyNodes::Every;
+        }
+        let mut nodes = self.by_namespace.get(p.namespace.as_str()).cloned().unwrap_or_default();
+        for r in p.spec.target_ref.iter().chain(&p.spec.target_refs) {
+            let ns = r.namespace.as_deref().unwrap_or(&p.namespace);
+            if let Some(n) = self.by_service.get(&(ns, r.name.as_str())) {
+                nodes.extend(n);
+            }
+        }
+        PolicyNodes::Only(nodes)
     }
 }
 
 /// Every resource once (encoded and digested once), and which nodes get it.
 #[derive(Debug, Default)]
 pub struct Resources {
-    /// Sent to every node (services, policies, enrolled workloads).
+    /// Sent to every node (services, routes, PeerAuthentications, enrolled
+    /// workloads, root-namespace AuthorizationPolicies).
     pub shared: Vec<Arc<pb::Resource>>,
-    /// A node's own pods (enrolled or not): sent to that node only.
+    /// Sent to that node only: its own pods (enrolled or not) and the
+    /// AuthorizationPolicies that may apply to them ([`PolicyPlacement`]; one
+    /// encoding shared by every node that gets it).
     pub local: BTreeMap<String, Vec<Arc<pb::Resource>>>,
 }
 
@@ -278,6 +355,7 @@ impl Resources {
         let mut old_w: HashMap<&str, (&Workload, Arc<pb::Resource>)> = HashMap::new();
         let mut old_s: HashMap<(&str, &str), (&Service, Arc<pb::Resource>)> = HashMap::new();
         let mut old_r: HashMap<&str, (&ServiceRouting, Arc<pb::Resource>)> = HashMap::new();
+        let mut old_a: HashMap<(&str, &str), (&AuthzPolicy, Arc<pb::Resource>)> = HashMap::new();
         if let Some((pv, pr)) = prev {
             let by_name: HashMap<&str, &Arc<pb::Resource>> = pr
                 .shared
@@ -299,6 +377,12 @@ impl Resources {
             for rt in &pv.routes {
                 if let Some(r) = by_name.get(disc::routing_name(&rt.service).as_str()) {
                     old_r.insert(&rt.service, (rt, (*r).clone()));
+                }
+            }
+            for p in &pv.authorization_policies {
+                let name = disc::authorization_policy_name(&p.namespace, &p.name);
+                if let Some(r) = by_name.get(name.as_str()) {
+                    old_a.insert((&p.namespace, &p.name), (p, (*r).clone()));
                 }
             }
         }
@@ -331,6 +415,21 @@ impl Resources {
             };
             r.shared.push(res);
         }
+        let placement = PolicyPlacement::new(view);
+        for p in &view.authorization_policies {
+            let res = match old_a.get(&(p.namespace.as_str(), p.name.as_str())) {
+                Some((o, res)) if *o == p => res.clone(),
+                _ => Arc::new(disc::resource(disc::authorization_policy_to(p))),
+            };
+            match placement.nodes(p) {
+                PolicyNodes::Every => r.shared.push(res),
+                PolicyNodes::Only(nodes) => {
+                    for n in nodes {
+                        r.local.entry(n.to_owned()).or_default().push(res.clone());
+                    }
+                }
+            }
+        }
         r
     }
 
@@ -344,8 +443,12 @@ impl Resources {
     }
 }
 
-/// Where a resource goes: every node (None) or one node's own.
-pub type Scope = Option<String>;
+/// Where a resource goes: every node, or these nodes only.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Scope {
+    Every,
+    Nodes(BTreeSet<String>),
+}
 
 /// A resource as seen from one snapshot, for diffs between two.
 #[derive(Clone, Debug)]
@@ -356,7 +459,10 @@ pub struct Placed {
 
 impl Placed {
     pub fn visible_to(&self, node: &str) -> bool {
-        self.scope.as_deref().is_none_or(|n| n == node)
+        match &self.scope {
+            Scope::Every => true,
+            Scope::Nodes(n) => n.contains(node),
+        }
     }
 }
 
@@ -368,13 +474,13 @@ impl Resources {
         let mut m: HashMap<&str, Placed> = HashMap::new();
         for (node, rs) in &self.local {
             for r in rs {
-                m.insert(
-                    &r.name,
-                    Placed {
-                        scope: Some(node.clone()),
-                        resource: r.clone(),
-                    },
-                );
+                let p = m.entry(&r.name).or_insert_with(|| Placed {
+                    scope: Scope::Nodes(BTreeSet::new()),
+                    resource: r.clone(),
+                });
+                if let Scope::Nodes(n) = &mut p.scope {
+                    n.insert(node.clone());
+                }
             }
         }
         // A shared resource (an enrolled pod) is everyone's, its own node's too.
@@ -382,7 +488,7 @@ impl Resources {
             m.insert(
                 &r.name,
                 Placed {
-                    scope: None,
+                    scope: Scope::Every,
                     resource: r.clone(),
                 },
             );
@@ -672,5 +778,237 @@ endpoints:
         );
         let (_, r) = delta_from_diff(&diff, "n2");
         assert!(r.is_empty(), "solo stays on its own node");
+    }
+
+    /// Pods: shop/web on n1 (sa web), shop/db on n2, ops/tool on n3,
+    /// shop/legacy (not enrolled) on n4; Service shop/web selects web, and
+    /// Service ops/ext is a manual EndpointSlice onto shop/db's address.
+    const AUTHZ: &str = r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: shop, labels: {istio-injection: enabled}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: web, namespace: shop, uid: web, labels: {app: web}}
+spec: {nodeName: n1, serviceAccountName: web, containers: [{name: c}]}
+status: {podIP: 10.1.1.2}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: db, namespace: shop, uid: db, labels: {app: db}}
+spec: {nodeName: n2, containers: [{name: c}]}
+status: {podIP: 10.1.2.2}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: tool, namespace: ops, uid: tool, labels: {app: tool}}
+spec: {nodeName: n3, containers: [{name: c}]}
+status: {podIP: 10.1.3.2}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: legacy, namespace: shop, uid: legacy, annotations: {ferry.dev/mesh: disabled}}
+spec: {nodeName: n4, containers: [{name: c}]}
+status: {podIP: 10.1.4.2}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: shop}
+spec: {clusterIP: 10.96.0.10, selector: {app: web}, ports: [{name: http, port: 80}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: ext, namespace: ops}
+spec: {clusterIP: 10.96.0.11, ports: [{name: tcp, port: 5432}]}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: ext-1, namespace: ops, labels: {kubernetes.io/service-name: ext}}
+addressType: IPv4
+ports: [{name: tcp, port: 5432}]
+endpoints: [{addresses: [10.1.2.2]}]
+"#;
+
+    fn policy(ns: &str, name: &str, spec: &str) -> String {
+        format!(
+            "---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: {name}, namespace: {ns}}}\nspec: {spec}\n"
+        )
+    }
+
+    #[test]
+    fn authorization_policies_go_to_the_nodes_whose_pods_they_may_apply_to() {
+        let every = ["n1", "n2", "n3", "n4", "n5"];
+        // (policy namespace, spec, nodes that get it)
+        let cases: &[(&str, &str, &[&str])] = &[
+            ("shop", "{selector: {matchLabels: {app: web}}}", &["n1", "n2", "n4"]),
+            ("shop", "{}", &["n1", "n2", "n4"]),
+            ("ops", "{action: DENY, rules: [{}]}", &["n3"]),
+            // Selecting nothing today: no node, until a pod appears in ops.
+            ("nowhere", "{}", &[]),
+            // The root namespace: every node, even one without pods (n5).
+            ("istio-system", "{selector: {matchLabels: {app: web}}}", &every),
+            ("istio-system", "{}", &every),
+            // targetRefs: the namespace's nodes and the nodes of the pods
+            // backing the Service, wherever they run (shop/db, on n2).
+            ("ops", "{targetRefs: [{kind: Service, name: ext}]}", &["n2", "n3"]),
+            ("ops", "{targetRef: {kind: Service, name: ext}}", &["n2", "n3"]),
+            (
+                "shop",
+                "{targetRefs: [{kind: Service, name: web}]}",
+                &["n1", "n2", "n4"],
+            ),
+            ("ops", "{targetRefs: [{kind: Service, name: none}]}", &["n3"]),
+        ];
+        for (ns, spec, want) in cases {
+            let c = cluster(&format!("{AUTHZ}{}", policy(ns, "p", spec)));
+            let view = mesh_view(&c, true);
+            assert_eq!(view.authorization_policies.len(), 1, "{ns} {spec}");
+            let r = Resources::of(&view);
+            let name = format!("authorizationpolicy/{ns}/p");
+            let got: Vec<&str> = every
+                .iter()
+                .copied()
+                .filter(|n| r.for_node(n).contains_key(name.as_str()))
+                .collect();
+            assert_eq!(got, *want, "{ns} {spec}");
+            // Never less than the agent uses: every pod it applies to is on a node that has it.
+            let p = &view.authorization_policies[0];
+            for w in &view.workloads {
+                let backs: Vec<(&str, &str)> = view
+                    .services
+                    .iter()
+                    .filter(|s| s.endpoints.iter().any(|e| e.ip == w.ip))
+                    .map(|s| (s.namespace.as_str(), s.name.as_str()))
+                    .collect();
+                if ferry_model::authz::applies_to(p, w, ROOT_NAMESPACE, &backs) {
+                    assert!(got.contains(&w.node.as_str()), "{ns} {spec}: {} on {}", w.name, w.node);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn authorization_policy_changes_are_per_policy_deltas() {
+        let versions = |r: &Resources, n: &str| -> BTreeMap<String, String> {
+            r.for_node(n)
+                .iter()
+                .map(|(k, x)| (k.to_string(), x.version.clone()))
+                .collect()
+        };
+        let a_text = format!(
+            "{AUTHZ}{}{}",
+            policy(
+                "shop",
+                "web",
+                "{selector: {matchLabels: {app: web}}, rules: [{from: [{source: {namespaces: [shop]}}]}]}"
+            ),
+            policy("ops", "tools", "{rules: [{}]}")
+        );
+        let a_view = mesh_view(&cluster(&a_text), true);
+        let a = Resources::of(&a_view);
+        // One policy's rules change: that policy alone, to the nodes that have it.
+        let b_text = a_text.replace("namespaces: [shop]", "namespaces: [shop, ops]");
+        let b_view = mesh_view(&cluster(&b_text), true);
+        let b = Resources::reusing(&b_view, Some((&a_view, &a)));
+        let diff = b.diff(&a);
+        for node in ["n1", "n2", "n3", "n4", "n9"] {
+            let full = delta(&versions(&a, node), &b.for_node(node));
+            assert_eq!(delta_from_diff(&diff, node), full, "{node}");
+            let names: Vec<String> = full.0.iter().map(|r| r.name.clone()).collect();
+            let want: &[&str] = if ["n1", "n2", "n4"].contains(&node) {
+                &["authorizationpolicy/shop/web"]
+            } else {
+                &[]
+            };
+            assert_eq!(names, want, "{node}");
+        }
+        // The unchanged policy keeps its encoding.
+        let tools = |r: &Resources| {
+            r.local["n3"]
+                .iter()
+                .find(|x| x.name.ends_with("/tools"))
+                .unwrap()
+                .clone()
+        };
+        assert!(Arc::ptr_eq(&tools(&a), &tools(&b)));
+        // A pod moves into ops on n1: n1 gains the ops policy; the last ops
+        // pod leaves n3: n3 loses it.
+        let c_text = b_text.replace(
+            "metadata: {name: tool, namespace: ops, uid: tool, labels: {app: tool}}\nspec: {nodeName: n3",
+            "metadata: {name: tool, namespace: ops, uid: tool, labels: {app: tool}}\nspec: {nodeName: n1",
+        );
+        let c = Resources::of(&mesh_view(&cluster(&c_text), true));
+        let diff = c.diff(&b);
+        for node in ["n1", "n2", "n3"] {
+            assert_eq!(
+                delta_from_diff(&diff, node),
+                delta(&versions(&b, node), &c.for_node(node)),
+                "{node}"
+            );
+        }
+        let (changed, _) = delta_from_diff(&diff, "n1");
+        assert!(
+            changed.iter().any(|r| r.name == "authorizationpolicy/ops/tools"),
+            "{changed:?}"
+        );
+        let (_, removed) = delta_from_diff(&diff, "n3");
+        assert!(
+            removed.contains(&"authorizationpolicy/ops/tools".to_string()),
+            "{removed:?}"
+        );
+    }
+
+    #[test]
+    fn an_invalid_authorization_policy_is_a_problem_and_stays_out() {
+        let text = format!(
+            "{AUTHZ}{}{}",
+            policy("shop", "ok", "{rules: [{}]}"),
+            policy(
+                "shop",
+                "bad",
+                "{action: CUSTOM, rules: [{from: [{source: {ipBlocks: [10.0.0.0/99]}}]}]}"
+            )
+        );
+        let (c, problems) = crate::source::files::parse_cluster("t.yaml", &text);
+        let errors: Vec<String> = problems
+            .iter()
+            .filter(|p| p.severity == crate::model::Severity::Error)
+            .map(|p| p.to_string())
+            .collect();
+        assert_eq!(errors.len(), 2, "{errors:#?}");
+        assert!(
+            errors[0].starts_with("error: t.yaml:")
+                && errors[0].contains("AuthorizationPolicy shop/bad: spec.action: CUSTOM needs an external authorizer"),
+            "{errors:#?}"
+        );
+        assert!(
+            errors[1].contains("AuthorizationPolicy shop/bad: spec.rules[0].from[0].source.ipBlocks[0]: "),
+            "{errors:#?}"
+        );
+        let line = problems
+            .iter()
+            .find(|p| p.severity == crate::model::Severity::Error)
+            .unwrap()
+            .line
+            .unwrap();
+        assert!(
+            text.lines()
+                .nth(line - 1)
+                .unwrap()
+                .starts_with("apiVersion: security.istio.io"),
+            "line {line}"
+        );
+        let view = mesh_view(&c, true);
+        let names: Vec<&str> = view.authorization_policies.iter().map(|p| p.name.as_str()).collect();
+        assert_eq!(names, ["ok"]);
+    }
+
+    #[test]
+    fn an_authorization_policy_without_spec_is_allow_nothing() {
+        let text = "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: deny-all, namespace: shop}\n";
+        let c = cluster(text);
+        let view = mesh_view(&c, true);
+        assert_eq!(view.authorization_policies[0].spec, Default::default());
     }
 }

@@ -325,3 +325,91 @@ async fn a_virtual_service_change_streams_as_one_service_routing_delta() {
     assert!(d.resources.is_empty(), "{d:?}");
     assert_eq!(d.removed, ["routing/default/echo"]);
 }
+
+fn allow_echo(namespaces: &str) -> String {
+    format!(
+        "---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: echo-allow, namespace: default}}\nspec:\n  selector: {{matchLabels: {{app: echo}}}}\n  rules: [{{from: [{{source: {{namespaces: [{namespaces}]}}}}], to: [{{operation: {{ports: ['8080']}}}}]}}]\n"
+    )
+}
+
+/// A pod in namespace `other` on n2: n2 needs nothing from default's policies.
+const OTHER: &str = "apiVersion: v1\nkind: Pod\nmetadata: {name: c, namespace: other, uid: c, annotations: {ferry.dev/mesh: enabled}}\nspec: {nodeName: n2, containers: [{name: c}]}\nstatus: {podIP: 10.1.2.3}\n---\n";
+
+#[tokio::test]
+async fn an_authorization_policy_streams_to_the_nodes_it_may_apply_to() {
+    let s = server_unloaded().await;
+    let base = format!("{}{OTHER}{SVC}", pod("a", "n1", "10.1.1.2"));
+    s.store.publish(compute::mesh_view(
+        &cluster(&format!("{base}{}", allow_echo("default"))),
+        true,
+    ));
+    let policy = "authorizationpolicy/default/echo-allow";
+
+    // n1 runs the selected pod: it gets the policy, and its agent's config has it.
+    let mut a = subscribe(&s.addr, "t1", "n1", BTreeMap::new()).await.unwrap();
+    let first = a.next().await;
+    assert_eq!(
+        names(&first),
+        [policy, "service/default/echo", "workload/a", "workload/c"]
+    );
+    let held = ferry_model::proto::HeldResources::default().with(&first);
+    let cfg = held.to_config("n1", &Default::default()).unwrap();
+    assert_eq!(cfg.authorization_policies.len(), 1);
+    let p = &cfg.authorization_policies[0];
+    assert_eq!((p.namespace.as_str(), p.name.as_str()), ("default", "echo-allow"));
+    assert_eq!(p.spec.rules[0].from[0].source.namespaces, ["default"]);
+    assert_eq!(p.spec.rules[0].to[0].operation.ports, ["8080"]);
+    a.answer(&first, "").await;
+    wait_status(&s, "n1", |st| st.acked_version == 1 && st.resources == 4).await;
+
+    // n2 has no pod in default: it never gets the policy.
+    let mut b = subscribe(&s.addr, "t2", "n2", BTreeMap::new()).await.unwrap();
+    let first_b = b.next().await;
+    assert_eq!(names(&first_b), ["service/default/echo", "workload/a", "workload/c"]);
+    b.answer(&first_b, "").await;
+    wait_status(&s, "n2", |st| st.acked_version == 1).await;
+
+    // The policy changes: n1 gets that one resource; n2 nothing.
+    s.store.publish(compute::mesh_view(
+        &cluster(&format!("{base}{}", allow_echo("default, other"))),
+        true,
+    ));
+    let d = a.next().await;
+    assert_eq!(names(&d), [policy]);
+    assert!(d.removed.is_empty());
+    let cfg = held.with(&d).to_config("n1", &Default::default()).unwrap();
+    assert_eq!(
+        cfg.authorization_policies[0].spec.rules[0].from[0].source.namespaces,
+        ["default", "other"]
+    );
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), b.rx.message())
+            .await
+            .is_err(),
+        "n2 was sent something"
+    );
+    wait_status(&s, "n2", |st| st.acked_version == 2).await;
+
+    // An agent that refuses it (here: a policy altered on the way) NACKs
+    // with the reason; the control plane records it.
+    let mut bad = d.clone();
+    if let Some(pb::resource::Kind::AuthorizationPolicy(p)) = &mut bad.resources[0].kind {
+        p.rules[0].to[0].operation.as_mut().unwrap().ports = vec!["http".into()];
+    }
+    let problems = held.with(&bad).to_config("n1", &Default::default()).unwrap_err();
+    assert!(
+        problems[0].contains("(default/echo-allow).spec.rules[0].to[0].operation.ports[0]"),
+        "{problems:?}"
+    );
+    a.answer(&d, &problems.join("; ")).await;
+    wait_status(&s, "n1", |st| {
+        st.acked_version == 1 && st.last_nack.as_deref().is_some_and(|n| n.contains("ports[0]"))
+    })
+    .await;
+
+    // Deleted: removed from n1 (computed against what n1 still holds).
+    s.store.publish(compute::mesh_view(&cluster(&base), true));
+    let d = a.next().await;
+    assert!(d.resources.is_empty(), "{d:?}");
+    assert_eq!(d.removed, [policy]);
+}

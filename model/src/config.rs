@@ -61,6 +61,70 @@ pub struct Settings {
     /// STRICT like any other (docs/identity.md, "Fail closed").
     #[serde(default)]
     pub node_addresses: Vec<Ipv4Addr>,
+    /// Distributed tracing of the L7 path (docs/telemetry.md, "Tracing"):
+    /// spans exported with OTLP/gRPC to `endpoint`; absent: no spans, and
+    /// trace headers pass through untouched.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tracing: Option<TracingSettings>,
+}
+
+/// `settings.tracing`: where spans go and how many traces are sampled.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct TracingSettings {
+    /// The OTLP/gRPC collector, `http://host:port` (or `https://`).
+    pub endpoint: String,
+    /// The share of new traces sampled, 0 to 1 (default 0.01, Istio's 1 %);
+    /// a request that arrives with a sampling decision keeps it.
+    #[serde(default = "default_sample_rate")]
+    pub sample_rate: f64,
+    /// The `service.name` of every span; default: the pod's canonical
+    /// service and namespace (`productpage.default`), as Istio reports.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service_name: Option<String>,
+}
+
+fn default_sample_rate() -> f64 {
+    0.01
+}
+
+impl TracingSettings {
+    /// Every problem, each with its path under `settings.tracing`.
+    pub fn validate(&self) -> Vec<String> {
+        let mut p = Vec::new();
+        if !(0.0..=1.0).contains(&self.sample_rate) {
+            p.push(format!(
+                "settings.tracing.sampleRate: {} is not between 0 and 1",
+                self.sample_rate
+            ));
+        }
+        let rest = self
+            .endpoint
+            .strip_prefix("http://")
+            .or_else(|| self.endpoint.strip_prefix("https://"));
+        let host = rest.map(|r| r.split('/').next().unwrap_or_default());
+        match host {
+            None => p.push(format!(
+                "settings.tracing.endpoint: {:?} is not an http:// or https:// URL",
+                self.endpoint
+            )),
+            Some(h)
+                if h.is_empty()
+                    || h.starts_with(':')
+                    || self.endpoint.chars().any(|c| c.is_whitespace() || c.is_control()) =>
+            {
+                p.push(format!(
+                    "settings.tracing.endpoint: {:?} has no valid host",
+                    self.endpoint
+                ))
+            }
+            Some(_) => {}
+        }
+        if self.service_name.as_deref().is_some_and(str::is_empty) {
+            p.push("settings.tracing.serviceName: must not be empty when set".into());
+        }
+        p
+    }
 }
 
 pub(crate) fn yes() -> bool {
@@ -76,6 +140,7 @@ impl Default for Settings {
             access_log: Default::default(),
             node_addresses: Vec::new(),
             metrics: true,
+            tracing: None,
         }
     }
 }
@@ -141,6 +206,9 @@ impl ConfigFile {
         let rate = self.settings.access_log.sample_rate;
         if !(0.0..=1.0).contains(&rate) {
             p.push(format!("settings.accessLog.sampleRate: {rate} is not between 0 and 1"));
+        }
+        if let Some(t) = &self.settings.tracing {
+            p.extend(t.validate());
         }
         let mut vips = BTreeMap::new();
         for (i, s) in self.services.iter().enumerate() {
@@ -243,6 +311,43 @@ services:
         let e = ConfigFile::parse("x", "node: n1\nworkloads: [{uid: a, name: b, node: n, ip: nope}]\n").unwrap_err();
         assert!(e.to_string().contains("invalid IPv4 address syntax"), "{e}");
         assert!(ConfigFile::parse("x", ":\n - [").is_err());
+    }
+
+    #[test]
+    fn tracing_settings_default_and_are_validated() {
+        assert!(ConfigFile::parse("none", "node: n1\n")
+            .unwrap()
+            .settings
+            .tracing
+            .is_none());
+        let c = ConfigFile::parse(
+            "ok",
+            "node: n1\nsettings: {tracing: {endpoint: \"http://otel-collector.observability:4317\"}}\n",
+        )
+        .unwrap();
+        let t = c.settings.tracing.unwrap();
+        assert_eq!(t.sample_rate, 0.01);
+        assert_eq!(t.service_name, None);
+        let bad = "node: n1\nsettings: {tracing: {endpoint: \"otel:4317\", sampleRate: 1.5, serviceName: \"\"}}\n";
+        let e = ConfigFile::parse("bad", bad).unwrap_err();
+        let all = e.to_string();
+        assert_eq!(e.problems.len(), 3, "{all}");
+        assert!(all.contains("settings.tracing.sampleRate: 1.5"), "{all}");
+        assert!(all.contains("settings.tracing.endpoint: \"otel:4317\""), "{all}");
+        for host in ["http://", "https://:4317", "http://a b:1"] {
+            let t = TracingSettings {
+                endpoint: host.into(),
+                sample_rate: 1.0,
+                service_name: None,
+            };
+            assert_eq!(t.validate().len(), 1, "{host}");
+        }
+        let e = ConfigFile::parse(
+            "x",
+            "node: n1\nsettings: {tracing: {endpoint: \"http://c:4317\", rate: 1}}\n",
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("unknown field `rate`"), "{e}");
     }
 
     #[test]

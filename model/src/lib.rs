@@ -13,7 +13,11 @@ pub mod admin;
 pub mod admission;
 pub mod authz;
 pub mod config;
+#[cfg(test)]
+mod fuzz_regressions;
 pub mod peer_auth;
+#[cfg(test)]
+mod proptests;
 #[cfg(feature = "proto")]
 pub mod proto;
 pub mod protocol;

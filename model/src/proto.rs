@@ -10,6 +10,7 @@ use ferry_api::discovery as pb;
 use sha2::{Digest, Sha256};
 
 use crate::{
+    authz::{self, AuthzPolicy},
     config::{ConfigFile, Endpoint, Service, ServicePort, Settings, Workload},
     peer_auth::{self as policy, PeerAuthentication},
     protocol::Protocol,
@@ -22,6 +23,8 @@ pub const SERVICE: &str = "service/";
 pub const PEER_AUTHENTICATION: &str = "peerauthentication/";
 /// `routing/<namespace>/<name>` of the routed Service: one per Service.
 pub const SERVICE_ROUTING: &str = "routing/";
+/// `authorizationpolicy/<namespace>/<name>`.
+pub const AUTHORIZATION_POLICY: &str = "authorizationpolicy/";
 
 /// The resources a node holds, by name.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -62,6 +65,9 @@ impl HeldResources {
                     peer_authentication_from(p).map(|p| cfg.peer_authentications.push(p))
                 }
                 Some(pb::resource::Kind::ServiceRouting(r)) => routing_from(r).map(|r| cfg.routes.push(r)),
+                Some(pb::resource::Kind::AuthorizationPolicy(p)) => {
+                    authorization_policy_from(p).map(|p| cfg.authorization_policies.push(p))
+                }
                 None => Err("no content (unknown kind?)".to_owned()),
             };
             if let Err(e) = res {
@@ -85,6 +91,7 @@ pub fn resource(kind: pb::resource::Kind) -> pb::Resource {
         pb::resource::Kind::Service(s) => format!("{SERVICE}{}/{}", s.namespace, s.name),
         pb::resource::Kind::PeerAuthentication(p) => format!("{PEER_AUTHENTICATION}{}/{}", p.namespace, p.name),
         pb::resource::Kind::ServiceRouting(r) => format!("{SERVICE_ROUTING}{}", r.service),
+        pb::resource::Kind::AuthorizationPolicy(p) => authorization_policy_name(&p.namespace, &p.name),
     };
     let mut r = pb::Resource {
         name,
@@ -263,6 +270,190 @@ fn peer_authentication_from(p: &pb::PeerAuthentication) -> Result<PeerAuthentica
                 mode: mode_from(&p.mode)?,
             }),
             port_level_mtls,
+        },
+    })
+}
+
+/// The resource name of AuthorizationPolicy `namespace/name`.
+pub fn authorization_policy_name(namespace: &str, name: &str) -> String {
+    format!("{AUTHORIZATION_POLICY}{namespace}/{name}")
+}
+
+/// Field for field (the agent validates it again with `authz::validate`,
+/// through `ConfigFile::validate`).
+pub fn authorization_policy_to(p: &AuthzPolicy) -> pb::resource::Kind {
+    use pb::authorization_policy::Action as A;
+    let spec = &p.spec;
+    let target = |r: &authz::TargetRef| pb::PolicyTargetReference {
+        group: r.group.clone(),
+        kind: r.kind.clone(),
+        name: r.name.clone(),
+        namespace: r.namespace.clone(),
+    };
+    pb::resource::Kind::AuthorizationPolicy(pb::AuthorizationPolicy {
+        name: p.name.clone(),
+        namespace: p.namespace.clone(),
+        selector: spec.selector.as_ref().map(|s| pb::WorkloadSelector {
+            match_labels: s.match_labels.clone(),
+        }),
+        target_ref: spec.target_ref.as_ref().map(target),
+        target_refs: spec.target_refs.iter().map(target).collect(),
+        action: match spec.action {
+            authz::Action::Allow => A::Allow,
+            authz::Action::Deny => A::Deny,
+            authz::Action::Audit => A::Audit,
+            authz::Action::Custom => A::Custom,
+        }
+        .into(),
+        provider: spec
+            .provider
+            .as_ref()
+            .map(|p| pb::ExtensionProvider { name: p.name.clone() }),
+        rules: spec.rules.iter().map(authz_rule_to).collect(),
+    })
+}
+
+fn authz_rule_to(r: &authz::Rule) -> pb::AuthorizationRule {
+    use pb::authorization_rule as rule;
+    pb::AuthorizationRule {
+        from: r
+            .from
+            .iter()
+            .map(|f| {
+                let s = &f.source;
+                rule::From {
+                    source: Some(pb::AuthorizationSource {
+                        principals: s.principals.clone(),
+                        not_principals: s.not_principals.clone(),
+                        request_principals: s.request_principals.clone(),
+                        not_request_principals: s.not_request_principals.clone(),
+                        namespaces: s.namespaces.clone(),
+                        not_namespaces: s.not_namespaces.clone(),
+                        service_accounts: s.service_accounts.clone(),
+                        not_service_accounts: s.not_service_accounts.clone(),
+                        ip_blocks: s.ip_blocks.clone(),
+                        not_ip_blocks: s.not_ip_blocks.clone(),
+                        remote_ip_blocks: s.remote_ip_blocks.clone(),
+                        not_remote_ip_blocks: s.not_remote_ip_blocks.clone(),
+                    }),
+                }
+            })
+            .collect(),
+        to: r
+            .to
+            .iter()
+            .map(|t| {
+                let o = &t.operation;
+                rule::To {
+                    operation: Some(pb::AuthorizationOperation {
+                        hosts: o.hosts.clone(),
+                        not_hosts: o.not_hosts.clone(),
+                        ports: o.ports.clone(),
+                        not_ports: o.not_ports.clone(),
+                        methods: o.methods.clone(),
+                        not_methods: o.not_methods.clone(),
+                        paths: o.paths.clone(),
+                        not_paths: o.not_paths.clone(),
+                    }),
+                }
+            })
+            .collect(),
+        when: r
+            .when
+            .iter()
+            .map(|c| pb::AuthorizationCondition {
+                key: c.key.clone(),
+                values: c.values.clone(),
+                not_values: c.not_values.clone(),
+            })
+            .collect(),
+    }
+}
+
+fn authorization_policy_from(p: &pb::AuthorizationPolicy) -> Result<AuthzPolicy, String> {
+    use pb::authorization_policy::Action as A;
+    let target = |r: &pb::PolicyTargetReference| authz::TargetRef {
+        group: r.group.clone(),
+        kind: r.kind.clone(),
+        name: r.name.clone(),
+        namespace: r.namespace.clone(),
+    };
+    let action = match A::try_from(p.action) {
+        Ok(A::Allow) => authz::Action::Allow,
+        Ok(A::Deny) => authz::Action::Deny,
+        Ok(A::Audit) => authz::Action::Audit,
+        Ok(A::Custom) => authz::Action::Custom,
+        Err(_) => return Err(format!("action {} is not ALLOW, DENY, AUDIT or CUSTOM", p.action)),
+    };
+    let rules = p
+        .rules
+        .iter()
+        .map(|r| authz::Rule {
+            from: r
+                .from
+                .iter()
+                .map(|f| {
+                    let s = f.source.clone().unwrap_or_default();
+                    authz::RuleFrom {
+                        source: authz::Source {
+                            principals: s.principals,
+                            not_principals: s.not_principals,
+                            request_principals: s.request_principals,
+                            not_request_principals: s.not_request_principals,
+                            namespaces: s.namespaces,
+                            not_namespaces: s.not_namespaces,
+                            service_accounts: s.service_accounts,
+                            not_service_accounts: s.not_service_accounts,
+                            ip_blocks: s.ip_blocks,
+                            not_ip_blocks: s.not_ip_blocks,
+                            remote_ip_blocks: s.remote_ip_blocks,
+                            not_remote_ip_blocks: s.not_remote_ip_blocks,
+                        },
+                    }
+                })
+                .collect(),
+            to: r
+                .to
+                .iter()
+                .map(|t| {
+                    let o = t.operation.clone().unwrap_or_default();
+                    authz::RuleTo {
+                        operation: authz::Operation {
+                            hosts: o.hosts,
+                            not_hosts: o.not_hosts,
+                            ports: o.ports,
+                            not_ports: o.not_ports,
+                            methods: o.methods,
+                            not_methods: o.not_methods,
+                            paths: o.paths,
+                            not_paths: o.not_paths,
+                        },
+                    }
+                })
+                .collect(),
+            when: r
+                .when
+                .iter()
+                .map(|c| authz::Condition {
+                    key: c.key.clone(),
+                    values: c.values.clone(),
+                    not_values: c.not_values.clone(),
+                })
+                .collect(),
+        })
+        .collect();
+    Ok(AuthzPolicy {
+        name: p.name.clone(),
+        namespace: p.namespace.clone(),
+        spec: authz::AuthorizationPolicySpec {
+            selector: p.selector.as_ref().map(|s| policy::Selector {
+                match_labels: s.match_labels.clone(),
+            }),
+            target_ref: p.target_ref.as_ref().map(target),
+            target_refs: p.target_refs.iter().map(target).collect(),
+            action,
+            provider: p.provider.as_ref().map(|x| authz::Provider { name: x.name.clone() }),
+            rules,
         },
     })
 }
@@ -739,7 +930,8 @@ peerAuthentications:
             .map(workload_to)
             .chain(c.services.iter().map(service_to))
             .chain(c.peer_authentications.iter().map(peer_authentication_to))
-            .chain(c.routes.iter().map(routing_to));
+            .chain(c.routes.iter().map(routing_to))
+            .chain(c.authorization_policies.iter().map(authorization_policy_to));
         for k in all {
             let res = resource(k);
             r.0.insert(res.name.clone(), res);
@@ -843,6 +1035,151 @@ peerAuthentications:
             .services
             .is_empty());
         assert_eq!(held, resources(&c));
+    }
+}
+
+#[cfg(test)]
+mod authz_tests {
+    use super::*;
+
+    /// Every field of the policy model set at least once (across policies
+    /// that each pass `authz::validate`), plus an empty selector and an
+    /// empty spec, which must stay apart from absent ones.
+    const POLICIES: &str = r#"
+node: n1
+authorizationPolicies:
+  - name: full
+    namespace: shop
+    spec:
+      selector: {matchLabels: {app: pay, version: v1}}
+      action: DENY
+      rules:
+        - from:
+            - source:
+                principals: [cluster.local/ns/shop/sa/web, "*-admin"]
+                notPrincipals: [cluster.local/ns/shop/sa/evil]
+                namespaces: [shop]
+                notNamespaces: [test]
+                serviceAccounts: [shop/web, web]
+                notServiceAccounts: [shop/bad]
+                ipBlocks: [10.1.0.0/16]
+                notIpBlocks: [10.1.9.9]
+                remoteIpBlocks: [10.0.0.0/8]
+                notRemoteIpBlocks: [10.2.0.0/16]
+            - source: {namespaces: [ops]}
+          to:
+            - operation:
+                hosts: [pay.shop, "*.example.com"]
+                notHosts: [admin.example.com]
+                ports: ["8080"]
+                notPorts: ["9090"]
+                methods: [GET, POST]
+                notMethods: [DELETE]
+                paths: [/api/*, /health]
+                notPaths: [/api/admin]
+          when:
+            - {key: 'request.headers[x-user]', values: [alice], notValues: [mallory]}
+            - {key: source.ip, values: [10.1.0.0/16]}
+        - {}
+  - name: by-service
+    namespace: shop
+    spec:
+      targetRefs: [{kind: Service, name: pay}, {group: "", kind: Service, name: cart, namespace: shop}]
+      action: AUDIT
+      rules: [{to: [{operation: {ports: ["80"]}}]}]
+  - name: legacy-ref
+    namespace: shop
+    spec:
+      targetRef: {group: core, kind: Service, name: pay}
+  - name: empty-selector
+    namespace: shop
+    spec: {selector: {}, action: ALLOW, rules: [{from: [{source: {namespaces: [shop]}}]}]}
+  - name: allow-nothing
+    namespace: istio-system
+    spec: {}
+"#;
+
+    fn held(c: &ConfigFile) -> HeldResources {
+        let mut r = HeldResources::default();
+        for k in c.authorization_policies.iter().map(authorization_policy_to) {
+            let res = resource(k);
+            r.0.insert(res.name.clone(), res);
+        }
+        r
+    }
+
+    fn sorted(mut v: Vec<AuthzPolicy>) -> Vec<AuthzPolicy> {
+        v.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+        v
+    }
+
+    #[test]
+    fn authorization_policies_round_trip_through_the_wire_types() {
+        let c = ConfigFile::parse("t", POLICIES).unwrap();
+        let held = held(&c);
+        let names: Vec<&str> = held.0.keys().map(String::as_str).collect();
+        assert_eq!(
+            names,
+            [
+                "authorizationpolicy/istio-system/allow-nothing",
+                "authorizationpolicy/shop/by-service",
+                "authorizationpolicy/shop/empty-selector",
+                "authorizationpolicy/shop/full",
+                "authorizationpolicy/shop/legacy-ref",
+            ]
+        );
+        let back = held.to_config("n1", &c.settings).unwrap();
+        assert_eq!(
+            sorted(back.authorization_policies),
+            sorted(c.authorization_policies.clone())
+        );
+        // Content digests: one changed field, one changed version.
+        let mut c2 = c.clone();
+        c2.authorization_policies[0].spec.rules[0].to[0].operation.methods.pop();
+        let changed: Vec<_> = held
+            .versions()
+            .into_iter()
+            .filter(|(n, v)| self::held(&c2).versions()[n] != *v)
+            .map(|(n, _)| n)
+            .collect();
+        assert_eq!(changed, ["authorizationpolicy/shop/full"]);
+    }
+
+    #[test]
+    fn an_invalid_authorization_policy_on_the_wire_is_a_nack() {
+        let c = ConfigFile::parse("t", POLICIES).unwrap();
+        let mut held = held(&c);
+        let r = held.0.get_mut("authorizationpolicy/shop/full").unwrap();
+        let Some(pb::resource::Kind::AuthorizationPolicy(p)) = &mut r.kind else {
+            panic!()
+        };
+        p.rules[0].from[0]
+            .source
+            .as_mut()
+            .unwrap()
+            .ip_blocks
+            .push("10.1.0.0/99".into());
+        p.rules[0].when.push(pb::AuthorizationCondition {
+            key: "request.method".into(),
+            values: vec!["GET".into()],
+            not_values: vec![],
+        });
+        let r = held.0.get_mut("authorizationpolicy/shop/by-service").unwrap();
+        let Some(pb::resource::Kind::AuthorizationPolicy(p)) = &mut r.kind else {
+            panic!()
+        };
+        p.action = 7;
+        let problems = held.to_config("n1", &c.settings).unwrap_err();
+        let all = problems.join("\n");
+        assert!(
+            all.contains("authorizationpolicy/shop/by-service: action 7 is not ALLOW, DENY, AUDIT or CUSTOM"),
+            "{all}"
+        );
+        assert!(
+            all.contains("(shop/full).spec.rules[0].from[0].source.ipBlocks[1]"),
+            "{all}"
+        );
+        assert!(all.contains("(shop/full).spec.rules[0].when[2]"), "{all}");
     }
 }
 

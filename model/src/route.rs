@@ -670,16 +670,17 @@ impl HttpRoute {
     /// matched this request.
     fn matched_prefix(&self, r: &RequestAttrs<'_>) -> Option<&str> {
         self.matches.iter().filter(|m| m.matches(r)).find_map(|m| match &m.uri {
-            Some(StringMatch::Prefix(p)) | Some(StringMatch::PathPrefix(p)) => Some(p.as_str()),
+            Some(StringMatch::Prefix(p)) => Some(p.as_str()),
+            // Matched without its trailing slashes (`path_prefix`), so cut there.
+            Some(StringMatch::PathPrefix(p)) => Some(p.trim_end_matches('/')),
             _ => None,
         })
     }
 }
 
 fn replace_prefix(matched: Option<&str>, new_prefix: &str, path: &str) -> String {
-    match matched {
-        Some(m) if path.len() >= m.len() => {
-            let rest = &path[m.len()..];
+    match matched.and_then(|m| path.get(m.len()..)) {
+        Some(rest) => {
             // Gateway API: `/foo` -> `/` on `/foo/bar` gives `/bar`, not `//bar`.
             if new_prefix.ends_with('/') && rest.starts_with('/') {
                 format!("{}{}", new_prefix.trim_end_matches('/'), rest)

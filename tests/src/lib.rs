@@ -181,6 +181,10 @@ pub struct BoxState {
     pub server_pids: Vec<u32>,
     #[serde(default)]
     pub control_pid: u32,
+    /// Agents replaced by a hand-over (`ClusterBox::upgrade_agent`), still
+    /// draining or gone: `down` kills them too.
+    #[serde(default)]
+    pub retired_agent_pids: Vec<u32>,
 }
 
 pub struct ClusterBox {
@@ -238,6 +242,10 @@ impl BoxState {
     }
     pub fn token_path(&self, node: usize) -> PathBuf {
         self.dir.join(format!("token-node{}", node + 1))
+    }
+    /// Where a node's agent offers its listeners to a successor.
+    pub fn handover_socket(&self, node: usize) -> PathBuf {
+        self.dir.join(format!("handover-node{}.sock", node + 1))
     }
     pub fn pin_dir(&self, node: usize) -> PathBuf {
         Path::new(PIN_ROOT).join(self.node_name(node))
@@ -389,6 +397,7 @@ impl ClusterBox {
             spec,
             bin_dir,
             agent_pids: vec![],
+            retired_agent_pids: vec![],
             control_pid: 0,
             server_pids: vec![],
         };
@@ -585,6 +594,52 @@ impl ClusterBox {
 
     /// Starts (or restarts) the agent of `node`.
     pub fn start_agent(&mut self, node: usize) -> Result<()> {
+        let child = self.spawn_agent(node, &[])?;
+        let pid = child.id();
+        while self.agents.len() <= node {
+            self.agents.push(None);
+            self.state.agent_pids.push(0);
+        }
+        self.agents[node] = Some(child);
+        self.state.agent_pids[node] = pid;
+        self.state.save()
+    }
+
+    /// A hitless upgrade of `node`'s agent: starts a second agent with
+    /// `--takeover` (and `--drain-timeout drain`) and waits (20 s at most)
+    /// until it has taken the listeners over. Returns the old agent, which
+    /// is now draining and exits by itself; the new one is the node's agent.
+    pub fn upgrade_agent(&mut self, node: usize, drain: Duration) -> Result<Child> {
+        let done = |b: &Self| b.agent_log(node).matches("took over from the previous agent").count();
+        let before = done(self);
+        let drain = drain.as_secs().to_string();
+        let mut child = self.spawn_agent(node, &["--takeover", "--drain-timeout", &drain])?;
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while done(self) == before {
+            if let Some(st) = child.try_wait()? {
+                bail!("the new agent of node {} exited ({st}) before taking over", node + 1);
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                bail!("the new agent of node {} did not take over within 20 s", node + 1);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let old = self
+            .agents
+            .get_mut(node)
+            .and_then(Option::take)
+            .context("no agent to upgrade")?;
+        self.state.retired_agent_pids.push(old.id());
+        self.state.agent_pids[node] = child.id();
+        self.agents[node] = Some(child);
+        self.state.save()?;
+        Ok(old)
+    }
+
+    /// The agent process of `node`, with `extra` arguments.
+    fn spawn_agent(&self, node: usize, extra: &[&str]) -> Result<Child> {
         let s = &self.state;
         let log = fs::OpenOptions::new()
             .create(true)
@@ -602,10 +657,13 @@ impl ClusterBox {
                 "--pin-root",
                 PIN_ROOT,
                 "--log-json",
+                "--handover-socket",
+                &s.handover_socket(node).display().to_string(),
             ],
             Some(procs),
             ns,
         );
+        cmd.args(extra);
         if s.spec.mtls {
             cmd.args([
                 "--control",
@@ -629,15 +687,7 @@ impl ClusterBox {
             "FERRY_LOG",
             std::env::var("FERRY_LOG").unwrap_or_else(|_| "info,ferry::ebpf=debug".into()),
         );
-        let child = cmd.stdin(Stdio::null()).stdout(log.try_clone()?).stderr(log).spawn()?;
-        let pid = child.id();
-        while self.agents.len() <= node {
-            self.agents.push(None);
-            self.state.agent_pids.push(0);
-        }
-        self.agents[node] = Some(child);
-        self.state.agent_pids[node] = pid;
-        self.state.save()
+        Ok(cmd.stdin(Stdio::null()).stdout(log.try_clone()?).stderr(log).spawn()?)
     }
 
     /// Stops a node's agent with SIGTERM (graceful: pins stay).
@@ -733,6 +783,7 @@ pub fn down(id: &str) -> Result<()> {
             .agent_pids
             .iter()
             .chain(&st.server_pids)
+            .chain(&st.retired_agent_pids)
             .chain([&st.control_pid])
             .filter(|p| **p > 0)
         {

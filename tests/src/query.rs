@@ -155,6 +155,51 @@ impl BoxState {
         ))
     }
 
+    /// Runs `ferry-workload ARGS...` in `pod` (any mode: `http client`,
+    /// `http ws`, `grpc client`, `banner client`) and parses the one JSON line
+    /// it prints. The process is killed if it runs past `deadline` (each
+    /// client also has its own `--timeout-ms` per request or call).
+    pub fn workload_json(&self, pod: &str, args: &[&str], deadline: Duration) -> Result<serde_json::Value> {
+        let mut child = self
+            .pod_command(pod, &self.bin("ferry-workload"), args)?
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()?;
+        let end = Instant::now() + deadline;
+        while child.try_wait()?.is_none() {
+            if Instant::now() > end {
+                let _ = child.kill();
+                let _ = child.wait();
+                bail!("ferry-workload {args:?} in {pod} ran past {deadline:?}");
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let out = output_ok(child.wait_with_output()?, &format!("ferry-workload {args:?} in {pod}"))?;
+        serde_json::from_str(out.trim())
+            .map_err(|e| anyhow::anyhow!("ferry-workload {args:?} in {pod} printed {out:?}: {e}"))
+    }
+
+    /// `ferry-workload http client ARGS...` in `pod` (e.g. `["--url",
+    /// "http://10.96.0.20:9080/productpage", "--count", "100"]`): its
+    /// counts (`by_status`, `by_pod`, `by_nested`, `errors`, ...). Deadline
+    /// 60 s for the whole run.
+    pub fn http_client(&self, pod: &str, args: &[&str]) -> Result<serde_json::Value> {
+        self.workload_json(pod, &[&["http", "client"], args].concat(), Duration::from_secs(60))
+    }
+
+    /// Parsed request lines (`message` = `request`: one per HTTP request the
+    /// agent proxied) of a node's agent access log.
+    pub fn request_log(&self, node: usize) -> Vec<serde_json::Value> {
+        fs::read_to_string(self.agent_log(node))
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|v| v["target"] == "ferry::access" && v["fields"]["message"] == "request")
+            .map(|v| v["fields"].clone())
+            .collect()
+    }
+
     /// Whether a TCP connect from `pod` to `to` succeeds.
     pub fn probe(&self, pod: &str, to: &str) -> Result<bool> {
         let out = self.client(pod, &["probe", "--to", to])?;

@@ -66,6 +66,7 @@ impl BoxState {
                 access_log: self.spec.access_log.clone(),
                 node_addresses: vec![Ipv4Addr::new(10, 1, node as u8 + 1, 1)],
                 metrics: self.spec.metrics,
+                ..Default::default()
             },
             workloads,
             services,

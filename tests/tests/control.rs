@@ -257,17 +257,79 @@ fn the_bookinfo_manifests_run_as_written() {
         assert_eq!(*e, name != "legacy", "{enrolled:?}");
     }
     assert_eq!(enrolled.len(), 7);
-    // Endpoints from the Service's selector.
-    let mut seen: Vec<String> = (0..6)
-        .map(|_| s.who("productpage-v1", "10.96.0.22:9080").unwrap().0)
-        .collect();
-    seen.sort();
-    seen.dedup();
-    assert_eq!(seen, ["reviews-v1", "reviews-v2", "reviews-v3"]);
+    // Endpoints from the Service's selector: all three reviews pods.
+    let ip = |p: &str| s.pod_ip(p).unwrap().to_string();
+    let reviews_eps = |n: usize| -> Vec<String> {
+        let dump = s.admin_json(n, "/config_dump").unwrap();
+        let svc = dump["services"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|v| v["name"] == "reviews")
+            .cloned()
+            .unwrap_or_else(|| panic!("no reviews service: {dump}"));
+        let mut eps: Vec<String> = svc["endpoints"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["ip"].as_str().unwrap().to_owned())
+            .collect();
+        eps.sort();
+        eps
+    };
+    let mut want = vec![ip("reviews-v1"), ip("reviews-v2"), ip("reviews-v3")];
+    want.sort();
+    assert_eq!(reviews_eps(0), want);
+    assert_eq!(reviews_eps(1), want);
+    // The ports are named `http`: requests are routed by the seed's
+    // VirtualService (`user: tester` to v2, else v1/v2 90/10; no v3).
+    let get = |pod: &str, url: &str, n: &str, headers: &[&str]| {
+        let mut args = vec!["--url", url, "--count", n, "--concurrency", "4"];
+        for h in headers {
+            args.extend(["--header", *h]);
+        }
+        s.http_client(pod, &args).unwrap()
+    };
+    let tester = get(
+        "productpage-v1",
+        "http://10.96.0.22:9080/reviews/0",
+        "10",
+        &["user:tester"],
+    );
+    assert_eq!(tester["by_status"]["200"], 10, "{tester}");
+    assert_eq!(tester["by_pod"]["reviews-v2"], 10, "{tester}");
+    let others = get("productpage-v1", "http://10.96.0.22:9080/reviews/0", "40", &[]);
+    assert_eq!(others["by_status"]["200"], 40, "{others}");
+    let v1 = others["by_pod"]["reviews-v1"].as_u64().unwrap_or(0);
+    let v2 = others["by_pod"]["reviews-v2"].as_u64().unwrap_or(0);
+    assert!(v1 + v2 == 40 && v1 >= 25, "90/10 v1/v2: {others}");
+    // The whole page: productpage -> details, reviews (-> ratings for v2).
+    let page = get(
+        "ratings-v1",
+        "http://10.96.0.20:9080/productpage",
+        "4",
+        &["user:tester"],
+    );
+    assert_eq!(page["by_pod"]["productpage-v1"], 4, "{page}");
+    for pod in ["details-v1", "reviews-v2", "ratings-v1"] {
+        assert_eq!(page["by_nested"][pod], 4, "{page}");
+    }
     // The seed's PeerAuthentication (STRICT) refuses the opted-out pod's plaintext.
-    let ratings = format!("{}:9080", s.pod_ip("ratings-v1").unwrap());
-    assert!(s.who("legacy", &ratings).is_err());
-    assert_eq!(s.who("details-v1", &ratings).unwrap().0, "ratings-v1");
+    let ratings = format!("http://{}:9080/ratings/0", s.pod_ip("ratings-v1").unwrap());
+    let refused = get("legacy", &ratings, "1", &[]);
+    assert!(refused["by_status"].as_object().unwrap().is_empty(), "{refused}");
+    assert_eq!(
+        refused["errors"]
+            .as_object()
+            .unwrap()
+            .values()
+            .filter_map(|v| v.as_u64())
+            .sum::<u64>(),
+        1,
+        "{refused}"
+    );
+    let admitted = get("details-v1", &ratings, "1", &[]);
+    assert_eq!(admitted["by_pod"]["ratings-v1"], 1, "{admitted}");
     // Identities from serviceAccountName.
     let certs = s.admin_json(0, "/certs").unwrap();
     assert!(

@@ -569,6 +569,7 @@ fn bookinfo_yaml_starts_the_http_app_with_its_upstreams_vips() {
         bin_dir: "/nonexistent".into(),
         agent_pids: vec![],
         server_pids: vec![],
+        retired_agent_pids: vec![],
         control_pid: 0,
     };
     let vip = |name: &str| -> Ipv4Addr { state.spec.services.iter().find(|s| s.name == name).unwrap().vip };

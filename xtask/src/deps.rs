@@ -15,6 +15,9 @@ const NEEDED: &[(&str, &str)] = &[
     ("iperf3", "iperf3"),
     ("tcpdump", "tcpdump"),
     ("haproxy", "haproxy"),
+    // The bench's HTTP rows: wrk (HTTP/1.1) and h2load (HTTP/2, from nghttp2).
+    ("wrk", "wrk"),
+    ("h2load", "nghttp2-client"),
 ];
 
 fn present(what: &str) -> bool {
@@ -47,7 +50,7 @@ pub fn ensure() -> Result<()> {
 fn ensure_packages() -> Result<()> {
     let missing: Vec<&str> = NEEDED.iter().filter(|(c, _)| !present(c)).map(|(_, p)| *p).collect();
     if missing.is_empty() {
-        eprintln!("deps: all present (clang, llvm, libbpf-dev, bpftool, iproute2, iperf3, tcpdump, haproxy)");
+        eprintln!("deps: all present (clang, llvm, libbpf-dev, bpftool, iproute2, iperf3, tcpdump, haproxy, wrk, nghttp2-client)");
         return Ok(());
     }
     if !is_root() {

@@ -5,6 +5,7 @@
 
 mod chart_tools;
 mod deps;
+mod fuzz;
 
 use std::{path::PathBuf, process::Command};
 
@@ -50,6 +51,15 @@ enum Cmd {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Runs every cargo-fuzz target in fuzz/ for a bounded time (nightly;
+    /// installs cargo-fuzz if missing); fails on a crash. See docs/fuzzing.md.
+    Fuzz {
+        /// Seconds per target.
+        #[arg(long, default_value_t = 30)]
+        seconds: u64,
+        /// Only these targets (default: all).
+        targets: Vec<String>,
+    },
 }
 
 fn main() -> Result<()> {
@@ -62,6 +72,7 @@ fn main() -> Result<()> {
             }
             run_bin("ferry-bench", &args)
         }
+        Cmd::Fuzz { seconds, targets } => fuzz::run(seconds, &targets),
         Cmd::Box { args } => {
             let mut all = vec!["box".to_owned()];
             all.extend(args);

@@ -1,11 +1,19 @@
 //! ferry-agent: loads the eBPF programs, applies the config file (re-read on
 //! change), proxies enrolled pods' connections and serves the admin endpoint.
+//! With `--takeover` it first takes the node's listeners over from the agent
+//! already running (a hitless upgrade, `ferry_agent::handover`), and it
+//! always offers its own to the next one.
 
-use std::{net::SocketAddr, path::PathBuf, time::Duration};
+use std::{
+    net::SocketAddr,
+    path::PathBuf,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
 
 use anyhow::Context;
 use clap::Parser;
-use ferry_agent::{admin, agent, config_stream, load_config};
+use ferry_agent::{admin, agent, config_stream, handover, load_config};
 use ferry_model::{ConfigError, ConfigFile};
 use tracing_subscriber::{layer::SubscriberExt, reload, util::SubscriberInitExt, EnvFilter, Layer};
 
@@ -64,8 +72,24 @@ struct Args {
     insecure_plaintext_tunnel: bool,
     /// On exit, detach everything and remove this node's pins (uninstall).
     /// Without it, steering stays pinned so a restarted agent resumes it.
+    /// Not applied when this agent exits after handing over to a new one.
     #[arg(long)]
     cleanup_on_exit: bool,
+    /// Take over from the agent already serving this node (hitless
+    /// upgrade): receive its listeners on --handover-socket, get ready
+    /// (config applied, a certificate for every pod), then tell it to stop.
+    /// With no agent listening there, start as usual.
+    #[arg(long)]
+    takeover: bool,
+    /// The unix socket where this agent offers its listeners to a successor
+    /// (and where --takeover finds its predecessor).
+    /// Default: /run/ferry/<node>/handover.sock.
+    #[arg(long)]
+    handover_socket: Option<PathBuf>,
+    /// After handing over: seconds this agent keeps serving the connections
+    /// it had accepted before it exits.
+    #[arg(long, default_value_t = 30)]
+    drain_timeout: u64,
 }
 
 /// The config file, re-read when it changes, until SIGTERM or Ctrl-C.
@@ -151,19 +175,52 @@ async fn main() -> anyhow::Result<()> {
         identity,
         insecure_plaintext_tunnel: args.insecure_plaintext_tunnel,
     };
+    let handover_path = args
+        .handover_socket
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(format!("/run/ferry/{node}/handover.sock")));
+    // Before loading anything: the predecessor's listeners (it keeps serving
+    // them, and applies no config, until this agent commits).
+    let mut inherited = if args.takeover {
+        match handover::take_over(&handover_path).await {
+            Ok(Some(i)) => {
+                tracing::info!(from_pid = i.from_pid, pods = i.pods.len(), socket = %handover_path.display(), "listeners received from the running agent");
+                Some(i)
+            }
+            Ok(None) => {
+                tracing::info!(socket = %handover_path.display(), "no running agent to take over from; starting afresh");
+                None
+            }
+            Err(e) => return Err(e).context("taking over from the running agent"),
+        }
+    } else {
+        None
+    };
     let agent = agent::Agent::new(&node, opts).with_context(|| format!("starting the agent for node {node}"))?;
-    let admin_l = tokio::net::TcpListener::bind(args.admin)
-        .await
-        .with_context(|| format!("binding admin endpoint {}", args.admin))?;
-    tokio::spawn(admin::serve(agent.clone(), admin_l));
-    let metrics_l = tokio::net::TcpListener::bind(args.metrics)
-        .await
-        .with_context(|| format!("binding metrics endpoint {}", args.metrics))?;
-    tokio::spawn(admin::serve_metrics(agent.clone(), metrics_l));
-    let mut stamp = None;
-    if args.config_stream {
-        return run_config_stream(agent, &args, node, initial).await;
+    if let Some(i) = inherited.as_mut() {
+        agent.reconciler.inherit(std::mem::take(&mut i.pods));
     }
+    let admin_l = match inherited.as_mut().and_then(|i| i.admin.take()) {
+        Some(l) => l,
+        None => tokio::net::TcpListener::bind(args.admin)
+            .await
+            .with_context(|| format!("binding admin endpoint {}", args.admin))?,
+    };
+    let metrics_l = match inherited.as_mut().and_then(|i| i.metrics.take()) {
+        Some(l) => l,
+        None => tokio::net::TcpListener::bind(args.metrics)
+            .await
+            .with_context(|| format!("binding metrics endpoint {}", args.metrics))?,
+    };
+    let endpoints = Endpoints {
+        admin: admin_l,
+        metrics: metrics_l,
+        handover: handover_path,
+    };
+    if args.config_stream {
+        return run_config_stream(agent, &args, node, initial, inherited, endpoints).await;
+    }
+    let mut stamp = None;
     match initial {
         Some(cfg) if cfg.node == node => {
             stamp = config_stamp(&args.config);
@@ -172,34 +229,131 @@ async fn main() -> anyhow::Result<()> {
         Some(cfg) => anyhow::bail!("config {} is for node {}, not {node}", args.config.display(), cfg.node),
         None => tracing::info!(config = %args.config.display(), "waiting for the config file (not ready)"),
     }
+    // The config file is frozen in the predecessor while it is offered:
+    // nothing to pause here, its loop waits on the reconciler.
+    let handed = endpoints.start(&agent, inherited, |_| {}).await?;
     tracing::info!(node = %node, admin = %args.admin, metrics = %args.metrics, "ferry-agent running");
 
     let mut watch = ConfigWatch::new(&args.config, stamp)?;
-    while let Some(loaded) = watch.next().await {
-        match loaded {
-            Ok(c) if c.node == node => {
-                agent.reconciler.reconcile(c).await;
-            }
-            Ok(c) => {
-                agent.proxy.telemetry.metrics.config_rejected.inc();
-                tracing::error!(old = %node, new = %c.node, "config names another node; keeping the last good config")
-            }
-            Err(e) => {
-                agent.proxy.telemetry.metrics.config_rejected.inc();
-                tracing::error!(error = %e, "config rejected; keeping the last good config")
+    let file_loop = async {
+        while let Some(loaded) = watch.next().await {
+            match loaded {
+                Ok(c) if c.node == node => {
+                    agent.reconciler.reconcile(c).await;
+                }
+                Ok(c) => {
+                    agent.proxy.telemetry.metrics.config_rejected.inc();
+                    tracing::error!(old = %node, new = %c.node, "config names another node; keeping the last good config")
+                }
+                Err(e) => {
+                    agent.proxy.telemetry.metrics.config_rejected.inc();
+                    tracing::error!(error = %e, "config rejected; keeping the last good config")
+                }
             }
         }
+    };
+    tokio::select! {
+        _ = file_loop => shutdown(agent.clone(), &args).await,
+        successor = handed => drain(agent.clone(), successor, &args).await,
     }
+}
 
-    shutdown(agent, &args).await
+/// The node-level listeners and the hand-over socket, started once this
+/// agent is in charge.
+struct Endpoints {
+    admin: tokio::net::TcpListener,
+    metrics: tokio::net::TcpListener,
+    handover: PathBuf,
+}
+
+/// How long a new agent may take to be ready before it gives up (and the
+/// old one thaws): inside the old one's own deadline.
+const READY_DEADLINE: Duration = Duration::from_secs(45);
+
+impl Endpoints {
+    /// Takes over (when `inherited`): waits until this agent is ready, then
+    /// has the predecessor stop. Then serves admin and metrics and offers
+    /// everything to the next agent; the future returned completes when a
+    /// successor has taken over (its pid).
+    async fn start(
+        self,
+        agent: &Arc<agent::Agent>,
+        inherited: Option<handover::Inherited>,
+        pause: impl Fn(bool) + Send + Sync + 'static,
+    ) -> anyhow::Result<impl std::future::Future<Output = u32>> {
+        if let Some(i) = inherited {
+            let deadline = tokio::time::Instant::now() + READY_DEADLINE;
+            loop {
+                match handover::ready(agent) {
+                    Ok(()) => break,
+                    Err(why) if tokio::time::Instant::now() > deadline => {
+                        anyhow::bail!(
+                            "not ready to take over within {READY_DEADLINE:?} ({why}); the running agent carries on"
+                        )
+                    }
+                    Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+                }
+            }
+            // Both agents accept from here until the old one has stopped.
+            agent.reconciler.start_accepting().await;
+            let from = i.commit().await.context("completing the take-over")?;
+            tracing::info!(from_pid = from, "took over from the previous agent");
+            agent.reconciler.prune_now().await;
+        }
+        let admin_task = tokio::spawn(admin::serve(agent.clone(), clone_listener(&self.admin)?)).abort_handle();
+        let metrics_task =
+            tokio::spawn(admin::serve_metrics(agent.clone(), clone_listener(&self.metrics)?)).abort_handle();
+        let node = vec![
+            handover::NodeListener::new(handover::Kind::Admin, &self.admin, admin_task)?,
+            handover::NodeListener::new(handover::Kind::Metrics, &self.metrics, metrics_task)?,
+        ];
+        let server = handover::Server::bind(&self.handover)?;
+        tracing::info!(socket = %server.path().display(), "offering listeners to a successor (--takeover)");
+        Ok(handover::serve(server, agent.clone(), node, pause))
+    }
+}
+
+/// A second handle on a listener (the same socket).
+fn clone_listener(l: &tokio::net::TcpListener) -> std::io::Result<tokio::net::TcpListener> {
+    use std::os::fd::AsFd;
+    let std_l = std::net::TcpListener::from(l.as_fd().try_clone_to_owned()?);
+    std_l.set_nonblocking(true)?;
+    tokio::net::TcpListener::from_std(std_l)
+}
+
+/// After handing over: serves what this agent had accepted until it ends or
+/// `--drain-timeout` passes, then exits, leaving steering to the successor.
+async fn drain(agent: Arc<agent::Agent>, successor: u32, args: &Args) -> anyhow::Result<()> {
+    let timeout = Duration::from_secs(args.drain_timeout);
+    let started = tokio::time::Instant::now();
+    let mut live = agent.proxy.telemetry.live().len();
+    tracing::info!(
+        successor_pid = successor,
+        live,
+        timeout_s = args.drain_timeout,
+        "handed over: draining"
+    );
+    while live > 0 && started.elapsed() < timeout {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        live = agent.proxy.telemetry.live().len();
+    }
+    tracing::info!(
+        successor_pid = successor,
+        left = live,
+        drained_ms = started.elapsed().as_millis() as u64,
+        "drained; exiting (steering stays with the new agent)"
+    );
+    Ok(())
 }
 
 /// The file only for settings; the rest from the control plane's stream.
 async fn run_config_stream(
-    agent: std::sync::Arc<agent::Agent>,
+    agent: Arc<agent::Agent>,
     args: &Args,
     node: String,
     initial: Option<ConfigFile>,
+    inherited: Option<handover::Inherited>,
+    endpoints: Endpoints,
 ) -> anyhow::Result<()> {
     let settings_of = |c: ConfigFile| -> anyhow::Result<_> {
         anyhow::ensure!(c.node == node, "config is for node {}, not {node}", c.node);
@@ -226,23 +380,56 @@ async fn run_config_stream(
         rejected: metrics.config_rejected.clone(),
     };
     tracing::info!(node = %node, admin = %args.admin, control = %opts.control, "ferry-agent running (config from the control plane)");
-    tokio::spawn(config_stream::run(sinks, opts, node.clone(), rx));
-    let mut watch = ConfigWatch::new(&args.config, config_stamp(&args.config))?;
-    while let Some(loaded) = watch.next().await {
-        match loaded.map_err(anyhow::Error::from).and_then(settings_of) {
-            Ok(s) => {
-                let _ = tx.send(s);
-            }
-            Err(e) => {
-                agent.proxy.telemetry.metrics.config_rejected.inc();
-                tracing::error!(error = %e, "settings rejected; keeping the last good ones")
+    // While a successor is offered the listeners, this agent's stream is
+    // stopped (the successor subscribes itself), and restarted if it gives up.
+    let spawn = {
+        let node = node.clone();
+        move || {
+            tokio::spawn(config_stream::run(
+                sinks.clone(),
+                opts.clone(),
+                node.clone(),
+                rx.clone(),
+            ))
+            .abort_handle()
+        }
+    };
+    let stream = Arc::new(Mutex::new(Some(spawn())));
+    let pause = {
+        let stream = stream.clone();
+        move |paused: bool| {
+            let mut s = stream.lock().unwrap_or_else(|e| e.into_inner());
+            if paused {
+                if let Some(h) = s.take() {
+                    h.abort();
+                }
+            } else if s.is_none() {
+                *s = Some(spawn());
             }
         }
+    };
+    let handed = endpoints.start(&agent, inherited, pause).await?;
+    let mut watch = ConfigWatch::new(&args.config, config_stamp(&args.config))?;
+    let settings_loop = async {
+        while let Some(loaded) = watch.next().await {
+            match loaded.map_err(anyhow::Error::from).and_then(settings_of) {
+                Ok(s) => {
+                    let _ = tx.send(s);
+                }
+                Err(e) => {
+                    agent.proxy.telemetry.metrics.config_rejected.inc();
+                    tracing::error!(error = %e, "settings rejected; keeping the last good ones")
+                }
+            }
+        }
+    };
+    tokio::select! {
+        _ = settings_loop => shutdown(agent.clone(), args).await,
+        successor = handed => drain(agent.clone(), successor, args).await,
     }
-    shutdown(agent, args).await
 }
 
-async fn shutdown(agent: std::sync::Arc<agent::Agent>, args: &Args) -> anyhow::Result<()> {
+async fn shutdown(agent: Arc<agent::Agent>, args: &Args) -> anyhow::Result<()> {
     tracing::info!("shutting down: closing listeners, draining connections");
     agent.reconciler.stop_listeners().await;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(5);

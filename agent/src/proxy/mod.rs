@@ -6,10 +6,15 @@
 //! - tunnel (pod IP:15008): connections from other nodes' agents, opened by
 //!   the [`Tunnel`] transport.
 //!
-//! Both inbound kinds take the one inbound path ([`inbound`]): the gate
-//! (`ferry_model::admission`), then delivery to the app from the client's
-//! own address.
+//! Every connection into a local pod's app takes the one inbound path
+//! ([`inbound`]), whichever way it came: plaintext by sk_lookup, out of the
+//! tunnel, or from another pod of this node (the outbound path's local
+//! hop): the gate (`ferry_model::admission`), authorization, then delivery
+//! to the app from the client's own address, relayed as bytes or, on an
+//! HTTP Service port ([`app_ports`]), served per request
+//! ([`http::destination`]).
 
+pub mod app_ports;
 pub mod copy;
 pub mod http;
 pub mod inbound;
@@ -36,6 +41,7 @@ use crate::{
     telemetry::Telemetry,
     tunnel::Tunnel,
 };
+use app_ports::AppPorts;
 use orig_dst::OrigDstSource;
 
 pub const OUTBOUND_PORT: u16 = 15001;
@@ -79,7 +85,8 @@ pub struct Listeners {
 /// the local pods, where original destinations come from, the tunnel and
 /// telemetry.
 pub struct Proxy {
-    state: RwLock<Arc<State>>,
+    /// The snapshot, and what it says about local app ports (swapped together).
+    state: RwLock<(Arc<State>, Arc<AppPorts>)>,
     pods: RwLock<HashMap<String, Arc<PodCtx>>>,
     orig: Arc<dyn OrigDstSource>,
     pub tunnel: Tunnel,
@@ -91,7 +98,7 @@ pub struct Proxy {
 impl Proxy {
     pub fn new(orig: Arc<dyn OrigDstSource>, tunnel: Tunnel, telemetry: Arc<Telemetry>) -> Arc<Self> {
         Arc::new(Self {
-            state: RwLock::new(Arc::new(State::default())),
+            state: RwLock::new((Arc::new(State::default()), Arc::new(AppPorts::default()))),
             pods: RwLock::new(HashMap::new()),
             orig,
             tunnel,
@@ -101,13 +108,19 @@ impl Proxy {
     }
 
     pub fn state(&self) -> Arc<State> {
+        self.state.read().unwrap_or_else(|e| e.into_inner()).0.clone()
+    }
+
+    /// The snapshot and its local app ports, read together.
+    pub fn snapshot(&self) -> (Arc<State>, Arc<AppPorts>) {
         self.state.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     /// Swaps in a new snapshot; connections already routed keep theirs,
     /// except that live inbound ones are re-authorized under its policies.
     pub fn set_state(&self, state: Arc<State>) {
-        *self.state.write().unwrap_or_else(|e| e.into_inner()) = state.clone();
+        let ports = Arc::new(AppPorts::of(&state));
+        *self.state.write().unwrap_or_else(|e| e.into_inner()) = (state.clone(), ports);
         inbound::recheck(self, &state);
     }
 

@@ -3,6 +3,9 @@
 //! [`http::detect`]) -> HTTP ([`http::serve`]: routed per request) or opaque
 //! TCP: route (a pure decision over the state snapshot) -> local pod, tunnel
 //! or direct ([`open_upstream`], shared with the HTTP path); then relay.
+//! A local pod is reached through the one inbound path
+//! ([`inbound::open_local`]: gate, authorization, destination telemetry,
+//! live re-check), never delivered around it.
 
 use std::sync::{atomic::Ordering, Arc};
 
@@ -16,7 +19,7 @@ use tokio::{
     net::TcpStream,
 };
 
-use super::{copy, http, orig_dst::ConnKey, PodCtx, Proxy};
+use super::{copy, http, inbound, orig_dst::ConnKey, PodCtx, Proxy};
 use crate::{
     sockets,
     telemetry::{
@@ -83,10 +86,11 @@ pub async fn handle(proxy: Arc<Proxy>, pod: Arc<PodCtx>, mut client: TcpStream) 
     }
 }
 
-/// Opaque TCP: one route per connection, then a byte relay.
-async fn relay_tcp<S>(proxy: &Proxy, pod: &PodCtx, mut g: ConnGuard, client: S, state: &State)
+/// Opaque TCP: one route per connection, then a byte relay (for a local
+/// pod, the inbound path's: it honours a live re-check's revocation).
+async fn relay_tcp<S>(proxy: &Arc<Proxy>, pod: &PodCtx, mut g: ConnGuard, client: S, state: &State)
 where
-    S: AsyncRead + AsyncWrite + Unpin,
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let orig = g.conn.orig_dst;
     let route = match state.route(orig) {
@@ -112,13 +116,25 @@ where
         principal: dst_id.as_ref(),
     };
     let svc = route.service.as_deref();
+    // The destination side of a same-node hop reports itself (inbound path).
     g.report(&tcp_labels(Reporter::Source, src_peer, dst_peer, svc, mtls));
-    if route.hop == Hop::Local {
-        // For a same-node hop this agent is also the destination's proxy.
-        g.report(&tcp_labels(Reporter::Destination, src_peer, dst_peer, svc, mtls));
-    }
-    let upstream = match open_upstream(proxy, pod, &route).await {
-        Ok(u) => u,
+    let upstream = match open_route(proxy, pod, g.conn.client, &route).await {
+        Ok(Upstream::Stream(u)) => u,
+        Ok(Upstream::Local(opened)) => {
+            let local = opened.conn();
+            inbound::serve(*opened, client).await;
+            let c = &g.conn;
+            c.sent.store(local.sent.load(Ordering::Relaxed), Ordering::Relaxed);
+            c.received
+                .store(local.received.load(Ordering::Relaxed), Ordering::Relaxed);
+            if let Some(d) = local.revoke.reason() {
+                g.outcome = Outcome::Relay(std::io::Error::new(
+                    std::io::ErrorKind::ConnectionAborted,
+                    format!("closed at the destination: {d}"),
+                ));
+            }
+            return;
+        }
         Err(error) => {
             g.outcome = Outcome::Connect {
                 to: route.endpoint,
@@ -138,21 +154,64 @@ where
     }
 }
 
-/// Opens a stream from `pod` to `route`'s endpoint by its hop: delivered
-/// into a local pod from `pod`'s address, through the tunnel to another
+/// Where a connection to a route's endpoint goes on.
+enum Upstream {
+    /// A stream to the endpoint (tunnel or direct).
+    Stream(BoxStream),
+    /// A local pod, opened by the inbound path (waiting for its client
+    /// stream; boxed: it is large).
+    Local(Box<inbound::Opened>),
+}
+
+/// Buffer of the in-process pipe between the L7 path and a local pod's
+/// inbound side.
+const LOCAL_PIPE: usize = 64 * 1024;
+
+/// Opens `route`'s endpoint for `pod` (whose app connected from `client`)
+/// by its hop: a local pod through the inbound path, the tunnel to another
 /// node (the destination must prove its workload's identity under mTLS),
-/// or connected directly from the pod. The L4 and L7 paths both use it.
-pub(crate) async fn open_upstream(proxy: &Proxy, pod: &PodCtx, route: &Route) -> std::io::Result<BoxStream> {
+/// or directly from the pod.
+async fn open_route(
+    proxy: &Arc<Proxy>,
+    pod: &PodCtx,
+    client: std::net::SocketAddrV4,
+    route: &Route,
+) -> std::io::Result<Upstream> {
     match route.hop {
         Hop::Local => match proxy.local_pod_by_ip(*route.endpoint.ip()) {
-            Some(d) => proxy
-                .deliver(&d, pod.ip(), route.endpoint)
+            Some(d) => inbound::open_local(proxy, pod, client, &d, route.endpoint, route.service.as_deref())
                 .await
-                .map(|s| Box::new(s) as BoxStream),
+                .map(|o| Upstream::Local(Box::new(o))),
             None => Err(std::io::Error::other(
                 "destination pod is not enrolled on this node yet",
             )),
         },
+        _ => open_remote(proxy, pod, route).await.map(Upstream::Stream),
+    }
+}
+
+/// Opens a stream from `pod` to `route`'s endpoint (the L7 path's upstream
+/// connections): as [`open_route`]; a local pod's inbound side is served
+/// over an in-process pipe, so its gate, authorization and destination
+/// telemetry (per request on an HTTP port) apply as to any inbound
+/// connection. The app's address is `pod`'s, with port 0 (the pooled
+/// connection serves many of the app's).
+pub(crate) async fn open_upstream(proxy: &Arc<Proxy>, pod: &PodCtx, route: &Route) -> std::io::Result<BoxStream> {
+    let client = std::net::SocketAddrV4::new(pod.ip(), 0);
+    match open_route(proxy, pod, client, route).await? {
+        Upstream::Stream(s) => Ok(s),
+        Upstream::Local(opened) => {
+            let (near, far) = tokio::io::duplex(LOCAL_PIPE);
+            tokio::spawn(inbound::serve(*opened, far));
+            Ok(Box::new(near))
+        }
+    }
+}
+
+/// A stream through the tunnel, or directly from the pod.
+async fn open_remote(proxy: &Proxy, pod: &PodCtx, route: &Route) -> std::io::Result<BoxStream> {
+    match route.hop {
+        Hop::Local => Err(std::io::Error::other("a local pod is opened by the inbound path")),
         Hop::Tunnel => {
             let state = proxy.state();
             let Some(expected) = state.workload_by_ip(*route.endpoint.ip()).map(|w| w.spiffe_id()) else {

@@ -16,7 +16,7 @@ use std::{
     time::Instant,
 };
 
-use ferry_model::state::Hop;
+use ferry_model::{admin::Direction, state::Hop};
 use prometheus_client::{
     encoding::EncodeLabelSet,
     metrics::{counter::Counter, family::Family, histogram::Histogram},
@@ -46,10 +46,13 @@ pub enum Flag {
     NoCluster,
     /// The upstream closed or reset the connection mid-request (`UC`).
     UpstreamConnectionTermination,
+    /// Denied by authorization policy at the destination (`RBAC`: 403, or
+    /// gRPC status 7).
+    Rbac,
 }
 
 impl Flag {
-    const ALL: [Flag; 9] = [
+    const ALL: [Flag; 10] = [
         Flag::DelayInjected,
         Flag::FaultInjected,
         Flag::UpstreamTimeout,
@@ -59,6 +62,7 @@ impl Flag {
         Flag::NoHealthyUpstream,
         Flag::NoCluster,
         Flag::UpstreamConnectionTermination,
+        Flag::Rbac,
     ];
 
     /// Envoy's short code.
@@ -73,6 +77,7 @@ impl Flag {
             Flag::NoHealthyUpstream => "UH",
             Flag::NoCluster => "NC",
             Flag::UpstreamConnectionTermination => "UC",
+            Flag::Rbac => "RBAC",
         }
     }
 
@@ -258,7 +263,11 @@ pub struct RequestRecord {
     pub id: u64,
     started: Instant,
     log: bool,
-    /// The calling pod (`namespace/name`).
+    /// `outbound` (the source side, the default), or where the destination
+    /// side got the connection: `inbound` (plaintext or same node), `tunnel`.
+    pub direction: Direction,
+    /// The calling pod (`namespace/name`); at the destination, the peer's
+    /// workload, else its SPIFFE id, else its address.
     pub source: String,
     pub method: String,
     pub authority: String,
@@ -296,6 +305,7 @@ impl Telemetry {
             id,
             started: Instant::now(),
             log,
+            direction: Direction::Outbound,
             source,
             method: String::new(),
             authority: String::new(),
@@ -343,7 +353,7 @@ impl Drop for RequestRecord {
         tracing::info!(
             target: "ferry::access",
             id = self.id,
-            direction = "outbound",
+            direction = %self.direction,
             source = %self.source,
             protocol = self.protocol.as_str(),
             method = %self.method,
@@ -379,6 +389,9 @@ mod tests {
         let mut g = Flags::default();
         g.insert(Flag::RetryLimitExceeded);
         assert_eq!(g.to_string(), "URX");
+        let mut r = Flags::default();
+        r.insert(Flag::Rbac);
+        assert_eq!(r.to_string(), "RBAC");
         assert!(g.contains(Flag::RetryLimitExceeded) && !g.contains(Flag::NoRoute));
     }
 

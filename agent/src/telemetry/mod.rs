@@ -1,5 +1,5 @@
 //! Live connections and counters, Prometheus metrics ([`metrics`]), the
-//! per-request records of the L7 path ([`http`]) and the
+//! per-request records of the L7 path ([`http`]), their spans ([`trace`]) and the
 //! access-log line written when a connection closes (the policy in
 //! `ferry_model::access_log` decides which). Nothing here is per byte: byte counts are atomics updated by the
 //! copy loop and added to the metrics once, when the connection closes.
@@ -7,12 +7,13 @@
 pub mod http;
 pub mod metrics;
 pub mod outcome;
+pub mod trace;
 
 use std::{
     collections::HashMap,
     net::SocketAddrV4,
     sync::{
-        atomic::{AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
         Arc, Mutex, OnceLock,
     },
     time::Instant,
@@ -56,10 +57,16 @@ pub struct Conn {
     pub started: Instant,
     /// Closes the connection from outside its task (a policy change).
     pub revoke: Revoke,
+    /// Served per request by the destination's HTTP layer (its port is an
+    /// HTTP Service port): a live re-check then closes it only when the new
+    /// policies deny every request it could carry.
+    pub http: AtomicBool,
 }
 
 /// A live connection's kill switch: the first [`Revoke::revoke`] keeps its
-/// reason and wakes [`Revoke::revoked`] (now or whenever it is awaited).
+/// reason and wakes every [`Revoke::revoked`] (now or whenever it is
+/// awaited; a connection may wait in several tasks, e.g. an HTTP server and
+/// an upgraded stream).
 #[derive(Debug, Default)]
 pub struct Revoke {
     reason: OnceLock<Denial>,
@@ -71,18 +78,27 @@ impl Revoke {
     pub fn revoke(&self, why: Denial) -> bool {
         let first = self.reason.set(why).is_ok();
         if first {
-            self.wake.notify_one();
+            self.wake.notify_waiters();
         }
         first
+    }
+
+    /// The reason, once revoked.
+    pub fn reason(&self) -> Option<&Denial> {
+        self.reason.get()
     }
 
     /// Resolves once revoked, with the reason.
     pub async fn revoked(&self) -> Denial {
         loop {
+            // Registered before the check, so a revoke in between still wakes it.
+            let notified = self.wake.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
             if let Some(d) = self.reason.get() {
                 return d.clone();
             }
-            self.wake.notified().await;
+            notified.await;
         }
     }
 }
@@ -174,10 +190,14 @@ pub struct Telemetry {
     pub access_log: std::sync::RwLock<AccessLog>,
     /// `settings.metrics`.
     pub metrics_on: std::sync::atomic::AtomicBool,
-    /// Connections denied by authorization policy, by policy and reason.
+    /// Connections and HTTP requests denied by authorization policy, by
+    /// policy and reason.
     pub authz_denied: Family<AuthzLabels, Counter>,
-    /// Connections an AUDIT policy matched (never denied), by policy.
+    /// Connections and HTTP requests an AUDIT policy matched (never
+    /// denied), by policy.
     pub authz_audited: Family<AuthzLabels, Counter>,
+    /// Spans of the L7 path and their exporter (`settings.tracing`).
+    pub tracer: trace::Tracer,
 }
 
 /// Removes the connection from the live table and writes its access log line
@@ -198,15 +218,17 @@ impl Telemetry {
         let r = metrics.registry_mut();
         r.register(
             "ferry_authz_denied",
-            "Connections denied by authorization policy (when opened or cut live), by policy and reason",
+            "Connections (when opened or cut live) and HTTP requests denied by authorization policy, by policy and reason",
             Family::<AuthzLabels, Counter>::clone(&authz_denied),
         );
         r.register(
             "ferry_authz_audited",
-            "Connections an AUDIT authorization policy matched, by policy",
+            "Connections and HTTP requests an AUDIT authorization policy matched, by policy",
             Family::<AuthzLabels, Counter>::clone(&authz_audited),
         );
+        let tracer = trace::Tracer::new(r);
         Self {
+            tracer,
             authz_denied,
             authz_audited,
             next: AtomicU64::new(0),
@@ -247,6 +269,7 @@ impl Telemetry {
             received: AtomicU64::new(0),
             started: Instant::now(),
             revoke: Revoke::default(),
+            http: AtomicBool::new(false),
         });
         self.live
             .lock()
@@ -264,6 +287,27 @@ impl Telemetry {
             tcp: Vec::new(),
             log,
         }
+    }
+
+    /// Counts a denial (a connection's or an HTTP request's) in
+    /// `ferry_authz_denied_total`.
+    pub fn count_denial(&self, d: &Denial) {
+        self.authz_denied
+            .get_or_create(&AuthzLabels {
+                policy: d.policy_label().to_owned(),
+                reason: d.reason.as_str().to_owned(),
+            })
+            .inc();
+    }
+
+    /// Counts an AUDIT policy's match (the connection or request goes on).
+    pub fn count_audit(&self, policy: String) {
+        self.authz_audited
+            .get_or_create(&AuthzLabels {
+                policy,
+                reason: "audit".into(),
+            })
+            .inc();
     }
 
     pub fn live(&self) -> Vec<Arc<Conn>> {
@@ -294,13 +338,7 @@ impl ConnGuard {
 
     /// Counts an AUDIT policy's match (the connection goes on).
     pub fn audited(&self, policy: String) {
-        self.t
-            .authz_audited
-            .get_or_create(&AuthzLabels {
-                policy,
-                reason: "audit".into(),
-            })
-            .inc();
+        self.t.count_audit(policy);
     }
 
     /// Counts this connection in the Istio TCP metrics under `labels` (once
@@ -338,13 +376,7 @@ impl Drop for ConnGuard {
                     k.refused.fetch_add(1, Ordering::Relaxed);
                 }
                 k.failed.fetch_add(1, Ordering::Relaxed);
-                self.t
-                    .authz_denied
-                    .get_or_create(&AuthzLabels {
-                        policy: d.policy_label().to_owned(),
-                        reason: d.reason.as_str().to_owned(),
-                    })
-                    .inc();
+                self.t.count_denial(d);
             }
             _ => {
                 k.failed.fetch_add(1, Ordering::Relaxed);

@@ -97,6 +97,9 @@ pub struct Hbone {
     pub ids: Arc<Identities>,
     pool: Pool,
     pub stats: TunnelStats,
+    /// Set once this agent hands over (handover.rs): served connections
+    /// send GOAWAY, so peers open new streams elsewhere while these finish.
+    draining: tokio::sync::watch::Sender<bool>,
 }
 
 fn err(kind: io::ErrorKind, msg: impl Into<String>) -> io::Error {
@@ -117,7 +120,14 @@ impl Hbone {
             ids,
             pool: Default::default(),
             stats: Default::default(),
+            draining: tokio::sync::watch::channel(false).0,
         }
+    }
+
+    /// Asks every served connection to close gracefully (HTTP/2 GOAWAY):
+    /// open streams finish, new ones go to a new connection.
+    pub fn drain(&self) {
+        self.draining.send_replace(true);
     }
 
     /// Registers the tunnel's metrics.
@@ -149,19 +159,29 @@ impl Hbone {
             .ok_or_else(|| err(io::ErrorKind::NotConnected, "no workload certificate yet"))?;
         let key = (uid.to_owned(), cert.serial.clone(), *target.ip());
         let opened = tokio::time::timeout(OPEN_TIMEOUT, async {
-            let lease = loop {
-                match self.pool.pick(&key).await {
-                    Pick::Leased(l) => break l,
-                    Pick::Dial(guard) => {
-                        let sender = self.dial(src, &cert.client, *target.ip(), expected).await?;
-                        break Pool::add(guard, sender, cert.not_after_unix);
+            // A pooled connection the server is closing (GOAWAY: its agent
+            // handed over) cancels a CONNECT it never sent: safe to retry
+            // on another connection.
+            let mut tries = 3;
+            loop {
+                let lease = loop {
+                    match self.pool.pick(&key).await {
+                        Pick::Leased(l) => break l,
+                        Pick::Dial(guard) => {
+                            let sender = self.dial(src, &cert.client, *target.ip(), expected).await?;
+                            break Pool::add(guard, sender, cert.not_after_unix);
+                        }
+                        // Every connection of this key is at its stream limit:
+                        // wait for one of its streams to end.
+                        Pick::Full(freed) => freed.notified().await,
                     }
-                    // Every connection of this key is at its stream limit:
-                    // wait for one of its streams to end.
-                    Pick::Full(freed) => freed.notified().await,
+                };
+                tries -= 1;
+                match self.connect(lease, target).await {
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted && tries > 0 => continue,
+                    r => return r,
                 }
-            };
-            self.connect(lease, target).await
+            }
         })
         .await;
         opened.unwrap_or_else(|_| {
@@ -180,14 +200,17 @@ impl Hbone {
             .uri(target.to_string())
             .body(Empty::<Bytes>::new())
             .map_err(|e| err(io::ErrorKind::InvalidInput, e.to_string()))?;
-        sender
-            .ready()
-            .await
-            .map_err(|e| err(io::ErrorKind::BrokenPipe, e.to_string()))?;
-        let resp = sender
-            .send_request(req)
-            .await
-            .map_err(|e| err(io::ErrorKind::BrokenPipe, e.to_string()))?;
+        // Not sent (the connection is closing): Interrupted, retried.
+        let unsent = |e: hyper::Error| {
+            let kind = if e.is_canceled() || e.is_closed() {
+                io::ErrorKind::Interrupted
+            } else {
+                io::ErrorKind::BrokenPipe
+            };
+            err(kind, e.to_string())
+        };
+        sender.ready().await.map_err(unsent)?;
+        let resp = sender.send_request(req).await.map_err(unsent)?;
         if resp.status() != StatusCode::OK {
             return Err(err(
                 io::ErrorKind::ConnectionRefused,
@@ -317,15 +340,21 @@ impl Hbone {
             let (handler, identity) = (handler.clone(), identity.clone());
             async move { Ok::<_, std::convert::Infallible>(connect(handler, peer, identity, req).await) }
         });
-        let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+        let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
             .keep_alive_interval(KEEPALIVE_INTERVAL)
             .keep_alive_timeout(KEEPALIVE_TIMEOUT)
             .max_concurrent_streams(MAX_STREAMS as u32)
             .initial_stream_window_size(stream_window())
             .initial_connection_window_size(conn_window())
-            .serve_connection(TokioIo::new(tls), svc)
-            .await;
+            .serve_connection(TokioIo::new(tls), svc);
+        tokio::pin!(conn);
+        let mut draining = self.draining.subscribe();
+        tokio::select! {
+            _ = conn.as_mut() => return,
+            _ = draining.wait_for(|d| *d) => conn.as_mut().graceful_shutdown(),
+        }
+        let _ = conn.await;
     }
 }
 
@@ -346,11 +375,7 @@ async fn connect<H: Handler>(
     if req.method() != Method::CONNECT {
         return status(StatusCode::METHOD_NOT_ALLOWED);
     }
-    let Some(target) = req
-        .uri()
-        .authority()
-        .and_then(|a| a.as_str().parse::<SocketAddrV4>().ok())
-    else {
+    let Some(target) = connect_target(req.uri()) else {
         return status(StatusCode::BAD_REQUEST);
     };
     let accepted = match handler
@@ -397,4 +422,10 @@ impl Collector for StatsCollector {
         }
         Ok(())
     }
+}
+
+/// The target of an HBONE CONNECT: its authority as `IPv4:port` (anything
+/// else is refused with 400). Public for the fuzz target (`fuzz/`).
+pub fn connect_target(uri: &hyper::Uri) -> Option<SocketAddrV4> {
+    uri.authority().and_then(|a| a.as_str().parse::<SocketAddrV4>().ok())
 }

@@ -158,6 +158,14 @@ impl Tunnel {
         }
     }
 
+    /// Hand-over: served HBONE connections close gracefully (GOAWAY); the
+    /// plain transport has one connection per stream, nothing to do.
+    pub fn drain(&self) {
+        if let Tunnel::Hbone(h) = self {
+            h.drain();
+        }
+    }
+
     pub fn is_mtls(&self) -> bool {
         matches!(self, Tunnel::Hbone(_))
     }

@@ -343,3 +343,39 @@ impl Drop for TempDir {
         let _ = std::fs::remove_dir_all(&self.0);
     }
 }
+
+/// An HTTP app (HTTP/1.1 and HTTP/2): answers every request 200 with
+/// "<name> <method> <path>" (the path as the app received it) and header
+/// `x-served-by: <name>`; a gRPC request (`content-type:
+/// application/grpc*`) gets `grpc-status: 0` trailers-only.
+pub async fn http_app(addr: SocketAddrV4, name: &'static str) -> tokio::task::JoinHandle<()> {
+    use http_body_util::Full;
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    let l = TcpListener::bind(addr).await.unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((s, _)) = l.accept().await else { return };
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(move |r: hyper::Request<hyper::body::Incoming>| async move {
+                    let grpc = r
+                        .headers()
+                        .get("content-type")
+                        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
+                    let text = format!("{name} {} {}", r.method(), r.uri().path());
+                    let mut resp = hyper::Response::new(Full::new(bytes::Bytes::from(text)));
+                    resp.headers_mut().insert("x-served-by", name.parse().unwrap());
+                    if grpc {
+                        *resp.body_mut() = Full::new(bytes::Bytes::new());
+                        resp.headers_mut()
+                            .insert("content-type", "application/grpc".parse().unwrap());
+                        resp.headers_mut().insert("grpc-status", "0".parse().unwrap());
+                    }
+                    Ok::<_, std::convert::Infallible>(resp)
+                });
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    .serve_connection_with_upgrades(TokioIo::new(s), svc)
+                    .await;
+            });
+        }
+    })
+}

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
-use ferry_bench::{bench, bench_control, demo};
+use ferry_bench::{bench, bench_control, bench_http, demo};
 use ferry_box::default_bin_dir;
 
 #[derive(Parser)]
@@ -30,9 +30,14 @@ enum Cmd {
         #[arg(long)]
         quick: bool,
         /// Report path without extension [default: docs/benchmarks, with
-        /// --quick a temporary directory].
+        /// --quick or --only a temporary directory].
         #[arg(long)]
         out: Option<PathBuf>,
+        /// Run one section only: `http` (wrk and h2load, direct vs Ferry L4
+        /// vs Ferry L7 vs the HAProxy sidecar model). A partial report never
+        /// goes to docs/ by default.
+        #[arg(long, value_enum)]
+        only: Option<Section>,
     },
     /// The control plane at scale: generated cluster, real ferry-control,
     /// simulated agents (writes <out>.json and <out>.md).
@@ -45,6 +50,11 @@ enum Cmd {
         #[arg(long)]
         out: Option<PathBuf>,
     },
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum Section {
+    Http,
 }
 
 /// Where a report goes by default: docs/ for a full run; a quick run's
@@ -61,7 +71,19 @@ fn default_out(name: &str, quick: bool) -> Result<PathBuf> {
 fn main() -> Result<()> {
     match Args::parse().cmd {
         Cmd::Demo { keep } => demo::run(default_bin_dir(), keep),
-        Cmd::Bench { quick, out } => {
+        Cmd::Bench {
+            quick,
+            out,
+            only: Some(Section::Http),
+        } => {
+            let out = match out {
+                Some(out) => out,
+                None => default_out("benchmarks-http", true)?,
+            };
+            let sizes = if quick { bench_http::QUICK } else { bench_http::FULL };
+            bench_http::bench(sizes, quick, &default_bin_dir(), &out)
+        }
+        Cmd::Bench { quick, out, only: None } => {
             let out = match out {
                 Some(out) => out,
                 None => default_out("benchmarks", quick)?,

@@ -2,7 +2,8 @@
 //! the subset Ferry reads, with the field names of Istio's API reference.
 //! Unknown fields are errors, not silently dropped: a policy field Ferry does
 //! not know would otherwise be a policy Ferry does not enforce.
-//! (PeerAuthentication is shared with the agent: `ferry_model::peer_auth`.)
+//! (PeerAuthentication and AuthorizationPolicy are shared with the agent:
+//! `ferry_model::peer_auth`, `ferry_model::authz`.)
 
 use std::collections::BTreeMap;
 
@@ -418,94 +419,4 @@ pub struct Subset {
     pub labels: BTreeMap<String, String>,
     #[serde(default)]
     pub traffic_policy: Option<TrafficPolicy>,
-}
-
-#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct AuthorizationPolicySpec {
-    #[serde(default)]
-    pub selector: Option<ferry_model::peer_auth::Selector>,
-    #[serde(default)]
-    pub action: AuthzAction,
-    #[serde(default)]
-    pub rules: Vec<Rule>,
-}
-
-#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
-#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
-pub enum AuthzAction {
-    #[default]
-    Allow,
-    Deny,
-    Audit,
-    Custom,
-}
-
-#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct Rule {
-    #[serde(default)]
-    pub from: Vec<RuleFrom>,
-    #[serde(default)]
-    pub to: Vec<RuleTo>,
-    #[serde(default)]
-    pub when: Vec<Condition>,
-}
-
-#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct RuleFrom {
-    pub source: Source,
-}
-
-#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct Source {
-    #[serde(default)]
-    pub principals: Vec<String>,
-    #[serde(default)]
-    pub not_principals: Vec<String>,
-    #[serde(default)]
-    pub namespaces: Vec<String>,
-    #[serde(default)]
-    pub not_namespaces: Vec<String>,
-    #[serde(default)]
-    pub ip_blocks: Vec<String>,
-    #[serde(default)]
-    pub not_ip_blocks: Vec<String>,
-}
-
-#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct RuleTo {
-    pub operation: Operation,
-}
-
-#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct Operation {
-    #[serde(default)]
-    pub hosts: Vec<String>,
-    #[serde(default)]
-    pub ports: Vec<String>,
-    #[serde(default)]
-    pub methods: Vec<String>,
-    #[serde(default)]
-    pub paths: Vec<String>,
-    #[serde(default)]
-    pub not_ports: Vec<String>,
-    #[serde(default)]
-    pub not_methods: Vec<String>,
-    #[serde(default)]
-    pub not_paths: Vec<String>,
-}
-
-#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct Condition {
-    pub key: String,
-    #[serde(default)]
-    pub values: Vec<String>,
-    #[serde(default)]
-    pub not_values: Vec<String>,
 }

@@ -16,6 +16,7 @@ use k8s_openapi::{
     },
     apimachinery::pkg::apis::meta::v1::ObjectMeta,
 };
+use ferry_model::authz::{AuthorizationPolicySpec, AuthzPolicy};
 use serde::{Deserialize, Serialize};
 
 pub use parse::{parse_file, Doc};
@@ -42,7 +43,8 @@ pub enum Object {
     Service(Arc<Service>),
     EndpointSlice(Arc<EndpointSlice>),
     PeerAuthentication(Arc<ferry_model::peer_auth::PeerAuthentication>),
-    AuthorizationPolicy(Arc<Custom<istio::AuthorizationPolicySpec>>),
+    /// The spec is the model's (`ferry_model::authz`): the type the agent enforces.
+    AuthorizationPolicy(Arc<Custom<AuthorizationPolicySpec>>),
     VirtualService(Arc<Custom<istio::VirtualServiceSpec>>),
     DestinationRule(Arc<Custom<istio::DestinationRuleSpec>>),
     HttpRoute(Arc<Custom<gateway::HttpRouteSpec>>),
@@ -151,6 +153,14 @@ impl Cluster {
         }
     }
 
+    /// Every AuthorizationPolicy, as the agent holds it (namespace from its key).
+    pub fn authorization_policies(&self) -> impl Iterator<Item = (&Key, &Located, AuthzPolicy)> {
+        self.objects.iter().filter_map(|(k, l)| match &l.object {
+            Object::AuthorizationPolicy(p) => Some((k, l, authz_policy(k, p))),
+            _ => None,
+        })
+    }
+
     pub fn service(&self, namespace: &str, name: &str) -> Option<&Service> {
         let key = Key {
             kind: "Service".into(),
@@ -161,6 +171,16 @@ impl Cluster {
             Some(Object::Service(s)) => Some(s),
             _ => None,
         }
+    }
+}
+
+/// The model's policy for the object at `key` (its namespace is the key's:
+/// `default` when the object names none).
+pub fn authz_policy(key: &Key, p: &Custom<AuthorizationPolicySpec>) -> AuthzPolicy {
+    AuthzPolicy {
+        name: key.name.clone(),
+        namespace: key.namespace.clone(),
+        spec: p.spec.clone(),
     }
 }
 
@@ -211,7 +231,7 @@ pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
         total += n * scale;
         rest = tail;
     }
-    Ok(std::time::Duration::from_secs_f64(total))
+    std::time::Duration::try_from_secs_f64(total).map_err(|_| format!("{s:?} is out of range for a duration"))
 }
 
 #[cfg(test)]
@@ -225,7 +245,7 @@ mod tests {
         assert_eq!(parse_duration("1h30m").unwrap().as_secs(), 5400);
         assert_eq!(parse_duration("0.5s").unwrap().as_millis(), 500);
         assert_eq!(parse_duration("100ms").unwrap().as_millis(), 100);
-        for bad in ["", "7", "s", "7 s", "7x", "1..2s"] {
+        for bad in ["", "7", "s", "7 s", "7x", "1..2s", "99999999999999999999h"] {
             assert!(parse_duration(bad).is_err(), "{bad}");
         }
     }

@@ -8,6 +8,8 @@ use std::sync::Arc;
 use k8s_openapi::api::core::v1::Pod;
 use serde::de::DeserializeOwned;
 
+use ferry_model::authz::AuthorizationPolicySpec;
+
 use super::{Custom, Key, Object, Problem, Severity};
 
 /// One good document of a file.
@@ -150,7 +152,7 @@ pub fn parse_file(file: &str, text: &str) -> (Vec<Doc>, Vec<Problem>) {
                 continue;
             }
         };
-        let errors = validate(&object);
+        let errors = validate(&key, &object);
         if errors.is_empty() {
             docs.push(Doc { key, object, line });
         } else {
@@ -173,7 +175,7 @@ fn typed(kind: &str, doc: &str) -> Result<Object, String> {
         "Service" => Object::Service(Arc::new(de(doc)?)),
         "EndpointSlice" => Object::EndpointSlice(Arc::new(de(doc)?)),
         "PeerAuthentication" => Object::PeerAuthentication(Arc::new(de(doc)?)),
-        "AuthorizationPolicy" => Object::AuthorizationPolicy(Arc::new(de::<Custom<_>>(doc)?)),
+        "AuthorizationPolicy" => Object::AuthorizationPolicy(Arc::new(authorization_policy(doc)?)),
         "VirtualService" => Object::VirtualService(Arc::new(de::<Custom<_>>(doc)?)),
         "DestinationRule" => Object::DestinationRule(Arc::new(de::<Custom<_>>(doc)?)),
         "HTTPRoute" => Object::HttpRoute(Arc::new(de::<Custom<_>>(doc)?)),
@@ -181,6 +183,19 @@ fn typed(kind: &str, doc: &str) -> Result<Object, String> {
         "TCPRoute" => Object::TcpRoute(Arc::new(de::<Custom<_>>(doc)?)),
         _ => Object::Other,
     })
+}
+
+/// An AuthorizationPolicy without `spec` is Istio's empty spec (an ALLOW
+/// with no rules: allow-nothing), not an error.
+fn authorization_policy(doc: &str) -> Result<Custom<AuthorizationPolicySpec>, String> {
+    let mut v: serde_norway::Value = serde_norway::from_str(doc).map_err(|e| e.to_string())?;
+    if v.get("spec").is_some() {
+        return de(doc); // from the text, so errors keep their line numbers
+    }
+    if let Some(m) = v.as_mapping_mut() {
+        m.insert("spec".into(), serde_norway::Value::Mapping(Default::default()));
+    }
+    serde_norway::from_value(v).map_err(|e| e.to_string())
 }
 
 /// Makes serde's "at line N" (within the document) a line of the file.
@@ -213,9 +228,19 @@ fn split_serde_error(e: &str) -> (String, String) {
 }
 
 /// What the types cannot say. Each (field, reason) rejects the object.
-fn validate(o: &Object) -> Vec<(String, String)> {
+fn validate(key: &Key, o: &Object) -> Vec<(String, String)> {
     let mut p = Vec::new();
     match o {
+        // The agent's own validation (`ferry_model::authz::validate`): what it
+        // would refuse is refused here, with the same field paths.
+        Object::AuthorizationPolicy(ap) => {
+            for e in ferry_model::authz::validate(&super::authz_policy(key, ap)) {
+                match e.split_once(": ") {
+                    Some((field, reason)) => p.push((field.to_owned(), reason.to_owned())),
+                    None => p.push((String::new(), e)),
+                }
+            }
+        }
         Object::Pod(pod) => validate_pod(pod, &mut p),
         Object::VirtualService(vs) => {
             if vs.spec.hosts.is_empty() {

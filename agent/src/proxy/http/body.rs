@@ -8,6 +8,8 @@
 //! - [`Counted`]: a response body on its way to the client, counting bytes,
 //!   reading `grpc-status` from trailers, and ending the request's record
 //!   when it ends (or is dropped).
+//! - [`Metered`]: a request body passed on as it comes, counted (the
+//!   destination side, which keeps nothing: it does not retry).
 
 use std::{
     collections::VecDeque,
@@ -201,6 +203,50 @@ pub fn replay(k: &Kept) -> Body {
         trailers: k.trailers.clone(),
     }
     .boxed_unsync()
+}
+
+/// A request body on its way, counting its data bytes into `counted`.
+pub struct Metered<B> {
+    inner: B,
+    counted: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl<B> Metered<B> {
+    pub fn new(inner: B, counted: Arc<std::sync::atomic::AtomicU64>) -> Self {
+        Self { inner, counted }
+    }
+}
+
+impl<B> HttpBody for Metered<B>
+where
+    B: HttpBody<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
+{
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(d) = frame.data_ref() {
+                    this.counted.fetch_add(d.len() as u64, Ordering::Relaxed);
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e.into()))),
+            Poll::Ready(None) => Poll::Ready(None),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
 }
 
 /// A response body on its way to the client. See the module doc.

@@ -1,6 +1,7 @@
-//! The L7 half of the outbound path: HTTP/1.1, HTTP/2 and gRPC from an
-//! enrolled pod, routed per request on the source side (as a sidecar would,
-//! with no extra hop).
+//! The L7 path: HTTP/1.1, HTTP/2 and gRPC from an enrolled pod, routed per
+//! request on the source side (as a sidecar would, with no extra hop), and
+//! served per request at the destination on HTTP Service ports
+//! (authorization with the HTTP attributes, destination metrics).
 //!
 //! - [`detect`]: protocol detection for undeclared ports (bounded wait);
 //! - [`server`]: serves the client connection (hyper, HTTP/1.1 and HTTP/2),
@@ -11,12 +12,21 @@
 //! - [`upstream`]: pooled client connections per (pod, endpoint, version),
 //!   over the same transports as the L4 path (local delivery, tunnel, direct);
 //! - [`body`]: request bodies kept for retries and mirrors, response bodies
-//!   counted for telemetry.
+//!   counted for telemetry;
+//! - [`destination`]: the destination side (inbound connections to an HTTP
+//!   Service port): per-request authorization, 403 `RBAC`, request metrics
+//!   with `reporter="destination"`, access log;
+//! - [`path`]: paths normalized before authorization (RFC 3986);
+//! - [`traced`]: the tracing hooks (spans started and ended around each
+//!   request on both sides, trace context headers rewritten).
 
 pub mod body;
+pub mod destination;
 pub mod detect;
+pub mod path;
 pub mod route;
 pub mod server;
+pub mod traced;
 pub mod upstream;
 
 use std::sync::Arc;

@@ -37,6 +37,7 @@ use tokio::{
 use super::{
     body::{self, grpc_status, Body, Counted, Replay, Tee},
     route::{self, Chosen, Dest, Headers},
+    traced,
     upstream::{self, SendError, Version},
 };
 use crate::{
@@ -45,6 +46,7 @@ use crate::{
         http::{Flag, RequestProtocol, RequestRecord},
         metrics::{tcp_labels, Peer, Reporter, TcpLabels},
         outcome::Outcome,
+        trace::Kind,
         ConnGuard,
     },
 };
@@ -70,7 +72,7 @@ where
     let cx = Arc::new(ConnCx { proxy, pod, orig });
     let svc = hyper::service::service_fn(move |req| {
         let cx = cx.clone();
-        async move { Ok::<_, Infallible>(handle(cx, req).await) }
+        async move { Ok::<_, Infallible>(traced_handle(cx, req).await) }
     });
     let mut b = auto::Builder::new(TokioExecutor::new());
     b.http1().timer(TokioTimer::new()).keep_alive(true);
@@ -78,6 +80,30 @@ where
     if let Err(e) = b.serve_connection_with_upgrades(TokioIo::new(client), svc).await {
         g.outcome = Outcome::Relay(std::io::Error::other(e));
     }
+}
+
+/// [`handle`] inside the request's client span (`settings.tracing`): the
+/// upstream request carries the span's context.
+async fn traced_handle(cx: Arc<ConnCx>, mut req: Request<Incoming>) -> Response<Body> {
+    let state = cx.proxy.state();
+    let port = cx.orig.port();
+    let span = traced::start(
+        &cx.proxy,
+        &state,
+        Kind::Client,
+        &cx.pod.workload,
+        &mut req,
+        cx.pod.workload.ip,
+        || {
+            let service = state
+                .service_at(cx.orig)
+                .map(|(s, _)| format!("{}/{}", s.namespace, s.name));
+            traced::span_name(service.as_deref(), *cx.orig.ip(), port)
+        },
+    );
+    drop(state);
+    let resp = handle(cx, req).await;
+    traced::finish(span, resp, port)
 }
 
 /// The upstream request, rebuilt for each attempt and mirror.
@@ -139,7 +165,9 @@ const HOP_BY_HOP: [&str; 8] = [
     "expect",
 ];
 
-fn strip_hop_by_hop(h: &mut HeaderMap, upgrade: bool) {
+/// Removes the hop-by-hop headers (keeping `connection`/`upgrade` for an
+/// upgrade, and `te: trailers`).
+pub(super) fn strip_hop_by_hop(h: &mut HeaderMap, upgrade: bool) {
     for name in HOP_BY_HOP {
         if upgrade && (name == "connection" || name == "upgrade") {
             continue;
@@ -151,7 +179,8 @@ fn strip_hop_by_hop(h: &mut HeaderMap, upgrade: bool) {
     }
 }
 
-fn is_grpc(h: &HeaderMap) -> bool {
+/// Whether a request is gRPC (`content-type: application/grpc*`).
+pub(super) fn is_grpc(h: &HeaderMap) -> bool {
     h.get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.starts_with("application/grpc"))
@@ -180,15 +209,23 @@ fn labels(proxy: &Proxy, state: &State, pod: &PodCtx, dst: Option<&Route>, servi
 }
 
 /// A response made here (not by an upstream).
-fn local_reply(mut rec: RequestRecord, status: StatusCode, headers: HeaderMap, text: &'static str) -> Response<Body> {
+pub(super) fn local_reply(
+    mut rec: RequestRecord,
+    status: StatusCode,
+    headers: HeaderMap,
+    text: &'static str,
+) -> Response<Body> {
     rec.status = status.as_u16();
-    let mut r = Response::new(Counted::new(body::full(text), rec).boxed_unsync());
+    let mut r = Response::new(());
+    traced::note(&mut r, &rec);
+    let mut r = r.map(|()| Counted::new(body::full(text), rec).boxed_unsync());
     *r.status_mut() = status;
     *r.headers_mut() = headers;
     r
 }
 
-fn failed(mut rec: RequestRecord, flag: Flag) -> Response<Body> {
+/// The agent's own answer for a request that failed with `flag`.
+pub(super) fn failed(mut rec: RequestRecord, flag: Flag) -> Response<Body> {
     rec.flags.insert(flag);
     let (status, text) = match flag {
         Flag::UpstreamTimeout => (StatusCode::GATEWAY_TIMEOUT, "upstream request timeout"),
@@ -219,18 +256,24 @@ fn abort(mut rec: RequestRecord, status: AbortStatus) -> Response<Body> {
             HeaderMap::new(),
             "fault filter abort",
         ),
-        AbortStatus::Grpc(code) => {
-            rec.grpc_status = Some(code);
-            let mut h = HeaderMap::new();
-            h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
-            h.insert("grpc-status", HeaderValue::from(code));
-            h.insert("grpc-message", HeaderValue::from_static("fault filter abort"));
-            rec.status = 200;
-            let mut r = Response::new(Counted::new(body::empty(), rec).boxed_unsync());
-            *r.headers_mut() = h;
-            r
-        }
+        AbortStatus::Grpc(code) => grpc_reply(rec, code, "fault filter abort"),
     }
+}
+
+/// A gRPC answer made here: trailers-only (HTTP 200, `grpc-status` and
+/// `grpc-message` in the headers, no body).
+pub(super) fn grpc_reply(mut rec: RequestRecord, code: u32, message: &'static str) -> Response<Body> {
+    rec.grpc_status = Some(code);
+    let mut h = HeaderMap::new();
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
+    h.insert("grpc-status", HeaderValue::from(code));
+    h.insert("grpc-message", HeaderValue::from_static(message));
+    rec.status = 200;
+    let mut r = Response::new(());
+    traced::note(&mut r, &rec);
+    let mut r = r.map(|()| Counted::new(body::empty(), rec).boxed_unsync());
+    *r.headers_mut() = h;
+    r
 }
 
 async fn handle(cx: Arc<ConnCx>, mut req: Request<Incoming>) -> Response<Body> {
@@ -446,7 +489,9 @@ fn respond(
     if let Some(b) = backend {
         route::apply(&mut parts.headers, &b.response_headers);
     }
-    Response::from_parts(parts, Counted::new(incoming, rec).boxed_unsync())
+    let mut resp = Response::from_parts(parts, ());
+    traced::note(&mut resp, &rec);
+    resp.map(|()| Counted::new(incoming, rec).boxed_unsync())
 }
 
 /// Tries the request up to `1 + retries.attempts` times, choosing an

@@ -21,7 +21,7 @@ use std::{
     collections::HashMap,
     io,
     net::SocketAddrV4,
-    sync::Mutex,
+    sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
 
@@ -161,20 +161,22 @@ impl Pool {
         m.retain(|_, l| !l.is_empty());
     }
 
-    /// Idle senders held (for tests and views).
+    /// Idle senders held whose connections are still open (for tests and
+    /// views).
     pub fn idle_count(&self) -> usize {
         self.idle
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .values()
-            .map(Vec::len)
-            .sum()
+            .flatten()
+            .filter(|i| !i.sender.closed())
+            .count()
     }
 
     /// Sends `req` from `pod` to `route`'s endpoint over a pooled connection.
     pub async fn send(
         &self,
-        proxy: &Proxy,
+        proxy: &Arc<Proxy>,
         pod: &PodCtx,
         route: &Route,
         version: Version,
@@ -245,7 +247,7 @@ async fn try_send(s: Sender, req: Request<Body>) -> TryResult {
 
 /// Opens the transport to `route`'s endpoint the way the L4 path does
 /// (local delivery, tunnel, direct), then the HTTP handshake.
-async fn connect(proxy: &Proxy, pod: &PodCtx, route: &Route, version: Version) -> Result<Sender, SendError> {
+async fn connect(proxy: &Arc<Proxy>, pod: &PodCtx, route: &Route, version: Version) -> Result<Sender, SendError> {
     let open = async {
         let stream = outbound::open_upstream(proxy, pod, route).await?;
         let io = TokioIo::new(stream);
@@ -284,7 +286,7 @@ async fn connect(proxy: &Proxy, pod: &PodCtx, route: &Route, version: Version) -
 /// A connection of its own for an upgrade (HTTP/1.1): the request is sent
 /// and the connection is left to the upgrade.
 pub async fn send_upgrade(
-    proxy: &Proxy,
+    proxy: &Arc<Proxy>,
     pod: &PodCtx,
     route: &Route,
     req: Request<Body>,
