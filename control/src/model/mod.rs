@@ -9,6 +9,7 @@ pub mod parse;
 
 use std::{collections::BTreeMap, fmt, sync::Arc};
 
+use ferry_model::authz::{AuthorizationPolicySpec, AuthzPolicy};
 use k8s_openapi::{
     api::{
         core::v1::{Namespace, Pod, Service},
@@ -16,7 +17,6 @@ use k8s_openapi::{
     },
     apimachinery::pkg::apis::meta::v1::ObjectMeta,
 };
-use ferry_model::authz::{AuthorizationPolicySpec, AuthzPolicy};
 use serde::{Deserialize, Serialize};
 
 pub use parse::{parse_file, Doc};
