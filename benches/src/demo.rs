@@ -332,8 +332,9 @@ pub fn run(bins: PathBuf, keep: bool) -> Result<()> {
 
     section("What the agents did: access log, one line per connection and per HTTP request");
     println!("  connections, counted by node, direction, source, original destination and outcome:");
-    let mut conns: std::collections::BTreeMap<(usize, String, String, String, String), (u64, u64, u64)> =
-        Default::default();
+    // (node, direction, source, original destination, outcome) -> (count, sent, received)
+    type ConnKey = (usize, String, String, String, String);
+    let mut conns: std::collections::BTreeMap<ConnKey, (u64, u64, u64)> = Default::default();
     for n in 0..s.spec.nodes {
         for l in s.access_log(n).into_iter().filter(|l| l["message"] != "request") {
             let f = |k: &str| l[k].as_str().map(str::to_owned).unwrap_or_else(|| l[k].to_string());
@@ -366,8 +367,8 @@ pub fn run(bins: PathBuf, keep: bool) -> Result<()> {
         }
     }
     println!(
-        "  {:>6}  {:<24} {:<40} {:<6} {}",
-        "count", "source", "route", "status", "upstream"
+        "  {:>6}  {:<24} {:<40} {:<6} upstream",
+        "count", "source", "route", "status"
     );
     for ((source, route, status, upstream), c) in &by {
         println!("  {c:>6}  {source:<24} {route:<40} {status:<6} {upstream}");

@@ -2,10 +2,12 @@
 //! cluster-in-a-box (`ferry-box`, the harness it drives): the data-path
 //! benchmarks ([`bench`], with its HTTP rows in [`bench_http`]: wrk and
 //! h2load through Ferry's L4 and L7 paths), the control plane at scale
-//! ([`bench_control`]) and the narrated demo ([`demo`]). `cargo xtask bench` and `cargo xtask demo`
+//! ([`bench_control`]), authorization decisions with 10,000 policies
+//! ([`bench_authz`]) and the narrated demo ([`demo`]). `cargo xtask bench` and `cargo xtask demo`
 //! build everything and run the `ferry-bench` binary.
 
 pub mod bench;
+pub mod bench_authz;
 pub mod bench_control;
 pub mod bench_http;
 pub mod demo;

@@ -99,3 +99,44 @@ fn quick_control_plane_benchmark_runs_and_writes_the_report() {
     assert!(md.contains("change → agent p50"), "{md}");
     let _ = std::fs::remove_dir_all(dir);
 }
+
+#[test]
+fn quick_authorization_benchmark_runs_and_writes_the_report() {
+    let dir = std::env::temp_dir().join(format!("ferry-authz-bench-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let out = dir.join("report");
+    let bins = ferry_box::default_bin_dir();
+    let st = std::process::Command::new(bins.join("ferry-bench"))
+        .args(["bench", "--only", "authz", "--quick", "--out", out.to_str().unwrap()])
+        .stdout(std::process::Stdio::null())
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.with_extension("json")).unwrap()).unwrap();
+    let rows = report["rows"].as_array().unwrap();
+    // The decisions are the expected ones, over the expected policy sets.
+    let verdicts: Vec<(&str, u64)> = rows
+        .iter()
+        .map(|r| {
+            (
+                r["verdict"].as_str().unwrap(),
+                r["applicable_policies"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        verdicts,
+        [
+            ("allow", 100),
+            ("deny (no_allow_matched)", 100),
+            ("allow", 100),
+            ("deny (no_allow_matched)", 1000)
+        ],
+        "{report}"
+    );
+    assert!(rows.iter().all(|r| r["ns_per_decision"].as_f64().unwrap() > 0.0));
+    let md = std::fs::read_to_string(out.with_extension("md")).unwrap();
+    assert!(md.contains("ns per decision"), "{md}");
+    let _ = std::fs::remove_dir_all(dir);
+}

@@ -548,8 +548,7 @@ fn a_restart_with_the_control_plane_down_serves_the_saved_config() {
     let log = b.agent_log(0);
     let resumed = log
         .lines()
-        .filter(|l| l.contains("subscribed to the control plane"))
-        .last()
+        .rfind(|l| l.contains("subscribed to the control plane"))
         .unwrap_or_default();
     assert!(
         !resumed.contains("\"resumed_resources\":0"),

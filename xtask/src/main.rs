@@ -91,12 +91,15 @@ fn main() -> Result<()> {
                 }
                 None => "docs/benchmarks".to_owned(),
             };
-            // The data path on the box, then the control plane at scale.
+            // The data path on the box, then the control plane at scale,
+            // then authorization decisions with 10,000 policies.
             for (cmd, out) in [
-                ("bench", out.clone()),
-                ("bench-control", format!("{out}-control-plane")),
+                (&["bench"][..], out.clone()),
+                (&["bench-control"][..], format!("{out}-control-plane")),
+                (&["bench", "--only", "authz"][..], format!("{out}-authz")),
             ] {
-                let mut args = vec![cmd.to_owned(), "--out".into(), out];
+                let mut args: Vec<String> = cmd.iter().map(|a| a.to_string()).collect();
+                args.extend(["--out".to_owned(), out]);
                 if quick {
                     args.push("--quick".into());
                 }

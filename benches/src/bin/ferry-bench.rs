@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
-use ferry_bench::{bench, bench_control, bench_http, demo};
+use ferry_bench::{bench, bench_authz, bench_control, bench_http, demo};
 use ferry_box::default_bin_dir;
 
 #[derive(Parser)]
@@ -34,8 +34,9 @@ enum Cmd {
         #[arg(long)]
         out: Option<PathBuf>,
         /// Run one section only: `http` (wrk and h2load, direct vs Ferry L4
-        /// vs Ferry L7 vs the HAProxy sidecar model). A partial report never
-        /// goes to docs/ by default.
+        /// vs Ferry L7 vs the HAProxy sidecar model; a partial report never
+        /// goes to docs/ by default) or `authz` (AuthorizationPolicy decision
+        /// cost with 10,000 policies, no box; docs/benchmarks-authz by default).
         #[arg(long, value_enum)]
         only: Option<Section>,
     },
@@ -55,6 +56,7 @@ enum Cmd {
 #[derive(Clone, Copy, clap::ValueEnum)]
 enum Section {
     Http,
+    Authz,
 }
 
 /// Where a report goes by default: docs/ for a full run; a quick run's
@@ -82,6 +84,20 @@ fn main() -> Result<()> {
             };
             let sizes = if quick { bench_http::QUICK } else { bench_http::FULL };
             bench_http::bench(sizes, quick, &default_bin_dir(), &out)
+        }
+        Cmd::Bench {
+            quick,
+            out,
+            only: Some(Section::Authz),
+        } => {
+            let out = match out {
+                Some(out) => out,
+                None => default_out("benchmarks-authz", quick)?,
+            };
+            let sizes = if quick { bench_authz::QUICK } else { bench_authz::FULL };
+            let r = bench_authz::bench(sizes, &out)?;
+            println!("{}", serde_json::to_string_pretty(&r)?);
+            Ok(())
         }
         Cmd::Bench { quick, out, only: None } => {
             let out = match out {

@@ -1,0 +1,216 @@
+//! The cost of authorization decisions (issue 14): Istio
+//! `AuthorizationPolicy` evaluation with 10,000 policies in the config, as
+//! the destination agent does it (`State::authz_for` picks the policies that
+//! apply to the destination pod once per snapshot; `authz::evaluate` runs per
+//! connection, and per request on HTTP ports). Pure CPU, no box: the figures
+//! are nanoseconds per decision and the time to build a snapshot.
+//!
+//! Cases, each timed over many decisions after a warm-up:
+//! - **typical**: 10,000 policies over 100 namespaces; the pod has 100
+//!   applicable ALLOW policies (its namespace's), the caller matches the last;
+//! - **denied**: same policies, a caller no rule admits (every rule scanned);
+//! - **mesh-wide worst case**: all 10,000 policies in the root namespace, so
+//!   every one applies to every pod; the caller matches none (full scan);
+//! - **L7**: the typical case with HTTP attributes (methods and paths), as
+//!   on an HTTP port per request.
+
+use std::{
+    fmt::Write as _,
+    hint::black_box,
+    net::{IpAddr, Ipv4Addr},
+    path::Path,
+    time::Instant,
+};
+
+use anyhow::{Context, Result};
+use ferry_model::{
+    authz::{evaluate, HttpAttrs, Request, Verdict},
+    state::State,
+    ConfigFile,
+};
+use serde::Serialize;
+
+pub struct Sizes {
+    pub policies: usize,
+    pub namespaces: usize,
+    /// Decisions timed per case.
+    pub decisions: u32,
+}
+
+pub const FULL: Sizes = Sizes {
+    policies: 10_000,
+    namespaces: 100,
+    decisions: 200_000,
+};
+pub const QUICK: Sizes = Sizes {
+    policies: 1_000,
+    namespaces: 10,
+    decisions: 5_000,
+};
+
+#[derive(Serialize)]
+pub struct Row {
+    pub case: &'static str,
+    pub applicable_policies: usize,
+    pub verdict: String,
+    pub ns_per_decision: f64,
+}
+
+#[derive(Serialize)]
+pub struct Report {
+    pub policies: usize,
+    pub snapshot_build_ms: f64,
+    pub rows: Vec<Row>,
+}
+
+/// `count` ALLOW policies spread over `namespaces` (or all in the root
+/// namespace), each admitting one service account, optionally on GET
+/// /api/<i> only.
+fn config(count: usize, namespaces: usize, root: bool, l7: bool) -> String {
+    let mut y = String::from(
+        "node: n1\nworkloads:\n  - {uid: dst, name: dst, namespace: ns0, node: n1, ip: 10.1.0.2, enrolled: true, labels: {app: dst}}\nauthorizationPolicies:\n",
+    );
+    for i in 0..count {
+        let ns = if root {
+            "istio-system".to_owned()
+        } else {
+            format!("ns{}", i % namespaces)
+        };
+        let to = if l7 {
+            format!(", to: [{{operation: {{methods: [GET], paths: [/api/{i}/*]}}}}]")
+        } else {
+            String::new()
+        };
+        let _ = writeln!(
+            y,
+            "  - {{name: p{i}, namespace: {ns}, spec: {{rules: [{{from: [{{source: {{principals: [cluster.local/ns/{ns}/sa/caller-{i}]}}}}]{to}}}]}}}}"
+        );
+    }
+    y
+}
+
+fn time_decisions(state: &State, req: &Request<'_>, n: u32) -> (usize, String, f64) {
+    let dst = state
+        .workloads
+        .get("dst")
+        .expect("the destination pod is in the config");
+    let policies = state.authz_for(dst);
+    let refs: Vec<_> = policies.iter().map(|p| &**p).collect();
+    let verdict = match evaluate(&refs, req).verdict {
+        Verdict::Allow { .. } => "allow".to_owned(),
+        Verdict::Deny { reason, .. } => format!("deny ({})", reason.as_str()),
+    };
+    for _ in 0..n / 10 {
+        black_box(evaluate(black_box(&refs), black_box(req)));
+    }
+    let t = Instant::now();
+    for _ in 0..n {
+        black_box(evaluate(black_box(&refs), black_box(req)));
+    }
+    let ns = t.elapsed().as_nanos() as f64 / f64::from(n);
+    (refs.len(), verdict, ns)
+}
+
+struct NoHeaders;
+impl ferry_model::authz::Headers for NoHeaders {
+    fn get(&self, _name: &str) -> Option<&str> {
+        None
+    }
+}
+
+pub fn bench(sizes: Sizes, out: &Path) -> Result<Report> {
+    let parse = |text: String| -> Result<State> {
+        let cfg = ConfigFile::parse("bench", &text).map_err(|e| anyhow::anyhow!("{e}"))?;
+        Ok(State::from_config(cfg, 1))
+    };
+    let per_ns = sizes.policies / sizes.namespaces;
+    // The last policy of ns0 admits this caller.
+    let last = (per_ns - 1) * sizes.namespaces;
+    let allowed = format!("spiffe://cluster.local/ns/ns0/sa/caller-{last}");
+    let req = |principal: &'static str, http: Option<HttpAttrs<'static>>| Request {
+        source_principal: Some(principal),
+        source_namespace: Some("ns0"),
+        source_ip: IpAddr::V4(Ipv4Addr::new(10, 1, 0, 9)),
+        destination_ip: IpAddr::V4(Ipv4Addr::new(10, 1, 0, 2)),
+        destination_port: 9080,
+        sni: None,
+        http,
+    };
+    let allowed: &'static str = Box::leak(allowed.into_boxed_str());
+    let path: &'static str = Box::leak(format!("/api/{last}/items").into_boxed_str());
+    let nobody = "spiffe://cluster.local/ns/ns0/sa/nobody";
+    let mut rows = Vec::new();
+
+    let t = Instant::now();
+    let typical = parse(config(sizes.policies, sizes.namespaces, false, false))?;
+    let snapshot_build_ms = t.elapsed().as_secs_f64() * 1e3;
+    for (case, principal) in [
+        ("typical: caller admitted by the last policy", allowed),
+        ("denied: no rule admits the caller", nobody),
+    ] {
+        let (n, verdict, ns) = time_decisions(&typical, &req(principal, None), sizes.decisions);
+        rows.push(Row {
+            case,
+            applicable_policies: n,
+            verdict,
+            ns_per_decision: ns,
+        });
+    }
+    let l7 = parse(config(sizes.policies, sizes.namespaces, false, true))?;
+    let http = HttpAttrs {
+        method: "GET",
+        path,
+        host: "dst.ns0:9080",
+        headers: &NoHeaders,
+    };
+    let (n, verdict, ns) = time_decisions(&l7, &req(allowed, Some(http)), sizes.decisions);
+    rows.push(Row {
+        case: "L7 per request: GET on the last policy's path",
+        applicable_policies: n,
+        verdict,
+        ns_per_decision: ns,
+    });
+    let root = parse(config(sizes.policies, sizes.namespaces, true, false))?;
+    let (n, verdict, ns) = time_decisions(&root, &req(nobody, None), (sizes.decisions / 20).max(100));
+    rows.push(Row {
+        case: "mesh-wide worst case: every policy applies, none admits",
+        applicable_policies: n,
+        verdict,
+        ns_per_decision: ns,
+    });
+
+    let report = Report {
+        policies: sizes.policies,
+        snapshot_build_ms,
+        rows,
+    };
+    write(&report, out)?;
+    Ok(report)
+}
+
+fn write(r: &Report, out: &Path) -> Result<()> {
+    let json = serde_json::to_string_pretty(r)?;
+    std::fs::write(out.with_extension("json"), json).with_context(|| format!("writing {}", out.display()))?;
+    let mut md = format!(
+        "# Authorization: decision cost\n\n\
+         `cargo xtask bench --only authz` (`benches/src/bench_authz.rs`): {} `AuthorizationPolicy` objects in one\n\
+         agent config, evaluated by `ferry_model::authz::evaluate` over the policies `State::authz_for` found for the\n\
+         destination pod (once per snapshot). Pure CPU, one core, this machine.\n\n\
+         Building the snapshot (parse, validate, per-pod policy index): {:.1} ms.\n\n\
+         | case | applicable policies | verdict | ns per decision |\n|---|---|---|---|\n",
+        r.policies, r.snapshot_build_ms
+    );
+    for row in &r.rows {
+        let _ = writeln!(
+            md,
+            "| {} | {} | {} | {:.0} |",
+            row.case, row.applicable_policies, row.verdict, row.ns_per_decision
+        );
+    }
+    md.push_str(
+        "\nA decision is made once per connection on TCP ports and once per request on HTTP ports. ztunnel's\n\
+         `rbac` benchmark measures the same kind of decision; compare orders of magnitude, not digits.\n",
+    );
+    std::fs::write(out.with_extension("md"), md).with_context(|| format!("writing {}", out.display()))?;
+    Ok(())
+}
