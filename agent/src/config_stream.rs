@@ -211,9 +211,14 @@ async fn session(
                 got = true;
                 let next = held.as_ref().map_or_else(|| Resources::default().with(&resp), |h| h.with(&resp));
                 let settings_now = settings.borrow().clone();
-                let answer = match next.to_config(node, &settings_now) {
-                    Ok(cfg) => {
-                        sinks.apply.apply(cfg).await;
+                // Validated whole, then applied whole: the reconciler refuses
+                // (changing nothing) what the node cannot hold.
+                let applied = match next.to_config(node, &settings_now) {
+                    Ok(cfg) => sinks.apply.try_apply(cfg).await.map_err(|e| e.to_string()),
+                    Err(problems) => Err(problems.join("; ")),
+                };
+                let answer = match applied {
+                    Ok(_) => {
                         tracing::info!(
                             nonce = %resp.nonce,
                             system_version = resp.system_version,
@@ -232,9 +237,8 @@ async fn session(
                         *held = Some(next);
                         String::new()
                     }
-                    Err(problems) => {
+                    Err(why) => {
                         sinks.rejected.inc();
-                        let why = problems.join("; ");
                         set_status(sinks, |s| s.last_nack = Some(why.clone()));
                         tracing::error!(nonce = %resp.nonce, reason = %why, "config update rejected (NACK); keeping the previous config");
                         why

@@ -74,6 +74,25 @@ pub fn listener_addrs(ip: Ipv4Addr) -> [SocketAddrV4; 3] {
     ]
 }
 
+/// How much the node's maps hold: a desired state that needs more is refused
+/// whole (the reconciler's `check_capacity`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Capacity {
+    /// Enrolled pods on this node (`ferry_pods`, `ferry_inbound`,
+    /// `ferry_inbound_policy`, `ferry_traffic`: one entry each per pod).
+    pub pods: usize,
+    /// Mesh destinations, service VIP:port and pod IPs (`ferry_mesh_dst`).
+    pub mesh_destinations: usize,
+}
+
+impl Capacity {
+    /// The sizes declared in ferry.h.
+    pub const EBPF: Capacity = Capacity {
+        pods: maps::MAX_PODS as usize,
+        mesh_destinations: maps::MAX_MESH_DST as usize,
+    };
+}
+
 /// What the reconciler does to the node.
 pub trait Node: Send + 'static {
     type Pod: Send + Sync + 'static;
@@ -105,6 +124,10 @@ pub trait Node: Send + 'static {
     /// Forgets pod `ip`'s fallback (an enrollment that did not complete).
     fn clear_fallback(&mut self, _ip: Ipv4Addr) -> Result<(), EnrollError> {
         Ok(())
+    }
+    /// How much the node's maps hold (ferry.h's sizes unless the node says).
+    fn capacity(&self) -> Capacity {
+        Capacity::EBPF
     }
     /// Node-wide switches from the settings.
     fn configure(&mut self, settings: &Settings) -> Result<(), EnrollError>;
@@ -218,6 +241,18 @@ impl Node for EbpfNode {
 
     fn clear_fallback(&mut self, ip: Ipv4Addr) -> Result<(), EnrollError> {
         Ok(self.redirect.remove_inbound_policy(ip)?)
+    }
+
+    fn capacity(&self) -> Capacity {
+        let r = &self.redirect;
+        Capacity {
+            pods: ["ferry_pods", "ferry_inbound", "ferry_inbound_policy", "ferry_traffic"]
+                .map(|m| r.max_entries(m))
+                .into_iter()
+                .min()
+                .unwrap_or(0),
+            mesh_destinations: r.max_entries("ferry_mesh_dst"),
+        }
     }
 
     fn configure(&mut self, settings: &Settings) -> Result<(), EnrollError> {

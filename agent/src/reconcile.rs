@@ -28,13 +28,63 @@ use tokio::task::AbortHandle;
 
 use crate::{
     identity::Identities,
-    node::{listener_addrs, EnrollError, Node, Plumbed},
+    node::{listener_addrs, Capacity, EnrollError, Node, Plumbed},
     proxy::{Listeners, PodCtx, Proxy},
 };
 
 /// Takes a desired state and makes it so; returns the version applied.
 pub trait Apply: Send + Sync {
+    /// Applies `cfg`; a refused one is logged and the previous state stays
+    /// (the version returned is then the previous one).
     fn apply(&self, cfg: ConfigFile) -> BoxFuture<'_, u64>;
+    /// Applies `cfg`, or refuses it whole, changing nothing, and says why
+    /// (the config stream NACKs with that reason).
+    fn try_apply(&self, cfg: ConfigFile) -> BoxFuture<'_, Result<u64, Refused>> {
+        Box::pin(async move { Ok(self.apply(cfg).await) })
+    }
+}
+
+/// A desired state refused whole: nothing of it was applied.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Refused {
+    /// More than the node's eBPF maps hold; every overflow is listed.
+    #[error("desired state does not fit the node's eBPF maps, nothing applied: {}", .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "))]
+    Capacity(Vec<Overflow>),
+}
+
+/// One map (or set of per-pod maps) a desired state overflows.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Overflow {
+    #[error("{wanted} mesh destinations (service VIP:ports and enrolled pods) but ferry_mesh_dst holds {capacity}")]
+    MeshDestinations { wanted: usize, capacity: usize },
+    #[error("{wanted} enrolled pods on this node but the per-pod maps (ferry_pods, ferry_inbound, ferry_inbound_policy) hold {capacity}")]
+    Pods { wanted: usize, capacity: usize },
+}
+
+/// Whether `state` fits in maps of `cap` entries. The reconciler removes
+/// before it adds (unenroll before enroll, stale destinations before new
+/// ones), so what must fit is the desired state alone.
+pub fn check_capacity(cap: Capacity, state: &State) -> Result<(), Refused> {
+    let mut over = Vec::new();
+    let pods = state.local_enrolled().count();
+    if pods > cap.pods {
+        over.push(Overflow::Pods {
+            wanted: pods,
+            capacity: cap.pods,
+        });
+    }
+    let dsts = state.mesh_destinations().len();
+    if dsts > cap.mesh_destinations {
+        over.push(Overflow::MeshDestinations {
+            wanted: dsts,
+            capacity: cap.mesh_destinations,
+        });
+    }
+    if over.is_empty() {
+        Ok(())
+    } else {
+        Err(Refused::Capacity(over))
+    }
 }
 
 struct Enrolled<P> {
@@ -209,17 +259,33 @@ impl<N: Node> Reconciler<N> {
             .collect()
     }
 
-    /// Makes the node match `cfg`. Pods that fail to enroll are reported in
-    /// their status and left uncaptured; the rest proceed.
+    /// Makes the node match `cfg`, or, if it cannot fit, logs why and keeps
+    /// the previous state (see [`Reconciler::try_reconcile`]). Returns the
+    /// version now applied.
     pub async fn reconcile(&self, cfg: ConfigFile) -> u64 {
+        match self.try_reconcile(cfg).await {
+            Ok(v) => v,
+            Err(e) => {
+                tracing::error!(reason = %e, "config refused; keeping the previous config");
+                self.proxy.state().version
+            }
+        }
+    }
+
+    /// Makes the node match `cfg`. A desired state the node's maps cannot
+    /// hold is refused whole before anything changes. Pods that fail to
+    /// enroll are reported in their status and left uncaptured; the rest
+    /// proceed.
+    pub async fn try_reconcile(&self, cfg: ConfigFile) -> Result<u64, Refused> {
         let prev = self.proxy.state();
         let first = prev.version == 0;
         let state = Arc::new(State::from_config(cfg, prev.version + 1));
         let mut inner = self.inner.lock().await;
         if self.retired.load(Ordering::Acquire) {
             tracing::info!("config not applied: this agent has handed over to a new one");
-            return prev.version;
+            return Ok(prev.version);
         }
+        check_capacity(inner.node.capacity(), &state)?;
         if let Err(e) = inner.node.configure(&state.settings) {
             tracing::error!(error = %e, "cannot update node settings");
         }
@@ -296,7 +362,7 @@ impl<N: Node> Reconciler<N> {
             services = state.services.len(),
             "config applied"
         );
-        state.version
+        Ok(state.version)
     }
 
     /// Unenrolls pods no longer wanted, or whose spec changed (re-enrolled).
@@ -454,5 +520,62 @@ impl<N: Node> Reconciler<N> {
 impl<N: Node> Apply for Reconciler<N> {
     fn apply(&self, cfg: ConfigFile) -> BoxFuture<'_, u64> {
         Box::pin(self.reconcile(cfg))
+    }
+
+    fn try_apply(&self, cfg: ConfigFile) -> BoxFuture<'_, Result<u64, Refused>> {
+        Box::pin(self.try_reconcile(cfg))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `local` enrolled pods on n1, one on n2 and `services` one-port services.
+    fn state(local: usize, services: usize) -> State {
+        let mut y = String::from("node: n1\nworkloads:\n");
+        for i in 0..local {
+            y += &format!(
+                "  - {{uid: p{i}, name: p{i}, node: n1, ip: 10.1.1.{}, enrolled: true}}\n",
+                i + 1
+            );
+        }
+        y += "  - {uid: r, name: r, node: n2, ip: 10.1.2.1, enrolled: true}\nservices:\n";
+        for i in 0..services {
+            y += &format!(
+                "  - {{name: s{i}, vip: 10.96.0.{}, ports: [{{port: 80, targetPort: 80}}]}}\n",
+                i + 1
+            );
+        }
+        State::from_config(ConfigFile::parse("t", &y).unwrap(), 1)
+    }
+
+    #[test]
+    fn capacity_counts_local_pods_and_every_mesh_destination() {
+        let cap = Capacity {
+            pods: 2,
+            mesh_destinations: 5,
+        };
+        // Exactly full: 2 local pods; 3 pods (any node) + 2 VIP:ports.
+        assert_eq!(check_capacity(cap, &state(2, 2)), Ok(()));
+        assert_eq!(
+            check_capacity(cap, &state(2, 3)),
+            Err(Refused::Capacity(vec![Overflow::MeshDestinations {
+                wanted: 6,
+                capacity: 5
+            }]))
+        );
+        // Every overflow is reported, and the reason names the maps.
+        let err = check_capacity(cap, &state(3, 3)).unwrap_err();
+        assert_eq!(
+            err,
+            Refused::Capacity(vec![
+                Overflow::Pods { wanted: 3, capacity: 2 },
+                Overflow::MeshDestinations { wanted: 7, capacity: 5 },
+            ])
+        );
+        let why = err.to_string();
+        assert!(why.contains("nothing applied") && why.contains("ferry_pods") && why.contains("ferry_mesh_dst"));
+        assert_eq!(check_capacity(Capacity::EBPF, &state(3, 3)), Ok(()));
     }
 }

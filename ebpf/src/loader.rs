@@ -59,6 +59,12 @@ pub enum RedirectError {
     },
     #[error("pinning {path}: {reason}")]
     Pin { path: PathBuf, reason: String },
+    #[error("map {name} holds at most {capacity} entries; {wanted} wanted (nothing changed)")]
+    Full {
+        name: &'static str,
+        wanted: usize,
+        capacity: usize,
+    },
     #[error("opening {what} {path}: {source}")]
     Open {
         what: &'static str,
@@ -248,6 +254,33 @@ impl Redirector {
         };
         r.write_config()?;
         Ok(r)
+    }
+
+    /// `max_entries` of map `name` as loaded (a map reused from the pins of
+    /// an earlier build keeps its own size); ferry.h's value if unreadable.
+    pub fn max_entries(&self, name: &'static str) -> usize {
+        let declared = crate::maps::MAP_CAPACITY
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map(|(_, c)| *c);
+        let loaded = self.bpf.map(name).and_then(|m| {
+            let data = match m {
+                aya::maps::Map::HashMap(d) | aya::maps::Map::SockHash(d) | aya::maps::Map::PerCpuHashMap(d) => d,
+                _ => return None,
+            };
+            data.info().ok().map(|i| i.max_entries())
+        });
+        if let (Some(l), Some(d)) = (loaded, declared) {
+            if l != d {
+                tracing::warn!(
+                    map = name,
+                    loaded = l,
+                    declared = d,
+                    "a pinned map has another size than ferry.h's"
+                );
+            }
+        }
+        loaded.or(declared).unwrap_or(0) as usize
     }
 
     pub fn pin_dir(&self) -> &Path {
@@ -460,8 +493,18 @@ impl Redirector {
         }
     }
 
-    /// Makes `ferry_mesh_dst` equal to `want`.
+    /// Makes `ferry_mesh_dst` equal to `want`; if `want` cannot fit, changes
+    /// nothing and says so (never a partial set: a destination left out would
+    /// leave the pod unsteered, in plaintext).
     pub fn set_mesh_destinations(&mut self, want: &BTreeMap<(Ipv4Addr, u16), u32>) -> Result<()> {
+        let capacity = self.max_entries("ferry_mesh_dst");
+        if want.len() > capacity {
+            return Err(RedirectError::Full {
+                name: "ferry_mesh_dst",
+                wanted: want.len(),
+                capacity,
+            });
+        }
         let mut m: BpfHash<&mut MapData, DstKey, Dst> =
             BpfHash::try_from(self.bpf.map_mut("ferry_mesh_dst").expect("ferry_mesh_dst"))
                 .map_err(map_err("ferry_mesh_dst"))?;

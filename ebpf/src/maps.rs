@@ -23,6 +23,22 @@ pub const INBOUND_STRICT: u32 = 2;
 /// app (169.254.7.127, Istio ambient's).
 pub const PROBE_SOURCE: Ipv4Addr = Ipv4Addr::new(169, 254, 7, 127);
 
+/// FERRY_MAX_PODS: `max_entries` of every per-pod map (`ferry_pods`,
+/// `ferry_inbound`, `ferry_inbound_policy`, `ferry_traffic`).
+pub const MAX_PODS: u32 = 4096;
+/// FERRY_MAX_MESH_DST: `max_entries` of `ferry_mesh_dst`.
+pub const MAX_MESH_DST: u32 = 65536;
+
+/// The maps the agent fills from desired state, with their `max_entries` as
+/// declared in ferry.h (`capacity_tests` checks them against the object's BTF).
+pub const MAP_CAPACITY: &[(&str, u32)] = &[
+    ("ferry_pods", MAX_PODS),
+    ("ferry_inbound", MAX_PODS),
+    ("ferry_inbound_policy", MAX_PODS),
+    ("ferry_traffic", MAX_PODS),
+    ("ferry_mesh_dst", MAX_MESH_DST),
+];
+
 /// Names of the pinned maps, as declared in ferry.h.
 pub const MAP_NAMES: &[&str] = &[
     "ferry_config",
@@ -281,4 +297,73 @@ pub fn layouts() -> Vec<Layout> {
         layout!("ferry_inbound_policy", InboundPolicy, [mode, flags]),
         layout!("ferry_traffic", Traffic, [rx_packets, rx_bytes, tx_packets, tx_bytes]),
     ]
+}
+
+#[cfg(test)]
+mod capacity_tests {
+    //! `max_entries` of each map in the object's BTF: a map definition is a
+    //! VAR whose struct has a member `max_entries` of type `int (*)[N]`.
+
+    use std::collections::HashMap;
+
+    use object::{Object, ObjectSection};
+
+    fn max_entries(obj: &[u8]) -> HashMap<String, u32> {
+        let file = object::File::parse(obj).expect("ELF");
+        let btf = file.section_by_name(".BTF").expect(".BTF").data().expect("BTF data");
+        let u32_at = |o: usize| u32::from_le_bytes(btf[o..o + 4].try_into().unwrap());
+        let hdr = u32_at(4) as usize;
+        let (types, len, strs) = (hdr + u32_at(8) as usize, u32_at(12) as usize, hdr + u32_at(16) as usize);
+        let name = |off: u32| {
+            let s = &btf[strs + off as usize..];
+            String::from_utf8_lossy(&s[..s.iter().position(|&b| b == 0).unwrap()]).into_owned()
+        };
+        // By type id (from 1): kind, name, size-or-type, members' offset, member count.
+        let mut all = vec![(0u32, String::new(), 0u32, 0usize, 0usize)];
+        let mut p = types;
+        while p < types + len {
+            let (name_off, info, size) = (u32_at(p), u32_at(p + 4), u32_at(p + 8));
+            let (kind, vlen) = ((info >> 24) & 0x1f, (info & 0xffff) as usize);
+            all.push((kind, name(name_off), size, p + 12, vlen));
+            p += 12
+                + match kind {
+                    1 | 14 | 17 => 4,     // INT, VAR, DECL_TAG
+                    3 => 12,              // ARRAY
+                    4 | 5 => 12 * vlen,   // STRUCT, UNION
+                    6 | 13 => 8 * vlen,   // ENUM, FUNC_PROTO
+                    15 | 19 => 12 * vlen, // DATASEC, ENUM64
+                    _ => 0,
+                };
+        }
+        let mut out = HashMap::new();
+        for (_, var, ty, _, _) in all.iter().filter(|t| t.0 == 14) {
+            let &(kind, _, _, members, vlen) = &all[*ty as usize];
+            if kind != 4 {
+                continue; // not a map definition
+            }
+            for m in (0..vlen).map(|i| members + 12 * i) {
+                if name(u32_at(m)) != "max_entries" {
+                    continue;
+                }
+                let (ptr, _, arr, _, _) = &all[u32_at(m + 4) as usize];
+                assert_eq!(*ptr, 2, "max_entries of {var} is a pointer");
+                let (array, _, _, data, _) = &all[*arr as usize];
+                assert_eq!(*array, 3, "max_entries of {var} points to an array");
+                out.insert(var.clone(), u32_at(data + 8)); // btf_array.nelems
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn capacities_match_btf() {
+        let got = max_entries(crate::loader::object());
+        assert!(
+            got.len() >= super::MAP_NAMES.len() - 1,
+            "map definitions found: {got:?}"
+        );
+        for (map, want) in super::MAP_CAPACITY {
+            assert_eq!(got.get(*map), Some(want), "max_entries of {map} in ferry.h vs maps.rs");
+        }
+    }
 }

@@ -66,6 +66,24 @@ pub struct Settings {
     /// trace headers pass through untouched.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tracing: Option<TracingSettings>,
+    /// Concurrent proxied connections one enrolled pod may have (accepted
+    /// on its outbound, inbound and tunnel listeners together); over it a
+    /// new connection is closed at once and counted
+    /// (`ferry_connections_refused_total{reason="pod_limit"}`). Default 10000.
+    #[serde(default = "default_max_connections_per_pod")]
+    pub max_connections_per_pod: u32,
+    /// Concurrent proxied connections of the whole agent (every pod);
+    /// over it: closed, `reason="agent_limit"`. Default 100000.
+    #[serde(default = "default_max_connections_per_agent")]
+    pub max_connections_per_agent: u32,
+}
+
+fn default_max_connections_per_pod() -> u32 {
+    10_000
+}
+
+fn default_max_connections_per_agent() -> u32 {
+    100_000
 }
 
 /// `settings.tracing`: where spans go and how many traces are sampled.
@@ -141,6 +159,8 @@ impl Default for Settings {
             node_addresses: Vec::new(),
             metrics: true,
             tracing: None,
+            max_connections_per_pod: default_max_connections_per_pod(),
+            max_connections_per_agent: default_max_connections_per_agent(),
         }
     }
 }
@@ -209,6 +229,21 @@ impl ConfigFile {
         }
         if let Some(t) = &self.settings.tracing {
             p.extend(t.validate());
+        }
+        let (per_pod, per_agent) = (
+            self.settings.max_connections_per_pod,
+            self.settings.max_connections_per_agent,
+        );
+        if per_pod == 0 {
+            p.push("settings.maxConnectionsPerPod: must be at least 1".into());
+        }
+        if per_agent == 0 {
+            p.push("settings.maxConnectionsPerAgent: must be at least 1".into());
+        }
+        if per_pod > per_agent {
+            p.push(format!(
+                "settings.maxConnectionsPerPod: {per_pod} is more than settings.maxConnectionsPerAgent ({per_agent})"
+            ));
         }
         let mut vips = BTreeMap::new();
         for (i, s) in self.services.iter().enumerate() {
@@ -311,6 +346,37 @@ services:
         let e = ConfigFile::parse("x", "node: n1\nworkloads: [{uid: a, name: b, node: n, ip: nope}]\n").unwrap_err();
         assert!(e.to_string().contains("invalid IPv4 address syntax"), "{e}");
         assert!(ConfigFile::parse("x", ":\n - [").is_err());
+    }
+
+    #[test]
+    fn connection_limits_default_and_are_validated() {
+        let s = ConfigFile::parse("none", "node: n1\n").unwrap().settings;
+        assert_eq!(
+            (s.max_connections_per_pod, s.max_connections_per_agent),
+            (10_000, 100_000)
+        );
+        let c = ConfigFile::parse(
+            "ok",
+            "node: n1\nsettings: {maxConnectionsPerPod: 5, maxConnectionsPerAgent: 5}\n",
+        )
+        .unwrap();
+        assert_eq!(c.settings.max_connections_per_pod, 5);
+        let e = ConfigFile::parse("bad", "node: n1\nsettings: {maxConnectionsPerPod: 0}\n").unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("settings.maxConnectionsPerPod: must be at least 1"),
+            "{e}"
+        );
+        let e = ConfigFile::parse(
+            "bad",
+            "node: n1\nsettings: {maxConnectionsPerPod: 20, maxConnectionsPerAgent: 10}\n",
+        )
+        .unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("20 is more than settings.maxConnectionsPerAgent (10)"),
+            "{e}"
+        );
     }
 
     #[test]

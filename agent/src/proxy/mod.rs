@@ -25,8 +25,11 @@ use std::{
     collections::HashMap,
     future::Future,
     net::{Ipv4Addr, SocketAddrV4},
-    sync::{Arc, RwLock},
-    time::Duration,
+    sync::{
+        atomic::{AtomicU64, AtomicUsize, Ordering},
+        Arc, RwLock,
+    },
+    time::{Duration, Instant},
 };
 
 use ferry_model::{state::State, Workload};
@@ -93,6 +96,8 @@ pub struct Proxy {
     pub telemetry: Arc<Telemetry>,
     /// The L7 path's upstream pool and mirror budget.
     pub http: http::Shared,
+    /// Connections accepted on every pod's listeners and not yet closed.
+    conns: AtomicUsize,
 }
 
 impl Proxy {
@@ -104,7 +109,13 @@ impl Proxy {
             tunnel,
             telemetry,
             http: http::Shared::default(),
+            conns: AtomicUsize::new(0),
         })
+    }
+
+    /// Connections accepted on every pod's listeners and still open.
+    pub fn connections(&self) -> usize {
+        self.conns.load(Ordering::Acquire)
     }
 
     pub fn state(&self) -> Arc<State> {
@@ -140,13 +151,21 @@ impl Proxy {
             .write()
             .unwrap_or_else(|e| e.into_inner())
             .insert(pod.workload.uid.clone(), pod.clone());
+        let limit = Arc::new(ConnLimit {
+            proxy: self.clone(),
+            pod: AtomicUsize::new(0),
+            logged: AtomicU64::new(u64::MAX),
+            refused: AtomicU64::new(0),
+            since: Instant::now(),
+        });
+        let lim = || limit.clone();
         let (p, q) = (self.clone(), pod.clone());
-        let out = accept_loop(l.outbound, pod.clone(), "outbound", move |s| {
+        let out = accept_loop(l.outbound, pod.clone(), lim(), "outbound", move |s| {
             let (p, q) = (p.clone(), q.clone());
             async move { outbound::handle(p, q, s).await }
         });
         let (p, q) = (self.clone(), pod.clone());
-        let inb = accept_loop(l.inbound, pod.clone(), "inbound", move |s| {
+        let inb = accept_loop(l.inbound, pod.clone(), lim(), "inbound", move |s| {
             let (p, q) = (p.clone(), q.clone());
             async move { inbound::handle_plain(p, q, s).await }
         });
@@ -156,7 +175,7 @@ impl Proxy {
         });
         let p = self.clone();
         let q = pod.clone();
-        let tun = accept_loop(l.tunnel, pod, "tunnel", move |s| {
+        let tun = accept_loop(l.tunnel, pod, lim(), "tunnel", move |s| {
             let (p, q, h) = (p.clone(), q.clone(), handler.clone());
             async move { p.tunnel.serve(s, &q.workload.uid, &q.label, h).await }
         });
@@ -178,11 +197,83 @@ impl Proxy {
     }
 }
 
+/// Concurrent connections of one pod (its three listeners together) and of
+/// the agent, against `settings.maxConnectionsPerPod` / `PerAgent` (read at
+/// each accept, so a new config applies at once). A connection holds a
+/// [`Slot`] until its task ends. A tunnel connection counts once, however
+/// many streams it carries (those are bounded by the tunnel's stream limit).
+struct ConnLimit {
+    proxy: Arc<Proxy>,
+    pod: AtomicUsize,
+    /// When a refusal was last logged (ms since `since`; `u64::MAX`: never).
+    logged: AtomicU64,
+    /// Refusals since the last log line.
+    refused: AtomicU64,
+    since: Instant,
+}
+
+/// One admitted connection: gives its place back when dropped.
+struct Slot(Arc<ConnLimit>);
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.pod.fetch_sub(1, Ordering::AcqRel);
+        self.0.proxy.conns.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+impl ConnLimit {
+    /// A slot, or the limit that refuses one (counted and, at most once a
+    /// second per pod, logged).
+    fn admit(self: &Arc<Self>, pod: &PodCtx, what: &'static str) -> Option<Slot> {
+        let settings = &self.proxy.state().settings;
+        let (per_pod, per_agent) = (
+            settings.max_connections_per_pod as usize,
+            settings.max_connections_per_agent as usize,
+        );
+        let reason = if self.pod.fetch_add(1, Ordering::AcqRel) >= per_pod {
+            self.pod.fetch_sub(1, Ordering::AcqRel);
+            "pod_limit"
+        } else if self.proxy.conns.fetch_add(1, Ordering::AcqRel) >= per_agent {
+            self.proxy.conns.fetch_sub(1, Ordering::AcqRel);
+            self.pod.fetch_sub(1, Ordering::AcqRel);
+            "agent_limit"
+        } else {
+            return Some(Slot(self.clone()));
+        };
+        let t = &self.proxy.telemetry;
+        t.connections_refused
+            .get_or_create(&crate::telemetry::LimitLabels { reason })
+            .inc();
+        let refused = self.refused.fetch_add(1, Ordering::Relaxed) + 1;
+        let now = self.since.elapsed().as_millis() as u64;
+        let last = self.logged.load(Ordering::Relaxed);
+        let due = last == u64::MAX || now.saturating_sub(last) >= 1000;
+        if due
+            && self
+                .logged
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            self.refused.fetch_sub(refused, Ordering::Relaxed);
+            let limit = if reason == "pod_limit" { per_pod } else { per_agent };
+            tracing::warn!(pod = %pod.label, listener = what, reason, limit, refused, "connection refused: connection limit reached");
+        }
+        None
+    }
+}
+
 /// The one accept loop: each accepted connection gets Nagle off and its own
-/// task. When accept fails (EMFILE, ENFILE, ENOBUFS), it waits before trying
+/// task, or, over a connection limit ([`ConnLimit`]), is closed at once.
+/// When accept fails (EMFILE, ENFILE, ENOBUFS), it waits before trying
 /// again rather than spinning on a failure that persists.
-async fn accept_loop<F, Fut>(listener: TcpListener, pod: Arc<PodCtx>, what: &'static str, handle: F)
-where
+async fn accept_loop<F, Fut>(
+    listener: TcpListener,
+    pod: Arc<PodCtx>,
+    limit: Arc<ConnLimit>,
+    what: &'static str,
+    handle: F,
+) where
     F: Fn(TcpStream) -> Fut + Send + 'static,
     Fut: Future<Output = ()> + Send + 'static,
 {
@@ -191,10 +282,18 @@ where
         match listener.accept().await {
             Ok((s, _)) => {
                 backoff = Duration::from_millis(10);
+                let Some(slot) = limit.admit(&pod, what) else {
+                    drop(s);
+                    continue;
+                };
                 // Small writes (handshakes, HTTP/2 frames, request/response
                 // protocols) must not wait for Nagle + delayed ACK (~40 ms).
                 let _ = s.set_nodelay(true);
-                tokio::spawn(handle(s));
+                let conn = handle(s);
+                tokio::spawn(async move {
+                    conn.await;
+                    drop(slot);
+                });
             }
             Err(e) => {
                 tracing::warn!(pod = %pod.label, listener = what, error = %e, retry_in_ms = backoff.as_millis() as u64, "accept failed");

@@ -112,6 +112,14 @@ pub struct AuthzLabels {
     pub reason: String,
 }
 
+/// Labels of `ferry_connections_refused_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct LimitLabels {
+    /// `pod_limit` (`settings.maxConnectionsPerPod`) or `agent_limit`
+    /// (`settings.maxConnectionsPerAgent`).
+    pub reason: &'static str,
+}
+
 #[derive(Clone, Debug)]
 pub struct Routed {
     pub service: Option<String>,
@@ -198,6 +206,9 @@ pub struct Telemetry {
     pub authz_audited: Family<AuthzLabels, Counter>,
     /// Spans of the L7 path and their exporter (`settings.tracing`).
     pub tracer: trace::Tracer,
+    /// Connections closed as accepted because a connection limit was
+    /// reached, by limit.
+    pub connections_refused: Family<LimitLabels, Counter>,
 }
 
 /// Removes the connection from the live table and writes its access log line
@@ -226,8 +237,15 @@ impl Telemetry {
             "Connections and HTTP requests an AUDIT authorization policy matched, by policy",
             Family::<AuthzLabels, Counter>::clone(&authz_audited),
         );
+        let connections_refused = Family::default();
+        r.register(
+            "ferry_connections_refused",
+            "Connections closed as accepted because a connection limit (per pod or per agent) was reached, by reason",
+            Family::<LimitLabels, Counter>::clone(&connections_refused),
+        );
         let tracer = trace::Tracer::new(r);
         Self {
+            connections_refused,
             tracer,
             authz_denied,
             authz_audited,

@@ -17,7 +17,7 @@ use std::{
 
 use ferry_agent::{
     identity::{self, Identities},
-    node::{EnrollError, Node, Plumbed},
+    node::{Capacity, EnrollError, Node, Plumbed},
     proxy::{
         orig_dst::{ConnKey, Table},
         Proxy, OUTBOUND_PORT,
@@ -75,10 +75,11 @@ pub struct NodeLog {
 }
 
 /// The node seam over loopback: no cgroups, netns or eBPF; pods whose uid
-/// is in `broken` fail to plumb.
+/// is in `broken` fail to plumb; its maps hold `capacity`.
 pub struct LoopbackNode {
     pub log: Arc<Mutex<NodeLog>>,
     pub broken: Vec<String>,
+    pub capacity: Capacity,
 }
 
 /// The netns cookie a loopback pod gets: its address as a number.
@@ -111,6 +112,10 @@ impl Node for LoopbackNode {
     fn unsteer(&mut self, uid: &str) -> Result<(), EnrollError> {
         self.log.lock().unwrap().unsteered.push(uid.to_owned());
         Ok(())
+    }
+
+    fn capacity(&self) -> Capacity {
+        self.capacity
     }
 
     fn configure(&mut self, _settings: &Settings) -> Result<(), EnrollError> {
@@ -210,6 +215,11 @@ impl HasOrig for AppSide {
 /// An agent; with `mtls`, its tunnel is HBONE and its identities are
 /// installed by the test (the CA address refuses at once).
 pub fn agent(node: &str, mtls: bool, broken: &[&str]) -> TestAgent {
+    agent_with_capacity(node, mtls, broken, Capacity::EBPF)
+}
+
+/// [`agent`] on a node whose maps hold only `capacity`.
+pub fn agent_with_capacity(node: &str, mtls: bool, broken: &[&str], capacity: Capacity) -> TestAgent {
     let ids = mtls.then(|| {
         Identities::new(identity::Options {
             control: "https://127.0.0.1:1".into(),
@@ -229,6 +239,7 @@ pub fn agent(node: &str, mtls: bool, broken: &[&str]) -> TestAgent {
     let n = LoopbackNode {
         log: log.clone(),
         broken: broken.iter().map(|s| s.to_string()).collect(),
+        capacity,
     };
     TestAgent {
         reconciler: Reconciler::new(n, proxy.clone(), ids.clone(), "/nonexistent".into()),
