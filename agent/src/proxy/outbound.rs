@@ -122,11 +122,24 @@ where
         Ok(Upstream::Stream(u)) => u,
         Ok(Upstream::Local(opened)) => {
             let local = opened.conn();
-            inbound::serve(*opened, client).await;
-            let c = &g.conn;
-            c.sent.store(local.sent.load(Ordering::Relaxed), Ordering::Relaxed);
-            c.received
-                .store(local.received.load(Ordering::Relaxed), Ordering::Relaxed);
+            let (c, l) = (g.conn.clone(), local.clone());
+            let mirror = move || {
+                c.sent.store(l.sent.load(Ordering::Relaxed), Ordering::Relaxed);
+                c.received.store(l.received.load(Ordering::Relaxed), Ordering::Relaxed);
+            };
+            // One relay serves both records (the destination's counts it):
+            // the outbound record follows it while it runs, for `/conns`.
+            let serve = inbound::serve(*opened, client);
+            tokio::pin!(serve);
+            let mut tick = tokio::time::interval(LOCAL_COUNTS_EVERY);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    () = &mut serve => break,
+                    _ = tick.tick() => mirror(),
+                }
+            }
+            mirror();
             if let Some(d) = local.revoke.reason() {
                 g.outcome = Outcome::Relay(std::io::Error::new(
                     std::io::ErrorKind::ConnectionAborted,
@@ -166,6 +179,10 @@ enum Upstream {
 /// Buffer of the in-process pipe between the L7 path and a local pod's
 /// inbound side.
 const LOCAL_PIPE: usize = 64 * 1024;
+
+/// How often a same-node connection's outbound record copies the byte counts
+/// of the one relay that serves it.
+const LOCAL_COUNTS_EVERY: std::time::Duration = std::time::Duration::from_millis(250);
 
 /// Opens `route`'s endpoint for `pod` (whose app connected from `client`)
 /// by its hop: a local pod through the inbound path, the tunnel to another
