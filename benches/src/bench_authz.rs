@@ -193,7 +193,7 @@ fn write(r: &Report, out: &Path) -> Result<()> {
     std::fs::write(out.with_extension("json"), json).with_context(|| format!("writing {}", out.display()))?;
     let mut md = format!(
         "# Authorization: decision cost\n\n\
-         `cargo xtask bench --only authz` (`benches/src/bench_authz.rs`): {} `AuthorizationPolicy` objects in one\n\
+         `ferry-bench bench --only authz`, also run by `cargo xtask bench` (`benches/src/bench_authz.rs`): {} `AuthorizationPolicy` objects in one\n\
          agent config, evaluated by `ferry_model::authz::evaluate` over the policies `State::authz_for` found for the\n\
          destination pod (once per snapshot). Pure CPU, one core, this machine.\n\n\
          Building the snapshot (parse, validate, per-pod policy index): {:.1} ms.\n\n\
