@@ -273,7 +273,7 @@ pub fn run(bins: PathBuf, keep: bool) -> Result<()> {
                     if v["allowed"] == true { "ALLOWED" } else { "DENIED" },
                     v["reason"].as_str().unwrap_or("-"),
                     v["policy"].as_str().unwrap_or("-"),
-                    v["rule"],
+                    v["rule"].as_u64().map_or_else(|| "-".to_owned(), |r| r.to_string()),
                     v["decision"].as_str().unwrap_or("-")
                 );
             }
