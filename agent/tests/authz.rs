@@ -49,12 +49,7 @@ async fn mesh(net: u8, policies: &str) -> (TestAgent, TestAgent) {
         (&n1, "outsider", "other/sa/bookinfo-productpage"),
         (&n2, "details", "default/sa/bookinfo-details"),
     ] {
-        let (c, k) = ca.workload(&format!("spiffe://cluster.local/ns/{id}"));
-        ag.ids
-            .as_ref()
-            .unwrap()
-            .install(uid, &c.spiffe_id.parse().unwrap(), &c, &k)
-            .unwrap();
+        ca.issue_to(ag, uid, &format!("spiffe://cluster.local/ns/{id}"));
     }
     n1.reconciler.reconcile(mesh_config(net, "n1", policies)).await;
     n2.reconciler.reconcile(mesh_config(net, "n2", policies)).await;

@@ -556,12 +556,7 @@ async fn http_rides_the_mtls_tunnel_to_another_node() {
     let (n1, n2) = (agent("n1", true, &[]), agent("n2", true, &[]));
     let id = |sa: &str| format!("spiffe://cluster.local/ns/default/sa/{sa}");
     for (ag, uid) in [(&n1, "client"), (&n2, "server")] {
-        let (c, k) = ca.workload(&id(uid));
-        ag.ids
-            .as_ref()
-            .unwrap()
-            .install(uid, &c.spiffe_id.parse().unwrap(), &c, &k)
-            .unwrap();
+        ca.issue_to(ag, uid, &id(uid));
     }
     n1.reconciler.reconcile(yaml("n1")).await;
     n2.reconciler.reconcile(yaml("n2")).await;

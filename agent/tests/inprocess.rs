@@ -257,12 +257,7 @@ async fn mesh_of_three(net: u8) -> (TestAgent, TestAgent) {
     };
     let (n1, n2) = (agent("n1", true, &[]), agent("n2", true, &[]));
     for (a, uid) in [(&n1, "client"), (&n2, "server")] {
-        let (c, k) = ca.workload(&format!("spiffe://cluster.local/ns/default/sa/{uid}"));
-        a.ids
-            .as_ref()
-            .unwrap()
-            .install(uid, &c.spiffe_id.parse().unwrap(), &c, &k)
-            .unwrap();
+        ca.issue_to(a, uid, &format!("spiffe://cluster.local/ns/default/sa/{uid}"));
     }
     n1.reconciler.reconcile(yaml("n1")).await;
     n2.reconciler.reconcile(yaml("n2")).await;

@@ -60,12 +60,7 @@ async fn mesh(net: u8, policies: &str) -> (TestAgent, TestAgent) {
         (&n1, "sleep", "sleep"),
         (&n2, "details", "bookinfo-details"),
     ] {
-        let (c, k) = ca.workload(&format!("spiffe://cluster.local/ns/default/sa/{sa}"));
-        ag.ids
-            .as_ref()
-            .unwrap()
-            .install(uid, &c.spiffe_id.parse().unwrap(), &c, &k)
-            .unwrap();
+        ca.issue_to(ag, uid, &format!("spiffe://cluster.local/ns/default/sa/{sa}"));
     }
     apply(&n1, &n2, net, policies).await;
     http_app(SocketAddrV4::new(pod(net, 1, PRODUCTPAGE), 9080), "productpage").await;

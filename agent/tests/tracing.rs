@@ -66,12 +66,7 @@ async fn mesh(net: u8, rate: f64) -> (TestAgent, TestAgent) {
     let ca = TestCa::new();
     let (n1, n2) = (agent("n1", true, &[]), agent("n2", true, &[]));
     for (ag, uid, sa) in [(&n1, "sleep", "sleep"), (&n2, "details", "bookinfo-details")] {
-        let (c, k) = ca.workload(&format!("spiffe://cluster.local/ns/default/sa/{sa}"));
-        ag.ids
-            .as_ref()
-            .unwrap()
-            .install(uid, &c.spiffe_id.parse().unwrap(), &c, &k)
-            .unwrap();
+        ca.issue_to(ag, uid, &format!("spiffe://cluster.local/ns/default/sa/{sa}"));
     }
     set_rate(&n1, &n2, net, rate).await;
     header_app(SocketAddrV4::new(pod(net, 2, 2), 9080)).await;

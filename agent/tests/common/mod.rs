@@ -169,6 +169,17 @@ impl TestCa {
         };
         (resp, key.serialize_pem())
     }
+
+    /// Issues pod `uid` on `agent` a certificate for `spiffe_id` and installs it.
+    pub fn issue_to(&self, agent: &TestAgent, uid: &str, spiffe_id: &str) {
+        let (c, k) = self.workload(spiffe_id);
+        agent
+            .ids
+            .as_ref()
+            .expect("an agent with identities")
+            .install(uid, &c.spiffe_id.parse().unwrap(), &c, &k)
+            .unwrap();
+    }
 }
 
 /// One agent in the test process.
