@@ -330,7 +330,7 @@ impl<N: Node> Reconciler<N> {
                 // A policy change (PeerAuthentication): the pinned fallback follows.
                 match node.set_fallback(w.ip, fallback) {
                     Ok(()) => {
-                        tracing::info!(pod = %e.ctx.label, fallback = ?fallback, "inbound fallback updated");
+                        tracing::info!(pod = %e.ctx.label, fallback = fallback.as_str(), "inbound fallback updated");
                         e.fallback = fallback;
                     }
                     Err(err) => tracing::error!(pod = %e.ctx.label, error = %err, "cannot update the inbound fallback"),

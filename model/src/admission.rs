@@ -101,6 +101,16 @@ pub enum Fallback {
     Deliver,
 }
 
+impl Fallback {
+    /// Stable name (logs, views).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Fallback::Refuse => "refuse",
+            Fallback::Deliver => "deliver",
+        }
+    }
+}
+
 /// [`admit`]'s decision for a plaintext connection from outside the mesh, for
 /// when the agent is not there to take it: kept by the node (eBPF) per pod.
 /// A pod under STRICT, or one any ALLOW/DENY/CUSTOM AuthorizationPolicy
