@@ -79,9 +79,10 @@ pub fn route(agent: &Agent, req: &AdminRequest<'_>) -> Response<Body> {
         "/stats" => json(&agent.proxy.telemetry.counters.snapshot()),
         "/certs" => json(&agent.ids.as_ref().map(|i| i.views()).unwrap_or_default()),
         "/authz" => authz(agent, req.query),
+        "/endpoints" => json(&agent.proxy.balance.view(&agent.proxy.state())),
         _ => text(
             StatusCode::NOT_FOUND,
-            "not found; try /healthz /ready /config_dump /conns /stats /certs /authz?from=&to=&port=, POST /logging?level=\n",
+            "not found; try /healthz /ready /config_dump /conns /stats /certs /endpoints /authz?from=&to=&port=, POST /logging?level=\n",
         ),
     }
 }

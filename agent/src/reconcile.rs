@@ -397,6 +397,13 @@ impl<N: Node> Reconciler<N> {
             .enroll_errors
             .set(status.values().filter(|s| s.error.is_some()).count() as i64);
         t.metrics.config_version.set(state.version as i64);
+        // Series naming a workload this config no longer has go (a rollout's
+        // old revision, a deleted Deployment): they would grow without end.
+        let live = crate::telemetry::metrics::LiveWorkloads::new(state.workloads.values());
+        let gone = t.metrics.forget_departed(&live);
+        if gone > 0 {
+            tracing::debug!(label_sets = gone, "metric series of departed workloads removed");
+        }
     }
 
     async fn enroll(

@@ -13,6 +13,13 @@
 //!   every one applies to every pod; the caller matches none (full scan);
 //! - **L7**: the typical case with HTTP attributes (methods and paths), as
 //!   on an HTTP port per request.
+//!
+//! And the cost on the data path, on the box ([`datapath`]): a client opens
+//! a new mTLS connection per 1-byte round trip to a pod on the other node
+//! (`ferry-workload rr --new-conn`), with no policy, then with 100 ALLOW
+//! policies applying to the server (the caller admitted by the last), then
+//! with a DENY that matches nobody besides them; connections per second
+//! and latency percentiles side by side.
 
 use std::{
     fmt::Write as _,
@@ -35,17 +42,21 @@ pub struct Sizes {
     pub namespaces: usize,
     /// Decisions timed per case.
     pub decisions: u32,
+    /// New connections per data-path case (0: no box run).
+    pub connections: usize,
 }
 
 pub const FULL: Sizes = Sizes {
     policies: 10_000,
     namespaces: 100,
     decisions: 200_000,
+    connections: 3_000,
 };
 pub const QUICK: Sizes = Sizes {
     policies: 1_000,
     namespaces: 10,
     decisions: 5_000,
+    connections: 300,
 };
 
 #[derive(Serialize)]
@@ -61,6 +72,19 @@ pub struct Report {
     pub policies: usize,
     pub snapshot_build_ms: f64,
     pub rows: Vec<Row>,
+    /// Per connection on the box (empty when not run).
+    pub datapath: Vec<DatapathRow>,
+}
+
+/// One data-path case: new connections, cross-node, mTLS.
+#[derive(Serialize)]
+pub struct DatapathRow {
+    pub case: &'static str,
+    pub policies: usize,
+    pub connections: u64,
+    pub conns_per_s: f64,
+    pub p50_us: f64,
+    pub p99_us: f64,
 }
 
 /// `count` ALLOW policies spread over `namespaces` (or all in the root
@@ -118,7 +142,81 @@ impl ferry_model::authz::Headers for NoHeaders {
     }
 }
 
-pub fn bench(sizes: Sizes, out: &Path) -> Result<Report> {
+/// The AuthorizationPolicies of a data-path case, as cluster YAML: `allows`
+/// ALLOW policies on the echo pods, the client's identity admitted by the
+/// last; with `deny`, a DENY matching another identity too.
+fn datapath_policies(allows: usize, deny: bool) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    for i in 0..allows {
+        let sa = if i + 1 == allows {
+            "client".to_owned()
+        } else {
+            format!("caller-{i}")
+        };
+        out.push((
+            format!("authz-allow-{i}.yaml"),
+            format!(
+                "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: allow-{i}, namespace: default}}\nspec:\n  selector: {{matchLabels: {{app: echo}}}}\n  action: ALLOW\n  rules: [{{from: [{{source: {{principals: [cluster.local/ns/default/sa/{sa}]}}}}]}}]\n"
+            ),
+        ));
+    }
+    if deny {
+        out.push((
+            "authz-deny.yaml".into(),
+            "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: deny-one, namespace: default}\nspec:\n  selector: {matchLabels: {app: echo}}\n  action: DENY\n  rules: [{from: [{source: {principals: [cluster.local/ns/default/sa/intruder]}}]}]\n".into(),
+        ));
+    }
+    out
+}
+
+/// Per-connection cost on the box: `n` new connections (one 1-byte round
+/// trip each) from `client` (node 1) to the echo Service with its endpoint
+/// on node 2, per policy case.
+pub fn datapath(n: usize, bins: &Path) -> Result<Vec<DatapathRow>> {
+    use ferry_box::{ClusterBox, Spec};
+    let mut spec = Spec::demo();
+    spec.services[0].endpoints = vec!["echo-2".into()];
+    spec.mtls = true;
+    spec.discovery = true;
+    spec.access_log.mode = ferry_model::access_log::Mode::Off;
+    let mut b = ClusterBox::up(spec, bins.to_owned())?;
+    let mut rows = Vec::new();
+    for (case, allows, deny) in [
+        ("no policy", 0, false),
+        ("100 ALLOW policies, caller admitted by the last", 100, false),
+        ("the same plus a DENY for another identity", 100, true),
+    ] {
+        let policies = datapath_policies(allows, deny);
+        // An update must change the cluster (it waits for the new version).
+        if !policies.is_empty() {
+            b.update(|sp| {
+                sp.cluster_yaml.retain(|(name, _)| !name.starts_with("authz-"));
+                sp.cluster_yaml.extend(policies);
+            })?;
+        }
+        // Warm-up (certificates, tunnel pool, ARP).
+        b.state.client(
+            "client",
+            &["rr", "--to", "10.96.0.10:80", "--count", "50", "--new-conn"],
+        )?;
+        let out = b.state.client(
+            "client",
+            &["rr", "--to", "10.96.0.10:80", "--count", &n.to_string(), "--new-conn"],
+        )?;
+        let v: serde_json::Value = serde_json::from_str(out.trim()).context("rr output")?;
+        rows.push(DatapathRow {
+            case,
+            policies: allows + usize::from(deny),
+            connections: v["count"].as_u64().unwrap_or(0),
+            conns_per_s: v["ops_per_s"].as_f64().unwrap_or(f64::NAN),
+            p50_us: v["p50_us"].as_f64().unwrap_or(f64::NAN),
+            p99_us: v["p99_us"].as_f64().unwrap_or(f64::NAN),
+        });
+    }
+    Ok(rows)
+}
+
+pub fn bench(sizes: Sizes, bins: &Path, out: &Path) -> Result<Report> {
     let parse = |text: String| -> Result<State> {
         let cfg = ConfigFile::parse("bench", &text).map_err(|e| anyhow::anyhow!("{e}"))?;
         Ok(State::from_config(cfg, 1))
@@ -179,10 +277,16 @@ pub fn bench(sizes: Sizes, out: &Path) -> Result<Report> {
         ns_per_decision: ns,
     });
 
+    let datapath = if sizes.connections > 0 {
+        datapath(sizes.connections, bins)?
+    } else {
+        Vec::new()
+    };
     let report = Report {
         policies: sizes.policies,
         snapshot_build_ms,
         rows,
+        datapath,
     };
     write(&report, out)?;
     Ok(report)
@@ -211,6 +315,22 @@ fn write(r: &Report, out: &Path) -> Result<()> {
         "\nA decision is made once per connection on TCP ports and once per request on HTTP ports. ztunnel's\n\
          `rbac` benchmark measures the same kind of decision; compare orders of magnitude, not digits.\n",
     );
+    if !r.datapath.is_empty() {
+        md.push_str(
+            "\n## Per connection, on the data path\n\n\
+             On the cluster-in-a-box: the client pod (node 1) opens a new connection per 1-byte round trip to the\n\
+             echo Service, whose one endpoint is on node 2 (mTLS tunnel; the destination agent decides). Policies\n\
+             are streamed by ferry-control and apply to the echo pod. One run, back to back, this 2-core VM.\n\n\
+             | case | policies | connections | conns/s | p50 µs | p99 µs |\n|---|---|---|---|---|---|\n",
+        );
+        for d in &r.datapath {
+            let _ = writeln!(
+                md,
+                "| {} | {} | {} | {:.0} | {:.0} | {:.0} |",
+                d.case, d.policies, d.connections, d.conns_per_s, d.p50_us, d.p99_us
+            );
+        }
+    }
     std::fs::write(out.with_extension("md"), md).with_context(|| format!("writing {}", out.display()))?;
     Ok(())
 }

@@ -32,6 +32,8 @@ impl Admin {
                     "version": s.version,
                     "pods": s.view.workloads.len(),
                     "enrolled": s.view.workloads.iter().filter(|w| w.enrolled).count(),
+                    // Never mesh workloads; `ferryctl analyze --all` lists them.
+                    "hostNetworkPods": s.view.host_network.len(),
                     "services": s.view.services.len(),
                 }))
             }

@@ -3,7 +3,8 @@
 //! not add up, routes to services without endpoints, opt-in labels and
 //! annotations that do nothing, AuthorizationPolicies that select nothing,
 //! name unknown service accounts or have HTTP rules where HTTP is not
-//! checked ([`authz`]); plus
+//! checked ([`authz`]); RateLimitPolicies whose target or port does not
+//! exist or carries no HTTP ([`ratelimit`]); plus
 //! everything the route compiler reports (`crate::routes`: which object
 //! wins a Service, subsets no DestinationRule defines, fields not
 //! supported or not enforced). Parse-level errors (types, unknown fields)
@@ -17,6 +18,7 @@ use crate::{
 pub use crate::routes::service_of_host;
 
 mod authz;
+mod ratelimit;
 
 struct Ctx<'a> {
     cluster: &'a Cluster,
@@ -217,14 +219,27 @@ pub fn analyze_with(cluster: &Cluster, view: &MeshView) -> Vec<Problem> {
                         "not a Ferry annotation (did you mean ferry.dev/mesh?)".into(),
                     );
                 }
-                let host_net = p.spec.as_ref().and_then(|s| s.host_network) == Some(true);
-                if host_net && annotations.get(MESH_ANNOTATION).map(String::as_str) == Some("enabled") {
+                if p.spec.as_ref().and_then(|s| s.host_network) == Some(true) {
+                    // Listed for what it is; a warning when it asked to be in the mesh.
+                    let ns_labels = cluster
+                        .namespace(&key.namespace)
+                        .and_then(|n| n.metadata.labels.as_ref());
+                    let (severity, asked) = if crate::compute::enrolled(Some(&annotations), ns_labels) {
+                        (Severity::Warning, " although its annotation or namespace opts it in")
+                    } else {
+                        (Severity::Info, "")
+                    };
                     c.add(
-                        Severity::Warning,
+                        severity,
                         key,
                         at,
                         "spec.hostNetwork".into(),
-                        "pods on the host network cannot be captured; not enrolled".into(),
+                        format!(
+                            "a host-network pod: not a mesh workload and not captured{asked} (it shares its \
+                             node's network namespace and address); its connections carry no mesh identity \
+                             (STRICT destinations refuse them), and Services selecting it reach it directly, \
+                             at the node's address, without mTLS"
+                        ),
                     );
                 }
             }
@@ -245,6 +260,7 @@ pub fn analyze_with(cluster: &Cluster, view: &MeshView) -> Vec<Problem> {
         }
     }
     authz::check(&mut c);
+    ratelimit::check(&mut c);
     c.out.extend(crate::routes::compile(cluster).problems);
     c.out
 }

@@ -14,6 +14,7 @@ use ferry_model::{
     peer_auth::PeerAuthentication,
     proto as disc,
     route::ServiceRouting,
+    traffic::ServiceTrafficPolicy,
     Endpoint, Protocol, Service, ServicePort, Workload,
 };
 use k8s_openapi::{
@@ -25,6 +26,9 @@ use k8s_openapi::{
 };
 
 use crate::model::{parse::MESH_ANNOTATION, Cluster, Object, SERVICE_NAME_LABEL};
+
+mod workload_name;
+pub use workload_name::workload_name;
 
 /// Namespace labels that enroll every pod in the namespace: Ferry's own, and
 /// Istio's sidecar and ambient labels so a namespace migrates as is.
@@ -54,15 +58,25 @@ pub fn enrolled(
 /// The mesh as agents see it, for every node.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct MeshView {
-    /// Scheduled pods with an address, enrolled or not.
+    /// Scheduled pods with an address of their own, enrolled or not.
     pub workloads: Vec<Workload>,
+    /// Pods on their node's network (`spec.hostNetwork`): never mesh
+    /// workloads. They share the node's network namespace and address (so
+    /// nothing of theirs can be captured, and every such pod of a node has
+    /// the same IP); kept to be listed, and as endpoints of the Services
+    /// that select them (reached directly, at the node's address).
+    pub host_network: Vec<Workload>,
     /// Services with a cluster IP, endpoints resolved, each port's protocol selected.
     pub services: Vec<Service>,
     pub peer_authentications: Vec<PeerAuthentication>,
     /// Routes per routed Service (`crate::routes`), by Service.
     pub routes: Vec<ServiceRouting>,
+    /// Traffic policy per Service a DestinationRule shapes (`crate::routes::traffic`).
+    pub traffic_policies: Vec<ServiceTrafficPolicy>,
     /// Every valid AuthorizationPolicy (invalid ones never reach the model).
     pub authorization_policies: Vec<AuthzPolicy>,
+    /// Every valid RateLimitPolicy (`crate::model::ferry`).
+    pub rate_limits: Vec<ferry_model::ratelimit::RateLimitPolicy>,
 }
 
 fn pod_ipv4(p: &Pod) -> Option<Ipv4Addr> {
@@ -73,7 +87,9 @@ fn pod_ipv4(p: &Pod) -> Option<Ipv4Addr> {
         .find_map(|ip| ip.parse().ok())
 }
 
-fn workload(cluster: &Cluster, p: &Pod) -> Option<Workload> {
+/// A scheduled, live pod with an address; and whether it is on its node's
+/// network (then never a mesh workload: [`MeshView::host_network`]).
+fn workload(cluster: &Cluster, p: &Pod) -> Option<(Workload, bool)> {
     let spec = p.spec.as_ref()?;
     let node = spec.node_name.clone()?;
     let phase = p.status.as_ref().and_then(|s| s.phase.as_deref());
@@ -86,9 +102,11 @@ fn workload(cluster: &Cluster, p: &Pod) -> Option<Workload> {
     let ns_labels = cluster.namespace(&namespace).and_then(|n| n.metadata.labels.as_ref());
     // Pods on the host network share the node's namespace: never captured.
     let host_network = spec.host_network == Some(true);
-    Some(Workload {
+    let w = Workload {
         uid: p.metadata.uid.clone().unwrap_or_else(|| format!("{namespace}.{name}")),
         enrolled: !host_network && enrolled(p.metadata.annotations.as_ref(), ns_labels),
+        workload_name: Some(workload_name(p)).filter(|n| !n.is_empty()),
+        locality: locality(p),
         name,
         namespace,
         service_account: spec.service_account_name.clone().unwrap_or_else(|| "default".into()),
@@ -97,7 +115,16 @@ fn workload(cluster: &Cluster, p: &Pod) -> Option<Workload> {
         labels: p.metadata.labels.clone().unwrap_or_default(),
         netns: None,
         host_veth: None,
-    })
+    };
+    Some((w, host_network))
+}
+
+/// A pod's locality (`region/zone/subzone`) for locality-aware load
+/// balancing. Istio reads it from the pod's node's topology labels, with
+/// the pod's `istio-locality` label (`region.zone.subzone`) as an override;
+/// the cluster model has no Node objects, so only the label is read.
+pub fn locality(p: &Pod) -> Option<String> {
+    ferry_model::balance::locality_label(p.metadata.labels.as_ref()?)
 }
 
 /// Endpoints of a service: from its EndpointSlices; with none and
@@ -107,7 +134,7 @@ fn workload(cluster: &Cluster, p: &Pod) -> Option<Workload> {
 /// are those of its first label, not every pod.
 type LabelIndex<'a> = HashMap<(&'a str, &'a str, &'a str), Vec<&'a Workload>>;
 
-fn label_index(workloads: &[Workload]) -> LabelIndex<'_> {
+fn label_index<'a>(workloads: impl IntoIterator<Item = &'a Workload>) -> LabelIndex<'a> {
     let mut idx: LabelIndex = HashMap::new();
     for w in workloads {
         for (k, v) in &w.labels {
@@ -236,12 +263,18 @@ fn service(
 }
 
 pub fn mesh_view(cluster: &Cluster, derive_endpoints: bool) -> MeshView {
-    let workloads: Vec<Workload> = cluster.pods().filter_map(|p| workload(cluster, p)).collect();
+    let (host, workloads): (Vec<_>, Vec<_>) = cluster
+        .pods()
+        .filter_map(|p| workload(cluster, p))
+        .partition(|(_, host_network)| *host_network);
+    let workloads: Vec<Workload> = workloads.into_iter().map(|(w, _)| w).collect();
+    let host_network: Vec<Workload> = host.into_iter().map(|(w, _)| w).collect();
     let by_uid: HashMap<&str, &Pod> = cluster
         .pods()
         .filter_map(|p| Some((p.metadata.uid.as_deref()?, p)))
         .collect();
-    let by_label = label_index(&workloads);
+    // A Service selecting host-network pods routes to them (at the node's address).
+    let by_label = label_index(workloads.iter().chain(&host_network));
     let slices = slice_index(cluster);
     let services = cluster
         .services()
@@ -255,12 +288,16 @@ pub fn mesh_view(cluster: &Cluster, derive_endpoints: bool) -> MeshView {
             _ => None,
         })
         .collect();
+    let compiled = crate::routes::compile(cluster);
     MeshView {
         workloads,
+        host_network,
         services,
         peer_authentications,
-        routes: crate::routes::compile(cluster).routings,
+        routes: compiled.routings,
+        traffic_policies: compiled.traffic,
         authorization_policies: cluster.authorization_policies().map(|(_, _, p)| p).collect(),
+        rate_limits: cluster.rate_limit_policies().map(|(_, _, p)| p).collect(),
     }
 }
 
@@ -414,6 +451,15 @@ impl Resources {
                 _ => Arc::new(disc::resource(disc::routing_to(rt))),
             };
             r.shared.push(res);
+        }
+        // Every node gets every traffic policy, as routes (small, and rare).
+        for t in &view.traffic_policies {
+            r.shared.push(Arc::new(disc::resource(disc::traffic_policy_to(t))));
+        }
+        // Every node gets every rate limit (small, and rare); each agent
+        // applies those of the Services its own pods back.
+        for p in &view.rate_limits {
+            r.shared.push(Arc::new(disc::resource(disc::rate_limit_to(p))));
         }
         let placement = PolicyPlacement::new(view);
         for p in &view.authorization_policies {
@@ -641,6 +687,125 @@ endpoints:
             None,
             Some(&BTreeMap::from([("istio-injection".into(), "disabled".into())]))
         ));
+    }
+
+    /// Node n1 (192.168.0.11) runs two host-network pods (one backs Service
+    /// metrics, one asks to be enrolled) and a normal enrolled pod.
+    const HOST_NETWORK: &str = r#"
+apiVersion: v1
+kind: Pod
+metadata: {name: node-exporter-abcde, generateName: node-exporter-, uid: h1, labels: {app: node-exporter},
+           ownerReferences: [{apiVersion: apps/v1, kind: DaemonSet, name: node-exporter, uid: d1, controller: true}]}
+spec: {nodeName: n1, hostNetwork: true, containers: [{name: c, ports: [{name: metrics, containerPort: 9100}]}]}
+status: {podIP: 192.168.0.11, phase: Running}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: kube-proxy-fghij, uid: h2, labels: {k8s-app: kube-proxy}, annotations: {ferry.dev/mesh: enabled}}
+spec: {nodeName: n1, hostNetwork: true, containers: [{name: c}]}
+status: {podIP: 192.168.0.11, podIPs: [{ip: 192.168.0.11}], phase: Running}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: web-6f7b8c9d4-x2x9z, generateName: web-6f7b8c9d4-, uid: w1, labels: {app: web, pod-template-hash: 6f7b8c9d4},
+           annotations: {ferry.dev/mesh: enabled},
+           ownerReferences: [{apiVersion: apps/v1, kind: ReplicaSet, name: web-6f7b8c9d4, uid: r1, controller: true}]}
+spec: {nodeName: n1, containers: [{name: c}]}
+status: {podIP: 10.1.1.2, phase: Running}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: metrics}
+spec: {clusterIP: 10.96.0.20, selector: {app: node-exporter}, ports: [{name: http, port: 9100, targetPort: metrics}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: web}
+spec: {clusterIP: 10.96.0.21, selector: {app: web}, ports: [{name: http, port: 80, targetPort: 8080}]}
+"#;
+
+    /// The config `node` would build from what it is sent.
+    fn node_config(r: &Resources, node: &str) -> Result<ferry_model::ConfigFile, Vec<String>> {
+        let held = disc::HeldResources(
+            r.for_node(node)
+                .into_iter()
+                .map(|(n, x)| (n.to_owned(), x.as_ref().clone()))
+                .collect(),
+        );
+        held.to_config(node, &Default::default())
+    }
+
+    #[test]
+    fn host_network_pods_are_never_workloads_but_still_endpoints() {
+        let v = mesh_view(&cluster(HOST_NETWORK), true);
+        let names = |ws: &[Workload]| ws.iter().map(|w| w.name.clone()).collect::<Vec<_>>();
+        assert_eq!(names(&v.workloads), ["web-6f7b8c9d4-x2x9z"]);
+        assert_eq!(
+            names(&v.host_network),
+            ["kube-proxy-fghij", "node-exporter-abcde"],
+            "listed apart"
+        );
+        assert!(
+            v.host_network.iter().all(|w| !w.enrolled),
+            "never enrolled, even when asked"
+        );
+        // The node's config validates: no two workloads with the node's address.
+        let r = Resources::of(&v);
+        let cfg = node_config(&r, "n1").unwrap_or_else(|p| panic!("{p:#?}"));
+        assert_eq!(names(&cfg.workloads), ["web-6f7b8c9d4-x2x9z"]);
+        assert!(r
+            .for_node("n1")
+            .keys()
+            .all(|k| !k.ends_with("/h1") && !k.ends_with("/h2")));
+        // The Service backed by a host-network pod routes to the node's
+        // address (its named port resolved from that pod).
+        let metrics = cfg.services.iter().find(|s| s.name == "metrics").unwrap();
+        let eps: Vec<String> = metrics.endpoints.iter().map(|e| e.ip.to_string()).collect();
+        assert_eq!(
+            (eps, metrics.ports[0].target_port),
+            (vec!["192.168.0.11".to_string()], 9100)
+        );
+        // The normal pod is named after its Deployment.
+        assert_eq!(cfg.workloads[0].workload_name(), "web");
+        // Positive control: two pods of their own with one address still clash.
+        let dup = HOST_NETWORK
+            .replacen("hostNetwork: true, ", "", 2)
+            .replace("192.168.0.11", "10.1.1.2");
+        let v = mesh_view(&cluster(&dup), true);
+        assert_eq!(v.workloads.len(), 3);
+        let problems = node_config(&Resources::of(&v), "n1").unwrap_err();
+        assert_eq!(
+            problems
+                .iter()
+                .filter(|p| p.contains("already used by workloads"))
+                .count(),
+            2,
+            "{problems:#?}"
+        );
+        // Listed for what they are: a note each, a warning for the one that asked in.
+        let found = crate::analyze::analyze(&cluster(HOST_NETWORK));
+        let host: Vec<(crate::model::Severity, &str)> = found
+            .iter()
+            .filter(|p| p.field == "spec.hostNetwork")
+            .map(|p| (p.severity, p.object.as_str()))
+            .collect();
+        assert_eq!(
+            host,
+            [
+                (crate::model::Severity::Warning, "Pod default/kube-proxy-fghij"),
+                (crate::model::Severity::Info, "Pod default/node-exporter-abcde"),
+            ]
+        );
+        let warning = found
+            .iter()
+            .find(|p| p.severity == crate::model::Severity::Warning && p.field == "spec.hostNetwork")
+            .unwrap()
+            .to_string();
+        assert!(
+            warning.contains("not a mesh workload and not captured although its annotation or namespace opts it in")
+                && warning.contains("at the node's address"),
+            "{warning}"
+        );
     }
 
     #[test]

@@ -7,7 +7,7 @@ use std::{
     time::Duration,
 };
 
-use ferry_model::admin::{AuthzCheck, AuthzQuery, CertView, ConfigDump, ConnView, Stats};
+use ferry_model::admin::{AuthzCheck, AuthzQuery, CertView, ConfigDump, ConnView, EndpointHealth, Stats};
 use serde::de::DeserializeOwned;
 
 use crate::CtlError;
@@ -25,6 +25,11 @@ pub(crate) fn conns(addr: SocketAddr) -> Result<Vec<ConnView>, CtlError> {
 /// `/certs`: workload certificates.
 pub(crate) fn certs(addr: SocketAddr) -> Result<Vec<CertView>, CtlError> {
     get(addr, "/certs")
+}
+
+/// `/endpoints`: per-endpoint load-balancing and outlier-detection state.
+pub(crate) fn endpoints(addr: SocketAddr) -> Result<Vec<EndpointHealth>, CtlError> {
+    get(addr, "/endpoints")
 }
 
 /// `/stats`: the proxy's counters.

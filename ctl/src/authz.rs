@@ -191,6 +191,8 @@ fn destination(c: &CheckArgs) -> Result<Workload, CtlError> {
         labels,
         netns: None,
         host_veth: None,
+        workload_name: None,
+        locality: None,
     })
 }
 

@@ -42,6 +42,7 @@ const EXAMPLES: &str = "Examples:
   ferryctl bpf dump mesh-dst -o json
   ferryctl --node node1 bpf dump traffic
   ferryctl conns
+  ferryctl endpoints --service default/reviews
   ferryctl analyze -f ./manifests/
   ferryctl authz check --from default/bookinfo-productpage --to default/details-v1 --to-labels app=details --port 9080 --method GET --path /details/0 -f policies.yaml
   ferryctl authz check --from default/sleep --to default/details-v1 --port 9080 --agent http://127.0.0.1:15000";
@@ -66,6 +67,13 @@ enum Cmd {
     Services,
     /// Live proxied connections (from the agent).
     Conns,
+    /// Endpoint health per Service: load balancer, outlier-detection
+    /// ejections, consecutive errors, requests in flight (from the agent).
+    Endpoints {
+        /// Only this Service (`namespace/name`).
+        #[arg(long)]
+        service: Option<String>,
+    },
     /// The agent's connection counters.
     Stats,
     /// Workload certificates: identity, serial, expiry, time to rotation (from the agent).
@@ -254,6 +262,11 @@ fn run(args: &Args) -> Result<(), CtlError> {
         }
         Cmd::Workloads => emit_rows(args, &admin::config_dump(args.admin)?.pods),
         Cmd::Conns => emit_rows(args, &admin::conns(args.admin)?),
+        Cmd::Endpoints { service } => {
+            let mut rows = admin::endpoints(args.admin)?;
+            rows.retain(|r| service.as_ref().is_none_or(|s| *s == r.service));
+            emit_rows(args, &rows)
+        }
         Cmd::Services => {
             let dump = admin::config_dump(args.admin)?;
             let rows: Vec<ServiceRow> = dump.services.iter().map(ServiceRow::from).collect();

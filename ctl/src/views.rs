@@ -4,7 +4,7 @@
 use std::net::Ipv4Addr;
 
 use ferry_model::{
-    admin::{CertView, ConnView, ControlStatus, PodStatus},
+    admin::{CertView, ConnView, ControlStatus, EndpointHealth, PodStatus},
     Service,
 };
 use serde::Serialize;
@@ -61,6 +61,47 @@ impl Row for ConnView {
             self.sent.to_string(),
             self.received.to_string(),
             self.age_ms.to_string(),
+        ]
+    }
+}
+
+impl Row for EndpointHealth {
+    const COLUMNS: &'static [&'static str] = &[
+        "service",
+        "port",
+        "subset",
+        "endpoint",
+        "workload",
+        "locality",
+        "lb",
+        "state",
+        "ejected_for_ms",
+        "ejections",
+        "5xx",
+        "gateway",
+        "local",
+        "in_flight",
+    ];
+    fn cells(&self) -> Vec<String> {
+        let state = match (self.state, self.panic) {
+            (s, true) => format!("{s} (panic)"),
+            (s, false) => s.to_string(),
+        };
+        vec![
+            self.service.clone(),
+            self.port.to_string(),
+            opt(&self.subset),
+            self.endpoint.clone(),
+            opt(&self.workload),
+            opt(&self.locality),
+            self.algorithm.clone(),
+            state,
+            opt(&self.ejected_for_ms),
+            self.ejections.to_string(),
+            self.consecutive_5xx.to_string(),
+            self.consecutive_gateway.to_string(),
+            self.consecutive_local_origin.to_string(),
+            self.in_flight.to_string(),
         ]
     }
 }
@@ -205,6 +246,8 @@ mod tests {
             labels: [("app".to_string(), name.to_string())].into(),
             netns: None,
             host_veth: None,
+            workload_name: None,
+            locality: None,
         };
         let mut plain = pod("plain-uid", "plain", "10.1.1.12", None);
         plain.error = Some("netns not found".into());
@@ -330,6 +373,31 @@ ID  DIRECTION  SOURCE           ORIG_DST        SERVICE       ENDPOINT        HO
 8   outbound   default/client   10.96.0.10:80   default/echo  10.1.2.12:8080  tunnel  130088965  101514888  2362
 9   tunnel     10.1.2.12:41234  10.1.1.11:8080  -             10.1.1.11:8080  local   512        1024       15
 10  inbound    10.1.1.1:39112   10.1.1.11:8080  -             -               -       0          0          3
+"
+        );
+    }
+
+    #[test]
+    fn endpoints_view() {
+        // As the agent writes it (`/endpoints`).
+        let body = r#"[
+            {"service":"default/reviews","port":9080,"subset":null,"endpoint":"10.1.1.5:9080",
+             "workload":"default/reviews-v1","locality":"r1/z1","algorithm":"LEAST_REQUEST",
+             "outlier_detection":true,"state":"ejected","ejected_for_ms":1200,"ejections":2,
+             "consecutive_5xx":0,"consecutive_gateway":0,"consecutive_local_origin":0,"in_flight":0,"panic":false},
+            {"service":"default/reviews","port":9080,"subset":"v2","endpoint":"10.1.2.6:9080",
+             "workload":null,"locality":null,"algorithm":"ROUND_ROBIN",
+             "outlier_detection":false,"state":"healthy","ejected_for_ms":null,"ejections":0,
+             "consecutive_5xx":1,"consecutive_gateway":1,"consecutive_local_origin":0,"in_flight":3,"panic":true}
+        ]"#;
+        let rows: Vec<EndpointHealth> = answer("/endpoints", body);
+        assert_eq!(rows[0].state, ferry_model::admin::EndpointState::Ejected);
+        assert_eq!(
+            rows_table(&rows),
+            "\
+SERVICE          PORT  SUBSET  ENDPOINT       WORKLOAD            LOCALITY  LB             STATE            EJECTED_FOR_MS  EJECTIONS  5XX  GATEWAY  LOCAL  IN_FLIGHT
+default/reviews  9080  -       10.1.1.5:9080  default/reviews-v1  r1/z1     LEAST_REQUEST  ejected          1200            2          0    0        0      0
+default/reviews  9080  v2      10.1.2.6:9080  -                   -         ROUND_ROBIN    healthy (panic)  -               0          1    1        0      3
 "
         );
     }

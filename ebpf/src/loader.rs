@@ -6,6 +6,16 @@
 //! `<pin_root>/<node>/<map>` for every map and `<pin_root>/<node>/links/<owner>/<hook>`
 //! for every attachment, so `ferryctl` can read them and a restarted agent
 //! finds steering still in place and swaps in its own programs.
+//!
+//! `tc` goes on a pod's host-side veth one of two ways ([`TcAttach`]): a TCX
+//! link (kernel 6.6 and newer), pinned like the rest; or, on older kernels
+//! (or forced with `FERRY_TC_ATTACH=netlink`), a netlink filter on a clsact
+//! qdisc. A netlink filter is no file descriptor and cannot be pinned: it
+//! stays on the veth by itself, and what Ferry did there is recorded by an
+//! empty directory beside the pod's pins (`tc-netlink-added-<veth>` when
+//! Ferry added the qdisc, `tc-netlink-kept-<veth>` when it was there), so
+//! unenrolling, even by a later agent run, detaches the filters and removes
+//! a qdisc Ferry added once nothing else hangs from it.
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -16,11 +26,14 @@ use std::{
     sync::Mutex,
 };
 
+mod clsact;
+
 // bpf_link based cgroup attachments are always "multi"; Single means flags 0.
 use aya::{
     maps::{HashMap as BpfHash, MapData, SockHash},
     programs::{
         links::{FdLink, PinnedLink},
+        tc::{NlOptions, TcAttachOptions},
         CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSockAddr, SchedClassifier, SkLookup, SkMsg, SockOps,
         TcAttachType,
     },
@@ -71,7 +84,84 @@ pub enum RedirectError {
         path: PathBuf,
         source: io::Error,
     },
+    #[error("the clsact qdisc of {veth} (tc through netlink): {source}")]
+    Clsact { veth: String, source: io::Error },
 }
+
+/// How `tc` programs are attached to pods' host-side veths.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TcAttach {
+    /// A TCX link (kernel 6.6 and newer), pinned like every other hook.
+    Tcx,
+    /// A netlink filter on the veth's clsact qdisc, which Ferry adds when
+    /// missing and removes with its filters when it added it.
+    Netlink,
+}
+
+impl TcAttach {
+    /// The variable that forces a mode: `tcx`, `netlink`, or `auto` (the default).
+    pub const ENV: &'static str = "FERRY_TC_ATTACH";
+
+    /// By `FERRY_TC_ATTACH`, else by kernel: TCX from 6.6 on, netlink before.
+    pub fn detect() -> Self {
+        let forced = std::env::var(Self::ENV).unwrap_or_default();
+        match Self::parse(&forced) {
+            Ok(Some(m)) => m,
+            Ok(None) => Self::for_kernel(),
+            Err(e) => {
+                let auto = Self::for_kernel();
+                tracing::warn!(mode = auto.as_str(), "{}: {e}; attaching tc by kernel", Self::ENV);
+                auto
+            }
+        }
+    }
+
+    /// `tcx`, `netlink`; `auto` or empty: none forced.
+    pub fn parse(s: &str) -> Result<Option<Self>, UnknownTcAttach> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "" | "auto" => Ok(None),
+            "tcx" => Ok(Some(Self::Tcx)),
+            "netlink" => Ok(Some(Self::Netlink)),
+            _ => Err(UnknownTcAttach(s.to_owned())),
+        }
+    }
+
+    /// What this kernel supports: TCX from 6.6 on (as aya decides).
+    pub fn for_kernel() -> Self {
+        match aya::util::KernelVersion::current() {
+            Ok(v) if v >= aya::util::KernelVersion::new(6, 6, 0) => Self::Tcx,
+            _ => Self::Netlink,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Tcx => "tcx",
+            Self::Netlink => "netlink",
+        }
+    }
+}
+
+/// A `FERRY_TC_ATTACH` value that names no mode.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0:?} is not tcx, netlink or auto")]
+pub struct UnknownTcAttach(pub String);
+
+impl std::fmt::Display for TcAttach {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The tc programs and where each goes.
+const TC_PROGRAMS: [(&str, TcAttachType, &str); 2] = [
+    ("ferry_tc_ingress", TcAttachType::Ingress, "tc_ingress"),
+    ("ferry_tc_egress", TcAttachType::Egress, "tc_egress"),
+];
+
+/// Marker directories of a netlink attachment (see the module doc).
+const TC_MARK_ADDED: &str = "tc-netlink-added-";
+const TC_MARK_KEPT: &str = "tc-netlink-kept-";
 
 type Result<T, E = RedirectError> = std::result::Result<T, E>;
 
@@ -171,6 +261,7 @@ pub struct Redirector {
     config: Config,
     pods: HashMap<String, Enrolled>,
     orig: std::sync::Arc<OrigDstTable>,
+    tc_attach: TcAttach,
 }
 
 /// The `ferry_orig_dst` map: what the agent reads for every accepted connection.
@@ -251,6 +342,7 @@ impl Redirector {
             config,
             pods: HashMap::new(),
             orig: std::sync::Arc::new(OrigDstTable(Mutex::new(orig))),
+            tc_attach: TcAttach::detect(),
         };
         r.write_config()?;
         Ok(r)
@@ -285,6 +377,17 @@ impl Redirector {
 
     pub fn pin_dir(&self) -> &Path {
         &self.dir
+    }
+
+    /// How `tc` is attached to pods enrolled from now on.
+    pub fn tc_attach(&self) -> TcAttach {
+        self.tc_attach
+    }
+
+    /// Attaches `tc` to pods enrolled from now on with `mode` (the default
+    /// is [`TcAttach::detect`]).
+    pub fn set_tc_attach(&mut self, mode: TcAttach) {
+        self.tc_attach = mode;
     }
 
     pub fn orig_dst(&self) -> std::sync::Arc<OrigDstTable> {
@@ -355,22 +458,17 @@ impl Redirector {
         ];
         let mut ifindex = None;
         if let Some(veth) = pod.host_veth {
-            links.push(attach_pinned!(
-                self,
-                dir,
-                SchedClassifier,
-                "ferry_tc_ingress",
-                "tc_ingress",
-                |p| p.attach(veth, TcAttachType::Ingress)
-            ));
-            links.push(attach_pinned!(
-                self,
-                dir,
-                SchedClassifier,
-                "ferry_tc_egress",
-                "tc_egress",
-                |p| p.attach(veth, TcAttachType::Egress)
-            ));
+            match self.tc_attach {
+                TcAttach::Tcx => {
+                    for (name, ty, hook) in TC_PROGRAMS {
+                        links.push(attach_pinned!(self, dir, SchedClassifier, name, hook, |p| p
+                            .attach_with_options(veth, ty, TcAttachOptions::TcxOrder(Default::default()))));
+                    }
+                    // Netlink filters of an earlier run in the other mode go.
+                    release_tc_netlink(dir);
+                }
+                TcAttach::Netlink => self.attach_tc_netlink(dir, veth)?,
+            }
             ifindex = ifindex_of(veth);
         }
 
@@ -408,6 +506,51 @@ impl Redirector {
         Ok(())
     }
 
+    /// `tc` on `veth` through netlink: the clsact qdisc added if missing,
+    /// Ferry's filters of an earlier run replaced, the marker written. On
+    /// failure, what this did is undone.
+    fn attach_tc_netlink(&mut self, links_dir: &Path, veth: &str) -> Result<()> {
+        let clsact_err = |source| RedirectError::Clsact {
+            veth: veth.to_owned(),
+            source,
+        };
+        let added_now = clsact::add(veth).map_err(clsact_err)?;
+        // Ferry added it in an earlier run: still Ferry's to remove.
+        let added = added_now || tc_markers(links_dir).iter().any(|m| m.veth == veth && m.added);
+        let attached = (|| {
+            for (name, ty, _) in TC_PROGRAMS {
+                // Netlink filters outlive the agent: an earlier run's go first.
+                detach_tc_by_name(veth, ty, name);
+                let p: &mut SchedClassifier = prog(&mut self.bpf, name)?;
+                let id = p
+                    .attach_with_options(veth, ty, TcAttachOptions::Netlink(NlOptions::default()))
+                    .map_err(prog_err(name))?;
+                let link = p.take_link(id).map_err(prog_err(name))?;
+                // No file descriptor: forgetting the handle leaves the
+                // filter attached (as a pin does); it is detached by name.
+                std::mem::forget(link);
+            }
+            Ok(())
+        })();
+        if let Err(e) = attached {
+            for (name, ty, _) in TC_PROGRAMS {
+                detach_tc_by_name(veth, ty, name);
+            }
+            if added_now {
+                remove_clsact_if_unused(veth);
+            }
+            return Err(e);
+        }
+        release_tc_markers(links_dir);
+        let mark = format!("{}{veth}", if added { TC_MARK_ADDED } else { TC_MARK_KEPT });
+        if let Err(e) = fs::create_dir_all(links_dir.join(&mark)) {
+            // Only a later clean-up needs it (bpffs refuses names with dots).
+            tracing::warn!(veth, error = %e, "cannot record the tc attachment; its clean-up may be missed");
+        }
+        tracing::debug!(veth, clsact_added = added, "tc attached through netlink");
+        Ok(())
+    }
+
     /// Stops capturing a pod: steering off first, then its hooks go.
     pub fn unenroll(&mut self, uid: &str) -> Result<()> {
         let dir = self.dir.join("links").join(uid);
@@ -433,6 +576,7 @@ impl Redirector {
             }
         }
         drop(take_pins(&dir));
+        release_tc_netlink(&dir);
         let _ = fs::remove_dir(&dir);
         Ok(())
     }
@@ -451,6 +595,8 @@ impl Redirector {
         let mut m = self.inbound_policy_map()?;
         match m.remove(&InboundKey::new(ip)) {
             Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+            // aya reports a missing key on delete as the syscall's ENOENT.
+            Err(aya::maps::MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(()),
             Err(e) => Err(map_err("ferry_inbound_policy")(e)),
         }
     }
@@ -488,6 +634,7 @@ impl Redirector {
             if name != "agent" && !self.pods.contains_key(&name) {
                 tracing::info!(pod = %name, "removing steering left by a previous run");
                 drop(take_pins(&e.path()));
+                release_tc_netlink(&e.path());
                 let _ = fs::remove_dir(e.path());
             }
         }
@@ -573,6 +720,79 @@ fn take_pins(dir: &Path) -> Vec<FdLink> {
         .filter_map(|e| PinnedLink::from_pin(e.path()).ok())
         .filter_map(|p| p.unpin().ok())
         .collect()
+}
+
+/// A netlink `tc` attachment recorded in a pod's link directory.
+struct TcMarker {
+    veth: String,
+    /// Ferry added the veth's clsact qdisc.
+    added: bool,
+    path: PathBuf,
+}
+
+fn tc_markers(dir: &Path) -> Vec<TcMarker> {
+    let Ok(rd) = fs::read_dir(dir) else { return Vec::new() };
+    rd.flatten()
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let (added, veth) = match (name.strip_prefix(TC_MARK_ADDED), name.strip_prefix(TC_MARK_KEPT)) {
+                (Some(v), _) => (true, v),
+                (_, Some(v)) => (false, v),
+                _ => return None,
+            };
+            Some(TcMarker {
+                veth: veth.to_owned(),
+                added,
+                path: e.path(),
+            })
+        })
+        .collect()
+}
+
+fn release_tc_markers(dir: &Path) {
+    for m in tc_markers(dir) {
+        let _ = fs::remove_dir(&m.path);
+    }
+}
+
+/// Undoes the netlink `tc` attachments recorded in `dir`: Ferry's filters
+/// detached, and a clsact qdisc Ferry added removed once nothing else
+/// hangs from it. A veth that is gone took both with it.
+fn release_tc_netlink(dir: &Path) {
+    for m in tc_markers(dir) {
+        if ifindex_of(&m.veth).is_some() {
+            for (name, ty, _) in TC_PROGRAMS {
+                detach_tc_by_name(&m.veth, ty, name);
+            }
+            if m.added {
+                remove_clsact_if_unused(&m.veth);
+            }
+        }
+        let _ = fs::remove_dir(&m.path);
+    }
+}
+
+/// Detaches every netlink filter of program `name` on `veth` (none: fine).
+fn detach_tc_by_name(veth: &str, ty: TcAttachType, name: &str) {
+    match aya::programs::tc::qdisc_detach_program(veth, ty, name) {
+        Ok(()) => {}
+        Err(aya::programs::tc::TcError::IoError(e)) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => tracing::warn!(veth, program = name, error = %e, "cannot detach a tc filter"),
+    }
+}
+
+/// Removes `veth`'s clsact qdisc if no filter hangs from it any more.
+fn remove_clsact_if_unused(veth: &str) {
+    let Some(ifindex) = ifindex_of(veth) else { return };
+    match clsact::filters(ifindex) {
+        Ok(0) => match clsact::delete(ifindex) {
+            Ok(()) => tracing::debug!(veth, "clsact qdisc removed"),
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) || e.raw_os_error() == Some(libc::EINVAL) => {}
+            Err(e) => tracing::warn!(veth, error = %e, "cannot remove the clsact qdisc Ferry added"),
+        },
+        Ok(n) => tracing::info!(veth, filters = n, "clsact qdisc kept: other filters use it"),
+        Err(e) => tracing::warn!(veth, error = %e, "cannot list the clsact qdisc's filters; kept"),
+    }
 }
 
 fn ifindex_of(name: &str) -> Option<u32> {

@@ -60,6 +60,8 @@ pub fn run(pin_root: &Path, cgroup_root: Option<&Path>) -> Vec<Check> {
         ),
         "upgrade the kernel to 5.10 or newer",
     ));
+    let forced = std::env::var(crate::loader::TcAttach::ENV).unwrap_or_default();
+    out.push(tc_attach(&forced, crate::loader::TcAttach::for_kernel()));
     out.push(check(
         "btf",
         Path::new("/sys/kernel/btf/vmlinux").exists(),
@@ -129,6 +131,41 @@ pub fn run(pin_root: &Path, cgroup_root: Option<&Path>) -> Vec<Check> {
     out
 }
 
+/// How `tc` will be attached to pods' veths: by `FERRY_TC_ATTACH` (`forced`)
+/// or else by what the kernel supports (`kernel`). TCX forced on a kernel
+/// without it, or a value that names no mode, fails.
+fn tc_attach(forced: &str, kernel: crate::loader::TcAttach) -> Check {
+    use crate::loader::TcAttach;
+    let mode = match TcAttach::parse(forced) {
+        Ok(m) => m,
+        Err(e) => {
+            return check(
+                "tc attach",
+                false,
+                format!("{}: {e} (the agent attaches by kernel: {kernel})", TcAttach::ENV),
+                "set FERRY_TC_ATTACH to tcx, netlink or auto (or unset it)",
+            )
+        }
+    };
+    let why = if mode.is_some() {
+        "forced by FERRY_TC_ATTACH"
+    } else if kernel == TcAttach::Tcx {
+        "kernel >= 6.6"
+    } else {
+        "kernel < 6.6"
+    };
+    let detail = match mode.unwrap_or(kernel) {
+        TcAttach::Tcx => format!("tcx: TCX links, pinned ({why})"),
+        TcAttach::Netlink => format!("netlink: filters on a clsact qdisc Ferry adds when missing ({why})"),
+    };
+    check(
+        "tc attach",
+        !(mode == Some(TcAttach::Tcx) && kernel == TcAttach::Netlink),
+        detail,
+        "this kernel has no TCX (6.6+): unset FERRY_TC_ATTACH (or set it to netlink)",
+    )
+}
+
 #[cfg(test)]
 mod tests {
     #[test]
@@ -136,5 +173,31 @@ mod tests {
         assert_eq!(super::parse_kernel("6.18.44-fc-v669"), Some((6, 18)));
         assert_eq!(super::parse_kernel("5.4.0-150-generic"), Some((5, 4)));
         assert_eq!(super::parse_kernel("junk"), None);
+    }
+
+    #[test]
+    fn tc_attach_modes() {
+        use crate::loader::TcAttach::{Netlink, Tcx};
+        let row = |forced, kernel| {
+            let c = super::tc_attach(forced, kernel);
+            (c.ok, c.detail)
+        };
+        assert_eq!(row("", Tcx), (true, "tcx: TCX links, pinned (kernel >= 6.6)".into()));
+        assert_eq!(
+            row("auto", Netlink),
+            (
+                true,
+                "netlink: filters on a clsact qdisc Ferry adds when missing (kernel < 6.6)".into()
+            )
+        );
+        assert!(row("netlink", Tcx).1.ends_with("(forced by FERRY_TC_ATTACH)"));
+        let forced = super::tc_attach("tcx", Netlink);
+        assert!(!forced.ok && forced.remedy.unwrap().contains("FERRY_TC_ATTACH"));
+        let bogus = super::tc_attach("clsact", Tcx);
+        assert!(
+            !bogus.ok && bogus.detail.contains("\"clsact\" is not tcx, netlink or auto"),
+            "{}",
+            bogus.detail
+        );
     }
 }

@@ -1,24 +1,5 @@
-//! Request paths normalized before authorization
-//! (`proxy::http::path::normalize`, RFC 3986 as Istio's default). Must never
-//! panic, and must be idempotent: the app gets the normalized path, and if
-//! normalizing it again changed it, the app (or a proxy behind it) could see
-//! a path authorization never did (`%2%65` decodes to `%2e`, which is `.`).
+//! cargo-fuzz entry point; the target itself (and what it checks) is
+//! `ferry_fuzz::targets::http_path`, which the seed-replay test also runs.
 #![no_main]
 
-use ferry_agent::proxy::http::path::normalize;
-use libfuzzer_sys::fuzz_target;
-
-fuzz_target!(|data: &[u8]| {
-    let Ok(p) = std::str::from_utf8(data) else {
-        return;
-    };
-    let once = normalize(p);
-    if once.starts_with('/') {
-        assert!(
-            !once.split('/').any(|s| s == "." || s == ".."),
-            "dot segment left in {once:?} (from {p:?})"
-        );
-    }
-    let twice = normalize(&once);
-    assert_eq!(twice, once, "normalize is not idempotent on {p:?}");
-});
+libfuzzer_sys::fuzz_target!(|data: &[u8]| ferry_fuzz::targets::http_path::run(data));

@@ -4,6 +4,8 @@
 
 use arbitrary::{Result, Unstructured};
 
+pub mod targets;
+
 /// Splits at the last NUL: (text, entropy). Without a NUL the whole input
 /// is the text and the entropy is empty (every draw then takes its default).
 pub fn split(data: &[u8]) -> (String, Unstructured<'_>) {

@@ -105,6 +105,65 @@ pub struct ConnView {
     pub age_ms: u64,
 }
 
+/// Whether the load balancer may choose an endpoint (`/endpoints`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EndpointState {
+    Healthy,
+    /// Ejected by outlier detection (used anyway in panic mode).
+    Ejected,
+}
+
+impl EndpointState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EndpointState::Healthy => "healthy",
+            EndpointState::Ejected => "ejected",
+        }
+    }
+}
+
+impl fmt::Display for EndpointState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// `/endpoints`: one endpoint of a Service port (and subset) this agent has
+/// balanced requests or connections to, with its load-balancing and
+/// outlier-detection state.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EndpointHealth {
+    /// `namespace/name`.
+    pub service: String,
+    /// The Service port.
+    pub port: u16,
+    pub subset: Option<String>,
+    /// `ip:port`.
+    pub endpoint: String,
+    /// The endpoint's pod (`namespace/name`), when known.
+    pub workload: Option<String>,
+    /// `region/zone/subzone`, when known.
+    pub locality: Option<String>,
+    /// The effective `loadBalancer` algorithm (`LEAST_REQUEST`, ...).
+    pub algorithm: String,
+    /// Whether outlier detection applies to this Service port.
+    pub outlier_detection: bool,
+    pub state: EndpointState,
+    /// How much longer the current ejection lasts (at least; returns are
+    /// checked every `interval`).
+    pub ejected_for_ms: Option<u64>,
+    /// Ejections since this agent first saw the endpoint.
+    pub ejections: u64,
+    pub consecutive_5xx: u32,
+    pub consecutive_gateway: u32,
+    pub consecutive_local_origin: u32,
+    /// Requests (or connections) to it in flight from this agent.
+    pub in_flight: u64,
+    /// Panic mode (`minHealthPercent`): ejections are ignored for now.
+    pub panic: bool,
+}
+
 /// `/certs`: one workload certificate.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct CertView {

@@ -33,6 +33,15 @@ pub struct ConfigFile {
     /// the destination's agent on every inbound connection.
     #[serde(default)]
     pub authorization_policies: Vec<crate::authz::AuthzPolicy>,
+    /// Per-Service traffic policy (compiled by the control plane from
+    /// DestinationRule `trafficPolicy`): balancing, connection-pool limits,
+    /// outlier detection (docs/traffic-management.md).
+    #[serde(default)]
+    pub traffic_policies: Vec<crate::traffic::ServiceTrafficPolicy>,
+    /// Ferry `RateLimitPolicy` objects: enforced per request by the agent
+    /// of each pod backing the Service (`ferry_model::ratelimit`).
+    #[serde(default)]
+    pub rate_limits: Vec<crate::ratelimit::RateLimitPolicy>,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
@@ -222,6 +231,9 @@ impl ConfigFile {
             if w.node.is_empty() {
                 p.push(format!("{at}.node: must not be empty"));
             }
+            if w.workload_name.as_deref().is_some_and(str::is_empty) {
+                p.push(format!("{at}.workloadName: must not be empty when set"));
+            }
         }
         let rate = self.settings.access_log.sample_rate;
         if !(0.0..=1.0).contains(&rate) {
@@ -280,6 +292,15 @@ impl ConfigFile {
                 }
             }
         }
+        let mut shaped = BTreeMap::new();
+        for (i, t) in self.traffic_policies.iter().enumerate() {
+            if let Some(j) = shaped.insert(t.service.as_str(), i) {
+                p.push(format!(
+                    "trafficPolicies[{i}].service: {:?} already has trafficPolicies[{j}]",
+                    t.service
+                ));
+            }
+        }
         let mut policies = BTreeMap::new();
         for (i, a) in self.authorization_policies.iter().enumerate() {
             let at = format!("authorizationPolicies[{i}] ({}/{})", a.namespace, a.name);
@@ -291,6 +312,7 @@ impl ConfigFile {
             }
             p.extend(crate::authz::validate(a).into_iter().map(|e| format!("{at}.{e}")));
         }
+        p.extend(crate::ratelimit::validate_all(&self.rate_limits));
         p
     }
 }
@@ -337,6 +359,26 @@ services:
         assert!(all.contains("workloads[1] (default/y).ip"), "{all}");
         assert!(all.contains("services[0] (default/s).vip"), "{all}");
         assert!(all.contains("services[0] (default/s).ports[0]"), "{all}");
+    }
+
+    #[test]
+    fn workload_names_are_optional_and_not_empty() {
+        let c = ConfigFile::parse("old", GOOD).unwrap();
+        assert_eq!(c.workloads[0].workload_name, None, "files without it still parse");
+        assert_eq!(c.workloads[0].workload_name(), "client");
+        let named = GOOD.replace("name: client,", "name: client-6f7b8c9d4-x2x9z, workloadName: client,");
+        let c = ConfigFile::parse("named", &named).unwrap();
+        assert_eq!(c.workloads[0].workload_name(), "client");
+        let e = ConfigFile::parse(
+            "empty",
+            &GOOD.replace("name: client,", "name: client, workloadName: \"\","),
+        )
+        .unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("workloads[0] (default/client).workloadName: must not be empty when set"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -12,6 +12,7 @@ pub mod access_log;
 pub mod admin;
 pub mod admission;
 pub mod authz;
+pub mod balance;
 pub mod config;
 #[cfg(test)]
 mod fuzz_regressions;
@@ -21,9 +22,11 @@ mod proptests;
 #[cfg(feature = "proto")]
 pub mod proto;
 pub mod protocol;
+pub mod ratelimit;
 pub mod route;
 pub mod spiffe;
 pub mod state;
+pub mod traffic;
 pub mod workload;
 pub mod yaml;
 

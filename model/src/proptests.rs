@@ -314,6 +314,8 @@ mod wire {
                     labels,
                     netns: None,
                     host_veth: None,
+                    workload_name: None,
+                    locality: (i % 2 == 0).then(|| format!("r{i}/z{i}/s")),
                 })
                 .collect()
         })

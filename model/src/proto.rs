@@ -6,6 +6,9 @@
 
 use std::{collections::BTreeMap, net::Ipv4Addr};
 
+mod ratelimit;
+mod traffic;
+
 use ferry_api::discovery as pb;
 use sha2::{Digest, Sha256};
 
@@ -25,6 +28,8 @@ pub const PEER_AUTHENTICATION: &str = "peerauthentication/";
 pub const SERVICE_ROUTING: &str = "routing/";
 /// `authorizationpolicy/<namespace>/<name>`.
 pub const AUTHORIZATION_POLICY: &str = "authorizationpolicy/";
+/// `trafficpolicy/<namespace>/<name>` of the Service: one per Service.
+pub const TRAFFIC_POLICY: &str = "trafficpolicy/";
 
 /// The resources a node holds, by name.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -68,6 +73,12 @@ impl HeldResources {
                 Some(pb::resource::Kind::AuthorizationPolicy(p)) => {
                     authorization_policy_from(p).map(|p| cfg.authorization_policies.push(p))
                 }
+                Some(pb::resource::Kind::TrafficPolicy(p)) => {
+                    traffic::service_policy_from(p).map(|p| cfg.traffic_policies.push(p))
+                }
+                Some(pb::resource::Kind::RateLimit(p)) => {
+                    ratelimit::rate_limit_from(p).map(|p| cfg.rate_limits.push(p))
+                }
                 None => Err("no content (unknown kind?)".to_owned()),
             };
             if let Err(e) = res {
@@ -92,6 +103,8 @@ pub fn resource(kind: pb::resource::Kind) -> pb::Resource {
         pb::resource::Kind::PeerAuthentication(p) => format!("{PEER_AUTHENTICATION}{}/{}", p.namespace, p.name),
         pb::resource::Kind::ServiceRouting(r) => format!("{SERVICE_ROUTING}{}", r.service),
         pb::resource::Kind::AuthorizationPolicy(p) => authorization_policy_name(&p.namespace, &p.name),
+        pb::resource::Kind::TrafficPolicy(p) => traffic_policy_name(&p.service),
+        pb::resource::Kind::RateLimit(p) => rate_limit_name(&p.namespace, &p.name),
     };
     let mut r = pb::Resource {
         name,
@@ -114,6 +127,8 @@ pub fn workload_to(w: &Workload) -> pb::resource::Kind {
         ip: w.ip.to_string(),
         enrolled: w.enrolled,
         labels: w.labels.clone(),
+        workload_name: w.workload_name.clone().unwrap_or_default(),
+        locality: w.locality.clone().unwrap_or_default(),
     })
 }
 
@@ -141,6 +156,8 @@ fn workload_from(w: &pb::Workload) -> Result<Workload, String> {
         // Found on the node from the pod's cgroup (its processes' netns).
         netns: None,
         host_veth: None,
+        workload_name: (!w.workload_name.is_empty()).then(|| w.workload_name.clone()),
+        locality: (!w.locality.is_empty()).then(|| w.locality.clone()),
     })
 }
 
@@ -457,6 +474,15 @@ fn authorization_policy_from(p: &pb::AuthorizationPolicy) -> Result<AuthzPolicy,
         },
     })
 }
+
+/// The resource name of the traffic policy of Service `namespace/name`.
+pub fn traffic_policy_name(service: &str) -> String {
+    format!("{TRAFFIC_POLICY}{service}")
+}
+
+pub use traffic::service_policy_to as traffic_policy_to;
+
+pub use ratelimit::{rate_limit_name, rate_limit_to, RATE_LIMIT_POLICY};
 
 /// The resource name of the routes of Service `namespace/name`.
 pub fn routing_name(service: &str) -> String {
@@ -931,7 +957,8 @@ peerAuthentications:
             .chain(c.services.iter().map(service_to))
             .chain(c.peer_authentications.iter().map(peer_authentication_to))
             .chain(c.routes.iter().map(routing_to))
-            .chain(c.authorization_policies.iter().map(authorization_policy_to));
+            .chain(c.authorization_policies.iter().map(authorization_policy_to))
+            .chain(c.traffic_policies.iter().map(traffic_policy_to));
         for k in all {
             let res = resource(k);
             r.0.insert(res.name.clone(), res);

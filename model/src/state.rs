@@ -21,6 +21,7 @@ use crate::{
     authz::{self, AuthzPolicy, Decision, HeaderPairs, HttpAttrs, Request, Verdict},
     config::{ConfigFile, Service, ServicePort, Settings, Workload},
     route::{pick_weighted, ServiceRouting, Subset},
+    traffic::ServiceTrafficPolicy,
     SpiffeId,
 };
 
@@ -40,12 +41,17 @@ pub struct State {
     rr: Vec<AtomicUsize>,
     /// Routes per Service (`namespace/name`).
     routing: HashMap<String, std::sync::Arc<ServiceRouting>>,
+    /// Traffic policies by `namespace/name` of their Service.
+    traffic: HashMap<String, Arc<ServiceTrafficPolicy>>,
     /// `namespace/name` -> service index.
     by_name: HashMap<String, usize>,
     /// Istio `AuthorizationPolicy` objects, as validated in the config.
     pub authorization_policies: Vec<Arc<AuthzPolicy>>,
     /// Local workload (uid) -> the policies that apply to it.
     authz: HashMap<String, Vec<Arc<AuthzPolicy>>>,
+    /// Local app address (pod IP, target port) -> the RateLimitPolicies
+    /// that limit its requests (`crate::ratelimit::targets`).
+    rate_limits: HashMap<SocketAddrV4, Vec<Arc<crate::ratelimit::RateLimitPolicy>>>,
 }
 
 /// Where a steered connection goes.
@@ -85,6 +91,19 @@ impl std::fmt::Display for Hop {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(self.as_str())
     }
+}
+
+/// What a connection is to be balanced over ([`State::target`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Target<'a> {
+    /// A pod address: its own and only route.
+    Pod(Route),
+    /// A Service port (`namespace/name`), perhaps one subset of it.
+    Service {
+        service: String,
+        port: u16,
+        subset: Option<&'a Subset>,
+    },
 }
 
 /// What a connection to a mesh destination is steered for: a service
@@ -135,7 +154,18 @@ impl State {
                 .filter(|(_, ps)| !ps.is_empty())
                 .collect()
         };
+        let rate_limits = {
+            let local = cfg
+                .workloads
+                .iter()
+                .filter(|w| w.node == cfg.node)
+                .map(|w| w.ip)
+                .collect();
+            let policies: Vec<_> = cfg.rate_limits.into_iter().map(Arc::new).collect();
+            crate::ratelimit::targets(&policies, &cfg.services, &local)
+        };
         Self {
+            rate_limits,
             authorization_policies: policies,
             authz,
             by_name,
@@ -143,6 +173,11 @@ impl State {
                 .routes
                 .into_iter()
                 .map(|r| (r.service.clone(), std::sync::Arc::new(r)))
+                .collect(),
+            traffic: cfg
+                .traffic_policies
+                .into_iter()
+                .map(|p| (p.service.clone(), Arc::new(p)))
                 .collect(),
             node: cfg.node,
             settings: cfg.settings,
@@ -197,6 +232,23 @@ impl State {
         self.routing.get(service)
     }
 
+    /// The traffic policy of a Service (`namespace/name`), if a
+    /// DestinationRule sets one.
+    pub fn traffic_policy(&self, service: &str) -> Option<&Arc<ServiceTrafficPolicy>> {
+        self.traffic.get(service)
+    }
+
+    /// Every Service's traffic policy.
+    pub fn traffic_policies(&self) -> impl Iterator<Item = &ServiceTrafficPolicy> {
+        self.traffic.values().map(|p| &**p)
+    }
+
+    /// The RateLimitPolicies limiting requests to a local pod's app at
+    /// `target` (pod IP, app port); empty when none does.
+    pub fn rate_limits_at(&self, target: SocketAddrV4) -> &[Arc<crate::ratelimit::RateLimitPolicy>] {
+        self.rate_limits.get(&target).map_or(&[], Vec::as_slice)
+    }
+
     /// Every Service's routes.
     pub fn routings(&self) -> impl Iterator<Item = &ServiceRouting> {
         self.routing.values().map(|r| &**r)
@@ -207,8 +259,19 @@ impl State {
     /// route's weighted backends when one exists, else round robin), a pod
     /// address to itself.
     pub fn route(&self, orig: SocketAddrV4) -> Result<Route, RouteError> {
+        match self.target(orig)? {
+            Target::Pod(r) => Ok(r),
+            Target::Service { service, port, subset } => self.pick_endpoint(&service, port, subset),
+        }
+    }
+
+    /// Where a connection whose original destination was `orig` is to be
+    /// balanced, before an endpoint is chosen: a pod address is its own
+    /// route; a VIP names a Service port (the first matching TCP route's
+    /// weighted backend when one exists), perhaps a subset of it.
+    pub fn target(&self, orig: SocketAddrV4) -> Result<Target<'_>, RouteError> {
         let Some(&(si, pi)) = self.by_vip.get(&(*orig.ip(), orig.port())) else {
-            return Ok(self.route_to(orig, None));
+            return Ok(Target::Pod(self.route_to(orig, None)));
         };
         let svc = &self.services[si];
         let key = format!("{}/{}", svc.namespace, svc.name);
@@ -225,15 +288,29 @@ impl State {
                     })?),
                     None => None,
                 };
-                return self.pick_endpoint(&b.service, b.port.unwrap_or(port), subset);
+                return Ok(Target::Service {
+                    service: b.service.clone(),
+                    port: b.port.unwrap_or(port),
+                    subset,
+                });
             }
         }
-        self.pick_endpoint(&key, port, None)
+        Ok(Target::Service {
+            service: key,
+            port,
+            subset: None,
+        })
     }
 
-    /// One ready endpoint of Service `service` (`namespace/name`) on its port
-    /// `port`, restricted to `subset`'s pods when given; round robin.
-    pub fn pick_endpoint(&self, service: &str, port: u16, subset: Option<&Subset>) -> Result<Route, RouteError> {
+    /// The ready endpoints (pod address and target port) of Service
+    /// `service` (`namespace/name`) on its port `port`, restricted to
+    /// `subset`'s pods when given, in the Service's order.
+    pub fn candidates(
+        &self,
+        service: &str,
+        port: u16,
+        subset: Option<&Subset>,
+    ) -> Result<Vec<SocketAddrV4>, RouteError> {
         let &si = self
             .by_name
             .get(service)
@@ -247,11 +324,12 @@ impl State {
                 service: service.to_owned(),
                 port,
             })?;
-        let ready: Vec<_> = svc
+        let ready: Vec<SocketAddrV4> = svc
             .endpoints
             .iter()
             .filter(|e| e.ready)
             .filter(|e| subset.is_none_or(|s| self.workload_by_ip(e.ip).is_some_and(|w| s.selects(w))))
+            .map(|e| SocketAddrV4::new(e.ip, sp.target_port))
             .collect();
         if ready.is_empty() {
             return Err(RouteError::NoEndpoint(match subset {
@@ -259,8 +337,18 @@ impl State {
                 None => service.to_owned(),
             }));
         }
-        let n = self.rr[si].fetch_add(1, Ordering::Relaxed) % ready.len();
-        Ok(self.route_to(SocketAddrV4::new(ready[n].ip, sp.target_port), Some(service.to_owned())))
+        Ok(ready)
+    }
+
+    /// One ready endpoint of Service `service` (`namespace/name`) on its port
+    /// `port`, restricted to `subset`'s pods when given; round robin (the
+    /// agent balances with the Service's traffic policy instead:
+    /// `ferry_model::balance`).
+    pub fn pick_endpoint(&self, service: &str, port: u16, subset: Option<&Subset>) -> Result<Route, RouteError> {
+        let ready = self.candidates(service, port, subset)?;
+        let si = self.by_name.get(service).copied().unwrap_or(0);
+        let n = self.rr.get(si).map_or(0, |c| c.fetch_add(1, Ordering::Relaxed)) % ready.len();
+        Ok(self.route_to(ready[n], Some(service.to_owned())))
     }
 
     /// The authorization policies that apply to `w` (by selector, namespace,

@@ -31,6 +31,8 @@ impl BoxState {
                 labels: p.labels.iter().cloned().collect(),
                 netns: (p.node == node).then(|| PathBuf::from(format!("/run/netns/{}", self.pod_netns(&p.name)))),
                 host_veth: (p.node == node).then(|| self.host_veth(i)),
+                workload_name: None,
+                locality: ferry_model::balance::locality_label(&p.labels.iter().cloned().collect()),
             })
             .collect();
         let services = self
@@ -71,8 +73,8 @@ impl BoxState {
             workloads,
             services,
             peer_authentications: self.spec.peer_authentications.clone(),
-            routes: Vec::new(),
-            authorization_policies: Vec::new(),
+            // Routes and policies come from ferry-control (or are none).
+            ..Default::default()
         }
     }
 

@@ -6,7 +6,10 @@
 //! crashing input to `fuzz/artifacts/<target>/`. All targets are built
 //! once, then run from the built binaries (one snapshot of the sources). Exits non-zero if any
 //! target crashed (a panic, a timeout or running out of memory).
-//! Not part of `cargo xtask test`: it takes minutes and a nightly compiler.
+//! Not part of `cargo xtask test` (it takes minutes and a nightly
+//! compiler); that runs the fuzz crate's seed-replay test instead
+//! (`fuzz/tests/replay.rs`: every seed and regression through its target,
+//! on stable).
 
 use std::{
     fs,
@@ -139,7 +142,7 @@ fn list(dir: &Path) -> Vec<PathBuf> {
         .unwrap_or_default()
 }
 
-fn fuzz_dir() -> Result<PathBuf> {
+pub fn fuzz_dir() -> Result<PathBuf> {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .context("xtask has no parent directory")?

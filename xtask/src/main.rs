@@ -121,7 +121,15 @@ fn main() -> Result<()> {
                 .args(&args)
                 .env("FERRY_BIN_DIR", &bins)
                 .status()?;
-            if !st.success() {
+            // The fuzz crate is its own workspace (nightly for fuzzing);
+            // its seed-replay test runs on stable, sharing this target dir.
+            let fuzz = fuzz::fuzz_dir()?;
+            let replay = Command::new("cargo")
+                .args(["test", "--test", "replay"])
+                .current_dir(&fuzz)
+                .env("CARGO_TARGET_DIR", fuzz.join("../target"))
+                .status()?;
+            if !st.success() || !replay.success() {
                 bail!("tests failed");
             }
             Ok(())

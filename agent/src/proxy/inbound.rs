@@ -53,6 +53,11 @@ impl Opened {
     pub fn conn(&self) -> Arc<Conn> {
         self.guard.conn.clone()
     }
+
+    /// The delivered connection to the app (socket options: `tcpKeepalive`).
+    pub(crate) fn app(&self) -> &TcpStream {
+        &self.app
+    }
 }
 
 /// Admits and delivers `conn` to `pod`; every outcome, refusals included,

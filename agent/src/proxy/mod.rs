@@ -15,6 +15,7 @@
 //! ([`http::destination`]).
 
 pub mod app_ports;
+pub mod balance;
 pub mod copy;
 pub mod http;
 pub mod inbound;
@@ -96,6 +97,8 @@ pub struct Proxy {
     pub telemetry: Arc<Telemetry>,
     /// The L7 path's upstream pool and mirror budget.
     pub http: http::Shared,
+    /// The load balancer's per-Service state (in flight, outlier detection).
+    pub balance: balance::Balancer,
     /// Connections accepted on every pod's listeners and not yet closed.
     conns: AtomicUsize,
 }
@@ -107,6 +110,7 @@ impl Proxy {
             pods: RwLock::new(HashMap::new()),
             orig,
             tunnel,
+            balance: balance::Balancer::new(telemetry.clone()),
             telemetry,
             http: http::Shared::default(),
             conns: AtomicUsize::new(0),

@@ -1,17 +1,22 @@
 //! Outbound: a connection from an app, steered to 127.0.0.1:15001 in its pod.
 //! Original destination -> protocol (the Service port's, else detected by
 //! [`http::detect`]) -> HTTP ([`http::serve`]: routed per request) or opaque
-//! TCP: route (a pure decision over the state snapshot) -> local pod, tunnel
+//! TCP: route (a pure decision over the state snapshot; a Service's endpoint
+//! per connection by the load balancer, [`super::balance`]) -> local pod, tunnel
 //! or direct ([`open_upstream`], shared with the HTTP path); then relay.
 //! A local pod is reached through the one inbound path
 //! ([`inbound::open_local`]: gate, authorization, destination telemetry,
 //! live re-check), never delivered around it.
 
-use std::sync::{atomic::Ordering, Arc};
+use std::{
+    net::SocketAddrV4,
+    sync::{atomic::Ordering, Arc},
+};
 
 use ferry_model::{
     admin::Direction,
-    state::{Hop, Route, State},
+    state::{Hop, Route, RouteError, State, Target},
+    traffic::TcpKeepalive,
     Protocol,
 };
 use tokio::{
@@ -19,7 +24,14 @@ use tokio::{
     net::TcpStream,
 };
 
-use super::{copy, http, inbound, orig_dst::ConnKey, PodCtx, Proxy};
+use super::{
+    balance::{Ask, Picked},
+    copy,
+    http::{self, circuit},
+    inbound,
+    orig_dst::ConnKey,
+    PodCtx, Proxy,
+};
 use crate::{
     sockets,
     telemetry::{
@@ -93,13 +105,15 @@ where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let orig = g.conn.orig_dst;
-    let route = match state.route(orig) {
-        Ok(r) => r,
+    // Held until the connection ends: the endpoint's in-flight count.
+    let pick = match pick_tcp(proxy, pod, state, orig) {
+        Ok(p) => p,
         Err(e) => {
             g.outcome = Outcome::NoRoute(e);
             return;
         }
     };
+    let route = pick.route.clone();
     g.routed(route.service.clone(), route.endpoint, route.hop);
     let dst = state.workload_by_ip(*route.endpoint.ip());
     // Only the tunnel leaves the node; it is mutual TLS when a CA is configured.
@@ -116,9 +130,43 @@ where
         principal: dst_id.as_ref(),
     };
     let svc = route.service.as_deref();
+    let mut labels = tcp_labels(Reporter::Source, src_peer, dst_peer, svc, mtls);
+    // Circuit breaking (connectionPool): past maxConnections the connection
+    // is refused at once (UO); connectTimeout and tcpKeepalive apply.
+    let circuit = proxy
+        .http
+        .pool
+        .breakers
+        .for_tcp(&proxy.telemetry, state, &pod.workload.uid, orig, &route);
+    let _slot = match &circuit {
+        Some(c) => match c.try_take(circuit::Kind::Connection) {
+            Some(s) => Some(s),
+            None => {
+                labels.response_flags = "UO".into();
+                g.report(&labels);
+                let o = c.overflow(circuit::Overflow::Connections);
+                g.outcome = Outcome::Connect {
+                    to: route.endpoint,
+                    error: std::io::Error::other(format!("upstream overflow (UO): {o}")),
+                };
+                return;
+            }
+        },
+        None => None,
+    };
     // The destination side of a same-node hop reports itself (inbound path).
-    g.report(&tcp_labels(Reporter::Source, src_peer, dst_peer, svc, mtls));
-    let upstream = match open_route(proxy, pod, g.conn.client, &route).await {
+    g.report(&labels);
+    let keepalive = circuit.as_ref().and_then(|c| c.limits.tcp_keepalive);
+    let open = open_route(proxy, pod, g.conn.client, &route, keepalive.as_ref());
+    let opened = circuit::within(circuit.as_ref(), open).await;
+    // For outlier detection; a refusal by policy (authorization, STRICT) is
+    // not the endpoint failing.
+    match &opened {
+        Ok(_) => pick.report(ferry_model::balance::Outcome::Connected),
+        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {}
+        Err(_) => pick.report(ferry_model::balance::Outcome::LocalFailure),
+    }
+    let upstream = match opened {
         Ok(Upstream::Stream(u)) => u,
         Ok(Upstream::Local(opened)) => {
             let local = opened.conn();
@@ -167,6 +215,24 @@ where
     }
 }
 
+/// The route of an opaque TCP connection: a pod address as dialled; for a
+/// Service, an endpoint chosen by the load balancer under its traffic
+/// policy (per connection; a consistent hash can only use the source
+/// address here).
+fn pick_tcp(proxy: &Proxy, pod: &PodCtx, state: &State, orig: SocketAddrV4) -> Result<Picked, RouteError> {
+    match state.target(orig)? {
+        Target::Pod(r) => Ok(Picked::fixed(r)),
+        Target::Service { service, port, subset } => {
+            let ask = Ask {
+                client: &pod.workload,
+                orig: Some(orig),
+                http: None,
+            };
+            proxy.balance.pick(state, &service, port, subset, &ask)
+        }
+    }
+}
+
 /// Where a connection to a route's endpoint goes on.
 enum Upstream {
     /// A stream to the endpoint (tunnel or direct).
@@ -193,17 +259,29 @@ async fn open_route(
     pod: &PodCtx,
     client: std::net::SocketAddrV4,
     route: &Route,
+    keepalive: Option<&TcpKeepalive>,
 ) -> std::io::Result<Upstream> {
     match route.hop {
         Hop::Local => match proxy.local_pod_by_ip(*route.endpoint.ip()) {
-            Some(d) => inbound::open_local(proxy, pod, client, &d, route.endpoint, route.service.as_deref())
-                .await
-                .map(|o| Upstream::Local(Box::new(o))),
+            Some(d) => {
+                let o = inbound::open_local(proxy, pod, client, &d, route.endpoint, route.service.as_deref()).await?;
+                if let Some(k) = keepalive {
+                    keep_alive(o.app(), k);
+                }
+                Ok(Upstream::Local(Box::new(o)))
+            }
             None => Err(std::io::Error::other(
                 "destination pod is not enrolled on this node yet",
             )),
         },
-        _ => open_remote(proxy, pod, route).await.map(Upstream::Stream),
+        _ => open_remote(proxy, pod, route, keepalive).await.map(Upstream::Stream),
+    }
+}
+
+/// `tcpKeepalive` on a socket the agent opened; a failure is logged, not fatal.
+fn keep_alive(s: &TcpStream, k: &TcpKeepalive) {
+    if let Err(e) = circuit::set_keepalive(s, k) {
+        tracing::debug!(error = %e, "tcpKeepalive not set");
     }
 }
 
@@ -213,9 +291,14 @@ async fn open_route(
 /// telemetry (per request on an HTTP port) apply as to any inbound
 /// connection. The app's address is `pod`'s, with port 0 (the pooled
 /// connection serves many of the app's).
-pub(crate) async fn open_upstream(proxy: &Arc<Proxy>, pod: &PodCtx, route: &Route) -> std::io::Result<BoxStream> {
+pub(crate) async fn open_upstream(
+    proxy: &Arc<Proxy>,
+    pod: &PodCtx,
+    route: &Route,
+    keepalive: Option<&TcpKeepalive>,
+) -> std::io::Result<BoxStream> {
     let client = std::net::SocketAddrV4::new(pod.ip(), 0);
-    match open_route(proxy, pod, client, route).await? {
+    match open_route(proxy, pod, client, route, keepalive).await? {
         Upstream::Stream(s) => Ok(s),
         Upstream::Local(opened) => {
             let (near, far) = tokio::io::duplex(LOCAL_PIPE);
@@ -225,8 +308,14 @@ pub(crate) async fn open_upstream(proxy: &Arc<Proxy>, pod: &PodCtx, route: &Rout
     }
 }
 
-/// A stream through the tunnel, or directly from the pod.
-async fn open_remote(proxy: &Proxy, pod: &PodCtx, route: &Route) -> std::io::Result<BoxStream> {
+/// A stream through the tunnel, or directly from the pod (with
+/// `keepalive`: the tunnel's connections are shared, and kept alive by it).
+async fn open_remote(
+    proxy: &Proxy,
+    pod: &PodCtx,
+    route: &Route,
+    keepalive: Option<&TcpKeepalive>,
+) -> std::io::Result<BoxStream> {
     match route.hop {
         Hop::Local => Err(std::io::Error::other("a local pod is opened by the inbound path")),
         Hop::Tunnel => {
@@ -241,8 +330,12 @@ async fn open_remote(proxy: &Proxy, pod: &PodCtx, route: &Route) -> std::io::Res
             };
             proxy.tunnel.open(src, route.endpoint, &expected).await
         }
-        Hop::Direct => sockets::connect(&*pod.sockets, sockets::Source::Any, route.endpoint)
-            .await
-            .map(|s| Box::new(s) as BoxStream),
+        Hop::Direct => {
+            let s = sockets::connect(&*pod.sockets, sockets::Source::Any, route.endpoint).await?;
+            if let Some(k) = keepalive {
+                keep_alive(&s, k);
+            }
+            Ok(Box::new(s) as BoxStream)
+        }
     }
 }

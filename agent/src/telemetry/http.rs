@@ -23,7 +23,10 @@ use prometheus_client::{
     registry::Registry,
 };
 
-use super::{metrics::TcpLabels, Telemetry};
+use super::{
+    metrics::{LabelSets, LiveWorkloads, TcpLabels},
+    Telemetry,
+};
 
 /// One Envoy response flag (the subset Ferry sets).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -49,10 +52,16 @@ pub enum Flag {
     /// Denied by authorization policy at the destination (`RBAC`: 403, or
     /// gRPC status 7).
     Rbac,
+    /// A circuit-breaking limit (DestinationRule `connectionPool`) refused
+    /// the request or a retry (`UO`).
+    UpstreamOverflow,
+    /// Over a RateLimitPolicy's rate at the destination (`RL`: 429, or
+    /// gRPC status 8).
+    RateLimited,
 }
 
 impl Flag {
-    const ALL: [Flag; 10] = [
+    const ALL: [Flag; 12] = [
         Flag::DelayInjected,
         Flag::FaultInjected,
         Flag::UpstreamTimeout,
@@ -63,6 +72,8 @@ impl Flag {
         Flag::NoCluster,
         Flag::UpstreamConnectionTermination,
         Flag::Rbac,
+        Flag::UpstreamOverflow,
+        Flag::RateLimited,
     ];
 
     /// Envoy's short code.
@@ -78,6 +89,8 @@ impl Flag {
             Flag::NoCluster => "NC",
             Flag::UpstreamConnectionTermination => "UC",
             Flag::Rbac => "RBAC",
+            Flag::UpstreamOverflow => "UO",
+            Flag::RateLimited => "RL",
         }
     }
 
@@ -171,6 +184,15 @@ struct DetectionLabels {
     outcome: &'static str,
 }
 
+/// Labels of `ferry_upstream_overflow_total` (circuit breaking).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OverflowLabels {
+    /// The Service's FQDN, as Istio's `destination_service`.
+    destination_service: String,
+    /// The limit: `pending`, `pending_timeout`, `requests`, `connections`, `retries`.
+    reason: &'static str,
+}
+
 /// Istio's request labels: the standard set plus the response's.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RequestLabels {
@@ -207,7 +229,10 @@ pub struct HttpMetrics {
     duration: HistFamily,
     request_bytes: HistFamily,
     response_bytes: HistFamily,
+    /// Every label set of the four request families.
+    sets: LabelSets<RequestLabels>,
     detection: Family<DetectionLabels, Counter>,
+    overflow: Family<OverflowLabels, Counter>,
 }
 
 impl HttpMetrics {
@@ -217,7 +242,9 @@ impl HttpMetrics {
             duration: Family::new_with_constructor(duration_histogram as fn() -> Histogram),
             request_bytes: Family::new_with_constructor(size_histogram as fn() -> Histogram),
             response_bytes: Family::new_with_constructor(size_histogram as fn() -> Histogram),
+            sets: LabelSets::default(),
             detection: Family::default(),
+            overflow: Family::default(),
         };
         registry.register("istio_requests", "Requests", m.requests.clone());
         registry.register(
@@ -232,7 +259,22 @@ impl HttpMetrics {
             "Sniffed connections by detected protocol",
             m.detection.clone(),
         );
+        registry.register(
+            "ferry_upstream_overflow",
+            "Requests, retries and connections stopped by a DestinationRule connectionPool limit, by destination service and limit",
+            m.overflow.clone(),
+        );
         m
+    }
+
+    /// The overflow counter of `destination_service` (an FQDN) and `reason`.
+    pub fn overflow(&self, destination_service: String, reason: &'static str) -> Counter {
+        self.overflow
+            .get_or_create(&OverflowLabels {
+                destination_service,
+                reason,
+            })
+            .clone()
     }
 
     pub fn detected(&self, d: Detection) {
@@ -249,10 +291,29 @@ impl HttpMetrics {
     }
 
     fn record(&self, l: &RequestLabels, duration_ms: f64, request_bytes: u64, response_bytes: u64) {
-        self.requests.get_or_create(l).inc();
-        self.duration.get_or_create(l).observe(duration_ms);
-        self.request_bytes.get_or_create(l).observe(request_bytes as f64);
-        self.response_bytes.get_or_create(l).observe(response_bytes as f64);
+        self.sets.record(
+            l,
+            || self.requests.get(l).is_some(),
+            || {
+                self.requests.get_or_create(l).inc();
+                self.duration.get_or_create(l).observe(duration_ms);
+                self.request_bytes.get_or_create(l).observe(request_bytes as f64);
+                self.response_bytes.get_or_create(l).observe(response_bytes as f64);
+            },
+        )
+    }
+
+    /// As `Metrics::forget_departed`, for the request series.
+    pub(crate) fn forget_departed(&self, live: &LiveWorkloads) -> usize {
+        self.sets.prune(
+            |l| live.keeps(&l.base),
+            |l| {
+                self.requests.remove(l);
+                for f in [&self.duration, &self.request_bytes, &self.response_bytes] {
+                    f.remove(l);
+                }
+            },
+        )
     }
 }
 
@@ -289,6 +350,10 @@ pub struct RequestRecord {
     /// The standard labels (source, destination, service, security), set
     /// by the proxy; without them the request is logged but not counted.
     pub labels: Option<TcpLabels>,
+    /// Held until the request ends (here, as the record lives exactly as
+    /// long): the chosen endpoint's in-flight count (`proxy::balance`),
+    /// type-erased as telemetry does not know the proxy's types.
+    pub in_flight: Option<Box<dyn std::any::Any + Send + Sync>>,
 }
 
 impl Telemetry {
@@ -321,6 +386,7 @@ impl Telemetry {
             request_bytes: Arc::new(AtomicU64::new(0)),
             response_bytes: 0,
             labels: None,
+            in_flight: None,
         }
     }
 }

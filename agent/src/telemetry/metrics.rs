@@ -2,11 +2,16 @@
 //! Istio's published list, so existing dashboards work) and Ferry's own
 //! `ferry_*`. Label sets are per workload pair and service, never per
 //! connection; a connection looks its counters up once, when it is routed.
+//! `*_workload` is the workload as Istio names it (the pod's Deployment,
+//! StatefulSet...: [`Workload::workload_name`]), and the series that name a
+//! workload are removed when it leaves the config ([`Metrics::forget_departed`]),
+//! so rollouts do not grow them without end.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, HashSet},
+    hash::Hash,
     path::PathBuf,
-    sync::{atomic::AtomicU64, Arc},
+    sync::{atomic::AtomicU64, Arc, Mutex, RwLock},
 };
 
 use prometheus_client::{
@@ -65,60 +70,155 @@ pub struct Peer<'a> {
     pub principal: Option<&'a SpiffeId>,
 }
 
-fn label<'a>(w: &'a Workload, keys: &[&str]) -> Option<&'a str> {
-    keys.iter().find_map(|k| w.labels.get(*k).map(String::as_str))
-}
-
-struct Side {
+/// The labels one side of a connection gets from its workload (all
+/// `unknown` without one): what names a workload in a series.
+#[derive(Clone, Debug, Hash, PartialEq, Eq)]
+struct WorkloadLabels {
     workload: String,
     namespace: String,
-    principal: String,
     app: String,
     version: String,
     canonical_service: String,
     canonical_revision: String,
 }
 
-fn side(p: Peer<'_>) -> Side {
-    match p.workload {
-        None => Side {
-            workload: UNKNOWN.into(),
-            namespace: UNKNOWN.into(),
-            principal: p.principal.map_or_else(|| UNKNOWN.into(), SpiffeId::to_string),
-            app: UNKNOWN.into(),
-            version: UNKNOWN.into(),
-            canonical_service: UNKNOWN.into(),
-            canonical_revision: UNKNOWN.into(),
-        },
-        Some(w) => Side {
-            workload: w.name.clone(),
-            namespace: w.namespace.clone(),
-            principal: p.principal.map_or_else(|| UNKNOWN.into(), SpiffeId::to_string),
-            app: label(w, &["app", "app.kubernetes.io/name"]).unwrap_or(UNKNOWN).into(),
-            version: label(w, &["version", "app.kubernetes.io/version"])
-                .unwrap_or(UNKNOWN)
-                .into(),
-            canonical_service: label(w, &["service.istio.io/canonical-name", "app.kubernetes.io/name", "app"])
-                .unwrap_or(&w.name)
-                .into(),
-            canonical_revision: label(
-                w,
-                &[
-                    "service.istio.io/canonical-revision",
-                    "app.kubernetes.io/version",
-                    "version",
-                ],
-            )
-            .unwrap_or("latest")
-            .into(),
-        },
+impl WorkloadLabels {
+    fn of(w: Option<&Workload>) -> Self {
+        match w {
+            None => Self {
+                workload: UNKNOWN.into(),
+                namespace: UNKNOWN.into(),
+                app: UNKNOWN.into(),
+                version: UNKNOWN.into(),
+                canonical_service: UNKNOWN.into(),
+                canonical_revision: UNKNOWN.into(),
+            },
+            Some(w) => Self {
+                workload: w.workload_name().into(),
+                namespace: w.namespace.clone(),
+                app: w
+                    .first_label(&["app", "app.kubernetes.io/name"])
+                    .unwrap_or(UNKNOWN)
+                    .into(),
+                version: w
+                    .first_label(&["version", "app.kubernetes.io/version"])
+                    .unwrap_or(UNKNOWN)
+                    .into(),
+                canonical_service: w.canonical_service().into(),
+                canonical_revision: w.canonical_revision().into(),
+            },
+        }
+    }
+
+    fn is_unknown(&self) -> bool {
+        self.workload == UNKNOWN && self.namespace == UNKNOWN
+    }
+}
+
+impl TcpLabels {
+    fn source(&self) -> WorkloadLabels {
+        WorkloadLabels {
+            workload: self.source_workload.clone(),
+            namespace: self.source_workload_namespace.clone(),
+            app: self.source_app.clone(),
+            version: self.source_version.clone(),
+            canonical_service: self.source_canonical_service.clone(),
+            canonical_revision: self.source_canonical_revision.clone(),
+        }
+    }
+
+    fn destination(&self) -> WorkloadLabels {
+        WorkloadLabels {
+            workload: self.destination_workload.clone(),
+            namespace: self.destination_workload_namespace.clone(),
+            app: self.destination_app.clone(),
+            version: self.destination_version.clone(),
+            canonical_service: self.destination_canonical_service.clone(),
+            canonical_revision: self.destination_canonical_revision.clone(),
+        }
+    }
+}
+
+/// The workloads a config names, as series name them: a label set is kept
+/// while each of its sides is `unknown` or one of these.
+#[derive(Debug, Default)]
+pub struct LiveWorkloads(HashSet<WorkloadLabels>);
+
+impl LiveWorkloads {
+    pub fn new<'a>(workloads: impl IntoIterator<Item = &'a Workload>) -> Self {
+        Self(workloads.into_iter().map(|w| WorkloadLabels::of(Some(w))).collect())
+    }
+
+    /// Whether every workload `l` names is still here.
+    pub fn keeps(&self, l: &TcpLabels) -> bool {
+        [l.source(), l.destination()]
+            .iter()
+            .all(|s| s.is_unknown() || self.0.contains(s))
+    }
+}
+
+/// The label sets of some families, so their series can be removed by
+/// what they name (prometheus-client's `Family` cannot be iterated).
+#[derive(Debug)]
+pub struct LabelSets<L> {
+    /// Recording holds it shared, pruning alone: a series is never removed
+    /// between a recorder's check and its creation (which would leave it
+    /// created but untracked, never pruned).
+    gate: RwLock<()>,
+    seen: Mutex<HashSet<L>>,
+}
+
+impl<L> Default for LabelSets<L> {
+    fn default() -> Self {
+        Self {
+            gate: RwLock::default(),
+            seen: Mutex::default(),
+        }
+    }
+}
+
+impl<L: Clone + Hash + Eq> LabelSets<L> {
+    /// Runs `create` (which creates `l`'s series where missing), tracking
+    /// `l` when `exists` says its series did not exist yet.
+    pub fn record<R>(&self, l: &L, exists: impl FnOnce() -> bool, create: impl FnOnce() -> R) -> R {
+        let _g = self.gate.read().unwrap_or_else(|e| e.into_inner());
+        if !exists() {
+            self.seen.lock().unwrap_or_else(|e| e.into_inner()).insert(l.clone());
+        }
+        create()
+    }
+
+    /// Calls `remove` for every tracked label set `keep` refuses, and
+    /// forgets it. Returns how many.
+    pub fn prune(&self, keep: impl Fn(&L) -> bool, remove: impl Fn(&L)) -> usize {
+        let _g = self.gate.write().unwrap_or_else(|e| e.into_inner());
+        let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+        let before = seen.len();
+        seen.retain(|l| {
+            let k = keep(l);
+            if !k {
+                remove(l);
+            }
+            k
+        });
+        before - seen.len()
+    }
+
+    /// How many label sets are tracked.
+    pub fn len(&self) -> usize {
+        self.seen.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
     }
 }
 
 /// The label set of a connection (a pure function: tested below).
 /// `service` is "namespace/name" when the client connected to a service VIP.
 pub fn tcp_labels(reporter: Reporter, src: Peer<'_>, dst: Peer<'_>, service: Option<&str>, mtls: bool) -> TcpLabels {
-    let (s, d) = (side(src), side(dst));
+    let (s, d) = (WorkloadLabels::of(src.workload), WorkloadLabels::of(dst.workload));
+    let principal = |p: Peer<'_>| p.principal.map_or_else(|| UNKNOWN.into(), SpiffeId::to_string);
     let (svc_ns, svc_name) = service.and_then(|s| s.split_once('/')).unwrap_or((UNKNOWN, UNKNOWN));
     let destination_service = match service {
         Some(_) => format!("{svc_name}.{svc_ns}.svc.{CLUSTER_DOMAIN}"),
@@ -132,7 +232,7 @@ pub fn tcp_labels(reporter: Reporter, src: Peer<'_>, dst: Peer<'_>, service: Opt
         .into(),
         source_workload: s.workload,
         source_workload_namespace: s.namespace,
-        source_principal: s.principal,
+        source_principal: principal(src),
         source_app: s.app,
         source_version: s.version,
         source_canonical_service: s.canonical_service,
@@ -140,7 +240,7 @@ pub fn tcp_labels(reporter: Reporter, src: Peer<'_>, dst: Peer<'_>, service: Opt
         source_cluster: CLUSTER.into(),
         destination_workload: d.workload,
         destination_workload_namespace: d.namespace,
-        destination_principal: d.principal,
+        destination_principal: principal(dst),
         destination_app: d.app,
         destination_version: d.version,
         destination_service,
@@ -173,6 +273,8 @@ pub struct Metrics {
     closed: Family<TcpLabels, Counter>,
     sent: Family<TcpLabels, Counter>,
     received: Family<TcpLabels, Counter>,
+    /// Every label set of the four TCP families.
+    tcp_sets: LabelSets<TcpLabels>,
     pub config_version: Gauge,
     pub config_rejected: Counter,
     pub enrolled_pods: Gauge,
@@ -297,6 +399,7 @@ impl Metrics {
             closed,
             sent,
             received,
+            tcp_sets: LabelSets::default(),
             config_version: Gauge::default(),
             config_rejected: Counter::default(),
             enrolled_pods: Gauge::default(),
@@ -342,12 +445,33 @@ impl Metrics {
     }
 
     pub fn tcp(&self, labels: &TcpLabels) -> TcpCounters {
-        TcpCounters {
-            opened: self.opened.get_or_create(labels).clone(),
-            closed: self.closed.get_or_create(labels).clone(),
-            sent: self.sent.get_or_create(labels).clone(),
-            received: self.received.get_or_create(labels).clone(),
-        }
+        self.tcp_sets.record(
+            labels,
+            || self.opened.get(labels).is_some(),
+            || TcpCounters {
+                opened: self.opened.get_or_create(labels).clone(),
+                closed: self.closed.get_or_create(labels).clone(),
+                sent: self.sent.get_or_create(labels).clone(),
+                received: self.received.get_or_create(labels).clone(),
+            },
+        )
+    }
+
+    /// Removes every TCP and request series that names a workload no
+    /// longer in `live` (a departed pod's workload, or one whose labels
+    /// changed); returns how many label sets went. A connection still open
+    /// on a removed series counts on, unseen; a new one starts it afresh
+    /// (a counter reset, which Prometheus handles).
+    pub fn forget_departed(&self, live: &LiveWorkloads) -> usize {
+        let tcp = self.tcp_sets.prune(
+            |l| live.keeps(l),
+            |l| {
+                for f in [&self.opened, &self.closed, &self.sent, &self.received] {
+                    f.remove(l);
+                }
+            },
+        );
+        tcp + self.http.forget_departed(live)
     }
 
     /// The Prometheus text exposition.
@@ -372,6 +496,46 @@ mod tests {
         .unwrap()
         .workloads
         .remove(0)
+    }
+
+    #[test]
+    fn series_are_kept_while_the_workloads_they_name_are_live() {
+        let named = |name: &str, workload: &str, app: &str| {
+            let mut x = w(name, "shop", "sa", app);
+            x.workload_name = Some(workload.into());
+            x
+        };
+        let (client, v1, v2) = (
+            named("client-7d-x", "client", "client"),
+            named("reviews-v1-6f-a", "reviews-v1", "reviews"),
+            named("reviews-v2-5c-b", "reviews-v2", "reviews"),
+        );
+        let peer = |w| Peer {
+            workload: Some(w),
+            principal: None,
+        };
+        let to = |d| tcp_labels(Reporter::Source, peer(&client), peer(d), None, false);
+        assert_eq!(to(&v1).destination_workload, "reviews-v1", "the workload, not the pod");
+        assert_eq!(to(&v1).source_canonical_service, "client");
+        let from_outside = tcp_labels(Reporter::Destination, Peer::default(), peer(&v1), None, false);
+        // A rollout (a new pod of reviews-v1) keeps its series; reviews-v2 left.
+        let rolled = named("reviews-v1-6f-z", "reviews-v1", "reviews");
+        let live = LiveWorkloads::new([&client, &rolled]);
+        assert!(live.keeps(&to(&v1)) && live.keeps(&from_outside));
+        assert!(!live.keeps(&to(&v2)));
+        // A workload whose labels changed names other series: the old go.
+        let relabelled = named("reviews-v1-6f-z", "reviews-v1", "ratings");
+        assert!(!LiveWorkloads::new([&client, &relabelled]).keeps(&to(&v1)));
+        // Pruning removes exactly those, from every family.
+        let m = Metrics::new("/nonexistent".into(), "n".into(), Arc::default());
+        for l in [to(&v1), to(&v2), from_outside.clone()] {
+            m.tcp(&l).opened.inc();
+        }
+        assert_eq!(m.forget_departed(&live), 1);
+        let text = m.encode();
+        assert!(!text.contains("reviews-v2") && text.contains("reviews-v1"), "{text}");
+        assert_eq!(m.tcp_sets.len(), 2);
+        assert_eq!(m.forget_departed(&live), 0, "nothing more to prune");
     }
 
     #[test]

@@ -7,6 +7,7 @@
 pub mod http;
 pub mod metrics;
 pub mod outcome;
+pub mod outlier;
 pub mod trace;
 
 use std::{
@@ -120,6 +121,17 @@ pub struct LimitLabels {
     pub reason: &'static str,
 }
 
+/// Labels of `ferry_rate_limited_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RateLimitLabels {
+    /// The limited Service as Istio names it (`name.namespace.svc.cluster.local`).
+    pub destination_service: String,
+    /// The RateLimitPolicy, `namespace/name`.
+    pub policy: String,
+    /// The limit that refused: `total`, `identity` or `override`.
+    pub scope: &'static str,
+}
+
 #[derive(Clone, Debug)]
 pub struct Routed {
     pub service: Option<String>,
@@ -209,6 +221,10 @@ pub struct Telemetry {
     /// Connections closed as accepted because a connection limit was
     /// reached, by limit.
     pub connections_refused: Family<LimitLabels, Counter>,
+    /// HTTP requests answered 429 by a RateLimitPolicy at the destination.
+    pub rate_limited: Family<RateLimitLabels, Counter>,
+    /// Outlier detection's ejections (`proxy::balance`).
+    pub outlier: outlier::OutlierMetrics,
 }
 
 /// Removes the connection from the live table and writes its access log line
@@ -243,8 +259,17 @@ impl Telemetry {
             "Connections closed as accepted because a connection limit (per pod or per agent) was reached, by reason",
             Family::<LimitLabels, Counter>::clone(&connections_refused),
         );
+        let rate_limited = Family::default();
+        r.register(
+            "ferry_rate_limited",
+            "HTTP requests refused (429, flag RL) by a RateLimitPolicy at the destination, by Service, policy and limit",
+            Family::<RateLimitLabels, Counter>::clone(&rate_limited),
+        );
+        let outlier = outlier::OutlierMetrics::register(r);
         let tracer = trace::Tracer::new(r);
         Self {
+            outlier,
+            rate_limited,
             connections_refused,
             tracer,
             authz_denied,

@@ -178,15 +178,15 @@ impl Tracer {
             let service = settings
                 .service_name
                 .clone()
-                .unwrap_or_else(|| format!("{}.{}", canonical_service(pod), pod.namespace));
+                .unwrap_or_else(|| format!("{}.{}", pod.canonical_service(), pod.namespace));
             let mut attributes = Vec::with_capacity(24);
             attributes.push(KeyValue::string("component", "proxy"));
             attributes.push(KeyValue::string("node_id", node));
             attributes.push(KeyValue::string("k8s.node.name", node));
             attributes.push(KeyValue::string("k8s.pod.name", pod.name.clone()));
             attributes.push(KeyValue::string("istio.namespace", pod.namespace.clone()));
-            attributes.push(KeyValue::string("istio.canonical_service", canonical_service(pod)));
-            attributes.push(KeyValue::string("istio.canonical_revision", canonical_revision(pod)));
+            attributes.push(KeyValue::string("istio.canonical_service", pod.canonical_service()));
+            attributes.push(KeyValue::string("istio.canonical_revision", pod.canonical_revision()));
             span.data = Some(Box::new(Data {
                 name: String::new(),
                 service,
@@ -200,27 +200,6 @@ impl Tracer {
         }
         span
     }
-}
-
-fn label<'a>(w: &'a Workload, keys: &[&str]) -> Option<&'a str> {
-    keys.iter().find_map(|k| w.labels.get(*k).map(String::as_str))
-}
-
-/// As the metrics' `*_canonical_service`.
-fn canonical_service(w: &Workload) -> &str {
-    label(w, &["service.istio.io/canonical-name", "app.kubernetes.io/name", "app"]).unwrap_or(&w.name)
-}
-
-fn canonical_revision(w: &Workload) -> &str {
-    label(
-        w,
-        &[
-            "service.istio.io/canonical-revision",
-            "app.kubernetes.io/version",
-            "version",
-        ],
-    )
-    .unwrap_or("latest")
 }
 
 /// What a sampled span records (boxed: unsampled spans stay small).

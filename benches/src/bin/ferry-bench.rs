@@ -95,7 +95,7 @@ fn main() -> Result<()> {
                 None => default_out("benchmarks-authz", quick)?,
             };
             let sizes = if quick { bench_authz::QUICK } else { bench_authz::FULL };
-            let r = bench_authz::bench(sizes, &out)?;
+            let r = bench_authz::bench(sizes, &default_bin_dir(), &out)?;
             println!("{}", serde_json::to_string_pretty(&r)?);
             Ok(())
         }

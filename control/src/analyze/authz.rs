@@ -85,6 +85,8 @@ fn workload_of(p: &Pod) -> Option<Workload> {
         labels: p.metadata.labels.clone().unwrap_or_default(),
         netns: None,
         host_veth: None,
+        workload_name: Some(crate::compute::workload_name(p)).filter(|n| !n.is_empty()),
+        locality: crate::compute::locality(p),
     })
 }
 

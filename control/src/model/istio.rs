@@ -322,12 +322,106 @@ pub struct TrafficPolicy {
     pub outlier_detection: Option<OutlierDetection>,
     #[serde(default)]
     pub tls: Option<ClientTls>,
+    #[serde(default)]
+    pub port_level_settings: Vec<PortTrafficPolicy>,
+}
+
+/// `trafficPolicy.portLevelSettings[]`: a policy for one port of the host.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PortTrafficPolicy {
+    #[serde(default)]
+    pub port: Option<PortSelector>,
+    #[serde(default)]
+    pub load_balancer: Option<LoadBalancer>,
+    #[serde(default)]
+    pub connection_pool: Option<ConnectionPool>,
+    #[serde(default)]
+    pub outlier_detection: Option<OutlierDetection>,
+    #[serde(default)]
+    pub tls: Option<ClientTls>,
 }
 
 #[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct LoadBalancer {
-    pub simple: LbPolicy,
+    #[serde(default)]
+    pub simple: Option<LbPolicy>,
+    #[serde(default)]
+    pub consistent_hash: Option<ConsistentHashLb>,
+    #[serde(default)]
+    pub locality_lb_setting: Option<LocalityLbSetting>,
+    /// Seconds, an Istio Duration (`30s`).
+    #[serde(default)]
+    pub warmup_duration_secs: Option<Duration>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ConsistentHashLb {
+    #[serde(default)]
+    pub http_header_name: Option<String>,
+    #[serde(default)]
+    pub http_cookie: Option<HttpCookie>,
+    #[serde(default)]
+    pub use_source_ip: Option<bool>,
+    #[serde(default)]
+    pub http_query_parameter_name: Option<String>,
+    #[serde(default)]
+    pub ring_hash: Option<RingHash>,
+    #[serde(default)]
+    pub maglev: Option<Maglev>,
+    /// Deprecated: `ringHash.minimumRingSize`.
+    #[serde(default)]
+    pub minimum_ring_size: Option<u64>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct HttpCookie {
+    pub name: String,
+    #[serde(default)]
+    pub path: Option<String>,
+    #[serde(default)]
+    pub ttl: Option<Duration>,
+    /// Istio 1.22+: extra cookie attributes (accepted, not enforced).
+    #[serde(default)]
+    pub attributes: Vec<serde_json::Value>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RingHash {
+    #[serde(default)]
+    pub minimum_ring_size: Option<u64>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Maglev {
+    #[serde(default)]
+    pub table_size: Option<u64>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct LocalityLbSetting {
+    /// `distribute`: weighted shares per locality (accepted, not enforced).
+    #[serde(default)]
+    pub distribute: Vec<serde_json::Value>,
+    #[serde(default)]
+    pub failover: Vec<LocalityFailover>,
+    #[serde(default)]
+    pub failover_priority: Vec<String>,
+    #[serde(default)]
+    pub enabled: Option<bool>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct LocalityFailover {
+    pub from: String,
+    pub to: String,
 }
 
 #[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
@@ -358,6 +452,23 @@ pub struct TcpSettings {
     pub max_connections: Option<u32>,
     #[serde(default)]
     pub connect_timeout: Option<Duration>,
+    #[serde(default)]
+    pub tcp_keepalive: Option<TcpKeepalive>,
+    #[serde(default)]
+    pub max_connection_duration: Option<Duration>,
+    #[serde(default)]
+    pub idle_timeout: Option<Duration>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct TcpKeepalive {
+    #[serde(default)]
+    pub probes: Option<u32>,
+    #[serde(default)]
+    pub time: Option<Duration>,
+    #[serde(default)]
+    pub interval: Option<Duration>,
 }
 
 #[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
@@ -373,11 +484,22 @@ pub struct HttpSettings {
     pub max_retries: Option<u32>,
     #[serde(default)]
     pub idle_timeout: Option<Duration>,
+    #[serde(default)]
+    pub max_concurrent_streams: Option<u32>,
+    /// DEFAULT, DO_NOT_UPGRADE or UPGRADE.
+    #[serde(default)]
+    pub h2_upgrade_policy: Option<String>,
+    #[serde(default)]
+    pub use_client_protocol: Option<bool>,
 }
 
 #[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct OutlierDetection {
+    #[serde(default)]
+    pub split_external_local_origin_errors: Option<bool>,
+    #[serde(default)]
+    pub consecutive_local_origin_failures: Option<u32>,
     /// Deprecated in Istio (use consecutive5xxErrors); the seed examples use it.
     #[serde(default)]
     pub consecutive_errors: Option<u32>,

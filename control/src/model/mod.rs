@@ -1,8 +1,9 @@
 //! The cluster as Ferry reads it: one typed model for every source
 //! (Kubernetes watches, a directory of YAML), parsed and validated once.
 //! Kubernetes core types come from k8s-openapi; Istio and Gateway API types
-//! are defined in [`istio`] and [`gateway`].
+//! are defined in [`istio`] and [`gateway`], Ferry's own in [`ferry`].
 
+pub mod ferry;
 pub mod gateway;
 pub mod istio;
 pub mod parse;
@@ -50,6 +51,8 @@ pub enum Object {
     HttpRoute(Arc<Custom<gateway::HttpRouteSpec>>),
     GrpcRoute(Arc<Custom<gateway::GrpcRouteSpec>>),
     TcpRoute(Arc<Custom<gateway::TcpRouteSpec>>),
+    /// Ferry's `RateLimitPolicy` (ferry.dev/v1alpha1).
+    RateLimitPolicy(Arc<Custom<ferry::RateLimitPolicySpec>>),
     /// A kind Ferry reads nothing from (Deployment, ConfigMap...): accepted as is.
     Other,
 }

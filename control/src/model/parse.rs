@@ -62,6 +62,7 @@ const KINDS: &[(&str, &[&str])] = &[
         &["gateway.networking.k8s.io/v1", "gateway.networking.k8s.io/v1alpha2"],
     ),
     ("TCPRoute", &["gateway.networking.k8s.io/v1alpha2"]),
+    ("RateLimitPolicy", &["ferry.dev/v1alpha1"]),
 ];
 
 pub use ferry_model::yaml::split_documents;
@@ -181,6 +182,7 @@ fn typed(kind: &str, doc: &str) -> Result<Object, String> {
         "HTTPRoute" => Object::HttpRoute(Arc::new(de::<Custom<_>>(doc)?)),
         "GRPCRoute" => Object::GrpcRoute(Arc::new(de::<Custom<_>>(doc)?)),
         "TCPRoute" => Object::TcpRoute(Arc::new(de::<Custom<_>>(doc)?)),
+        "RateLimitPolicy" => Object::RateLimitPolicy(Arc::new(de::<Custom<_>>(doc)?)),
         _ => Object::Other,
     })
 }
@@ -242,6 +244,11 @@ fn validate(key: &Key, o: &Object) -> Vec<(String, String)> {
             }
         }
         Object::Pod(pod) => validate_pod(pod, &mut p),
+        Object::RateLimitPolicy(rl) => {
+            if let Err(e) = super::ferry::rate_limit_policy(key, &rl.spec) {
+                p.extend(e);
+            }
+        }
         Object::VirtualService(vs) => {
             if vs.spec.hosts.is_empty() {
                 p.push(("spec.hosts".into(), "at least one host is required".into()));

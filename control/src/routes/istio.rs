@@ -11,6 +11,8 @@ use ferry_model::route::{
     RetryOn, RetryPolicy, Rewrite, StringMatch, Subset, TcpRoute,
 };
 
+use ferry_model::traffic::ServiceTrafficPolicy;
+
 use super::{resolve_host, Issue, Services, SubsetRef};
 use crate::model::istio as api;
 
@@ -574,51 +576,49 @@ pub fn virtual_service(
     (out, cx.issues)
 }
 
-/// A DestinationRule's subsets for the Service its host names (None when
-/// it names none), reporting the traffic policies agents do not apply yet.
+/// What one DestinationRule gives the Service its host names.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct CompiledDr {
+    /// `namespace/name` of the Service (None: the host names none).
+    pub service: Option<String>,
+    pub subsets: Vec<Subset>,
+    /// Its traffic policy, layers resolved (None: it sets none).
+    pub traffic: Option<ServiceTrafficPolicy>,
+}
+
+/// A DestinationRule's subsets and traffic policy for the Service its host
+/// names, with what is refused or not enforced.
 pub fn destination_rule(
     ns: &str,
+    name: &str,
     spec: &api::DestinationRuleSpec,
     services: &Services,
-) -> (Option<(String, Vec<Subset>)>, Vec<Issue>) {
-    let mut issues = Vec::new();
-    let mut policy = |at: &str, p: &api::TrafficPolicy| {
-        for (f, set) in [
-            ("loadBalancer", p.load_balancer.is_some()),
-            ("connectionPool", p.connection_pool.is_some()),
-            ("outlierDetection", p.outlier_detection.is_some()),
-            ("tls", p.tls.is_some()),
-        ] {
-            if set {
-                issues.push(Issue::not_enforced(format!("{at}.{f}"), &format!("trafficPolicy {f}")));
-            }
-        }
-    };
-    if let Some(p) = &spec.traffic_policy {
-        policy("spec.trafficPolicy", p);
-    }
-    for (i, s) in spec.subsets.iter().enumerate() {
-        if let Some(p) = &s.traffic_policy {
-            policy(&format!("spec.subsets[{i}].trafficPolicy"), p);
-        }
-    }
+) -> (CompiledDr, Vec<Issue>) {
+    let service = resolve_host(&spec.host, ns, services).ok();
+    let (traffic, mut issues) =
+        super::traffic::compile(service.as_deref().unwrap_or_default(), &format!("{ns}/{name}"), spec);
     if !spec.export_to.is_empty() && spec.export_to.iter().any(|e| e != "*") {
         issues.push(Issue::not_enforced(
             "spec.exportTo",
-            "exportTo (every namespace sees these subsets)",
+            "exportTo (every namespace sees these subsets and policies)",
         ));
     }
     // A host that is no Service is reported by analyze (spec.host).
-    let found = resolve_host(&spec.host, ns, services).ok().map(|svc| {
-        let ss = spec
-            .subsets
-            .iter()
-            .map(|s| Subset {
-                name: s.name.clone(),
-                labels: s.labels.clone(),
-            })
-            .collect();
-        (svc, ss)
-    });
-    (found, issues)
+    let subsets = spec
+        .subsets
+        .iter()
+        .map(|s| Subset {
+            name: s.name.clone(),
+            labels: s.labels.clone(),
+        })
+        .collect();
+    let traffic = traffic.filter(|_| service.is_some());
+    (
+        CompiledDr {
+            service,
+            subsets,
+            traffic,
+        },
+        issues,
+    )
 }

@@ -23,10 +23,14 @@ pub mod gateway;
 pub mod istio;
 #[cfg(test)]
 mod tests;
+pub mod traffic;
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use ferry_model::route::{Backend, RouteKind, RouteOrigin, ServiceRouting, Subset};
+use ferry_model::{
+    route::{Backend, RouteKind, RouteOrigin, ServiceRouting, Subset},
+    traffic::ServiceTrafficPolicy,
+};
 
 use crate::model::{Cluster, Custom, Key, Located, Object, Problem, Severity};
 
@@ -108,6 +112,8 @@ pub struct SubsetRef {
 pub struct Compiled {
     /// One per routed Service, by `namespace/name`.
     pub routings: Vec<ServiceRouting>,
+    /// One per Service a DestinationRule sets a traffic policy for.
+    pub traffic: Vec<ServiceTrafficPolicy>,
     pub problems: Vec<Problem>,
 }
 
@@ -182,10 +188,31 @@ pub fn compile(cluster: &Cluster) -> Compiled {
         .collect();
     drs.sort_by(|a, b| a.0.cmp(&b.0));
     let mut subsets: BTreeMap<String, Vec<Subset>> = BTreeMap::new();
+    let mut traffic: BTreeMap<String, (&Key, ServiceTrafficPolicy)> = BTreeMap::new();
     for (_, k, l, d) in drs {
-        let (found, issues) = istio::destination_rule(&k.namespace, &d.spec, &services);
+        let (dr, issues) = istio::destination_rule(&k.namespace, &k.name, &d.spec, &services);
         sink.add(k, l, issues);
-        if let Some((svc, ss)) = found {
+        if let (Some(svc), Some(t)) = (&dr.service, dr.traffic) {
+            match traffic.get(svc) {
+                // Istio merges DestinationRules for one host only when
+                // subsets do not clash; its traffic policy comes from the
+                // oldest. So does Ferry's.
+                Some((older, _)) => sink.add(
+                    k,
+                    l,
+                    [Issue::warning(
+                        "spec.trafficPolicy",
+                        format!(
+                            "ignored for Service {svc}: DestinationRule {older} is older and sets its traffic policy"
+                        ),
+                    )],
+                ),
+                None => {
+                    traffic.insert(svc.clone(), (k, t));
+                }
+            }
+        }
+        if let (Some(svc), ss) = (dr.service, dr.subsets) {
             let have = subsets.entry(svc.clone()).or_default();
             for (i, s) in ss.into_iter().enumerate() {
                 if have.iter().any(|h| h.name == s.name) {
@@ -336,7 +363,11 @@ pub fn compile(cluster: &Cluster) -> Compiled {
             .collect();
         routings.push(r);
     }
-    Compiled { routings, problems }
+    Compiled {
+        routings,
+        traffic: traffic.into_values().map(|(_, t)| t).collect(),
+        problems,
+    }
 }
 
 fn add_gamma<'a>(

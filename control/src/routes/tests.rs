@@ -109,15 +109,33 @@ fn the_header_route_seed_sends_tester_to_v2_and_splits_the_rest() {
         let rt = r.http[0].retries.as_ref().unwrap();
         assert_eq!(rt.attempts, 2);
         assert!(rt.retry_on.contains(&RetryOn::Status(503)));
-        // The DestinationRule's traffic policy is parsed, not enforced: said so.
+        // The DestinationRule's traffic policy is compiled for the Service
+        // (applied by agents: docs/traffic-management.md), not reported.
         let all = reasons(&c);
-        for f in ["connectionPool", "outlierDetection"] {
-            assert!(
-                all.iter()
-                    .any(|p| p.contains(&format!("spec.trafficPolicy.{f}")) && p.ends_with("accepted, not enforced")),
-                "{f}: {all:#?}"
-            );
-        }
+        let t = c
+            .traffic
+            .iter()
+            .find(|t| t.service == "default/reviews")
+            .expect("traffic policy");
+        let pool = &t.policy.connection_pool;
+        assert_eq!(
+            (
+                pool.max_connections,
+                pool.http1_max_pending_requests,
+                pool.max_requests_per_connection
+            ),
+            (Some(100), Some(1), Some(2)),
+            "{t:#?}"
+        );
+        assert_eq!(
+            t.policy.outlier_detection.as_ref().unwrap().consecutive_gateway,
+            Some(7)
+        );
+        assert!(
+            !all.iter()
+                .any(|p| p.contains("connectionPool") || p.contains("outlierDetection")),
+            "{all:#?}"
+        );
         assert!(c.problems.iter().all(|p| p.severity != Severity::Error), "{all:#?}");
     }
 }

@@ -51,6 +51,7 @@ pub const WATCHED: &[(&str, &str, &str, &str)] = &[
     ("gateway.networking.k8s.io", "v1", "HTTPRoute", "httproutes"),
     ("gateway.networking.k8s.io", "v1", "GRPCRoute", "grpcroutes"),
     ("gateway.networking.k8s.io", "v1alpha2", "TCPRoute", "tcproutes"),
+    ("ferry.dev", "v1alpha1", "RateLimitPolicy", "ratelimitpolicies"),
 ];
 
 /// What every kind's watcher feeds and the publisher reads.
@@ -251,8 +252,10 @@ pub async fn run(client: Client, store: Arc<Store>, current: Arc<Mutex<Vec<Probl
         problems.extend(crate::analyze::analyze_with(&cluster, &view));
         *lock(&current) = problems;
         let (pods, services) = (view.workloads.len(), view.services.len());
+        // Host-network pods are counted apart: never mesh workloads.
+        let host_network_pods = view.host_network.len();
         if let Some(v) = store.publish(view) {
-            tracing::info!(version = v, pods, services, "cluster state changed");
+            tracing::info!(version = v, pods, host_network_pods, services, "cluster state changed");
         }
     }
 }

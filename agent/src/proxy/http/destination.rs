@@ -12,6 +12,11 @@
 //!   answers 403 `RBAC: access denied` with flag `RBAC` (gRPC: HTTP 200,
 //!   trailers-only, `grpc-status: 7`), is logged with the policy, rule and
 //!   reason, and counted in `ferry_authz_denied_total`;
+//! - then the RateLimitPolicies of the request's app address
+//!   ([`super::ratelimit`]: token buckets per policy, total and per client
+//!   identity, kept by the agent): over a limit, 429 with flag `RL` (gRPC:
+//!   `RESOURCE_EXHAUSTED`), counted in `ferry_rate_limited_total`. A
+//!   denied request takes no token;
 //! - Istio's request metrics with `reporter="destination"` and one
 //!   access-log line per request ([`RequestRecord`], the same code as the
 //!   source side's);
@@ -48,7 +53,7 @@ use tokio::{
 
 use super::{
     body::{grpc_status, Body, Counted, Metered},
-    path,
+    path, ratelimit,
     server::{failed, grpc_reply, is_grpc, local_reply, strip_hop_by_hop},
     traced,
     upstream::CONNECT_TIMEOUT,
@@ -289,6 +294,13 @@ async fn handle(cx: Arc<ConnCx>, mut req: Request<Incoming>) -> Response<Body> {
         h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
         return local_reply(rec, StatusCode::FORBIDDEN, h, DENIED);
     }
+    // Rate limits, after authorization (a denied client spends nothing),
+    // with the peer's verified identity (None: plaintext, one shared bucket).
+    let limits = &proxy.http.rate_limits;
+    if let Err(limited) = limits.check(state.rate_limits_at(conn.orig_dst), identity) {
+        return ratelimit::refuse(limits, &proxy.telemetry, rec, limited, grpc);
+    }
+    drop(state);
 
     // On to the app, as the client sent it (hop-by-hop headers aside), with
     // the normalized path.

@@ -11,19 +11,25 @@
 //!   afresh for each request, so config changes apply to the next request);
 //! - [`upstream`]: pooled client connections per (pod, endpoint, version),
 //!   over the same transports as the L4 path (local delivery, tunnel, direct);
+//! - [`circuit`]: circuit breaking (DestinationRule `connectionPool`): the
+//!   counts per (source pod, Service, port, subset) and their limits;
 //! - [`body`]: request bodies kept for retries and mirrors, response bodies
 //!   counted for telemetry;
 //! - [`destination`]: the destination side (inbound connections to an HTTP
 //!   Service port): per-request authorization, 403 `RBAC`, request metrics
 //!   with `reporter="destination"`, access log;
 //! - [`path`]: paths normalized before authorization (RFC 3986);
+//! - [`ratelimit`]: the destination's RateLimitPolicy token buckets and
+//!   its 429 `RL` answer;
 //! - [`traced`]: the tracing hooks (spans started and ended around each
 //!   request on both sides, trace context headers rewritten).
 
 pub mod body;
+pub mod circuit;
 pub mod destination;
 pub mod detect;
 pub mod path;
+pub mod ratelimit;
 pub mod route;
 pub mod server;
 pub mod traced;
@@ -42,6 +48,8 @@ pub const MAX_MIRRORS_IN_FLIGHT: usize = 256;
 pub struct Shared {
     pub pool: upstream::Pool,
     pub mirrors: Arc<Semaphore>,
+    /// The destination side's rate-limit buckets (outside the snapshot).
+    pub rate_limits: ratelimit::RateLimits,
 }
 
 impl Default for Shared {
@@ -49,6 +57,7 @@ impl Default for Shared {
         Self {
             pool: upstream::Pool::default(),
             mirrors: Arc::new(Semaphore::new(MAX_MIRRORS_IN_FLIGHT)),
+            rate_limits: ratelimit::RateLimits::default(),
         }
     }
 }

@@ -2,20 +2,29 @@
 //! snapshot (the matching itself is `ferry_model::route`): which route
 //! (a Service without routes, or with TCP routes only, has one implicit
 //! route to itself; a pod address has one to that address), which endpoint
-//! for a backend, and the header operations a route or backend asks for.
+//! for a backend (chosen by the load balancer, `proxy::balance`, under the
+//! Service's traffic policy), and the header operations a route or backend
+//! asks for.
 
-use std::{net::SocketAddrV4, sync::Arc};
+use std::{
+    net::SocketAddrV4,
+    sync::{Arc, OnceLock},
+};
 
 use ferry_model::{
     route::{Backend, HeaderLookup, HeaderOps, HttpRoute, RequestAttrs, ServiceRouting},
-    state::{Route, RouteError, State},
+    state::{RouteError, State},
+    Workload,
 };
 use hyper::{
     header::{HeaderName, HeaderValue},
     HeaderMap,
 };
 
-use crate::telemetry::http::Flag;
+use crate::{
+    proxy::balance::{Ask, Balancer, HttpKeys, Picked},
+    telemetry::http::Flag,
+};
 
 /// Where the client sent the request.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -97,16 +106,55 @@ pub fn select(state: &State, dest: &Dest, attrs: &RequestAttrs<'_>) -> Option<Ch
     }
 }
 
+/// What one request offers the load balancer (its client, hash keys, the
+/// address dialled), made once per request: a cookie made for it is the
+/// same for every attempt.
+pub struct Hint<'a> {
+    client: &'a Workload,
+    headers: &'a HeaderMap,
+    query: Option<&'a str>,
+    orig: SocketAddrV4,
+    made_cookie: OnceLock<String>,
+}
+
+impl<'a> Hint<'a> {
+    pub fn new(client: &'a Workload, headers: &'a HeaderMap, query: Option<&'a str>, orig: SocketAddrV4) -> Self {
+        Self {
+            client,
+            headers,
+            query,
+            orig,
+            made_cookie: OnceLock::new(),
+        }
+    }
+
+    fn ask(&self) -> Ask<'_> {
+        Ask {
+            client: self.client,
+            orig: Some(self.orig),
+            http: Some(HttpKeys {
+                headers: self.headers,
+                query: self.query,
+                made_cookie: &self.made_cookie,
+            }),
+        }
+    }
+}
+
 /// An endpoint for one attempt: a ready endpoint of `backend` (its subset
-/// from `routing`), or the pod address itself.
+/// from `routing`) chosen by `balancer`, or the pod address itself. The
+/// pick holds the endpoint's in-flight count and takes the attempt's
+/// outcome ([`Picked::answered`], [`Picked::report`]).
 pub fn endpoint(
+    balancer: &Balancer,
     state: &State,
     routing: Option<&ServiceRouting>,
     backend: Option<&Backend>,
     dest: &Dest,
-) -> Result<Route, Flag> {
+    hint: &Hint<'_>,
+) -> Result<Picked, Flag> {
     let (b, port) = match (backend, dest) {
-        (_, Dest::Pod(a)) => return Ok(state.route_to(*a, None)),
+        (_, Dest::Pod(a)) => return Ok(Picked::fixed(state.route_to(*a, None))),
         (Some(b), Dest::Service { port, .. }) => (b, *port),
         (None, Dest::Service { .. }) => return Err(Flag::NoHealthyUpstream),
     };
@@ -118,8 +166,8 @@ pub fn endpoint(
         ),
         None => None,
     };
-    state
-        .pick_endpoint(&b.service, b.port.unwrap_or(port), subset)
+    balancer
+        .pick(state, &b.service, b.port.unwrap_or(port), subset, &hint.ask())
         .map_err(|e| match e {
             RouteError::NoEndpoint(_) | RouteError::NoBackend(_) => Flag::NoHealthyUpstream,
             RouteError::UnknownService(_) | RouteError::NoPort { .. } | RouteError::UnknownSubset { .. } => {
@@ -193,8 +241,11 @@ mod tests {
         let h = Headers(&hm);
         let c = select(&s, &d, &attrs(&h)).unwrap();
         assert_eq!(c.name(), "default");
-        let r = endpoint(&s, c.routing(), c.route().backends.first(), &d).unwrap();
-        assert_eq!(r.endpoint, "10.1.0.3:9080".parse().unwrap());
+        let b = crate::proxy::balance::tests::balancer();
+        let client = s.workloads["a"].clone();
+        let hint = Hint::new(&client, &hm, None, "10.96.0.1:80".parse().unwrap());
+        let r = endpoint(&b, &s, c.routing(), c.route().backends.first(), &d, &hint).unwrap();
+        assert_eq!(r.route.endpoint, "10.1.0.3:9080".parse().unwrap());
 
         let s = state("routes:\n  - service: default/r\n    http:\n      - name: only-tester\n        matches: [{headers: {user: {exact: tester}}}]\n        backends: [{service: default/r, subset: v9}]\n    subsets: {default/r: [{name: v9, labels: {version: v9}}]}\n");
         assert!(select(&s, &d, &attrs(&h)).is_none(), "no match: NR");
@@ -203,8 +254,8 @@ mod tests {
         let h = Headers(&hm);
         let c = select(&s, &d, &attrs(&h)).unwrap();
         assert_eq!(c.name(), "only-tester");
-        let e = endpoint(&s, c.routing(), c.route().backends.first(), &d);
-        assert_eq!(e.unwrap_err(), Flag::NoHealthyUpstream, "a subset with no pods");
+        let e = endpoint(&b, &s, c.routing(), c.route().backends.first(), &d, &hint);
+        assert_eq!(e.err(), Some(Flag::NoHealthyUpstream), "a subset with no pods");
     }
 
     #[test]

@@ -36,9 +36,10 @@ use tokio::{
 
 use super::{
     body::{self, grpc_status, Body, Counted, Replay, Tee},
+    circuit::{self, Circuit},
     route::{self, Chosen, Dest, Headers},
     traced,
-    upstream::{self, SendError, Version},
+    upstream::{self, SendError, UpBody, Version},
 };
 use crate::{
     proxy::{copy, PodCtx, Proxy},
@@ -227,6 +228,13 @@ pub(super) fn local_reply(
 /// The agent's own answer for a request that failed with `flag`.
 pub(super) fn failed(mut rec: RequestRecord, flag: Flag) -> Response<Body> {
     rec.flags.insert(flag);
+    if flag == Flag::UpstreamOverflow {
+        // Envoy's answer to an overflow, header included.
+        let mut h = HeaderMap::new();
+        h.insert("x-envoy-overloaded", HeaderValue::from_static("true"));
+        let text = "upstream connect error or disconnect/reset before headers. reset reason: overflow";
+        return local_reply(rec, StatusCode::SERVICE_UNAVAILABLE, h, text);
+    }
     let (status, text) = match flag {
         Flag::UpstreamTimeout => (StatusCode::GATEWAY_TIMEOUT, "upstream request timeout"),
         Flag::NoRoute => (StatusCode::NOT_FOUND, "no route"),
@@ -242,6 +250,7 @@ fn failure_flag(f: &Failure) -> Flag {
         Failure::Local(flag) => *flag,
         Failure::Send(SendError::Connect(_)) => Flag::UpstreamConnectFailure,
         Failure::Send(SendError::Reset(_) | SendError::Refused(_)) => Flag::UpstreamConnectionTermination,
+        Failure::Send(SendError::Overflow(_)) => Flag::UpstreamOverflow,
         Failure::PerTryTimeout => Flag::UpstreamTimeout,
     }
 }
@@ -472,7 +481,7 @@ async fn handle(cx: Arc<ConnCx>, mut req: Request<Incoming>) -> Response<Body> {
 
 /// An upstream response on its way back: response header ops, counted body.
 fn respond(
-    resp: Response<Incoming>,
+    resp: Response<UpBody>,
     r: &ferry_model::route::HttpRoute,
     backend: Option<&Backend>,
     mut rec: RequestRecord,
@@ -508,16 +517,30 @@ async fn attempt_loop(
     first: Body,
     replay: &watch::Receiver<Replay>,
     rec: &mut RequestRecord,
-) -> Result<Response<Incoming>, Failure> {
+) -> Result<Response<UpBody>, Failure> {
     let policy: Option<&RetryPolicy> = chosen.route().retries.as_ref();
+    // connectionPool limits of the backend's cluster, for every attempt.
+    let circuit: Option<Circuit> =
+        cx.proxy
+            .http
+            .pool
+            .breakers
+            .for_request(&cx.proxy.telemetry, state, &cx.pod.workload.uid, backend, dest);
+    // The retry in flight holds a slot of the retry budget (`maxRetries`).
+    let mut retrying: Option<circuit::Slot> = None;
     let per_try = policy.and_then(|p| p.per_try_timeout_ms).map(Duration::from_millis);
     let max = 1 + policy.map_or(0, |p| p.attempts);
     let mut first = Some(first);
     let mut n = 0;
+    let hint = route::Hint::new(&cx.pod.workload, &template.headers, template.uri.query(), cx.orig);
     loop {
         n += 1;
         rec.attempts = n;
-        let target = route::endpoint(state, chosen.routing(), backend, dest).map_err(Failure::Local)?;
+        let mut pick = route::endpoint(&cx.proxy.balance, state, chosen.routing(), backend, dest, &hint)
+            .map_err(Failure::Local)?;
+        let target = pick.route.clone();
+        // The endpoint's in-flight count, until the request ends (or the next attempt).
+        rec.in_flight = pick.hold();
         rec.upstream = Some((target.endpoint, target.hop));
         rec.labels = Some(labels(&cx.proxy, state, &cx.pod, Some(&target), rec.service.as_deref()));
         let body = match first.take() {
@@ -533,11 +556,14 @@ async fn attempt_loop(
                 }
             }
         };
-        let send = cx
-            .proxy
-            .http
-            .pool
-            .send(&cx.proxy, &cx.pod, &target, version, template.build(body));
+        let send = cx.proxy.http.pool.send(
+            &cx.proxy,
+            &cx.pod,
+            &target,
+            version,
+            template.build(body),
+            circuit.as_ref(),
+        );
         let result = match per_try {
             Some(d) => match tokio::time::timeout(d, send).await {
                 Ok(r) => r.map_err(Failure::Send),
@@ -545,6 +571,13 @@ async fn attempt_loop(
             },
             None => send.await.map_err(Failure::Send),
         };
+        // The attempt's outcome, for outlier detection (and a hash cookie).
+        let mut result = result;
+        match &mut result {
+            Ok(resp) => pick.answered(resp.status().as_u16(), resp.headers_mut()),
+            Err(Failure::Local(_) | Failure::Send(SendError::Overflow(_))) => {}
+            Err(_) => pick.report(ferry_model::balance::Outcome::LocalFailure),
+        }
         let Some(p) = policy else { return result };
         let seen = match &result {
             Ok(resp) => AttemptResult::Response {
@@ -555,8 +588,11 @@ async fn attempt_loop(
             Err(Failure::Send(SendError::Reset(_))) => AttemptResult::Reset,
             Err(Failure::Send(SendError::Refused(_))) => AttemptResult::RefusedStream,
             Err(Failure::PerTryTimeout) => AttemptResult::PerTryTimeout,
-            Err(Failure::Local(_)) => return result,
+            // An overflow is not retried (as Envoy).
+            Err(Failure::Local(_) | Failure::Send(SendError::Overflow(_))) => return result,
         };
+        // The previous retry, if any, has its result: its budget slot is back.
+        drop(retrying.take());
         if !p.retriable(seen) {
             return result;
         }
@@ -569,6 +605,19 @@ async fn attempt_loop(
         if !matches!(*replay.borrow(), Replay::Ready(_)) {
             // The body was too large to keep (or is still streaming): no retry.
             return result;
+        }
+        if let Some(c) = &circuit {
+            match c.try_take(circuit::Kind::Retry) {
+                Some(s) => {
+                    retrying.replace(s);
+                }
+                None => {
+                    // The retry budget is spent: the last result stands (Envoy: UO).
+                    c.overflow(circuit::Overflow::Retries);
+                    rec.flags.insert(Flag::UpstreamOverflow);
+                    return result;
+                }
+            }
         }
         drop(result);
         tokio::time::sleep(RETRY_BACKOFF).await;
@@ -590,8 +639,12 @@ async fn forward_upgrade(
     mut rec: RequestRecord,
 ) -> Response<Body> {
     rec.attempts = 1;
-    let target = match route::endpoint(state, chosen.routing(), backend, dest) {
-        Ok(t) => t,
+    let hint = route::Hint::new(&cx.pod.workload, &template.headers, template.uri.query(), cx.orig);
+    let target = match route::endpoint(&cx.proxy.balance, state, chosen.routing(), backend, dest, &hint) {
+        Ok(mut p) => {
+            rec.in_flight = p.hold();
+            p.route
+        }
         Err(flag) => return failed(rec, flag),
     };
     rec.upstream = Some((target.endpoint, target.hop));
@@ -656,11 +709,26 @@ fn mirror(
                 },
                 Err(_) => return,
             };
-            let Ok(target) = route::endpoint(&state, routing.as_deref(), Some(&backend), &dest) else {
+            let hint = route::Hint::new(&cx.pod.workload, &template.headers, template.uri.query(), cx.orig);
+            let balance = &cx.proxy.balance;
+            let Ok(pick) = route::endpoint(balance, &state, routing.as_deref(), Some(&backend), &dest, &hint) else {
                 return;
             };
+            let target = pick.route.clone();
             let req = template.build(body::replay(&kept));
-            if let Ok(resp) = cx.proxy.http.pool.send(&cx.proxy, &cx.pod, &target, version, req).await {
+            let circuit = cx.proxy.http.pool.breakers.for_request(
+                &cx.proxy.telemetry,
+                &state,
+                &cx.pod.workload.uid,
+                Some(&backend),
+                &dest,
+            );
+            let sent = cx
+                .proxy
+                .http
+                .pool
+                .send(&cx.proxy, &cx.pod, &target, version, req, circuit.as_ref());
+            if let Ok(resp) = sent.await {
                 let mut b = resp.into_body();
                 while let Some(Ok(_)) = b.frame().await {}
             }

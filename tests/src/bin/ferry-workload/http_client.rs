@@ -40,9 +40,13 @@ pub struct ClientArgs {
     #[arg(long, default_value_t = 1)]
     concurrency: usize,
     /// NAME:VALUE, repeatable; `{i}` in a value becomes the request's index
-    /// (e.g. `x-request-id:r{i}`).
+    /// (e.g. `x-request-id:r{i}`), `{k}` its key (with `--keys`).
     #[arg(long = "header", value_parser = parse_header)]
     headers: Vec<(String, String)>,
+    /// Request i has key `i % N` (`{k}` in header values), and answers are
+    /// also counted per key and pod (`by_key`): which pod each key reached.
+    #[arg(long)]
+    keys: Option<u64>,
     #[arg(long, default_value = "GET")]
     method: String,
     /// Send a body of N deterministic bytes (`ferry_box::proto::pattern`).
@@ -96,6 +100,7 @@ pub fn error_kind(e: &hyper_util::client::legacy::Error) -> &'static str {
 struct Stats {
     by_status: BTreeMap<String, u64>,
     by_pod: BTreeMap<String, u64>,
+    by_key: BTreeMap<String, BTreeMap<String, u64>>,
     by_proto: BTreeMap<String, u64>,
     by_nested: BTreeMap<String, u64>,
     errors: BTreeMap<String, u64>,
@@ -104,7 +109,8 @@ struct Stats {
 }
 
 /// Counts every pod in an answer's `calls`, recursively (productpage ->
-/// reviews -> ratings); a failed call counts as `error:<kind>`.
+/// reviews -> ratings); a failed call counts as `error:<kind>`, a call
+/// answered by no pod (refused by the mesh) as `status:<code>`.
 fn count_nested(answer: &Value, into: &mut BTreeMap<String, u64>) {
     for c in answer["calls"].as_array().into_iter().flatten() {
         if let Some(pod) = c["body"]["pod"].as_str() {
@@ -112,6 +118,9 @@ fn count_nested(answer: &Value, into: &mut BTreeMap<String, u64>) {
             count_nested(&c["body"], into);
         } else if let Some(e) = c["error"].as_str() {
             *into.entry(format!("error:{e}")).or_default() += 1;
+        } else if let Some(st) = c["status"].as_u64() {
+            // Answered, but not by a pod (the mesh refused it: 403 RBAC, 503...).
+            *into.entry(format!("status:{st}")).or_default() += 1;
         }
     }
 }
@@ -151,7 +160,11 @@ pub async fn run(a: ClientArgs) -> Result<()> {
                     }
                     let mut req = Request::builder().method(method.clone()).uri(&a.url);
                     for (k, v) in &a.headers {
-                        req = req.header(k.as_str(), v.replace("{i}", &i.to_string()));
+                        let key = a.keys.filter(|n| *n > 0).map_or(0, |n| i % n);
+                        req = req.header(
+                            k.as_str(),
+                            v.replace("{i}", &i.to_string()).replace("{k}", &key.to_string()),
+                        );
                     }
                     let req = req
                         .body(Full::new(body.clone().unwrap_or_default()))
@@ -177,7 +190,15 @@ pub async fn run(a: ClientArgs) -> Result<()> {
                         Ok((status, proto, pod, b)) => {
                             *s.by_proto.entry(proto).or_default() += 1;
                             *s.by_status.entry(status.to_string()).or_default() += 1;
-                            *s.by_pod.entry(pod.unwrap_or_else(|| "-".into())).or_default() += 1;
+                            let pod = pod.unwrap_or_else(|| "-".into());
+                            if let Some(n) = a.keys.filter(|n| *n > 0) {
+                                *s.by_key
+                                    .entry((i % n).to_string())
+                                    .or_default()
+                                    .entry(pod.clone())
+                                    .or_default() += 1;
+                            }
+                            *s.by_pod.entry(pod).or_default() += 1;
                             if let Ok(v) = serde_json::from_slice::<Value>(&b) {
                                 count_nested(&v, &mut s.by_nested);
                             }
@@ -205,7 +226,7 @@ pub async fn run(a: ClientArgs) -> Result<()> {
         "{}",
         json!({
             "sent": a.count, "by_status": s.by_status, "by_pod": s.by_pod, "by_proto": s.by_proto, "by_nested": s.by_nested,
-            "errors": s.errors, "p50_ms": p(0.5), "p99_ms": p(0.99), "max_ms": p(1.0),
+            "errors": s.errors, "by_key": s.by_key, "p50_ms": p(0.5), "p99_ms": p(0.99), "max_ms": p(1.0),
             "bytes": s.bytes, "elapsed_ms": started.elapsed().as_millis() as u64,
         })
     );

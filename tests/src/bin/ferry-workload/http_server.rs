@@ -4,9 +4,14 @@
 //! Every answer is JSON (see `answer`) with a header `x-served-by: POD`;
 //! behaviours are chosen per request by headers so tests need no restarts:
 //! `x-delay-ms`, `x-status`, `x-fail-times` (with `x-request-id`),
-//! `x-body-bytes`; request bodies are read in full (so `Expect:
+//! `x-body-bytes`, and per pod `x-status-on`/`x-delay-on: POD=N,...`; request bodies are read in full (so `Expect:
 //! 100-continue` is answered) and their length and sha256 reported;
 //! `GET /ws` with `Upgrade: websocket` is an RFC 6455 echo.
+//!
+//! With `--conn-stats`, the server counts the requests each connection
+//! carries and the requests in flight at once, and `GET /_stats` answers
+//! them as JSON (`?reset=1`: and starts afresh); circuit-breaking tests read
+//! it from inside the pod (`127.0.0.1`, not through the mesh).
 //!
 //! Roles: `productpage` answers `GET /productpage` after calling details
 //! `/details/0` and reviews `/reviews/0`; `reviews` with `--ratings` calls
@@ -93,6 +98,38 @@ pub struct ServeArgs {
     /// told apart from HTTP by a connection's first three bytes.
     #[arg(long)]
     also_tcp: bool,
+    /// Count requests per connection and in flight; answer them on `GET /_stats`.
+    #[arg(long)]
+    conn_stats: bool,
+}
+
+/// What `--conn-stats` counts (requests to `/_stats` excluded).
+#[derive(Default)]
+struct ConnStats {
+    /// Connection id -> requests it carried.
+    per_conn: HashMap<u64, u64>,
+    requests: u64,
+    in_flight: u64,
+    max_in_flight: u64,
+}
+
+impl ConnStats {
+    /// `{"requests", "connections", "max_requests_per_connection",
+    /// "max_in_flight", "requests_per_connection": {"<n>": connections}}`;
+    /// connections that carried no request are not counted.
+    fn json(&self) -> Value {
+        let mut hist: std::collections::BTreeMap<String, u64> = Default::default();
+        for n in self.per_conn.values().filter(|n| **n > 0) {
+            *hist.entry(n.to_string()).or_default() += 1;
+        }
+        json!({
+            "requests": self.requests,
+            "connections": self.per_conn.values().filter(|n| **n > 0).count(),
+            "max_requests_per_connection": self.per_conn.values().max().copied().unwrap_or(0),
+            "max_in_flight": self.max_in_flight,
+            "requests_per_connection": hist,
+        })
+    }
 }
 
 type Body = BoxBody<Bytes, Infallible>;
@@ -103,6 +140,8 @@ struct App {
     client: Client<HttpConnector, Empty<Bytes>>,
     /// x-request-id -> requests seen carrying `x-fail-times`.
     attempts: Mutex<HashMap<String, u64>>,
+    /// `--conn-stats`.
+    stats: Mutex<ConnStats>,
 }
 
 pub async fn serve(a: ServeArgs) -> Result<()> {
@@ -114,8 +153,10 @@ pub async fn serve(a: ServeArgs) -> Result<()> {
         upstream_timeout: Duration::from_millis(a.upstream_timeout_ms.unwrap_or(default_timeout)),
         client: Client::builder(TokioExecutor::new()).http2_only(a.h2c).build_http(),
         attempts: Mutex::new(HashMap::new()),
+        stats: Mutex::new(ConnStats::default()),
         a,
     });
+    let mut next_conn = 0u64;
     loop {
         let (s, peer) = match l.accept().await {
             Ok(x) => x,
@@ -125,13 +166,15 @@ pub async fn serve(a: ServeArgs) -> Result<()> {
             }
         };
         let app = app.clone();
+        next_conn += 1;
+        let conn = next_conn;
         tokio::spawn(async move {
             if app.a.also_tcp && speaks_tcp_protocol(&s).await {
                 let _ = crate::tcp::serve_conn(&app.a.name, s).await;
                 return;
             }
             let _ = s.set_nodelay(true);
-            let svc = service_fn(move |req| handle(app.clone(), peer, req));
+            let svc = service_fn(move |req| counted(app.clone(), conn, peer, req));
             let _ = auto::Builder::new(TokioExecutor::new())
                 .serve_connection_with_upgrades(TokioIo::new(s), svc)
                 .await;
@@ -161,6 +204,56 @@ fn num(h: &HeaderMap, name: &str) -> Option<u64> {
     header(h, name).and_then(|v| v.trim().parse().ok())
 }
 
+/// What a `POD=N,POD2=M` header (`x-status-on`, `x-delay-on`) asks of the
+/// pod named `me`: a behaviour for one pod of a Service, whichever pod the
+/// mesh sends each request to (load-balancing tests make one endpoint fail
+/// or slow this way).
+fn for_me(h: &HeaderMap, name: &str, me: &str) -> Option<u64> {
+    header(h, name)?
+        .split(',')
+        .filter_map(|kv| kv.split_once('='))
+        .find(|(k, _)| k.trim() == me)
+        .and_then(|(_, v)| v.trim().parse().ok())
+}
+
+fn lock(app: &App) -> std::sync::MutexGuard<'_, ConnStats> {
+    app.stats.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// [`handle`], counted for `--conn-stats` (and `/_stats` answered).
+async fn counted(
+    app: Arc<App>,
+    conn: u64,
+    peer: SocketAddr,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, Infallible> {
+    if !app.a.conn_stats {
+        return handle(app, peer, req).await;
+    }
+    if req.uri().path() == "/_stats" {
+        let mut s = lock(&app);
+        let body = s.json().to_string();
+        if req.uri().query().is_some_and(|q| q.contains("reset=1")) {
+            *s = ConnStats::default();
+        }
+        return Ok(Response::builder()
+            .header("content-type", "application/json")
+            .body(Full::new(Bytes::from(body)).boxed())
+            .expect("valid response"));
+    }
+    {
+        let mut s = lock(&app);
+        *s.per_conn.entry(conn).or_default() += 1;
+        s.requests += 1;
+        s.in_flight += 1;
+        s.max_in_flight = s.max_in_flight.max(s.in_flight);
+    }
+    let r = handle(app.clone(), peer, req).await;
+    let mut s = lock(&app);
+    s.in_flight = s.in_flight.saturating_sub(1);
+    r
+}
+
 async fn handle(app: Arc<App>, peer: SocketAddr, req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
     if req.uri().path() == "/ws"
         && header(req.headers(), "upgrade").is_some_and(|u| u.eq_ignore_ascii_case("websocket"))
@@ -185,7 +278,7 @@ async fn handle(app: Arc<App>, peer: SocketAddr, req: Request<Incoming>) -> Resu
             }
         }
     }
-    let delay = app.a.delay_ms + num(h, "x-delay-ms").unwrap_or(0);
+    let delay = app.a.delay_ms + num(h, "x-delay-ms").unwrap_or(0) + for_me(h, "x-delay-on", &app.a.name).unwrap_or(0);
     if delay > 0 {
         tokio::time::sleep(Duration::from_millis(delay)).await;
     }
@@ -226,7 +319,11 @@ async fn handle(app: Arc<App>, peer: SocketAddr, req: Request<Incoming>) -> Resu
         }
     }
     if status == StatusCode::OK {
-        if let Some(s) = num(h, "x-status").and_then(|s| StatusCode::from_u16(s as u16).ok()) {
+        let wanted = num(h, "x-status").or_else(|| for_me(h, "x-status-on", &app.a.name));
+        if let Some(s) = wanted
+            .and_then(|s| u16::try_from(s).ok())
+            .and_then(|s| StatusCode::from_u16(s).ok())
+        {
             status = s;
         }
     }
