@@ -24,7 +24,8 @@ fn check(held: &HeldResources) {
         .chain(cfg.services.iter().map(proto::service_to))
         .chain(cfg.peer_authentications.iter().map(proto::peer_authentication_to))
         .chain(cfg.routes.iter().map(proto::routing_to))
-        .chain(cfg.traffic_policies.iter().map(proto::traffic_policy_to));
+        .chain(cfg.traffic_policies.iter().map(proto::traffic_policy_to))
+        .chain(cfg.rate_limits.iter().map(proto::rate_limit_to));
     for k in kinds {
         let r = proto::resource(k);
         again.0.insert(r.name.clone(), r);
