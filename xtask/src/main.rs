@@ -92,11 +92,13 @@ fn main() -> Result<()> {
                 None => "docs/benchmarks".to_owned(),
             };
             // The data path on the box, then the control plane at scale,
-            // then authorization decisions with 10,000 policies.
+            // then authorization decisions with 10,000 policies, then the
+            // load balancers.
             for (cmd, out) in [
                 (&["bench"][..], out.clone()),
                 (&["bench-control"][..], format!("{out}-control-plane")),
                 (&["bench", "--only", "authz"][..], format!("{out}-authz")),
+                (&["bench", "--only", "lb"][..], format!("{out}-lb")),
             ] {
                 let mut args: Vec<String> = cmd.iter().map(|a| a.to_string()).collect();
                 args.extend(["--out".to_owned(), out]);

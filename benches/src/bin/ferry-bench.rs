@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
-use ferry_bench::{bench, bench_authz, bench_control, bench_http, demo};
+use ferry_bench::{bench, bench_authz, bench_control, bench_http, bench_lb, demo};
 use ferry_box::default_bin_dir;
 
 #[derive(Parser)]
@@ -36,7 +36,9 @@ enum Cmd {
         /// Run one section only: `http` (wrk and h2load, direct vs Ferry L4
         /// vs Ferry L7 vs the HAProxy sidecar model; a partial report never
         /// goes to docs/ by default) or `authz` (AuthorizationPolicy decision
-        /// cost with 10,000 policies, no box; docs/benchmarks-authz by default).
+        /// cost with 10,000 policies, and per connection on the box;
+        /// docs/benchmarks-authz by default) or `lb` (load balancers under
+        /// load, one slow endpoint of three; docs/benchmarks-lb by default).
         #[arg(long, value_enum)]
         only: Option<Section>,
     },
@@ -57,6 +59,7 @@ enum Cmd {
 enum Section {
     Http,
     Authz,
+    Lb,
 }
 
 /// Where a report goes by default: docs/ for a full run; a quick run's
@@ -97,6 +100,20 @@ fn main() -> Result<()> {
             let sizes = if quick { bench_authz::QUICK } else { bench_authz::FULL };
             let r = bench_authz::bench(sizes, &default_bin_dir(), &out)?;
             println!("{}", serde_json::to_string_pretty(&r)?);
+            Ok(())
+        }
+        Cmd::Bench {
+            quick,
+            out,
+            only: Some(Section::Lb),
+        } => {
+            let out = match out {
+                Some(out) => out,
+                None => default_out("benchmarks-lb", quick)?,
+            };
+            let sizes = if quick { bench_lb::QUICK } else { bench_lb::FULL };
+            bench_lb::bench(sizes, &default_bin_dir(), &out)?;
+            println!("{}", std::fs::read_to_string(out.with_extension("md"))?);
             Ok(())
         }
         Cmd::Bench { quick, out, only: None } => {
