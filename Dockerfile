@@ -1,8 +1,9 @@
 # syntax=docker/dockerfile:1
-# One image with Ferry's three binaries: ferry-agent (the DaemonSet),
-# ferry-control (the control plane and CA) and ferryctl (run inside the agent's
-# pod: `kubectl exec ds/ferry-agent -- ferryctl check`). The Helm chart in
-# deploy/daemonset/ runs it.
+# One image with Ferry's binaries: ferry-agent (the DaemonSet),
+# ferry-control (the control plane and CA), ferryctl (run inside the agent's
+# pod: `kubectl exec ds/ferry-agent -- ferryctl check`) and ferry-cni (the
+# chained CNI plugin, copied onto each node by the agent pod's init
+# container). The Helm chart in deploy/daemonset/ runs it.
 #
 #   docker build -t ghcr.io/ferry-mesh/ferry:0.1.0 .
 #
@@ -26,6 +27,16 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry \
     cargo build --release --locked -p ferry-agent -p ferry-control -p ferryctl \
  && mkdir -p /out \
  && install -m 0755 target/release/ferry-agent target/release/ferry-control target/release/ferryctl /out/
+# ferry-cni runs on the node itself (the runtime execs it from the host's CNI
+# bin dir), against whatever glibc the node has: linked statically (it uses
+# no NSS: no name lookups). Checked here with
+# `RUSTFLAGS="-C target-feature=+crt-static" cargo build -p ferry-cni --target x86_64-unknown-linux-gnu`
+# (`ldd`: statically linked). --target keeps the flag off build scripts.
+RUN --mount=type=cache,target=/usr/local/cargo/registry \
+    --mount=type=cache,target=/src/target \
+    RUSTFLAGS="-C target-feature=+crt-static" \
+    cargo build --release --locked -p ferry-cni --target x86_64-unknown-linux-gnu \
+ && install -m 0755 target/x86_64-unknown-linux-gnu/release/ferry-cni /out/
 
 # ---- runtime: Debian 12 slim, the same glibc the binaries were linked
 # against (they link glibc dynamically; rustls with aws-lc/ring, no OpenSSL).

@@ -9,6 +9,8 @@
 #include <linux/tcp.h>
 #include <linux/pkt_cls.h>
 #define SOCK_STREAM 1
+#define SOL_SOCKET 1
+#define SO_MARK 36
 #include <bpf/bpf_endian.h>
 #include <bpf/bpf_helpers.h>
 
@@ -153,29 +155,52 @@ static __always_inline int sockops_v4(struct bpf_sock_ops *s, __u32 *local, __u3
 	return 0;
 }
 
+/* With splicing on, put both ends of an app <-> agent loopback pair into
+ * ferry_splice as each is established. The agent's end goes in here (not from
+ * user space after accept) so no byte can take the normal path first and be
+ * overtaken by spliced ones. */
+static __always_inline void splice_established(struct bpf_sock_ops *skops, struct ferry_sock_key *key,
+					       __u32 local, __u32 remote)
+{
+	struct ferry_config *cfg = config();
+	if (!cfg || !(cfg->flags & FERRY_F_SPLICE))
+		return;
+	if (local != bpf_htonl(LOOPBACK_IP4) || remote != bpf_htonl(LOOPBACK_IP4))
+		return;
+	if (key->local_port != cfg->outbound_port && key->remote_port != cfg->outbound_port)
+		return;
+	bpf_map_delete_elem(&ferry_splice_off, key); /* a stale entry of a reused 4-tuple */
+	if (bpf_sock_hash_update(skops, &ferry_splice, key, BPF_NOEXIST) == 0)
+		stat_inc(FERRY_STAT_SPLICE_SOCKS);
+}
+
+static __always_inline int sock_key(struct bpf_sock_ops *skops, struct ferry_sock_key *key,
+				    __u32 *local, __u32 *remote)
+{
+	if (!sockops_v4(skops, local, remote))
+		return 0;
+	key->netns_cookie = bpf_get_netns_cookie(skops);
+	key->local_ip4 = *local;
+	key->remote_ip4 = *remote;
+	key->local_port = skops->local_port;
+	key->remote_port = bpf_ntohl(skops->remote_port);
+	return 1;
+}
+
 /*
- * Attached to enrolled pods' cgroups and to the agent's cgroup.
- * - TCP_CONNECT_CB (pod side): the source port is now known, so move the
- *   original destination from the cookie key to the 4-tuple key the agent
- *   can rebuild from its accepted socket.
- * - *_ESTABLISHED_CB: with splicing on, put both ends of an app <-> agent
- *   loopback pair into ferry_splice. The agent's end goes in here (not from
- *   user space after accept) so no byte can take the normal path first and be
- *   overtaken by spliced ones.
+ * Attached to enrolled pods' cgroups.
+ * - TCP_CONNECT_CB: the source port is now known, so move the original
+ *   destination from the cookie key to the 4-tuple key the agent can rebuild
+ *   from its accepted socket.
+ * - *_ESTABLISHED_CB: splicing (splice_established).
  */
 SEC("sockops")
 int ferry_sockops(struct bpf_sock_ops *skops)
 {
 	__u32 local, remote;
-	if (!sockops_v4(skops, &local, &remote))
+	struct ferry_sock_key key = {};
+	if (!sock_key(skops, &key, &local, &remote))
 		return 1;
-	struct ferry_sock_key key = {
-		.netns_cookie = bpf_get_netns_cookie(skops),
-		.local_ip4 = local,
-		.remote_ip4 = remote,
-		.local_port = skops->local_port,
-		.remote_port = bpf_ntohl(skops->remote_port),
-	};
 
 	switch (skops->op) {
 	case BPF_SOCK_OPS_TCP_CONNECT_CB: {
@@ -191,19 +216,98 @@ int ferry_sockops(struct bpf_sock_ops *skops)
 		break;
 	}
 	case BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB:
-	case BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB: {
-		struct ferry_config *cfg = config();
-		if (!cfg || !(cfg->flags & FERRY_F_SPLICE))
-			break;
-		if (local != bpf_htonl(LOOPBACK_IP4) || remote != bpf_htonl(LOOPBACK_IP4))
-			break;
-		if (key.local_port != cfg->outbound_port && key.remote_port != cfg->outbound_port)
-			break;
-		bpf_map_delete_elem(&ferry_splice_off, &key); /* a stale entry of a reused 4-tuple */
-		if (bpf_sock_hash_update(skops, &ferry_splice, &key, BPF_NOEXIST) == 0)
-			stat_inc(FERRY_STAT_SPLICE_SOCKS);
+	case BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB:
+		splice_established(skops, &key, local, remote);
+		break;
+	default:
 		break;
 	}
+	return 1;
+}
+
+/* The delivery key of a socket the agent connects from the client's address:
+ * local = client, remote = pod (the reverse of what the app's SYN shows). */
+static __always_inline struct ferry_delivery_key delivery_key(struct ferry_sock_key *k)
+{
+	struct ferry_delivery_key d = {
+		.client_ip4 = k->local_ip4,
+		.pod_ip4 = k->remote_ip4,
+		.client_port = (__u16)k->local_port,
+		.pod_port = (__u16)k->remote_port,
+	};
+	return d;
+}
+
+/* Removes this socket's delivery entry (only its own: a later socket may
+ * already hold the same 4-tuple). */
+static __always_inline void delivery_done(struct bpf_sock_ops *skops, struct ferry_sock_key *key)
+{
+	struct ferry_delivery_key dk = delivery_key(key);
+	struct ferry_delivery *d = bpf_map_lookup_elem(&ferry_delivery, &dk);
+	if (d && d->cookie == bpf_get_socket_cookie(skops))
+		bpf_map_delete_elem(&ferry_delivery, &dk);
+}
+
+/*
+ * Attached to the agent's own cgroup only (its sockets belong to it even when
+ * created in a pod's netns), so no pod's socket ever runs it.
+ * - TCP_CONNECT_CB of a socket whose SO_MARK is exactly the delivery mark (an
+ *   agent delivery: setting a mark needs CAP_NET_ADMIN): its 4-tuple, chosen
+ *   by the kernel and unique, goes into ferry_delivery before its SYN is
+ *   sent, so sk_lookup and ferry_mark_delivery recognise the SYN. The state
+ *   callback is turned on for it, to remove the entry if the handshake fails.
+ * - ACTIVE_ESTABLISHED_CB: the handshake is over (no SYN of this connection
+ *   will be looked up again): the entry goes.
+ * - STATE_CB to CLOSE (refused, timed out, aborted): the entry goes.
+ * - *_ESTABLISHED_CB: splicing (splice_established), the agent's end.
+ */
+SEC("sockops")
+int ferry_agent_ops(struct bpf_sock_ops *skops)
+{
+	__u32 local, remote;
+	struct ferry_sock_key key = {};
+	if (!sock_key(skops, &key, &local, &remote))
+		return 1;
+
+	switch (skops->op) {
+	case BPF_SOCK_OPS_TCP_CONNECT_CB: {
+		struct ferry_config *cfg = config();
+		if (!cfg || !cfg->deliver_mark)
+			break;
+		int mark = 0;
+		if (bpf_getsockopt(skops, SOL_SOCKET, SO_MARK, &mark, sizeof(mark)) ||
+		    (__u32)mark != cfg->deliver_mark)
+			break;
+		struct ferry_delivery_key dk = delivery_key(&key);
+		struct ferry_delivery d = {
+			.cookie = bpf_get_socket_cookie(skops),
+			.ts_ns = bpf_ktime_get_ns(),
+		};
+		if (bpf_map_update_elem(&ferry_delivery, &dk, &d, BPF_ANY) == 0) {
+			stat_inc(FERRY_STAT_DELIVERY_SAVED);
+			bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags |
+							 BPF_SOCK_OPS_STATE_CB_FLAG);
+		} else {
+			stat_inc(FERRY_STAT_DELIVERY_LOST);
+			emit(FERRY_EV_ERROR, key.netns_cookie, 0, remote, (__u16)key.remote_port, -12);
+		}
+		break;
+	}
+	case BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB:
+		if (skops->bpf_sock_ops_cb_flags & BPF_SOCK_OPS_STATE_CB_FLAG) {
+			delivery_done(skops, &key);
+			bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags &
+							 ~BPF_SOCK_OPS_STATE_CB_FLAG);
+		}
+		splice_established(skops, &key, local, remote);
+		break;
+	case BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB:
+		splice_established(skops, &key, local, remote);
+		break;
+	case BPF_SOCK_OPS_STATE_CB:
+		if (skops->args[1] == BPF_TCP_CLOSE)
+			delivery_done(skops, &key);
+		break;
 	default:
 		break;
 	}
@@ -269,12 +373,23 @@ static __always_inline int no_listener(__u32 ip4, __u32 lport)
 	return SK_PASS;
 }
 
+/* Is this SYN (client -> pod) one of the agent's deliveries? */
+static __always_inline int is_delivery(__u32 client_ip4, __u16 client_port, __u32 pod_ip4, __u16 pod_port)
+{
+	struct ferry_delivery_key k = {
+		.client_ip4 = client_ip4,
+		.pod_ip4 = pod_ip4,
+		.client_port = client_port,
+		.pod_port = pod_port,
+	};
+	return bpf_map_lookup_elem(&ferry_delivery, &k) != NULL;
+}
+
 /*
  * Attached to each enrolled pod's netns: a TCP connection to the pod's IP on
  * an application port goes to the agent's inbound listener in that pod, with
  * its destination (local) address intact. Never captured: the agent's own
- * ports, connections from the agent's delivery port range (the agent
- * delivering to the app), the pod talking to itself, and kubelet probes
+ * ports, the agent's deliveries to the app (4-tuple in ferry_delivery), the pod talking to itself, and kubelet probes
  * (source FERRY_PROBE_IP4), which reach the app whatever the agent is doing.
  * Without a working listener the pod's ferry_inbound_policy decides
  * (no_listener): a STRICT pod fails closed.
@@ -292,8 +407,10 @@ int ferry_sk_lookup(struct bpf_sk_lookup *ctx)
 	    lport == cfg->outbound_port || lport == cfg->admin_port)
 		return SK_PASS;
 	__u32 rport = bpf_ntohs(ctx->remote_port);
-	if (rport >= cfg->deliver_port_lo && rport <= cfg->deliver_port_hi)
+	if (is_delivery(ctx->remote_ip4, rport, ctx->local_ip4, lport)) {
+		stat_inc(FERRY_STAT_DELIVERY_PASSED);
 		return SK_PASS;
+	}
 	if (ctx->remote_ip4 == ctx->local_ip4)
 		return SK_PASS; /* the pod talking to itself */
 	if (ctx->remote_ip4 == bpf_htonl(FERRY_PROBE_IP4)) {
@@ -320,7 +437,7 @@ int ferry_sk_lookup(struct bpf_sk_lookup *ctx)
 
 /*
  * cgroup_skb/ingress on each enrolled pod's cgroup: the SYN of an agent
- * delivery (source port in the delivery range) gets the delivery mark before
+ * delivery (its 4-tuple in ferry_delivery) gets the delivery mark before
  * the app's listener makes its request socket, so (with tcp_fwmark_accept)
  * the app's SYN-ACK is routed back to the agent's transparent socket by the
  * pod's `fwmark -> local` policy route. A socket mark set by the agent does
@@ -342,8 +459,7 @@ int ferry_mark_delivery(struct __sk_buff *skb)
 	struct ferry_config *cfg = config();
 	if (!cfg)
 		return 1;
-	__u16 sport = bpf_ntohs(th.source);
-	if (sport >= cfg->deliver_port_lo && sport <= cfg->deliver_port_hi)
+	if (is_delivery(iph.saddr, bpf_ntohs(th.source), iph.daddr, bpf_ntohs(th.dest)))
 		skb->mark = cfg->deliver_mark;
 	return 1;
 }

@@ -42,7 +42,9 @@ pub struct Options {
     pub control: String,
     /// Root that signed ferry-control's serving certificate.
     pub control_ca: PathBuf,
-    /// This node's credential.
+    /// This node's credential: a static bootstrap token, or the agent pod's
+    /// projected service-account token. Re-read on every connection (the
+    /// kubelet rotates the latter).
     pub token_file: PathBuf,
     /// Where the last applied resources are kept, so a restarted agent serves
     /// them before (and without) the control plane, and resumes from them.

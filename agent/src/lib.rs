@@ -13,12 +13,14 @@
 //! - [`tunnel`]: transport between nodes (plain or HBONE), no policy;
 //! - [`sockets`]: the per-pod socket factory; [`netns`], [`podnet`];
 //! - [`identity`]: workload certificates; [`telemetry`]; [`admin`];
-//! - [`handover`]: a hitless upgrade (listeners passed to a new agent).
+//! - [`handover`]: a hitless upgrade (listeners passed to a new agent);
+//! - [`cni`]: ferry-cni's socket (a new pod's sandbox waits until captured).
 //!
 //! Types and decisions shared with other processes are in `ferry_model`.
 
 pub mod admin;
 pub mod agent;
+pub mod cni;
 pub mod config_stream;
 pub mod handover;
 pub mod identity;

@@ -152,7 +152,10 @@ pub struct EbpfPod {
 impl EbpfNode {
     /// Loads the programs for `node` (reusing its pins) and hooks the agent's own cgroup.
     pub fn load(pin_root: &Path, node: &str) -> Result<Self, RedirectError> {
-        let (lo, hi) = sockets::DELIVER_PORTS;
+        // Legacy range: only programs of an older agent still attached during
+        // an upgrade read it (ferry.h); deliveries are recognised by
+        // `ferry_delivery`, filled by the hook on the agent's own cgroup.
+        let (lo, hi) = sockets::LEGACY_DELIVER_PORTS;
         let cfg = maps::Config {
             flags: maps::FLAG_EVENTS,
             agent_mark: sockets::AGENT_MARK,
@@ -165,10 +168,14 @@ impl EbpfNode {
             deliver_mark: sockets::DELIVER_MARK,
         };
         let mut r = Redirector::load(pin_root, node, cfg)?;
-        match cgroup::own_cgroup() {
-            Ok(cg) => r.attach_agent_cgroup(&cg)?,
-            Err(e) => tracing::warn!(error = %e, "agent cgroup unknown: splicing cannot be used"),
-        }
+        // Required: without the hook on its own cgroup the agent's deliveries
+        // would not be recognised, and sk_lookup would capture them (a loop).
+        let cg = cgroup::own_cgroup().map_err(|source| RedirectError::Open {
+            what: "the agent's own cgroup (/proc/self/cgroup)",
+            path: PathBuf::from("/proc/self/cgroup"),
+            source,
+        })?;
+        r.attach_agent_cgroup(&cg)?;
         Ok(Self { redirect: r })
     }
 }
@@ -282,5 +289,7 @@ impl Node for EbpfNode {
 
     fn prune_stale(&mut self) {
         self.redirect.prune_stale_links();
+        // Map entries of pods that departed while no agent ran (a restart).
+        self.redirect.prune_stale_entries();
     }
 }

@@ -2,6 +2,7 @@
 //! so the agent can deliver to the app from the client's own address and get
 //! the replies back (no iptables):
 //! - `tcp_fwmark_accept=1`: the app's accepted socket takes the mark of the SYN;
+//!   `fwmark_reflect=1`: so do the kernel's RSTs and ICMP replies to it;
 //! - `ip rule fwmark DELIVER_MARK lookup DELIVER_TABLE` and
 //!   `ip route add local 0.0.0.0/0 dev lo table DELIVER_TABLE`: replies to a
 //!   delivery connection route back to the agent's transparent socket;
@@ -33,10 +34,15 @@ pub enum PodNetError {
 
 pub async fn setup(ns: &Netns) -> Result<(), PodNetError> {
     // /proc/sys/net follows the netns of the thread that opens it.
-    let name = "net/ipv4/tcp_fwmark_accept";
-    ns.run(|| std::fs::write(format!("/proc/sys/{name}"), "1"))
-        .and_then(|r| r)
-        .map_err(|source| PodNetError::Sysctl { name, source })?;
+    // tcp_fwmark_accept: the app's accepted socket takes the SYN's mark.
+    // fwmark_reflect: so do the kernel's own replies (the RST to a delivery
+    // SYN when nothing listens): without it that RST routes out of the pod
+    // instead of back to the agent, whose connect then hangs for minutes.
+    for name in ["net/ipv4/tcp_fwmark_accept", "net/ipv4/fwmark_reflect"] {
+        ns.run(|| std::fs::write(format!("/proc/sys/{name}"), "1"))
+            .and_then(|r| r)
+            .map_err(|source| PodNetError::Sysctl { name, source })?;
+    }
 
     let nl = |e: rtnetlink::Error| PodNetError::Netlink(e.to_string());
     let (conn, handle, _) = ns

@@ -4,10 +4,18 @@
 //! local pods (listeners through the pod's socket factory, then steering),
 //! swaps the proxy's state snapshot, refreshes the mesh destinations and
 //! publishes each pod's status and the applied version.
+//!
+//! A pod whose enrollment fails is retried with exponential backoff
+//! ([`retry_delay`], [`Reconciler::retry_loop`]) without waiting for a config
+//! change. The container runtime's view of a pod (its sandbox, announced by
+//! ferry-cni to the agent's `cni` socket) is node-local fact the config does not carry:
+//! the sandbox's netns is used for the pod, a new sandbox re-enrolls it, a
+//! deleted one unenrolls it at once; [`Captures`] is what the CNI server
+//! asks and waits on.
 
 use std::{
-    collections::{BTreeMap, HashMap},
-    net::SocketAddrV4,
+    collections::{BTreeMap, HashMap, HashSet},
+    net::{IpAddr, Ipv4Addr, SocketAddrV4},
     os::fd::{AsFd, BorrowedFd, OwnedFd},
     path::{Path, PathBuf},
     sync::{
@@ -20,11 +28,12 @@ use std::{
 use ferry_model::{
     admin::PodStatus,
     admission::{self, Fallback},
+    cni::PodInfo,
     state::State,
     ConfigFile, Workload,
 };
 use futures::future::BoxFuture;
-use tokio::task::AbortHandle;
+use tokio::{sync::watch, task::AbortHandle, time::Instant};
 
 use crate::{
     identity::Identities,
@@ -136,6 +145,84 @@ pub struct Reconciler<N: Node> {
     taking_over: AtomicBool,
     /// Handed over to a new agent: never reconcile again.
     retired: AtomicBool,
+    /// Pods whose enrollment failed, by uid: when to try again.
+    retries: Mutex<HashMap<String, Retry>>,
+    /// Sandboxes the runtime announced (ferry-cni), by pod uid (or
+    /// `namespace/name` when the runtime gave no uid).
+    sandboxes: Mutex<HashMap<String, Sandbox>>,
+    /// Bumped whenever pod status changes (CNI waiters watch it).
+    changed: watch::Sender<u64>,
+}
+
+/// A failed enrollment's retry schedule.
+#[derive(Clone, Copy, Debug)]
+struct Retry {
+    failures: u32,
+    next: Instant,
+}
+
+/// First retry after this; doubled per failure up to [`RETRY_MAX`].
+pub const RETRY_BASE: Duration = Duration::from_millis(500);
+/// The longest wait between two attempts to enroll a failing pod.
+pub const RETRY_MAX: Duration = Duration::from_secs(30);
+
+/// The wait before the next attempt after `failures` failed ones in a row
+/// (500 ms, 1 s, 2 s, ... 30 s): bounded, so a pod that can be enrolled
+/// again (its port freed, its process started) is within 30 s.
+pub fn retry_delay(failures: u32) -> Duration {
+    let doublings = failures.saturating_sub(1).min(16);
+    RETRY_BASE.saturating_mul(1 << doublings).min(RETRY_MAX)
+}
+
+/// How long the announcement of a sandbox the config never names is kept.
+const SANDBOX_TTL: Duration = Duration::from_secs(600);
+
+/// A pod sandbox as the runtime announced it on ADD.
+#[derive(Clone, Debug)]
+struct Sandbox {
+    container_id: String,
+    netns: Option<PathBuf>,
+    /// DEL came: not enrolled again until a new ADD.
+    deleted: bool,
+    seen: Instant,
+}
+
+/// Whether a pod is captured, as the CNI server reports it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Capture {
+    /// Steering is on.
+    Captured { pod_id: u32 },
+    /// Not to be captured.
+    NotInMesh(String),
+    /// Not yet, and why (the pod unknown yet, being enrolled, its sandbox
+    /// gone...).
+    Pending(String),
+    /// Its enrollment failed (retried with backoff): the last error.
+    Failing(String),
+}
+
+/// What the CNI server (the `cni` module) needs of the reconciler.
+pub trait Captures: Send + Sync + 'static {
+    /// The pod's capture, now.
+    fn capture(&self, pod: &PodInfo) -> Capture;
+    /// A new sandbox (ADD): remember it, enroll the pod in it now if it is
+    /// wanted and not yet captured there.
+    fn sandbox_added<'a>(&'a self, pod: &'a PodInfo) -> BoxFuture<'a, ()>;
+    /// A sandbox gone (DEL): stop capturing the pod in it. Idempotent.
+    fn sandbox_deleted<'a>(&'a self, pod: &'a PodInfo) -> BoxFuture<'a, ()>;
+    /// Changes whenever a capture may have changed.
+    fn changes(&self) -> watch::Receiver<u64>;
+    /// Handed over to a new agent: answer nothing more.
+    fn retired(&self) -> bool;
+}
+
+/// Whether two paths name the same network namespace.
+fn same_netns(a: &Path, b: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (std::fs::metadata(a), std::fs::metadata(b)) {
+        (Ok(a), Ok(b)) => (a.dev(), a.ino()) == (b.dev(), b.ino()),
+        _ => false,
+    }
 }
 
 /// How long an enrollment on inherited listeners waits for the pod's
@@ -209,7 +296,14 @@ impl<N: Node> Reconciler<N> {
             inherited: Mutex::new(HashMap::new()),
             taking_over: AtomicBool::new(false),
             retired: AtomicBool::new(false),
+            retries: Mutex::new(HashMap::new()),
+            sandboxes: Mutex::new(HashMap::new()),
+            changed: watch::channel(0).0,
         }
+    }
+
+    fn notify(&self) {
+        self.changed.send_modify(|v| *v = v.wrapping_add(1));
     }
 
     /// Listeners handed over by the previous agent; enrollments take them.
@@ -299,55 +393,13 @@ impl<N: Node> Reconciler<N> {
             .unwrap_or_else(|| self.cgroup_root.clone());
         let mut status = BTreeMap::new();
         for w in state.workloads.values().filter(|w| w.node == state.node) {
-            let mut st = PodStatus {
-                uid: w.uid.clone(),
-                name: w.name.clone(),
-                namespace: w.namespace.clone(),
-                ip: w.ip.to_string(),
-                enrolled: false,
-                pod_id: None,
-                netns_cookie: None,
-                cgroup: None,
-                netns: None,
-                host_veth: w.host_veth.clone(),
-                error: None,
-            };
-            let fallback = admission::fallback(&state, w);
-            if w.enrolled && !inner.enrolled.contains_key(&w.uid) {
-                match self.enroll(&mut inner, w, &cgroup_root, fallback).await {
-                    Ok(e) => {
-                        tracing::info!(pod = %e.ctx.label, pod_id = e.pod_id, ip = %w.ip, "pod enrolled");
-                        inner.enrolled.insert(w.uid.clone(), e);
-                    }
-                    Err(err) => {
-                        tracing::error!(pod = %w.label(), error = %err, "pod not enrolled");
-                        st.error = Some(err.to_string());
-                    }
-                }
-            }
-            let Inner { node, enrolled, .. } = &mut *inner;
-            if let Some(e) = enrolled.get_mut(&w.uid).filter(|e| e.fallback != fallback) {
-                // A policy change (PeerAuthentication): the pinned fallback follows.
-                match node.set_fallback(w.ip, fallback) {
-                    Ok(()) => {
-                        tracing::info!(pod = %e.ctx.label, fallback = fallback.as_str(), "inbound fallback updated");
-                        e.fallback = fallback;
-                    }
-                    Err(err) => tracing::error!(pod = %e.ctx.label, error = %err, "cannot update the inbound fallback"),
-                }
-            }
-            if let Some(e) = inner.enrolled.get(&w.uid) {
-                st.enrolled = true;
-                st.pod_id = Some(e.pod_id);
-                st.netns_cookie = Some(e.plumbed.netns_cookie);
-                st.cgroup = e.plumbed.cgroup.as_ref().map(|p| p.display().to_string());
-                st.netns = e.plumbed.netns.as_ref().map(|p| p.display().to_string());
-                st.host_veth = e.plumbed.host_veth.clone();
-            }
+            let st = self.sync_pod(&mut inner, &state, w, &cgroup_root).await;
             status.insert(w.uid.clone(), st);
         }
+        self.forget_departed(&state);
         self.publish_telemetry(&state, inner.enrolled.len(), &status);
         *self.status.write().unwrap_or_else(|e| e.into_inner()) = status;
+        self.notify();
 
         if let Err(e) = inner.node.set_mesh_destinations(&state.mesh_destinations()) {
             tracing::error!(error = %e, "cannot update mesh destinations");
@@ -375,16 +427,226 @@ impl<N: Node> Reconciler<N> {
             .map(|(uid, _)| uid.clone())
             .collect();
         for uid in gone {
-            if let Some(e) = inner.enrolled.remove(&uid) {
-                self.proxy.remove_pod(&uid);
-                if let Some(ids) = &self.ids {
-                    ids.forget(&uid);
-                }
-                if let Err(err) = inner.node.unsteer(&uid) {
-                    tracing::error!(pod = %e.ctx.label, error = %err, "unenroll failed");
-                }
-                tracing::info!(pod = %e.ctx.label, "pod unenrolled");
+            self.unenroll_one(inner, &uid, "pod unenrolled");
+        }
+    }
+
+    /// Stops capturing one pod (steering first, then its listeners).
+    fn unenroll_one(&self, inner: &mut Inner<N>, uid: &str, why: &str) {
+        if let Some(e) = inner.enrolled.remove(uid) {
+            self.proxy.remove_pod(uid);
+            if let Some(ids) = &self.ids {
+                ids.forget(uid);
             }
+            if let Err(err) = inner.node.unsteer(uid) {
+                tracing::error!(pod = %e.ctx.label, error = %err, "unenroll failed");
+            }
+            tracing::info!(pod = %e.ctx.label, "{why}");
+        }
+    }
+
+    /// Enrolls `w` if it is wanted and not captured yet (a failure is
+    /// scheduled for a retry), keeps its inbound fallback current, and
+    /// returns its status.
+    async fn sync_pod(&self, inner: &mut Inner<N>, state: &State, w: &Workload, cgroup_root: &Path) -> PodStatus {
+        let mut st = PodStatus {
+            uid: w.uid.clone(),
+            name: w.name.clone(),
+            namespace: w.namespace.clone(),
+            ip: w.ip.to_string(),
+            enrolled: false,
+            pod_id: None,
+            netns_cookie: None,
+            cgroup: None,
+            netns: None,
+            host_veth: w.host_veth.clone(),
+            error: None,
+        };
+        let fallback = admission::fallback(state, w);
+        let sandbox = self.sandbox_of(w);
+        let sandbox_gone = sandbox.as_ref().is_some_and(|s| s.deleted);
+        if w.enrolled && !sandbox_gone && !inner.enrolled.contains_key(&w.uid) {
+            // The runtime's netns for the pod, when it said (ferry-cni),
+            // over the config's (node-local: not part of the pod's spec).
+            let netns = sandbox.and_then(|s| s.netns);
+            match self.enroll(inner, w, netns, cgroup_root, fallback).await {
+                Ok(e) => {
+                    tracing::info!(pod = %e.ctx.label, pod_id = e.pod_id, ip = %w.ip, "pod enrolled");
+                    inner.enrolled.insert(w.uid.clone(), e);
+                    self.retries.lock().unwrap_or_else(|e| e.into_inner()).remove(&w.uid);
+                }
+                Err(err) => {
+                    let mut retries = self.retries.lock().unwrap_or_else(|e| e.into_inner());
+                    let r = retries.entry(w.uid.clone()).or_insert(Retry {
+                        failures: 0,
+                        next: Instant::now(),
+                    });
+                    r.failures = r.failures.saturating_add(1);
+                    let delay = retry_delay(r.failures);
+                    r.next = Instant::now() + delay;
+                    tracing::error!(
+                        pod = %w.label(),
+                        error = %err,
+                        failures = r.failures,
+                        retry_in_ms = delay.as_millis() as u64,
+                        "pod not enrolled"
+                    );
+                    st.error = Some(err.to_string());
+                }
+            }
+        }
+        let Inner { node, enrolled, .. } = &mut *inner;
+        if let Some(e) = enrolled.get_mut(&w.uid).filter(|e| e.fallback != fallback) {
+            // A policy change (PeerAuthentication): the pinned fallback follows.
+            match node.set_fallback(w.ip, fallback) {
+                Ok(()) => {
+                    tracing::info!(pod = %e.ctx.label, fallback = fallback.as_str(), "inbound fallback updated");
+                    e.fallback = fallback;
+                }
+                Err(err) => tracing::error!(pod = %e.ctx.label, error = %err, "cannot update the inbound fallback"),
+            }
+        }
+        if let Some(e) = inner.enrolled.get(&w.uid) {
+            st.enrolled = true;
+            st.pod_id = Some(e.pod_id);
+            st.netns_cookie = Some(e.plumbed.netns_cookie);
+            st.cgroup = e.plumbed.cgroup.as_ref().map(|p| p.display().to_string());
+            st.netns = e.plumbed.netns.as_ref().map(|p| p.display().to_string());
+            st.host_veth = e.plumbed.host_veth.clone();
+        }
+        st
+    }
+
+    /// Drops retry schedules of pods no longer wanted, and what the runtime
+    /// said of sandboxes whose pods are gone (deleted ones at once, others
+    /// once they are old: an ADD may come before the config names the pod).
+    fn forget_departed(&self, state: &State) {
+        let wanted: HashSet<&str> = state.local_enrolled().map(|w| w.uid.as_str()).collect();
+        self.retries
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|uid, _| wanted.contains(uid.as_str()));
+        let known: HashSet<String> = state
+            .workloads
+            .values()
+            .flat_map(|w| [w.uid.clone(), w.label()])
+            .collect();
+        self.sandboxes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|key, s| known.contains(key) || (!s.deleted && s.seen.elapsed() < SANDBOX_TTL));
+    }
+
+    /// What the runtime said of `w`'s sandbox.
+    fn sandbox_of(&self, w: &Workload) -> Option<Sandbox> {
+        let sb = self.sandboxes.lock().unwrap_or_else(|e| e.into_inner());
+        sb.get(&w.uid).or_else(|| sb.get(&w.label())).cloned()
+    }
+
+    /// The workload `pod` names: by uid, else by namespace and name.
+    fn workload_of<'s>(state: &'s State, pod: &PodInfo) -> Option<&'s Workload> {
+        if !pod.uid.is_empty() {
+            return state.workloads.get(&pod.uid);
+        }
+        state
+            .workloads
+            .values()
+            .find(|w| w.namespace == pod.namespace && w.name == pod.name)
+    }
+
+    /// Retries the enrollments that are due (their backoff has passed, or a
+    /// new sandbox made them due). Returns how many were tried.
+    pub async fn retry_failed(&self) -> usize {
+        let now = Instant::now();
+        let due: Vec<String> = self
+            .retries
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .filter(|(_, r)| r.next <= now)
+            .map(|(uid, _)| uid.clone())
+            .collect();
+        if due.is_empty() {
+            return 0;
+        }
+        let mut inner = self.inner.lock().await;
+        if self.retired.load(Ordering::Acquire) {
+            return 0;
+        }
+        let state = self.proxy.state();
+        let cgroup_root = state
+            .settings
+            .cgroup_root
+            .clone()
+            .unwrap_or_else(|| self.cgroup_root.clone());
+        let mut tried = 0;
+        for uid in due {
+            let Some(w) = state.workloads.get(&uid).filter(|w| w.enrolled && w.node == state.node) else {
+                self.retries.lock().unwrap_or_else(|e| e.into_inner()).remove(&uid);
+                continue;
+            };
+            // Enrolled in a sandbox that is not the runtime's current one
+            // (a new sandbox whose old one's DEL never came): move it.
+            let moved = match (self.sandbox_of(w), inner.enrolled.get(&uid)) {
+                (Some(sb), Some(e)) => match (&sb.netns, &e.plumbed.netns) {
+                    (Some(new), Some(old)) => !same_netns(new, old),
+                    _ => false,
+                },
+                _ => false,
+            };
+            if moved {
+                self.unenroll_one(&mut inner, &uid, "pod unenrolled from its previous sandbox");
+            }
+            if inner.enrolled.contains_key(&uid) {
+                self.retries.lock().unwrap_or_else(|e| e.into_inner()).remove(&uid);
+                continue;
+            }
+            tried += 1;
+            self.proxy.telemetry.metrics.enroll_retries.inc();
+            let st = self.sync_pod(&mut inner, &state, w, &cgroup_root).await;
+            if st.enrolled {
+                tracing::info!(pod = %w.label(), "pod enrolled on retry");
+            } else if st.error.is_none() {
+                // Not tried (its sandbox is gone): nothing to retry.
+                self.retries.lock().unwrap_or_else(|e| e.into_inner()).remove(&uid);
+            }
+            self.status.write().unwrap_or_else(|e| e.into_inner()).insert(uid, st);
+        }
+        self.publish_pod_gauges(inner.enrolled.len());
+        self.notify();
+        tried
+    }
+
+    fn publish_pod_gauges(&self, enrolled: usize) {
+        let m = &self.proxy.telemetry.metrics;
+        m.enrolled_pods.set(enrolled as i64);
+        let errors = self
+            .status
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .filter(|s| s.error.is_some())
+            .count();
+        m.enroll_errors.set(errors as i64);
+    }
+
+    /// Retries failed enrollments as their backoff passes, until the agent
+    /// hands over (spawned by the composition root).
+    pub async fn retry_loop(self: Arc<Self>) {
+        loop {
+            let next = self
+                .retries
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .values()
+                .map(|r| r.next)
+                .min();
+            let cap = Instant::now() + Duration::from_secs(1);
+            tokio::time::sleep_until(next.map_or(cap, |n| n.min(cap))).await;
+            if self.retired.load(Ordering::Acquire) {
+                return;
+            }
+            self.retry_failed().await;
         }
     }
 
@@ -410,10 +672,20 @@ impl<N: Node> Reconciler<N> {
         &self,
         inner: &mut Inner<N>,
         w: &Workload,
+        netns: Option<PathBuf>,
         cgroup_root: &Path,
         fallback: Fallback,
     ) -> Result<Enrolled<N::Pod>, EnrollError> {
-        let plumbed = inner.node.plumb(w, cgroup_root).await?;
+        let plumbed = match netns {
+            Some(netns) => {
+                let at = Workload {
+                    netns: Some(netns),
+                    ..w.clone()
+                };
+                inner.node.plumb(&at, cgroup_root).await?
+            }
+            None => inner.node.plumb(w, cgroup_root).await?,
+        };
         let addrs = listener_addrs(w.ip);
         let handed = self
             .inherited
@@ -524,6 +796,197 @@ impl<N: Node> Reconciler<N> {
     }
 }
 
+impl<N: Node> Reconciler<N> {
+    /// The pod's capture, from the applied state, the pod status and what
+    /// the runtime said of its sandbox.
+    pub fn capture_of(&self, pod: &PodInfo) -> Capture {
+        if self.applied_version() == 0 {
+            return Capture::Pending("the agent has applied no config yet".into());
+        }
+        let state = self.proxy.state();
+        let Some(w) = Self::workload_of(&state, pod) else {
+            return Capture::Pending(format!(
+                "the agent has no word of pod {} (uid {:?}) yet: its config (from ferry-control) does not name it",
+                pod.label(),
+                pod.uid
+            ));
+        };
+        if w.node != state.node {
+            return Capture::Pending(format!(
+                "the agent's config places pod {} on node {:?}, not on this node ({:?})",
+                w.label(),
+                w.node,
+                state.node
+            ));
+        }
+        if !w.enrolled {
+            return Capture::NotInMesh(format!(
+                "pod {} is not enrolled (no ferry.dev/mesh opt-in for it or its namespace)",
+                w.label()
+            ));
+        }
+        if let Some(sb) = self.sandbox_of(w) {
+            if sb.deleted {
+                return Capture::Pending(format!(
+                    "the sandbox of pod {} was deleted (CNI DEL); waiting for a new one",
+                    w.label()
+                ));
+            }
+        }
+        let v4: Vec<Ipv4Addr> = pod
+            .ips
+            .iter()
+            .filter_map(|ip| match ip {
+                IpAddr::V4(v4) => Some(*v4),
+                IpAddr::V6(_) => None,
+            })
+            .collect();
+        if !v4.is_empty() && !v4.contains(&w.ip) {
+            return Capture::Pending(format!(
+                "the agent's config has pod {} at {}, the runtime gave it {}",
+                w.label(),
+                w.ip,
+                v4.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ")
+            ));
+        }
+        let status = self.status.read().unwrap_or_else(|e| e.into_inner());
+        match status.get(&w.uid) {
+            Some(st) if st.enrolled => Capture::Captured {
+                pod_id: st.pod_id.unwrap_or(0),
+            },
+            Some(PodStatus { error: Some(e), .. }) => Capture::Failing(e.clone()),
+            _ => Capture::Pending(format!("pod {} is being enrolled", w.label())),
+        }
+    }
+
+    async fn add_sandbox(&self, pod: &PodInfo) {
+        let key = if pod.uid.is_empty() {
+            pod.label()
+        } else {
+            pod.uid.clone()
+        };
+        let sb = Sandbox {
+            container_id: pod.container_id.clone(),
+            netns: Some(PathBuf::from(&pod.netns)).filter(|p| !p.as_os_str().is_empty()),
+            deleted: false,
+            seen: Instant::now(),
+        };
+        tracing::info!(
+            pod = %pod.label(),
+            uid = %pod.uid,
+            container_id = %pod.container_id,
+            netns = %pod.netns,
+            "sandbox announced by the runtime (CNI ADD)"
+        );
+        self.sandboxes.lock().unwrap_or_else(|e| e.into_inner()).insert(key, sb);
+        // A pod already wanted: enroll it (in this sandbox) now rather than
+        // at its next backoff step or config change.
+        let state = self.proxy.state();
+        let Some(w) = Self::workload_of(&state, pod).filter(|w| w.enrolled && w.node == state.node) else {
+            return;
+        };
+        let captured_elsewhere = {
+            let status = self.status.read().unwrap_or_else(|e| e.into_inner());
+            match (
+                status.get(&w.uid).filter(|s| s.enrolled).and_then(|s| s.netns.clone()),
+                pod.netns.is_empty(),
+            ) {
+                (Some(old), false) => !same_netns(Path::new(&old), Path::new(&pod.netns)),
+                (Some(_), true) => false,
+                (None, _) => true,
+            }
+        };
+        if captured_elsewhere {
+            self.retries
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .entry(w.uid.clone())
+                .or_insert(Retry {
+                    failures: 0,
+                    next: Instant::now(),
+                })
+                .next = Instant::now();
+            self.retry_failed().await;
+        }
+    }
+
+    async fn delete_sandbox(&self, pod: &PodInfo) {
+        let key = if pod.uid.is_empty() {
+            pod.label()
+        } else {
+            pod.uid.clone()
+        };
+        let mut inner = self.inner.lock().await;
+        let state = self.proxy.state();
+        let uid = Self::workload_of(&state, pod)
+            .map(|w| w.uid.clone())
+            .unwrap_or_else(|| pod.uid.clone());
+        let mut sandboxes = self.sandboxes.lock().unwrap_or_else(|e| e.into_inner());
+        // This sandbox, not another of the same pod: the one announced with
+        // this container id or, announced before this agent started, the
+        // netns the pod is captured in.
+        let ours = match sandboxes.get(&key) {
+            Some(sb) => pod.container_id.is_empty() || sb.container_id == pod.container_id,
+            None => {
+                !pod.netns.is_empty()
+                    && inner
+                        .enrolled
+                        .get(&uid)
+                        .and_then(|e| e.plumbed.netns.as_ref())
+                        .is_some_and(|old| same_netns(old, Path::new(&pod.netns)))
+            }
+        };
+        if !ours {
+            tracing::debug!(pod = %pod.label(), container_id = %pod.container_id, "CNI DEL of a sandbox not captured here: nothing to do");
+            return;
+        }
+        let sb = sandboxes.entry(key).or_insert(Sandbox {
+            container_id: pod.container_id.clone(),
+            netns: None,
+            deleted: true,
+            seen: Instant::now(),
+        });
+        sb.deleted = true;
+        sb.seen = Instant::now();
+        drop(sandboxes);
+        self.retries.lock().unwrap_or_else(|e| e.into_inner()).remove(&uid);
+        if !inner.enrolled.contains_key(&uid) {
+            return;
+        }
+        self.unenroll_one(&mut inner, &uid, "pod unenrolled: its sandbox was deleted (CNI DEL)");
+        if let Some(st) = self.status.write().unwrap_or_else(|e| e.into_inner()).get_mut(&uid) {
+            st.enrolled = false;
+            st.pod_id = None;
+            st.netns_cookie = None;
+            st.netns = None;
+        }
+        self.publish_pod_gauges(inner.enrolled.len());
+        self.notify();
+    }
+}
+
+impl<N: Node> Captures for Reconciler<N> {
+    fn capture(&self, pod: &PodInfo) -> Capture {
+        self.capture_of(pod)
+    }
+
+    fn sandbox_added<'a>(&'a self, pod: &'a PodInfo) -> BoxFuture<'a, ()> {
+        Box::pin(self.add_sandbox(pod))
+    }
+
+    fn sandbox_deleted<'a>(&'a self, pod: &'a PodInfo) -> BoxFuture<'a, ()> {
+        Box::pin(self.delete_sandbox(pod))
+    }
+
+    fn changes(&self) -> watch::Receiver<u64> {
+        self.changed.subscribe()
+    }
+
+    fn retired(&self) -> bool {
+        self.retired.load(Ordering::Acquire)
+    }
+}
+
 impl<N: Node> Apply for Reconciler<N> {
     fn apply(&self, cfg: ConfigFile) -> BoxFuture<'_, u64> {
         Box::pin(self.reconcile(cfg))
@@ -555,6 +1018,244 @@ mod tests {
             );
         }
         State::from_config(ConfigFile::parse("t", &y).unwrap(), 1)
+    }
+
+    #[test]
+    fn retries_back_off_exponentially_within_a_bound() {
+        let ms = |n| retry_delay(n).as_millis();
+        assert_eq!([ms(0), ms(1), ms(2), ms(3), ms(4)], [500, 500, 1000, 2000, 4000]);
+        assert_eq!(retry_delay(7), RETRY_MAX);
+        assert_eq!(retry_delay(u32::MAX), RETRY_MAX);
+    }
+
+    mod flaky {
+        //! A node over loopback whose pods fail to plumb while their uid
+        //! is in `broken`; it records the netns each plumb was given.
+        use std::{
+            io,
+            net::{Ipv4Addr, SocketAddrV4},
+        };
+
+        use tokio::net::{TcpListener, TcpSocket};
+
+        use super::super::*;
+        use crate::{
+            node::Capacity,
+            sockets::{HostSockets, SocketFactory, Source},
+        };
+
+        #[derive(Debug)]
+        pub struct Pod(pub Ipv4Addr);
+
+        impl SocketFactory for Pod {
+            fn listen(&self, addr: SocketAddrV4) -> io::Result<TcpListener> {
+                // The pod's own 127.0.0.1 is its loopback address.
+                let ip = if *addr.ip() == Ipv4Addr::LOCALHOST {
+                    self.0
+                } else {
+                    *addr.ip()
+                };
+                HostSockets.listen(SocketAddrV4::new(ip, addr.port()))
+            }
+            fn socket(&self, src: Source) -> io::Result<TcpSocket> {
+                HostSockets.socket(src)
+            }
+        }
+
+        #[derive(Default)]
+        pub struct Log {
+            pub broken: Vec<String>,
+            pub plumbed: Vec<(String, Option<PathBuf>)>,
+            pub unsteered: Vec<String>,
+        }
+
+        pub struct Flaky(pub Arc<Mutex<Log>>);
+
+        impl Node for Flaky {
+            type Pod = ();
+            async fn plumb(&mut self, w: &Workload, _: &Path) -> Result<Plumbed<()>, EnrollError> {
+                let mut log = self.0.lock().unwrap();
+                log.plumbed.push((w.uid.clone(), w.netns.clone()));
+                if log.broken.contains(&w.uid) {
+                    return Err(EnrollError::NoNetns(format!("no process in the cgroup of {}", w.uid)));
+                }
+                Ok(Plumbed {
+                    sockets: Arc::new(Pod(w.ip)),
+                    netns_cookie: u32::from(w.ip).into(),
+                    cgroup: None,
+                    netns: w.netns.clone(),
+                    host_veth: None,
+                    handle: (),
+                })
+            }
+            fn steer(&mut self, _: &Workload, _: u32, _: &Plumbed<()>, _: &TcpListener) -> Result<(), EnrollError> {
+                Ok(())
+            }
+            fn unsteer(&mut self, uid: &str) -> Result<(), EnrollError> {
+                self.0.lock().unwrap().unsteered.push(uid.to_owned());
+                Ok(())
+            }
+            fn capacity(&self) -> Capacity {
+                Capacity::EBPF
+            }
+            fn configure(&mut self, _: &ferry_model::Settings) -> Result<(), EnrollError> {
+                Ok(())
+            }
+            fn set_mesh_destinations(
+                &mut self,
+                _: &BTreeMap<(Ipv4Addr, u16), ferry_model::state::MeshDst>,
+            ) -> Result<(), EnrollError> {
+                Ok(())
+            }
+            fn prune_stale(&mut self) {}
+        }
+
+        pub fn reconciler(log: Arc<Mutex<Log>>) -> Arc<Reconciler<Flaky>> {
+            use crate::telemetry::{metrics::Metrics, Counters, Telemetry};
+            let counters = Arc::new(Counters::default());
+            let metrics = Metrics::new("/nonexistent".into(), "n1".into(), counters.clone());
+            let telemetry = Arc::new(Telemetry::new(metrics, counters));
+            let orig = Arc::new(crate::proxy::orig_dst::Table::default());
+            let proxy = Proxy::new(orig, crate::tunnel::Tunnel::Plain, telemetry);
+            Arc::new(Reconciler::new(Flaky(log), proxy, None, "/nonexistent".into()))
+        }
+    }
+
+    /// Two local pods (`web` enrolled, `plain` not) on loopback addresses
+    /// of their own, 127.77.<net>.x.
+    fn two_pods(net: u8) -> ConfigFile {
+        serde_norway::from_str(&format!(
+            "node: n1\nworkloads:\n  - {{uid: web, name: web, node: n1, ip: 127.77.{net}.2, enrolled: true}}\n  - {{uid: plain, name: plain, node: n1, ip: 127.77.{net}.3, enrolled: false}}\n"
+        ))
+        .unwrap()
+    }
+
+    fn pod(uid: &str, name: &str, container: &str, netns: &str) -> PodInfo {
+        PodInfo {
+            uid: uid.into(),
+            namespace: "default".into(),
+            name: name.into(),
+            container_id: container.into(),
+            netns: netns.into(),
+            ips: Vec::new(),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_failed_enrollment_is_retried_without_a_config_change() {
+        let log = Arc::new(Mutex::new(flaky::Log {
+            broken: vec!["web".into()],
+            ..Default::default()
+        }));
+        let r = flaky::reconciler(log.clone());
+        let web = pod("web", "web", "c1", "");
+        assert!(matches!(r.capture_of(&web), Capture::Pending(w) if w.contains("no config")));
+        r.reconcile(two_pods(1)).await;
+        assert!(matches!(r.capture_of(&web), Capture::Failing(e) if e.contains("no process")));
+        assert_eq!(
+            r.capture_of(&pod("plain", "plain", "c2", "")),
+            Capture::NotInMesh(
+                "pod default/plain is not enrolled (no ferry.dev/mesh opt-in for it or its namespace)".into()
+            )
+        );
+        assert!(matches!(r.capture_of(&pod("nobody", "x", "c3", "")), Capture::Pending(w) if w.contains("no word")));
+        // Not due yet: nothing tried.
+        assert_eq!(r.retry_failed().await, 0);
+        let mut changes = r.changes();
+        let looping = tokio::spawn(r.clone().retry_loop());
+        // Still broken: retried after 500 ms, then after 1 s more.
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        assert_eq!(log.lock().unwrap().plumbed.len(), 2);
+        log.lock().unwrap().broken.clear();
+        let until = Instant::now() + Duration::from_secs(5);
+        while !matches!(r.capture_of(&web), Capture::Captured { .. }) {
+            assert!(
+                Instant::now() < until,
+                "not enrolled on retry: {:?}",
+                r.capture_of(&web)
+            );
+            let _ = tokio::time::timeout(Duration::from_millis(100), changes.changed()).await;
+        }
+        assert_eq!(log.lock().unwrap().plumbed.len(), 3, "500 ms, then 1 s: two retries");
+        assert_eq!(r.proxy.telemetry.metrics.enroll_retries.get(), 2);
+        assert_eq!(r.proxy.telemetry.metrics.enroll_errors.get(), 0);
+        assert!(r.retries.lock().unwrap().is_empty());
+        looping.abort();
+        r.stop_listeners().await;
+    }
+
+    #[tokio::test]
+    async fn sandboxes_from_the_runtime_enroll_move_and_unenroll_pods() {
+        let dir = std::env::temp_dir().join(format!("ferry-reconcile-sandbox-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (ns1, ns2) = (dir.join("ns1"), dir.join("ns2"));
+        std::fs::write(&ns1, "").unwrap();
+        std::fs::write(&ns2, "").unwrap();
+        let s = |p: &PathBuf| p.display().to_string();
+        let log = Arc::new(Mutex::new(flaky::Log {
+            broken: vec!["web".into()],
+            ..Default::default()
+        }));
+        let r = flaky::reconciler(log.clone());
+        // ADD before the config names the pod: remembered, nothing to do yet.
+        r.add_sandbox(&pod("web", "web", "c1", &s(&ns1))).await;
+        assert!(log.lock().unwrap().plumbed.is_empty());
+        r.reconcile(two_pods(2)).await;
+        assert_eq!(log.lock().unwrap().plumbed, vec![("web".to_owned(), Some(ns1.clone()))]);
+        // The sandbox's process starts; a second ADD (the runtime retrying)
+        // enrolls it at once, in the runtime's netns.
+        log.lock().unwrap().broken.clear();
+        r.add_sandbox(&pod("web", "web", "c1", &s(&ns1))).await;
+        assert_eq!(
+            r.capture_of(&pod("web", "web", "c1", "")),
+            Capture::Captured { pod_id: 1 }
+        );
+        // The same sandbox again: nothing changes.
+        r.add_sandbox(&pod("web", "web", "c1", &s(&ns1))).await;
+        assert_eq!(log.lock().unwrap().plumbed.len(), 2);
+        // A new sandbox whose old one's DEL never came: moved into it.
+        r.add_sandbox(&pod("web", "web", "c2", &s(&ns2))).await;
+        assert_eq!(log.lock().unwrap().unsteered, vec!["web".to_owned()]);
+        assert_eq!(log.lock().unwrap().plumbed.last().unwrap().1, Some(ns2.clone()));
+        // (Here both "netns" are the host's: the old listeners close as
+        // their aborted tasks are dropped, so the first try may find the
+        // port still taken; the backoff retries it.)
+        let until = Instant::now() + Duration::from_secs(5);
+        while !matches!(r.capture_of(&pod("web", "web", "c2", "")), Capture::Captured { .. }) {
+            assert!(
+                Instant::now() < until,
+                "{:?}",
+                r.capture_of(&pod("web", "web", "c2", ""))
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            r.retry_failed().await;
+        }
+        // The old sandbox's late DEL leaves the new one alone.
+        r.delete_sandbox(&pod("web", "web", "c1", &s(&ns1))).await;
+        assert!(matches!(
+            r.capture_of(&pod("web", "web", "c2", "")),
+            Capture::Captured { .. }
+        ));
+        // Its own DEL unenrolls it at once, and a reconcile does not bring it
+        // back (the sandbox is gone); twice is fine.
+        let plumbs = log.lock().unwrap().plumbed.len();
+        r.delete_sandbox(&pod("web", "web", "c2", "")).await;
+        r.delete_sandbox(&pod("web", "web", "c2", "")).await;
+        assert_eq!(log.lock().unwrap().unsteered.len(), 2);
+        assert!(matches!(r.capture_of(&pod("web", "web", "c2", "")), Capture::Pending(w) if w.contains("deleted")));
+        r.reconcile(two_pods(2)).await;
+        assert_eq!(log.lock().unwrap().plumbed.len(), plumbs);
+        assert!(r.pod_status().iter().all(|p| !p.enrolled && p.error.is_none()));
+        // The pod leaves the config: what was known of its sandbox goes too.
+        r.reconcile(serde_norway::from_str("node: n1\n").unwrap()).await;
+        assert!(r.sandboxes.lock().unwrap().is_empty());
+        // An IP the config does not have for the pod: not captured yet.
+        r.reconcile(two_pods(2)).await;
+        let mut moved = pod("web", "web", "c3", &s(&ns1));
+        moved.ips = vec!["127.77.2.99".parse().unwrap()];
+        assert!(matches!(r.capture_of(&moved), Capture::Pending(w) if w.contains("runtime gave it 127.77.2.99")));
+        r.stop_listeners().await;
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

@@ -8,7 +8,7 @@
 use std::{
     fmt, io,
     net::{Ipv4Addr, SocketAddr, SocketAddrV4},
-    sync::atomic::{AtomicU16, Ordering},
+    os::fd::AsRawFd,
 };
 
 use socket2::{Domain, Socket, Type};
@@ -18,13 +18,19 @@ use crate::netns::Netns;
 
 /// Mark bits on every agent socket. connect4/6 skip sockets carrying them.
 pub const AGENT_MARK: u32 = 0x0400;
-/// Mark of delivery sockets (agent -> app, transparent source). A policy
-/// routing rule in each enrolled pod routes replies to this mark locally.
+/// Mark of delivery sockets (agent -> app, transparent source). The hook on
+/// the agent's cgroup records the 4-tuple of every connect by a socket with
+/// exactly this mark in `ferry_delivery`, which is how `sk_lookup` tells a
+/// delivery from a client (docs/architecture.md, "Delivery keeps the
+/// client's address"). A policy routing rule in each enrolled pod routes
+/// replies to this mark locally.
 pub const DELIVER_MARK: u32 = 0x0600;
 /// Routing table holding `local 0.0.0.0/0 dev lo` in each enrolled pod.
 pub const DELIVER_TABLE: u32 = 0x4645;
-/// Source ports of delivery sockets; sk_lookup never captures them.
-pub const DELIVER_PORTS: (u16, u16) = (15100, 15999);
+/// The delivery source ports of agents before `ferry_delivery`. Nothing binds
+/// them any more; the agent still writes them into `ferry_config` for an
+/// older agent's programs during an upgrade (ferry.h).
+pub const LEGACY_DELIVER_PORTS: (u16, u16) = (15100, 15999);
 
 /// How an outgoing socket is made.
 #[derive(Clone, Copy, Debug)]
@@ -32,7 +38,9 @@ pub enum Source {
     /// Whatever address the netns routes from (the pod's own IP in a pod).
     Any,
     /// The client's address, for delivering to an app while keeping the
-    /// client's IP: a port of [`DELIVER_PORTS`] on that address.
+    /// client's IP: bound to that address with no port, so `connect` picks
+    /// a port unique for the 4-tuple (the netns' ephemeral range per
+    /// destination, not per client address).
     Transparent(Ipv4Addr),
 }
 
@@ -47,25 +55,12 @@ pub trait SocketFactory: Send + Sync + fmt::Debug {
 
 /// Connects a socket from `f` to `dst`.
 ///
-/// A transparent source picks its port itself, and binding a port that a
-/// live connection of another socket holds succeeds (SO_REUSEADDR) while
-/// the connect then fails with `EADDRNOTAVAIL` when the 4-tuple is taken:
-/// that happens when two agents deliver at once (a hand-over, where the old
-/// agent's connections keep their ports). Such a connect is retried on the
-/// next ports; nothing was sent, so a retry is safe.
+/// A transparent source's port is chosen by the kernel at connect, unique
+/// for the whole 4-tuple (also against another agent's deliveries during a
+/// hand-over), so there is nothing to retry: `EADDRNOTAVAIL` means the
+/// netns' ephemeral range is exhausted for this client address and `dst`.
 pub async fn connect(f: &dyn SocketFactory, src: Source, dst: SocketAddrV4) -> io::Result<TcpStream> {
-    let tries = match src {
-        Source::Any => 1,
-        Source::Transparent(_) => 16,
-    };
-    let mut last = None;
-    for _ in 0..tries {
-        match f.socket(src)?.connect(SocketAddr::V4(dst)).await {
-            Err(e) if e.kind() == io::ErrorKind::AddrNotAvailable => last = Some(e),
-            r => return r,
-        }
-    }
-    Err(last.unwrap_or_else(|| io::Error::from(io::ErrorKind::AddrNotAvailable)))
+    f.socket(src)?.connect(SocketAddr::V4(dst)).await
 }
 
 /// Sockets inside a pod's network namespace, marked as the agent's.
@@ -90,11 +85,7 @@ impl SocketFactory for InPodSockets {
             Source::Transparent(ip) => {
                 sock.set_mark(DELIVER_MARK)?;
                 sock.set_ip_transparent_v4(true)?;
-                // Delivery sockets close first, so their ports sit in TIME_WAIT;
-                // SO_REUSEADDR lets a port be bound again meanwhile (the kernel
-                // still refuses a 4-tuple that is not safely reusable).
-                sock.set_reuse_address(true)?;
-                bind_delivery_port(&sock, ip)?;
+                bind_no_port(&sock, ip)?;
             }
         }
         Ok(TcpSocket::from_std_stream(sock.into()))
@@ -117,8 +108,7 @@ impl SocketFactory for HostSockets {
         sock.set_nonblocking(true)?;
         sock.set_tcp_nodelay(true)?;
         if let Source::Transparent(ip) = src {
-            sock.set_reuse_address(true)?;
-            bind_delivery_port(&sock, ip)?;
+            bind_no_port(&sock, ip)?;
         }
         Ok(TcpSocket::from_std_stream(sock.into()))
     }
@@ -132,29 +122,30 @@ fn listen_on(sock: Socket, addr: SocketAddrV4) -> io::Result<TcpListener> {
     TcpListener::from_std(sock.into())
 }
 
-/// Binds to `ip` on a port of the delivery range, chosen here: the kernel's
-/// own choice (even with IP_LOCAL_PORT_RANGE) is confined to the netns'
-/// ephemeral range, which the delivery range lies outside of on purpose.
-fn bind_delivery_port(sock: &Socket, ip: Ipv4Addr) -> io::Result<()> {
-    static NEXT: AtomicU16 = AtomicU16::new(0);
-    static START: std::sync::Once = std::sync::Once::new();
-    let (lo, hi) = DELIVER_PORTS;
-    let span = hi - lo + 1;
-    // Each process starts at its own place in the range, so an agent taking
-    // over rarely meets the ports its predecessor's connections still hold.
-    START.call_once(|| NEXT.store(rand::random::<u16>() % span, Ordering::Relaxed));
-    for _ in 0..span {
-        let port = lo + NEXT.fetch_add(1, Ordering::Relaxed) % span;
-        match sock.bind(&SocketAddr::V4(SocketAddrV4::new(ip, port)).into()) {
-            Ok(()) => return Ok(()),
-            Err(e) if e.kind() == io::ErrorKind::AddrInUse => continue,
-            Err(e) => return Err(e),
-        }
+/// Binds to `ip` with `IP_BIND_ADDRESS_NO_PORT`: the port is chosen at
+/// `connect`, by the kernel, unique for the 4-tuple (client, pod, pod port),
+/// so one client address can hold as many deliveries to one app port as the
+/// netns' ephemeral range has ports, and to every other destination as many
+/// again. (Binding port 0 without the option would reserve a port for the
+/// address alone, the old per-client cap again.) Which port it is does not
+/// matter: the hook on the agent's cgroup records the tuple at connect.
+fn bind_no_port(sock: &Socket, ip: Ipv4Addr) -> io::Result<()> {
+    let one: libc::c_int = 1;
+    // SAFETY: setsockopt(2) on an open socket, with a valid int option value
+    // that outlives the call.
+    let rc = unsafe {
+        libc::setsockopt(
+            sock.as_raw_fd(),
+            libc::IPPROTO_IP,
+            libc::IP_BIND_ADDRESS_NO_PORT,
+            (&one as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
     }
-    Err(io::Error::new(
-        io::ErrorKind::AddrInUse,
-        format!("all {span} delivery ports in use for client {ip}"),
-    ))
+    sock.bind(&SocketAddr::V4(SocketAddrV4::new(ip, 0)).into())
 }
 
 /// A listener's IPv4 address (None: unknown or IPv6).

@@ -20,7 +20,7 @@ fn dependencies(krate: &str) -> String {
 
 #[test]
 fn crates_depend_only_downwards() {
-    for krate in ["control", "ctl", "model", "ebpf", "api", "tests"] {
+    for krate in ["control", "ctl", "model", "ebpf", "api", "tests", "cni"] {
         assert!(
             !dependencies(krate).contains("ferry-agent"),
             "{krate} must not depend on the agent"
@@ -31,6 +31,15 @@ fn crates_depend_only_downwards() {
         assert!(
             !model.contains(forbidden),
             "ferry-model must stay pure: it depends on {forbidden}"
+        );
+    }
+    // ferry-cni runs once per sandbox operation, in the runtime's context:
+    // the protocol from ferry-model, std sockets, no async runtime.
+    let cni = dependencies("cni");
+    for forbidden in ["tokio", "aya", "ferry-ebpf", "ferry-api", "ferry-control"] {
+        assert!(
+            !cni.contains(forbidden),
+            "ferry-cni stays small: it depends on {forbidden}"
         );
     }
     assert!(

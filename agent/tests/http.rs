@@ -584,3 +584,50 @@ async fn http_rides_the_mtls_tunnel_to_another_node() {
     );
     assert_eq!(n2.proxy.telemetry.counters.snapshot().tunnel_opened, 1);
 }
+
+/// An upstream that closes a keep-alive connection when a second request
+/// arrives on it, without answering (the race of a peer closing an idle
+/// pooled connection just as a request goes out): a bodiless GET is sent
+/// again on a new connection, and the client sees 200 each time. The
+/// backend counts connections, so the resend is seen, not assumed.
+#[tokio::test]
+async fn a_get_on_a_pooled_connection_closed_under_it_is_sent_again() {
+    let ag = agent("n1", false, &[]);
+    ag.reconciler.reconcile(cfg(49, "http", &[("r1", "v1")], "")).await;
+    let l = TcpListener::bind("127.49.0.11:9080").await.unwrap();
+    let conns = Arc::new(AtomicUsize::new(0));
+    let seen = conns.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = l.accept().await else { return };
+            seen.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 4096];
+                let mut got = Vec::new();
+                // Answer the first request; drop the connection at the second.
+                loop {
+                    let Ok(n) = s.read(&mut buf).await else { return };
+                    if n == 0 {
+                        return;
+                    }
+                    got.extend_from_slice(&buf[..n]);
+                    if got.windows(4).any(|w| w == b"\r\n\r\n") {
+                        break;
+                    }
+                }
+                let _ = s
+                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nx-served-by: v1\r\n\r\nok")
+                    .await;
+                let _ = s.read(&mut buf).await;
+            });
+        }
+    });
+    let mut tx = h1(&ag, "127.49.0.2", "10.96.49.1:9080").await;
+    for i in 0..3 {
+        let (st, _, body) = get(&mut tx, "/", &[]).await;
+        assert_eq!((st, body.as_str()), (StatusCode::OK, "ok"), "request {i}");
+    }
+    // Requests 2 and 3 each found the pooled connection dead (the server
+    // took the request, then closed): each was sent once more, fresh.
+    assert_eq!(conns.load(Ordering::SeqCst), 3, "one connection per request");
+}

@@ -400,8 +400,8 @@ async fn rss_returns_after_bursts_of_connections() {
     for _ in 0..3 {
         let mut streams = Vec::new();
         for i in 0..n {
-            // Four client pods: one client address has only 900 delivery
-            // ports (issue 15), not what this measures.
+            // Four client pods, spreading the connections over client
+            // addresses (not what this measures).
             let pod = std::net::Ipv4Addr::new(127, 61, 1, 10 + (i % 4) as u8);
             streams.push(app_stream(&ag, pod, a("10.96.1.1:80")).await.unwrap());
         }

@@ -330,6 +330,16 @@ fn write(r: &Report, out: &Path) -> Result<()> {
                 d.case, d.policies, d.connections, d.conns_per_s, d.p50_us, d.p99_us
             );
         }
+        if let (Some(typical), Some(none)) = (r.rows.first(), r.datapath.first()) {
+            let _ = writeln!(
+                md,
+                "\nThe decision with 100 applicable policies costs {:.1} µs (above) of a new connection's {:.0} µs (p50,\n\
+                 no policy): {:.2} %. Differences between these rows beyond that are run-to-run noise on this shared VM.",
+                typical.ns_per_decision / 1e3,
+                none.p50_us,
+                typical.ns_per_decision / 1e3 / none.p50_us * 100.0
+            );
+        }
     }
     std::fs::write(out.with_extension("md"), md).with_context(|| format!("writing {}", out.display()))?;
     Ok(())

@@ -8,7 +8,7 @@
 
 pub mod bench;
 pub mod bench_authz;
-pub mod bench_lb;
 pub mod bench_control;
 pub mod bench_http;
+pub mod bench_lb;
 pub mod demo;

@@ -1,8 +1,8 @@
-//! Who may get which certificate: a node (known by its bootstrap credential)
-//! gets certificates only for pods scheduled on it. Pure: the cluster view,
-//! the credentials and the time are passed in. Tokens are compared in
-//! constant time, and an address that keeps presenting bad credentials is
-//! throttled ([`FailureLimiter`]).
+//! Who may get which certificate: a node (known by its credential, see
+//! [`crate::nodeauth`]) gets certificates only for pods scheduled on it. Pure:
+//! the cluster view, the credentials and the time are passed in. Static
+//! bootstrap tokens are compared in constant time, and an address that keeps
+//! presenting bad credentials is throttled ([`FailureLimiter`]).
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -14,10 +14,17 @@ use std::{
 use ferry_model::Workload;
 use sha2::{Digest, Sha256};
 
-#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum Denied {
     #[error("unknown or missing node credential")]
     Unauthenticated,
+    /// The credential was checked and refused (TokenReview: why).
+    #[error("node credential refused: {0}")]
+    Rejected(String),
+    /// The credential could not be checked (the Kubernetes API server did
+    /// not answer, or refused ferry-control): refused, fail closed.
+    #[error("cannot check the node credential now: {0}")]
+    Unavailable(String),
     #[error("no pod with uid {0}")]
     NoSuchPod(String),
     #[error("node {node} asked for pod {pod} which runs on node {actual}")]
@@ -100,18 +107,13 @@ impl FailureLimiter {
     }
 }
 
-/// The SPIFFE id `token`'s node may have certified for pod `uid`.
-pub fn authorize(
-    tokens: &BTreeMap<String, String>,
-    pods: &BTreeMap<String, Workload>,
-    token: Option<&str>,
-    uid: &str,
-) -> Result<String, Denied> {
-    let node = node_of(tokens, token)?;
+/// The SPIFFE id that `node` (already authenticated) may have certified for
+/// pod `uid`: only a pod scheduled on that node.
+pub fn authorize(node: &str, pods: &BTreeMap<String, Workload>, uid: &str) -> Result<String, Denied> {
     let w = pods.get(uid).ok_or_else(|| Denied::NoSuchPod(uid.to_owned()))?;
-    if &w.node != node {
+    if w.node != node {
         return Err(Denied::WrongNode {
-            node: node.clone(),
+            node: node.to_owned(),
             pod: format!("{}/{}", w.namespace, w.name),
             actual: w.node.clone(),
         });
@@ -131,37 +133,28 @@ mod tests {
         )
         .unwrap();
         let pods = cfg.workloads.into_iter().map(|w| (w.uid.clone(), w)).collect();
+        assert_eq!(
+            authorize("a", &pods, "p1"),
+            Ok("spiffe://cluster.local/ns/shop/sa/web-sa".into())
+        );
+        assert!(matches!(authorize("b", &pods, "p1"), Err(Denied::WrongNode { .. })));
+        assert_eq!(authorize("a", &pods, "p9"), Err(Denied::NoSuchPod("p9".into())));
+    }
+
+    #[test]
+    fn a_static_token_names_its_node_and_nothing_else_does() {
         let tokens = [
             ("a".to_string(), "tok-a".to_string()),
             ("b".to_string(), "tok-b".to_string()),
         ]
         .into();
-        assert_eq!(
-            authorize(&tokens, &pods, Some("tok-a"), "p1"),
-            Ok("spiffe://cluster.local/ns/shop/sa/web-sa".into())
-        );
-        assert!(matches!(
-            authorize(&tokens, &pods, Some("tok-b"), "p1"),
-            Err(Denied::WrongNode { .. })
-        ));
-        assert_eq!(
-            authorize(&tokens, &pods, Some("nope"), "p1"),
-            Err(Denied::Unauthenticated)
-        );
-        assert_eq!(authorize(&tokens, &pods, None, "p1"), Err(Denied::Unauthenticated));
-        assert_eq!(
-            authorize(&tokens, &pods, Some("tok-a"), "p9"),
-            Err(Denied::NoSuchPod("p9".into()))
-        );
+        assert_eq!(node_of(&tokens, Some("tok-a")), Ok(&"a".to_string()));
+        assert_eq!(node_of(&tokens, Some("tok-b")), Ok(&"b".to_string()));
+        assert_eq!(node_of(&tokens, Some("nope")), Err(Denied::Unauthenticated));
+        assert_eq!(node_of(&tokens, None), Err(Denied::Unauthenticated));
         // A prefix or an extension of a token is not the token.
-        assert_eq!(
-            authorize(&tokens, &pods, Some("tok-"), "p1"),
-            Err(Denied::Unauthenticated)
-        );
-        assert_eq!(
-            authorize(&tokens, &pods, Some("tok-aa"), "p1"),
-            Err(Denied::Unauthenticated)
-        );
+        assert_eq!(node_of(&tokens, Some("tok-")), Err(Denied::Unauthenticated));
+        assert_eq!(node_of(&tokens, Some("tok-aa")), Err(Denied::Unauthenticated));
     }
 
     #[test]

@@ -106,7 +106,7 @@ fn workload(cluster: &Cluster, p: &Pod) -> Option<(Workload, bool)> {
         uid: p.metadata.uid.clone().unwrap_or_else(|| format!("{namespace}.{name}")),
         enrolled: !host_network && enrolled(p.metadata.annotations.as_ref(), ns_labels),
         workload_name: Some(workload_name(p)).filter(|n| !n.is_empty()),
-        locality: locality(p),
+        locality: locality(cluster, p),
         name,
         namespace,
         service_account: spec.service_account_name.clone().unwrap_or_else(|| "default".into()),
@@ -121,10 +121,39 @@ fn workload(cluster: &Cluster, p: &Pod) -> Option<(Workload, bool)> {
 
 /// A pod's locality (`region/zone/subzone`) for locality-aware load
 /// balancing. Istio reads it from the pod's node's topology labels, with
-/// the pod's `istio-locality` label (`region.zone.subzone`) as an override;
-/// the cluster model has no Node objects, so only the label is read.
-pub fn locality(p: &Pod) -> Option<String> {
-    ferry_model::balance::locality_label(p.metadata.labels.as_ref()?)
+/// the pod's `istio-locality` label (`region.zone.subzone`) as an override
+/// (the box's pods, which have no Node objects, use it).
+pub fn locality(cluster: &Cluster, p: &Pod) -> Option<String> {
+    if let Some(l) = p
+        .metadata
+        .labels
+        .as_ref()
+        .and_then(ferry_model::balance::locality_label)
+    {
+        return Some(l);
+    }
+    let node = cluster.node(p.spec.as_ref()?.node_name.as_deref()?)?;
+    node_locality(node.metadata.labels.as_ref()?)
+}
+
+/// `region/zone/subzone` from a Node's topology labels, as Istio reads them
+/// (`topology.kubernetes.io/region`, `.../zone`, `topology.istio.io/subzone`);
+/// None without a region or zone.
+pub fn node_locality(labels: &BTreeMap<String, String>) -> Option<String> {
+    let get = |k: &str| labels.get(k).map(|v| v.trim()).unwrap_or_default();
+    let (region, zone, subzone) = (
+        get("topology.kubernetes.io/region"),
+        get("topology.kubernetes.io/zone"),
+        get("topology.istio.io/subzone"),
+    );
+    if region.is_empty() && zone.is_empty() {
+        return None;
+    }
+    Some(if subzone.is_empty() {
+        format!("{region}/{zone}")
+    } else {
+        format!("{region}/{zone}/{subzone}")
+    })
 }
 
 /// Endpoints of a service: from its EndpointSlices; with none and
@@ -733,6 +762,65 @@ spec: {clusterIP: 10.96.0.21, selector: {app: web}, ports: [{name: http, port: 8
                 .collect(),
         );
         held.to_config(node, &Default::default())
+    }
+
+    #[test]
+    fn locality_from_the_nodes_topology_labels_with_the_pod_label_overriding() {
+        let v = mesh_view(
+            &cluster(
+                r#"
+apiVersion: v1
+kind: Node
+metadata:
+  name: n1
+  labels: {topology.kubernetes.io/region: eu-west1, topology.kubernetes.io/zone: eu-west1-b, topology.istio.io/subzone: rack7}
+---
+apiVersion: v1
+kind: Node
+metadata:
+  name: n2
+  labels: {topology.kubernetes.io/region: us-east1, topology.kubernetes.io/zone: us-east1-c}
+---
+apiVersion: v1
+kind: Node
+metadata: {name: n3}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: a, namespace: default}
+spec: {nodeName: n1, containers: [{name: c, image: i}]}
+status: {podIP: 10.1.1.2}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: b, namespace: default}
+spec: {nodeName: n2, containers: [{name: c, image: i}]}
+status: {podIP: 10.1.2.2}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: c, namespace: default, labels: {istio-locality: r9.z9}}
+spec: {nodeName: n1, containers: [{name: c, image: i}]}
+status: {podIP: 10.1.1.3}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: d, namespace: default}
+spec: {nodeName: n3, containers: [{name: c, image: i}]}
+status: {podIP: 10.1.3.2}
+"#,
+            ),
+            true,
+        );
+        let loc = |n: &str| v.workloads.iter().find(|w| w.name == n).unwrap().locality.clone();
+        assert_eq!(loc("a").as_deref(), Some("eu-west1/eu-west1-b/rack7"));
+        assert_eq!(loc("b").as_deref(), Some("us-east1/us-east1-c"));
+        assert_eq!(
+            loc("c").as_deref(),
+            Some("r9/z9"),
+            "the pod's label overrides its node's"
+        );
+        assert_eq!(loc("d"), None, "a node without topology labels");
     }
 
     #[test]

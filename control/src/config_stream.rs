@@ -6,7 +6,6 @@
 
 use std::{
     collections::BTreeMap,
-    path::PathBuf,
     pin::Pin,
     sync::{Arc, Mutex},
 };
@@ -87,8 +86,8 @@ pub struct NodeStatus {
 
 pub struct DiscoveryService {
     pub store: Arc<Store>,
-    /// node: token (re-read per subscription, so a rotated token applies).
-    pub tokens: PathBuf,
+    /// Which node is subscribing (static tokens or TokenReview; shared with the CA).
+    pub auth: Arc<crate::nodeauth::NodeAuth>,
     pub status: Arc<Mutex<BTreeMap<String, NodeStatus>>>,
     /// Throttles addresses that keep presenting bad credentials (shared with the CA).
     pub limiter: Arc<crate::authz::FailureLimiter>,
@@ -101,16 +100,12 @@ impl Discovery for DiscoveryService {
     type StreamStream = Responses;
 
     async fn stream(&self, req: Request<Streaming<pb::DiscoveryRequest>>) -> Result<Response<Responses>, Status> {
-        let token = crate::bearer(&req);
-        let (from, now) = (crate::peer_ip(&req), std::time::Instant::now());
-        let tokens = crate::load_tokens(&self.tokens).map_err(|e| Status::internal(e.to_string()))?;
-        let node = self
-            .limiter
-            .check(from, now)
-            .and_then(|()| crate::authz::node_of(&tokens, token.as_deref()).cloned())
+        let from = crate::peer_ip(&req);
+        let node = crate::authenticate(&self.auth, &self.limiter, &req)
+            .await
             .map_err(|d| {
                 tracing::warn!(from = %from, reason = %d, "subscription refused");
-                crate::denied_status(&self.limiter, from, now, d)
+                crate::denied_status(&self.limiter, from, std::time::Instant::now(), d)
             })?;
         let mut inbound = req.into_inner();
         let first = inbound

@@ -70,7 +70,7 @@ async fn server_unloaded() -> Server {
     let status = Arc::new(Mutex::new(BTreeMap::new()));
     let svc = DiscoveryService {
         store: store.clone(),
-        tokens,
+        auth: Arc::new(ferry_control::nodeauth::NodeAuth::tokens(tokens)),
         status: status.clone(),
         limiter: Default::default(),
     };

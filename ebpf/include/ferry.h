@@ -35,9 +35,13 @@ struct ferry_config {
 	__u16 inbound_port;  /* agent's in-pod plaintext inbound listener */
 	__u16 tunnel_port;   /* agent's in-pod tunnel listener (pod IP) */
 	__u16 admin_port;    /* never captured inbound */
-	__u16 deliver_port_lo; /* agent's delivery source ports: never captured */
+	/* Legacy: the delivery source-port range of agents before ferry_delivery.
+	 * Today's programs ignore it; the agent still writes 15100-15999 so an
+	 * older agent's programs, attached until the new agent swaps them during
+	 * an upgrade, keep recognising the older agent's deliveries. */
+	__u16 deliver_port_lo;
 	__u16 deliver_port_hi;
-	__u32 deliver_mark;    /* put on SYNs of agent deliveries (reply routing) */
+	__u32 deliver_mark; /* SO_MARK of the agent's delivery sockets; put on their SYNs */
 };
 _Static_assert(sizeof(struct ferry_config) == 24, "ferry_config layout");
 
@@ -73,6 +77,31 @@ struct ferry_sock_key {
 	__u32 remote_port;
 };
 _Static_assert(sizeof(struct ferry_sock_key) == 24, "ferry_sock_key layout");
+
+/*
+ * ferry_delivery: the handshakes of the agent's delivery connections (agent ->
+ * app, from the client's own address) in progress. Key: the connection as the
+ * app sees its SYN (client = remote, pod = local); no netns cookie, because
+ * sk_lookup cannot read one, and the pod IP makes the key node-unique.
+ * Written only by ferry_agent_ops (attached to the agent's own cgroup) at
+ * TCP_CONNECT_CB, for a socket whose SO_MARK is exactly deliver_mark, which
+ * only a CAP_NET_ADMIN process can set; deleted by it when the handshake
+ * ends (established or closed). Read by sk_lookup (a delivery is passed to
+ * the app, never captured) and ferry_mark_delivery (its SYN gets the mark).
+ */
+struct ferry_delivery_key {
+	__u32 client_ip4;
+	__u32 pod_ip4;
+	__u16 client_port;
+	__u16 pod_port;
+};
+_Static_assert(sizeof(struct ferry_delivery_key) == 12, "ferry_delivery_key layout");
+
+struct ferry_delivery {
+	__u64 cookie; /* socket cookie of the agent's delivery socket (only it removes the entry) */
+	__u64 ts_ns;  /* bpf_ktime_get_ns() at connect() */
+};
+_Static_assert(sizeof(struct ferry_delivery) == 16, "ferry_delivery layout");
 
 /* Original destination of a steered connection. */
 struct ferry_orig_dst {
@@ -144,6 +173,9 @@ enum ferry_stat {
 	FERRY_STAT_AGENT_SKIPPED = 9,  /* connect() by a socket carrying the agent mark */
 	FERRY_STAT_INBOUND_DROPPED = 10, /* STRICT pod, no working listener: refused (fail closed) */
 	FERRY_STAT_PROBES = 11,          /* probe-source connections passed to the app */
+	FERRY_STAT_DELIVERY_SAVED = 12,  /* agent delivery recorded at connect (ferry_delivery) */
+	FERRY_STAT_DELIVERY_LOST = 13,   /* agent delivery that could not be recorded */
+	FERRY_STAT_DELIVERY_PASSED = 14, /* delivery SYN passed to the app by sk_lookup */
 	FERRY_STAT_MAX = 16,
 };
 
@@ -231,6 +263,16 @@ struct {
 	__type(key, struct ferry_sock_key);
 	__type(value, __u32);
 } ferry_splice SEC(".maps");
+
+/* Agent deliveries whose handshake is in progress (see struct ferry_delivery_key).
+ * LRU: an entry outliving its socket (a missed close) is evicted in time. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+	__uint(max_entries, FERRY_MAX_CONNS);
+	__type(key, struct ferry_delivery_key);
+	__type(value, struct ferry_delivery);
+} ferry_delivery SEC(".maps");
 
 /* Sockets of ferry_splice whose first message found no peer: they stay on the
  * normal path for good (see ferry_sk_msg). Value unused. */

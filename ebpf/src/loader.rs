@@ -262,6 +262,8 @@ pub struct Redirector {
     pods: HashMap<String, Enrolled>,
     orig: std::sync::Arc<OrigDstTable>,
     tc_attach: TcAttach,
+    /// Inode of the cgroup `attach_agent_cgroup` hooked.
+    agent_cgroup: Option<u64>,
 }
 
 /// The `ferry_orig_dst` map: what the agent reads for every accepted connection.
@@ -309,8 +311,10 @@ impl Redirector {
             let p: &mut CgroupSockAddr = prog(&mut bpf, name)?;
             p.load().map_err(prog_err(name))?;
         }
-        let p: &mut SockOps = prog(&mut bpf, "ferry_sockops")?;
-        p.load().map_err(prog_err("ferry_sockops"))?;
+        for name in ["ferry_sockops", "ferry_agent_ops"] {
+            let p: &mut SockOps = prog(&mut bpf, name)?;
+            p.load().map_err(prog_err(name))?;
+        }
         let p: &mut SkLookup = prog(&mut bpf, "ferry_sk_lookup")?;
         p.load().map_err(prog_err("ferry_sk_lookup"))?;
         let p: &mut CgroupSkb = prog(&mut bpf, "ferry_mark_delivery")?;
@@ -343,6 +347,7 @@ impl Redirector {
             pods: HashMap::new(),
             orig: std::sync::Arc::new(OrigDstTable(Mutex::new(orig))),
             tc_attach: TcAttach::detect(),
+            agent_cgroup: None,
         };
         r.write_config()?;
         Ok(r)
@@ -416,23 +421,46 @@ impl Redirector {
         Ok(())
     }
 
-    /// sockops on the agent's own cgroup, so the agent's end of a spliced pair
-    /// enters the sockhash as it is established (see ebpf/ferry.bpf.c).
+    /// `ferry_agent_ops` on the agent's own cgroup: it records the
+    /// agent's delivery connections in `ferry_delivery` (so `sk_lookup` passes
+    /// them to the app instead of capturing them) and, with splicing on, puts
+    /// the agent's end of a spliced pair in the sockhash (see ebpf/ferry.bpf.c).
+    ///
+    /// Pinned as `links/agent/sockops-<cgroup inode>`: an agent taking over
+    /// from one in another cgroup (a DaemonSet surge pod) must not detach the
+    /// old agent's hook, whose deliveries still need recording while it
+    /// drains; same cgroup, the old link is swapped (attach, then detach).
+    /// Hooks of cgroups that are gone are removed by [`Self::prune_stale_links`].
     pub fn attach_agent_cgroup(&mut self, cgroup: &Path) -> Result<()> {
         let f = open("agent cgroup", cgroup)?;
+        let ino = cgroup_inode(cgroup).map_err(|source| RedirectError::Open {
+            what: "agent cgroup",
+            path: cgroup.to_owned(),
+            source,
+        })?;
+        if cgroup2_root().is_some_and(|root| root == cgroup) {
+            tracing::warn!(
+                cgroup = %cgroup.display(),
+                "the agent runs in the root cgroup: its delivery hook also runs for pods' sockets;                  run it in a cgroup of its own"
+            );
+        }
         let links = self.dir.join("links/agent");
-        let old = take_pins(&links);
-        let p: &mut SockOps = prog(&mut self.bpf, "ferry_sockops")?;
+        let hook = format!("{AGENT_SOCKOPS}-{ino}");
+        // Ours from an earlier run in this cgroup, and the single pin of
+        // agents before per-cgroup pins (splicing only, never deliveries).
+        let old = take_pins_named(&links, &[hook.as_str(), AGENT_SOCKOPS]);
+        let p: &mut SockOps = prog(&mut self.bpf, "ferry_agent_ops")?;
         let id = p
             .attach(&f, CgroupAttachMode::Single)
-            .map_err(prog_err("ferry_sockops"))?;
+            .map_err(prog_err("ferry_agent_ops"))?;
         let link: FdLink = p
             .take_link(id)
-            .map_err(prog_err("ferry_sockops"))?
+            .map_err(prog_err("ferry_agent_ops"))?
             .try_into()
             .map_err(|e| pin_err(&links, e))?;
-        pin(link, &links, "sockops")?;
+        pin(link, &links, &hook)?;
         drop(old);
+        self.agent_cgroup = Some(ino);
         Ok(())
     }
 
@@ -590,6 +618,54 @@ impl Redirector {
             .map_err(map_err("ferry_inbound_policy"))
     }
 
+    /// Removes what an earlier run left in the per-pod maps for pods this
+    /// run has not enrolled (pods that departed while no agent ran):
+    /// `ferry_pods` entries of other netns cookies and `ferry_traffic`
+    /// entries of other interfaces. Returns how many went. Call it once this
+    /// run has enrolled every pod (with [`Self::prune_stale_links`]).
+    pub fn prune_stale_entries(&mut self) -> usize {
+        let cookies: std::collections::HashSet<u64> = self.pods.values().map(|e| e.netns_cookie).collect();
+        let ifindexes: std::collections::HashSet<u32> = self.pods.values().filter_map(|e| e.ifindex).collect();
+        let mut removed = 0;
+        if let Some(Ok(mut m)) = self
+            .bpf
+            .map_mut("ferry_pods")
+            .map(BpfHash::<&mut MapData, u64, Pod>::try_from)
+        {
+            let stale: Vec<u64> = m
+                .keys()
+                .filter_map(|k| k.ok())
+                .filter(|k| !cookies.contains(k))
+                .collect();
+            for k in stale {
+                tracing::info!(
+                    netns_cookie = k,
+                    "removing the ferry_pods entry of a pod no longer enrolled"
+                );
+                removed += usize::from(m.remove(&k).is_ok());
+            }
+        }
+        if let Some(Ok(mut m)) = self
+            .bpf
+            .map_mut("ferry_traffic")
+            .map(aya::maps::PerCpuHashMap::<&mut MapData, u32, crate::maps::Traffic>::try_from)
+        {
+            let stale: Vec<u32> = m
+                .keys()
+                .filter_map(|k| k.ok())
+                .filter(|k| !ifindexes.contains(k))
+                .collect();
+            for k in stale {
+                tracing::info!(
+                    ifindex = k,
+                    "removing the ferry_traffic entry of a pod no longer enrolled"
+                );
+                removed += usize::from(m.remove(&k).is_ok());
+            }
+        }
+        removed
+    }
+
     /// Forgets pod `ip`'s inbound policy (the pod is no longer captured).
     pub fn remove_inbound_policy(&mut self, ip: Ipv4Addr) -> Result<()> {
         let mut m = self.inbound_policy_map()?;
@@ -626,6 +702,7 @@ impl Redirector {
                 let _ = m.remove(&k);
             }
         }
+        self.prune_agent_hooks();
         let Ok(rd) = fs::read_dir(self.dir.join("links")) else {
             return;
         };
@@ -636,6 +713,41 @@ impl Redirector {
                 drop(take_pins(&e.path()));
                 release_tc_netlink(&e.path());
                 let _ = fs::remove_dir(e.path());
+            }
+        }
+    }
+
+    /// Removes the agent hooks (`links/agent/sockops-<inode>`) of cgroups
+    /// that no longer exist (agents that ran in other cgroups and are gone;
+    /// the kernel already detached them). A live cgroup's hook stays: its
+    /// agent may still be draining.
+    fn prune_agent_hooks(&mut self) {
+        let links = self.dir.join("links/agent");
+        let Ok(rd) = fs::read_dir(&links) else { return };
+        let others: Vec<(u64, PathBuf)> = rd
+            .flatten()
+            .filter_map(|e| {
+                let name = e.file_name().to_string_lossy().into_owned();
+                let ino: u64 = name.strip_prefix(AGENT_SOCKOPS)?.strip_prefix('-')?.parse().ok()?;
+                (Some(ino) != self.agent_cgroup).then(|| (ino, e.path()))
+            })
+            .collect();
+        if others.is_empty() {
+            return;
+        }
+        let live = cgroup2_root().map(|r| cgroup_inodes(&r)).unwrap_or_default();
+        if live.is_empty() {
+            return; // cannot tell: keep them
+        }
+        for (ino, path) in others {
+            if !live.contains(&ino) {
+                tracing::info!(
+                    cgroup_inode = ino,
+                    "removing the delivery hook of an agent cgroup that is gone"
+                );
+                if let Ok(l) = PinnedLink::from_pin(&path) {
+                    let _ = l.unpin();
+                }
             }
         }
     }
@@ -720,6 +832,45 @@ fn take_pins(dir: &Path) -> Vec<FdLink> {
         .filter_map(|e| PinnedLink::from_pin(e.path()).ok())
         .filter_map(|p| p.unpin().ok())
         .collect()
+}
+
+/// Unpins the links named `names` under `dir` (see [`take_pins`]).
+fn take_pins_named(dir: &Path, names: &[&str]) -> Vec<FdLink> {
+    names
+        .iter()
+        .filter_map(|n| PinnedLink::from_pin(dir.join(n)).ok())
+        .filter_map(|p| p.unpin().ok())
+        .collect()
+}
+
+/// Hook name prefix of the agent cgroup's sockops pins.
+const AGENT_SOCKOPS: &str = "sockops";
+
+fn cgroup_inode(p: &Path) -> io::Result<u64> {
+    use std::os::unix::fs::MetadataExt;
+    Ok(fs::metadata(p)?.ino())
+}
+
+fn cgroup2_root() -> Option<PathBuf> {
+    crate::cgroup::cgroup2_mount().ok()
+}
+
+/// Inodes of every cgroup under `root` (cgroup ids are their inodes).
+fn cgroup_inodes(root: &Path) -> std::collections::HashSet<u64> {
+    use std::os::unix::fs::MetadataExt;
+    let mut out = std::collections::HashSet::new();
+    let mut stack = vec![root.to_owned()];
+    while let Some(d) = stack.pop() {
+        if let Ok(m) = fs::metadata(&d) {
+            out.insert(m.ino());
+        }
+        for e in fs::read_dir(&d).into_iter().flatten().flatten() {
+            if e.file_type().map(|t| t.is_dir()).unwrap_or(false) {
+                stack.push(e.path());
+            }
+        }
+    }
+    out
 }
 
 /// A netlink `tc` attachment recorded in a pod's link directory.

@@ -48,6 +48,7 @@ pub const MAP_NAMES: &[&str] = &[
     "ferry_orig_dst",
     "ferry_inbound",
     "ferry_inbound_policy",
+    "ferry_delivery",
     "ferry_splice",
     "ferry_splice_off",
     "ferry_traffic",
@@ -64,6 +65,8 @@ pub struct Config {
     pub inbound_port: u16,
     pub tunnel_port: u16,
     pub admin_port: u16,
+    /// Legacy (ferry.h): the delivery port range of agents before
+    /// `ferry_delivery`, for their programs during an upgrade; ignored today.
     pub deliver_port_lo: u16,
     pub deliver_port_hi: u16,
     pub deliver_mark: u32,
@@ -132,6 +135,47 @@ impl SockKey {
     pub fn remote(&self) -> SocketAddrV4 {
         SocketAddrV4::new(Ipv4Addr::from(u32::from_be(self.remote_ip4)), self.remote_port as u16)
     }
+}
+
+/// Key of `ferry_delivery`: an agent delivery as the app sees its SYN.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct DeliveryKey {
+    /// Network byte order.
+    pub client_ip4: u32,
+    /// Network byte order.
+    pub pod_ip4: u32,
+    /// Host byte order.
+    pub client_port: u16,
+    /// Host byte order.
+    pub pod_port: u16,
+}
+
+impl DeliveryKey {
+    pub fn new(client: SocketAddrV4, pod: SocketAddrV4) -> Self {
+        Self {
+            client_ip4: u32::from(*client.ip()).to_be(),
+            pod_ip4: u32::from(*pod.ip()).to_be(),
+            client_port: client.port(),
+            pod_port: pod.port(),
+        }
+    }
+    pub fn client(&self) -> SocketAddrV4 {
+        SocketAddrV4::new(Ipv4Addr::from(u32::from_be(self.client_ip4)), self.client_port)
+    }
+    pub fn pod(&self) -> SocketAddrV4 {
+        SocketAddrV4::new(Ipv4Addr::from(u32::from_be(self.pod_ip4)), self.pod_port)
+    }
+}
+
+/// Value of `ferry_delivery`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Delivery {
+    /// Socket cookie of the agent's delivery socket.
+    pub cookie: u64,
+    /// `bpf_ktime_get_ns()` at connect().
+    pub ts_ns: u64,
 }
 
 #[repr(C)]
@@ -210,6 +254,9 @@ pub const STAT_NAMES: &[(u32, &str)] = &[
     (9, "agent_skipped"),
     (10, "inbound_dropped"),
     (11, "probes_passed"),
+    (12, "delivery_saved"),
+    (13, "delivery_lost"),
+    (14, "delivery_passed"),
 ];
 pub const STAT_MAX: u32 = 16;
 
@@ -244,6 +291,8 @@ pod!(
     DstKey,
     Dst,
     SockKey,
+    DeliveryKey,
+    Delivery,
     OrigDst,
     InboundKey,
     InboundPolicy,
@@ -292,6 +341,12 @@ pub fn layouts() -> Vec<Layout> {
             SockKey,
             [netns_cookie, local_ip4, remote_ip4, local_port, remote_port]
         ),
+        layout!(
+            "ferry_delivery_key",
+            DeliveryKey,
+            [client_ip4, pod_ip4, client_port, pod_port]
+        ),
+        layout!("ferry_delivery", Delivery, [cookie, ts_ns]),
         layout!("ferry_orig_dst", OrigDst, [ip4, port, pad, pod_id, pad2, ts_ns]),
         layout!("ferry_inbound_key", InboundKey, [ip4]),
         layout!("ferry_inbound_policy", InboundPolicy, [mode, flags]),

@@ -132,6 +132,7 @@ impl Pinned {
                 "ferry_traffic" => Some(self.traffic()?.len()),
                 "ferry_orig_cookie" => Some(count_keys_of::<u64, OrigDst>(self.map(name)?)),
                 "ferry_splice_off" => Some(count_keys_of::<SockKey, u32>(self.map(name)?)),
+                "ferry_delivery" => Some(count_keys_of::<maps::DeliveryKey, maps::Delivery>(self.map(name)?)),
                 "ferry_inbound" => Some(sockhash_len::<maps::InboundKey>(self.map(name)?)),
                 "ferry_inbound_policy" => Some(self.inbound_policy()?.len()),
                 "ferry_splice" => Some(sockhash_len::<SockKey>(self.map(name)?)),

@@ -174,6 +174,40 @@ impl Default for Settings {
     }
 }
 
+/// Where the agent finds its node's own addresses (`Settings::add_node_addresses`):
+/// the downward API's `status.hostIPs` (comma-separated, dual-stack) and
+/// `status.hostIP`.
+pub const NODE_IPS_ENV: &str = "NODE_IPS";
+pub const NODE_IP_ENV: &str = "NODE_IP";
+
+impl Settings {
+    /// Adds the node's own addresses as the environment gives them
+    /// (`node_ips`: [`NODE_IPS_ENV`], else `node_ip`: [`NODE_IP_ENV`]) to
+    /// `nodeAddresses`, after any the file lists, so no per-node file has to
+    /// list them. IPv6 addresses are skipped (`nodeAddresses` holds IPv4).
+    /// Returns what was not used, one line each.
+    pub fn add_node_addresses(&mut self, node_ips: Option<&str>, node_ip: Option<&str>) -> Vec<String> {
+        let (var, value) = match (node_ips.filter(|v| !v.trim().is_empty()), node_ip) {
+            (Some(v), _) => (NODE_IPS_ENV, v),
+            (None, Some(v)) => (NODE_IP_ENV, v),
+            (None, None) => return Vec::new(),
+        };
+        let mut unused = Vec::new();
+        for a in value
+            .split(|c: char| c == ',' || c.is_whitespace())
+            .filter(|a| !a.is_empty())
+        {
+            match a.parse::<std::net::IpAddr>() {
+                Ok(std::net::IpAddr::V4(ip)) if !self.node_addresses.contains(&ip) => self.node_addresses.push(ip),
+                Ok(std::net::IpAddr::V4(_)) => {}
+                Ok(std::net::IpAddr::V6(ip)) => unused.push(format!("{var}: {ip} skipped (nodeAddresses holds IPv4)")),
+                Err(_) => unused.push(format!("{var}: {a:?} is not an IP address")),
+            }
+        }
+        unused
+    }
+}
+
 /// Every problem found in a config, with where it is.
 #[derive(Debug, thiserror::Error)]
 pub struct ConfigError {
@@ -332,6 +366,39 @@ services:
     ports: [{port: 80, targetPort: 8080}]
     endpoints: [{ip: 10.1.2.2}]
 "#;
+
+    #[test]
+    fn node_addresses_come_from_the_environment_when_no_file_lists_them() {
+        let v4 = |s: &Settings| s.node_addresses.iter().map(|a| a.to_string()).collect::<Vec<_>>();
+        // None listed: the downward API's addresses (dual-stack: the IPv4 one).
+        let mut s = Settings::default();
+        assert_eq!(
+            s.add_node_addresses(Some("10.0.0.5,fd00::5"), Some("10.0.0.5")),
+            ["NODE_IPS: fd00::5 skipped (nodeAddresses holds IPv4)"]
+        );
+        assert_eq!(v4(&s), ["10.0.0.5"]);
+        // Only status.hostIP (clusters before hostIPs, or an empty NODE_IPS).
+        let mut s = Settings::default();
+        assert!(s.add_node_addresses(Some(""), Some("10.0.0.6")).is_empty());
+        assert_eq!(v4(&s), ["10.0.0.6"]);
+        // Listed in the file: kept first, the node's own added once.
+        let mut s = ConfigFile::parse("t", "node: n1\nsettings: {nodeAddresses: [10.244.1.1, 10.0.0.5]}\n")
+            .unwrap()
+            .settings;
+        assert!(s.add_node_addresses(Some("10.0.0.5"), None).is_empty());
+        assert_eq!(v4(&s), ["10.244.1.1", "10.0.0.5"]);
+        // Nothing in the environment: as the file says.
+        let mut s = Settings::default();
+        assert!(s.add_node_addresses(None, None).is_empty());
+        assert!(s.node_addresses.is_empty());
+        // Garbage is reported, not used.
+        let mut s = Settings::default();
+        assert_eq!(
+            s.add_node_addresses(None, Some("node-1")),
+            ["NODE_IP: \"node-1\" is not an IP address"]
+        );
+        assert!(s.node_addresses.is_empty());
+    }
 
     #[test]
     fn parses_a_good_file() {

@@ -13,6 +13,7 @@ pub mod admin;
 pub mod admission;
 pub mod authz;
 pub mod balance;
+pub mod cni;
 pub mod config;
 #[cfg(test)]
 mod fuzz_regressions;

@@ -16,6 +16,7 @@
 //! are `ferry-bench` (benches/).
 
 pub use query::{eventually, require_root, sample_value};
+pub mod cni;
 pub mod manifests;
 pub mod proto;
 mod query;
@@ -121,6 +122,17 @@ pub struct Spec {
     /// its `serve`.
     #[serde(default)]
     pub pod_args: Vec<(String, Vec<String>)>,
+    /// Run `ferry-cni` for every pod as a container runtime would (ADD after
+    /// the pod's netns and veth exist, before its application starts), with
+    /// each agent serving it (`--cni-socket`). Off: applications start once
+    /// the agents have applied their first config (the old way).
+    #[serde(default = "yes")]
+    pub cni: bool,
+    /// Pods deleted from the cluster ([`ClusterBox::remove_pod`]): kept in
+    /// `pods` so every other pod keeps its address, left out of the configs
+    /// and the cluster YAML.
+    #[serde(default)]
+    pub departed: Vec<String>,
 }
 
 impl Spec {
@@ -165,6 +177,8 @@ impl Spec {
             cluster_yaml: Vec::new(),
             namespace_labels: Vec::new(),
             pod_args: Vec::new(),
+            cni: true,
+            departed: Vec::new(),
         }
     }
 }
@@ -247,8 +261,37 @@ impl BoxState {
     pub fn handover_socket(&self, node: usize) -> PathBuf {
         self.dir.join(format!("handover-node{}.sock", node + 1))
     }
+    /// Where a node's agent serves ferry-cni.
+    pub fn cni_socket(&self, node: usize) -> PathBuf {
+        self.dir.join(format!("cni-node{}.sock", node + 1))
+    }
+    /// The pod's sandbox id, as a runtime's `CNI_CONTAINERID`.
+    pub fn sandbox_id(&self, pod: &str) -> String {
+        format!("{}-{pod}-sandbox", self.id)
+    }
     pub fn pin_dir(&self, node: usize) -> PathBuf {
         Path::new(PIN_ROOT).join(self.node_name(node))
+    }
+    /// Where the output of a pod added by [`ClusterBox::add_pod`] goes.
+    pub fn app_log(&self, pod: &str) -> PathBuf {
+        self.dir.join(format!("app-{pod}.log"))
+    }
+    /// `ip` lines giving `pod` its network: a veth from its node's bridge
+    /// (the host side named [`BoxState::host_veth`]) to `eth0` in its
+    /// netns, its address and default route.
+    fn pod_network(&self, pod: &str) -> Result<Vec<String>> {
+        let i = self.pod_index(pod)?;
+        let p = &self.spec.pods[i];
+        let (node, ns) = (self.node_netns(p.node), self.pod_netns(pod));
+        let veth = self.host_veth(i);
+        Ok(vec![
+            format!("-n {node} link add {veth} type veth peer name eth0 netns {ns}"),
+            format!("-n {node} link set {veth} master br0 up"),
+            format!("-n {ns} link set lo up"),
+            format!("-n {ns} addr add {}/24 dev eth0", self.pod_ip(pod)?),
+            format!("-n {ns} link set eth0 up"),
+            format!("-n {ns} route add default via 10.1.{}.1", p.node + 1),
+        ])
     }
     fn save(&self) -> Result<()> {
         fs::write(
@@ -378,7 +421,8 @@ impl ClusterBox {
     /// Creates the box and starts agents and sample servers. On any failure,
     /// what was created is removed.
     pub fn up(spec: Spec, bin_dir: PathBuf) -> Result<Self> {
-        for b in ["ferry-agent", "ferry-workload"] {
+        let cni = spec.cni.then_some("ferry-cni");
+        for b in ["ferry-agent", "ferry-workload"].into_iter().chain(cni) {
             if !bin_dir.join(b).exists() {
                 bail!(
                     "{} not found in {} (run `cargo build --bins` first)",
@@ -450,17 +494,8 @@ impl ClusterBox {
                 ip.push(format!("-n {b} route add 10.1.{}.0/24 via {net}.1", i + 1));
             }
         }
-        for (i, p) in s.spec.pods.iter().enumerate() {
-            let (node, pod) = (s.node_netns(p.node), s.pod_netns(&p.name));
-            let veth = s.host_veth(i);
-            ip.push(format!(
-                "-n {node} link add {veth} type veth peer name eth0 netns {pod}"
-            ));
-            ip.push(format!("-n {node} link set {veth} master br0 up"));
-            ip.push(format!("-n {pod} link set lo up"));
-            ip.push(format!("-n {pod} addr add {}/24 dev eth0", s.pod_ip(&p.name)?));
-            ip.push(format!("-n {pod} link set eth0 up"));
-            ip.push(format!("-n {pod} route add default via 10.1.{}.1", p.node + 1));
+        for p in &s.spec.pods {
+            ip.extend(s.pod_network(&p.name)?);
         }
         sys::ip_batch(&ip)?;
         for n in 0..s.spec.nodes {
@@ -499,18 +534,13 @@ impl ClusterBox {
         self.state.wait_applied(1)?;
         let s = self.state.clone();
         for p in &s.spec.pods {
-            for args in s.workload_args(&p.name)? {
-                let args: Vec<&str> = args.iter().map(String::as_str).collect();
-                let child = s
-                    .pod_command(&p.name, &s.bin("ferry-workload"), &args)?
-                    .envs(s.service_env())
-                    .stdin(Stdio::null())
-                    .stdout(Stdio::null())
-                    .stderr(Stdio::null())
-                    .spawn()?;
-                self.state.server_pids.push(child.id());
-                self.servers.push(child);
+            // As a runtime: the sandbox's network is up, the chained plugin
+            // returns only once the agent has captured (or passed) the pod,
+            // and only then does the application start.
+            if s.spec.cni {
+                s.cni(&p.name, "ADD", serde_json::Value::Null)?.check()?;
             }
+            self.start_apps(&p.name, None)?;
         }
         // Servers are ready once their port accepts (checked from the node).
         for p in &s.spec.pods {
@@ -519,6 +549,123 @@ impl ClusterBox {
             }
         }
         self.state.save()
+    }
+
+    /// Starts `pod`'s applications (`BoxState::workload_args`); their output
+    /// goes to `log` (appended), or nowhere.
+    pub fn start_apps(&mut self, pod: &str, log: Option<&Path>) -> Result<()> {
+        let s = self.state.clone();
+        for args in s.workload_args(pod)? {
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            let out = |l: Option<&Path>| -> Result<Stdio> {
+                Ok(match l {
+                    Some(p) => fs::OpenOptions::new().create(true).append(true).open(p)?.into(),
+                    None => Stdio::null(),
+                })
+            };
+            let child = s
+                .pod_command(pod, &s.bin("ferry-workload"), &args)?
+                .envs(s.service_env())
+                .stdin(Stdio::null())
+                .stdout(out(log)?)
+                .stderr(out(log)?)
+                .spawn()?;
+            self.state.server_pids.push(child.id());
+            self.servers.push(child);
+        }
+        self.state.save()
+    }
+
+    /// Adds a pod to the running box the way a kubelet and its runtime
+    /// would: the pod's netns, veth and cgroup (with a pause process), then
+    /// the runtime's CNI ADD, started *before* the cluster knows the pod
+    /// (the configs, or ferry-control's YAML, are written while it waits:
+    /// the agent hears of the pod shortly, as from a real control plane),
+    /// and only once ADD has returned, the pod's applications
+    /// (`Spec::pod_args`, or servers on `serve`), their output appended to
+    /// [`BoxState::app_log`]. Returns the ADD's run (None without `cni`:
+    /// then the agents' applying the new config is waited for instead).
+    /// Fails if ADD fails.
+    pub fn add_pod(&mut self, pod: PodSpec) -> Result<Option<cni::CniRun>> {
+        anyhow::ensure!(
+            self.state.pod_index(&pod.name).is_err(),
+            "pod {} already in box {}",
+            pod.name,
+            self.state.id
+        );
+        let name = pod.name.clone();
+        let versions: Vec<u64> = if self.state.spec.cni || self.state.spec.discovery {
+            Vec::new()
+        } else {
+            (0..self.state.spec.nodes)
+                .map(|n| self.state.config_version(n))
+                .collect::<Result<_>>()?
+        };
+        let control_before = match (self.state.spec.cni, self.state.spec.discovery) {
+            (false, true) => Some(self.state.control_version()?),
+            _ => None,
+        };
+        self.create_sandbox(pod)?;
+        let s = self.state.clone();
+        let add = match s.spec.cni {
+            true => Some(s.cni_spawn(&name, "ADD", None, serde_json::Value::Null)?),
+            false => None,
+        };
+        s.write_configs()?;
+        let run = add.map(|a| a.wait()).transpose()?.map(cni::CniRun::check).transpose()?;
+        if let Some(before) = control_before {
+            s.wait_synced(before + 1)?;
+        } else if let Some(min) = versions.iter().min() {
+            s.wait_applied(min + 1)?;
+        }
+        self.start_apps(&name, Some(&s.app_log(&name)))?;
+        let p = &s.spec.pods[s.pod_index(&name)?];
+        for port in &p.serve {
+            self.wait_port(p.node, SocketAddrV4::new(s.pod_ip(&name)?, *port))?;
+        }
+        Ok(run)
+    }
+
+    /// The first half of [`ClusterBox::add_pod`]: `pod` in the spec (the
+    /// configs not rewritten yet), its netns, veth, cgroup and pause
+    /// process. Nothing of it runs an application yet.
+    pub fn create_sandbox(&mut self, pod: PodSpec) -> Result<()> {
+        let name = pod.name.clone();
+        self.state.spec.pods.push(pod);
+        self.state.save()?;
+        let s = self.state.clone();
+        sys::ip_batch(&[format!("netns add {}", s.pod_netns(&name))])?;
+        sys::ip_batch(&s.pod_network(&name)?)?;
+        fs::create_dir_all(s.pod_cgroup(&name)?)?;
+        let pause = s
+            .pod_command(&name, "sleep", &["infinity"])?
+            .stdin(Stdio::null())
+            .spawn()?;
+        self.state.server_pids.push(pause.id());
+        self.servers.push(pause);
+        self.state.save()
+    }
+
+    /// Deletes a pod the way a kubelet and its runtime would: its processes
+    /// stopped, the runtime's CNI DEL (with `cni`; best effort, so it
+    /// passes with the agent down), its netns (and veth) removed, then the
+    /// pod gone from the cluster (configs rewritten, not waited for).
+    /// Returns the DEL's run.
+    pub fn remove_pod(&mut self, name: &str) -> Result<Option<cni::CniRun>> {
+        let s = self.state.clone();
+        sys::remove_cgroup_tree(&s.pod_cgroup(name)?);
+        for c in &mut self.servers {
+            let _ = c.try_wait();
+        }
+        let del = match s.spec.cni {
+            true => Some(s.cni(name, "DEL", serde_json::Value::Null)?),
+            false => None,
+        };
+        sys::run("ip", &["netns", "del", &s.pod_netns(name)])?;
+        self.state.spec.departed.push(name.to_owned());
+        self.state.save()?;
+        self.state.write_configs()?;
+        Ok(del)
     }
 
     fn wait_port(&self, node: usize, addr: SocketAddrV4) -> Result<()> {
@@ -664,6 +811,9 @@ impl ClusterBox {
             ns,
         );
         cmd.args(extra);
+        if s.spec.cni {
+            cmd.args(["--cni-socket", &s.cni_socket(node).display().to_string()]);
+        }
         if s.spec.mtls {
             cmd.args([
                 "--control",

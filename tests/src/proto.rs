@@ -3,7 +3,9 @@
 //! - `WHO`        -> `<pod-name> <client-ip:port>\n`, close;
 //! - `ECHO`       -> echoes every byte until EOF, then half-closes;
 //! - `SINK <n>`   -> reads n bytes, answers their sha256 (hex) and the peer;
-//! - `SOURCE <n>` -> sends n deterministic bytes, closes.
+//! - `SOURCE <n>` -> sends n deterministic bytes, closes;
+//! - `HOLD`       -> `<pod-name> <client-ip:port>\n` at once, then holds the
+//!   connection open until the client closes it (concurrency tests).
 
 use sha2::{Digest, Sha256};
 

@@ -20,6 +20,7 @@ impl BoxState {
             .pods
             .iter()
             .enumerate()
+            .filter(|(_, p)| !self.spec.departed.contains(&p.name))
             .map(|(i, p)| Workload {
                 uid: self.pod_uid(&p.name),
                 name: p.name.clone(),
@@ -52,6 +53,7 @@ impl BoxState {
                 endpoints: s
                     .endpoints
                     .iter()
+                    .filter(|e| !self.spec.departed.contains(e))
                     .map(|e| Endpoint {
                         ip: self.pod_ip(e).expect("endpoint pod in spec"),
                         ready: true,
@@ -92,7 +94,7 @@ impl BoxState {
         let mut out = vec![
             json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "default", "labels": ns_labels}}),
         ];
-        for p in &self.spec.pods {
+        for p in self.spec.pods.iter().filter(|p| !self.spec.departed.contains(&p.name)) {
             let mut meta = json!({
                 "name": p.name, "namespace": "default", "uid": self.pod_uid(&p.name),
                 "labels": p.labels.iter().cloned().collect::<std::collections::BTreeMap<_, _>>(),
@@ -121,6 +123,7 @@ impl BoxState {
             let endpoints = sv
                 .endpoints
                 .iter()
+                .filter(|e| !self.spec.departed.contains(e))
                 .map(|e| Ok(json!({"addresses": [self.pod_ip(e)?.to_string()], "conditions": {"ready": true}})))
                 .collect::<Result<Vec<_>>>()?;
             out.push(json!({

@@ -220,6 +220,36 @@ fn default_render_validates_strictly_and_is_least_privilege() {
         !mounts.iter().any(|m| m.contains("cni")),
         "CNI dirs only with agent.cni.enabled"
     );
+    // The node's credential: its pod's projected service-account token,
+    // audience ferry-control, read from the mounted volume; no node file.
+    assert!(
+        strs(&agent["args"]).contains(&"--service-account-token-file=/var/run/secrets/ferry/token"),
+        "{agent}"
+    );
+    assert!(mounts.contains("/var/run/secrets/ferry"), "{mounts:?}");
+    let volumes = pod["volumes"].as_array().unwrap();
+    let token = volumes.iter().find(|v| v["name"] == "node-token").unwrap();
+    assert_eq!(
+        token["projected"]["sources"],
+        json!([{"serviceAccountToken": {"audience": "ferry-control", "expirationSeconds": 3600, "path": "token"}}])
+    );
+    assert!(volumes.iter().all(|v| v["hostPath"]["path"] != "/etc/ferry/node-token"));
+    // The node's addresses from the downward API, not from a per-node file.
+    let env = agent["env"].as_array().unwrap();
+    for (name, field) in [("NODE_IPS", "status.hostIPs"), ("NODE_IP", "status.hostIP")] {
+        assert!(
+            env.iter()
+                .any(|e| e["name"] == name && e["valueFrom"]["fieldRef"]["fieldPath"] == field),
+            "agent env {name} from {field}: {env:?}"
+        );
+    }
+    assert_eq!(
+        (ferry_model::config::NODE_IPS_ENV, ferry_model::config::NODE_IP_ENV),
+        ("NODE_IPS", "NODE_IP"),
+        "the names the agent reads"
+    );
+    let init = &pod["initContainers"][0];
+    assert!(!init.to_string().contains("HOST_IP"), "{init}");
 
     let control = the(&objs, "Deployment");
     let cpod = &control["spec"]["template"]["spec"];
@@ -228,6 +258,24 @@ fn default_render_validates_strictly_and_is_least_privilege() {
     assert_eq!(control["spec"]["replicas"], 1);
     let csc = &container(control, "control")["securityContext"];
     assert_eq!(csc["allowPrivilegeEscalation"], false);
+    // TokenReview node authentication, for the agents' own service account.
+    let cargs = strs(&container(control, "control")["args"]);
+    assert!(cargs.contains(&"--node-auth=tokenreview"), "{cargs:?}");
+    assert!(cargs.contains(&"--token-audience=ferry-control"), "{cargs:?}");
+    assert_eq!(pod["serviceAccountName"], "ferry-agent");
+    assert!(
+        cargs.contains(&"--agent-service-account=system:serviceaccount:ferry-system:ferry-agent"),
+        "{cargs:?}"
+    );
+    assert!(!cargs.iter().any(|a| a.starts_with("--tokens")), "{cargs:?}");
+    assert!(
+        !cpod["volumes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|v| v["name"] == "tokens"),
+        "no token Secret in tokenreview mode"
+    );
     assert_eq!(csc["readOnlyRootFilesystem"], true);
     assert_eq!(strs(&csc["capabilities"]["drop"]), ["ALL"]);
     assert!(csc["capabilities"]["add"].is_null());
@@ -280,7 +328,10 @@ fn non_default_render_validates_strictly() {
         .iter()
         .map(|m| m["mountPath"].as_str().unwrap())
         .collect();
-    assert!(mounts.contains(&"/host/etc/cni/net.d") && mounts.contains(&"/host/opt/cni/bin"));
+    // ferry-cni: the agent serves its socket; the CNI dirs are the
+    // install-cni init container's (ferry_cni_is_installed_by_an_init_container).
+    assert!(mounts.contains(&"/run/ferry-cni"), "{mounts:?}");
+    assert!(!mounts.contains(&"/host/etc/cni/net.d") && !mounts.contains(&"/host/opt/cni/bin"));
 
     // Unprivileged with an extra capability: appended to the documented ones.
     let objs = docs(&render(&["agent.extraCapabilities={SYS_RESOURCE}"]));
@@ -289,6 +340,35 @@ fn non_default_render_validates_strictly() {
         .map(str::to_owned)
         .collect::<Vec<_>>();
     assert_eq!(add, [AGENT_CAPS, &["SYS_RESOURCE"]].concat());
+}
+
+/// The static bootstrap-token mode: each node's token file on the agent,
+/// the map for ferry-control; validated as strictly as the default.
+#[test]
+fn static_token_mode_mounts_the_node_token_files() {
+    let yaml = render(&["nodeAuth.mode=tokens"]);
+    validate(&yaml, "tokens");
+    let objs = docs(&yaml);
+    let ds = the(&objs, "DaemonSet");
+    let agent = container(ds, "agent");
+    assert!(strs(&agent["args"]).contains(&"--token-file=/etc/ferry/node-token"));
+    assert!(!strs(&agent["args"])
+        .iter()
+        .any(|a| a.starts_with("--service-account-token-file")));
+    let volumes = ds["spec"]["template"]["spec"]["volumes"].as_array().unwrap();
+    let token = volumes.iter().find(|v| v["name"] == "node-token").unwrap();
+    assert_eq!(
+        token["hostPath"],
+        json!({"path": "/etc/ferry/node-token", "type": "File"})
+    );
+    let control = the(&objs, "Deployment");
+    let args = strs(&container(control, "control")["args"]);
+    assert!(args.contains(&"--node-auth=tokens") && args.contains(&"--tokens=/etc/ferry/tokens/tokens.yaml"));
+    assert!(!args.iter().any(|a| a.starts_with("--agent-service-account")));
+    let cvols = control["spec"]["template"]["spec"]["volumes"].as_array().unwrap();
+    assert!(cvols
+        .iter()
+        .any(|v| v["name"] == "tokens" && v["secret"]["secretName"] == "ferry-node-tokens"));
 }
 
 #[test]
@@ -342,14 +422,24 @@ fn rbac_is_least_privilege_and_matches_what_control_watches() {
         .map(|(g, _, _, plural)| (g.to_string(), plural.to_string()))
         .collect();
     assert_eq!(read, watched, "read access = the kinds ferry-control watches");
-    assert_eq!(
-        write,
-        BTreeSet::from([(
-            "events.k8s.io".to_owned(),
-            "events".to_owned(),
-            BTreeSet::from(["create", "patch"])
-        )])
+    // TokenReview node authentication: get on pods (the agents' own, among
+    // the watched ones) and create on tokenreviews, nothing more.
+    assert!(read.contains(&(String::new(), "pods".to_owned())));
+    let events = (
+        "events.k8s.io".to_owned(),
+        "events".to_owned(),
+        BTreeSet::from(["create", "patch"]),
     );
+    let reviews = (
+        "authentication.k8s.io".to_owned(),
+        "tokenreviews".to_owned(),
+        BTreeSet::from(["create"]),
+    );
+    assert_eq!(write, BTreeSet::from([events.clone(), reviews]));
+    // Static tokens: no TokenReview.
+    let objs_tokens = docs(&render(&["nodeAuth.mode=tokens"]));
+    let rules = the(&objs_tokens, "ClusterRole")["rules"].clone();
+    assert!(!rules.to_string().contains("tokenreviews"), "{rules}");
     // The binding gives it to the control plane's ServiceAccount, no one else.
     let binding = the(&objs, "ClusterRoleBinding");
     assert_eq!(binding["roleRef"]["name"], roles[0]["metadata"]["name"]);
@@ -392,8 +482,8 @@ fn agent_probes_use_the_agents_admin_endpoints() {
 /// parser, with the values' settings.
 #[test]
 fn agent_config_is_accepted_by_the_agents_parser() {
-    for (set, splice, metrics) in [
-        (vec![], false, true),
+    for (set, splice, metrics, extra_addrs) in [
+        (vec![], false, true, vec!["10.0.0.5"]),
         (
             vec![
                 "settings.splice=true",
@@ -404,19 +494,25 @@ fn agent_config_is_accepted_by_the_agents_parser() {
             ],
             true,
             false,
+            vec!["10.244.1.1", "10.0.0.5"],
         ),
     ] {
         let objs = docs(&render(&set));
         let template = the(&objs, "ConfigMap")["data"]["agent.yaml.in"].as_str().unwrap();
-        let text = template
-            .replace("@NODE_NAME@", "node-a")
-            .replace("@HOST_IP@", "10.0.0.5");
-        let cfg = ferry_model::ConfigFile::parse("agent.yaml", &text)
+        assert!(!template.contains("@HOST_IP@"), "no per-node address: {template}");
+        let text = template.replace("@NODE_NAME@", "node-a");
+        let mut cfg = ferry_model::ConfigFile::parse("agent.yaml", &text)
             .unwrap_or_else(|e| panic!("{set:?}: the agent refuses its config: {e:?}\n{text}"));
+        // The agent adds the node's addresses from the DaemonSet's env.
+        let unused = cfg
+            .settings
+            .add_node_addresses(Some("10.0.0.5,fd00::5"), Some("10.0.0.5"));
+        assert_eq!(unused.len(), 1, "{unused:?}");
         assert_eq!(cfg.node, "node-a");
         assert_eq!(cfg.settings.splice, splice, "{set:?}");
         assert_eq!(cfg.settings.metrics, metrics, "{set:?}");
-        assert_eq!(cfg.settings.node_addresses[0].to_string(), "10.0.0.5");
+        let addrs: Vec<String> = cfg.settings.node_addresses.iter().map(|a| a.to_string()).collect();
+        assert_eq!(addrs, extra_addrs, "{set:?}");
         assert!(
             cfg.workloads.is_empty() && cfg.services.is_empty(),
             "--config-stream takes no workloads"
@@ -428,12 +524,14 @@ fn agent_config_is_accepted_by_the_agents_parser() {
 /// binaries' own --help). Needs the binaries: `cargo xtask test` builds them.
 #[test]
 fn rendered_flags_exist_in_the_binaries() {
-    let objs = docs(&render(&[]));
+    let renders = [docs(&render(&[])), docs(&render(&["nodeAuth.mode=tokens"]))];
     let bins = ferry_box::default_bin_dir();
-    for (obj, name, bin) in [
-        (the(&objs, "DaemonSet"), "agent", "ferry-agent"),
-        (the(&objs, "Deployment"), "control", "ferry-control"),
-    ] {
+    for (obj, name, bin) in renders.iter().flat_map(|objs| {
+        [
+            (the(objs, "DaemonSet"), "agent", "ferry-agent"),
+            (the(objs, "Deployment"), "control", "ferry-control"),
+        ]
+    }) {
         let c = container(obj, name);
         assert_eq!(strs(&c["command"]), [format!("/usr/local/bin/{bin}")]);
         let path = bins.join(bin);
@@ -463,6 +561,121 @@ fn values_the_binaries_cannot_honour_are_refused() {
     assert!(err.contains("above certificates.maxTtlSeconds"), "{err}");
     let err = try_render(&["settings.accessLog.mode=verbose"]).unwrap_err();
     assert!(err.contains("one of off, sampled, full"), "{err}");
+    let err = try_render(&["nodeAuth.mode=oidc"]).unwrap_err();
+    assert!(err.contains("one of tokenreview, tokens"), "{err}");
+    let err = try_render(&["nodeAuth.tokenExpirationSeconds=300"]).unwrap_err();
+    assert!(err.contains("Kubernetes requires at least 600"), "{err}");
+}
+
+/// ferry-cni: with agent.cni.enabled an init container (root, every
+/// capability dropped) copies the plugin onto the node and chains it into
+/// the conflist, excluding Ferry's own namespace; the agent serves the
+/// socket the plugin is told of. Every flag exists in its binary. With
+/// agent.cni.uninstall the same container removes it; off, nothing of it.
+#[test]
+fn ferry_cni_is_installed_by_an_init_container() {
+    let init = |objs: &[Value]| -> Option<Value> {
+        the(objs, "DaemonSet")["spec"]["template"]["spec"]["initContainers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["name"] == "install-cni")
+            .cloned()
+    };
+    assert!(init(&docs(&render(&[]))).is_none(), "not installed by default");
+    let yaml = render(&[
+        "agent.cni.enabled=true",
+        "agent.cni.excludeNamespaces={kube-system,monitoring}",
+    ]);
+    validate(&yaml, "cni");
+    let objs = docs(&yaml);
+    let c = init(&objs).expect("install-cni init container");
+    assert_eq!(strs(&c["command"]), ["/usr/local/bin/ferry-cni"]);
+    let args = strs(&c["args"]);
+    assert_eq!(
+        args,
+        [
+            "install",
+            "--socket=/var/run/ferry/cni.sock",
+            "--timeout-seconds=30",
+            "--exclude-namespace=ferry-system",
+            "--exclude-namespace=kube-system",
+            "--exclude-namespace=monitoring",
+            "--conf-dir=/host/etc/cni/net.d",
+            "--bin-dir=/host/opt/cni/bin",
+        ]
+    );
+    let sc = &c["securityContext"];
+    assert_eq!(strs(&sc["capabilities"]["drop"]), ["ALL"]);
+    assert!(
+        sc["capabilities"]["add"].is_null() && sc["privileged"].is_null(),
+        "{sc}"
+    );
+    assert_eq!(
+        (&sc["allowPrivilegeEscalation"], &sc["readOnlyRootFilesystem"]),
+        (&json!(false), &json!(true))
+    );
+    let ds = the(&objs, "DaemonSet");
+    let volumes = ds["spec"]["template"]["spec"]["volumes"].as_array().unwrap();
+    let host = |name: &str| {
+        volumes
+            .iter()
+            .find(|v| v["name"] == name)
+            .map(|v| v["hostPath"]["path"].clone())
+            .unwrap_or_else(|| panic!("no volume {name}"))
+    };
+    assert_eq!(host("cni-conf"), "/etc/cni/net.d");
+    assert_eq!(host("cni-bin"), "/opt/cni/bin");
+    assert_eq!(host("cni-socket"), "/var/run/ferry", "the node dir of --socket");
+    let mounts: Vec<(&str, &str)> = c["volumeMounts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| (m["name"].as_str().unwrap(), m["mountPath"].as_str().unwrap()))
+        .collect();
+    assert_eq!(
+        mounts,
+        [("cni-conf", "/host/etc/cni/net.d"), ("cni-bin", "/host/opt/cni/bin")]
+    );
+    let agent = container(ds, "agent");
+    assert!(strs(&agent["args"]).contains(&"--cni-socket=/run/ferry-cni/cni.sock"));
+    assert!(agent["volumeMounts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|m| m["name"] == "cni-socket" && m["mountPath"] == "/run/ferry-cni"));
+    // Every flag exists in the binaries.
+    let bins = ferry_box::default_bin_dir();
+    for (bin, args) in [("ferry-cni", args.clone()), ("ferry-agent", strs(&agent["args"]))] {
+        let (ok, help, err) = output(Command::new(bins.join(bin)).arg("--help"));
+        assert!(ok, "{bin} --help: {err}");
+        for arg in args {
+            let flag = arg.split('=').next().unwrap();
+            assert!(
+                help.contains(&format!("{flag} ")) || help.contains(&format!("{flag}\n")),
+                "{bin} has no {flag}:\n{help}"
+            );
+        }
+    }
+    // Uninstall: the same container removes it; the agent serves nothing.
+    let objs = docs(&render(&["agent.cni.enabled=true", "agent.cni.uninstall=true"]));
+    let c = init(&objs).expect("install-cni init container");
+    assert_eq!(
+        strs(&c["args"]),
+        [
+            "uninstall",
+            "--conf-dir=/host/etc/cni/net.d",
+            "--bin-dir=/host/opt/cni/bin"
+        ]
+    );
+    assert!(!strs(&container(the(&objs, "DaemonSet"), "agent")["args"])
+        .iter()
+        .any(|a| a.starts_with("--cni-socket")));
+    let err = try_render(&["agent.cni.enabled=true", "agent.cni.timeoutSeconds=0"]).unwrap_err();
+    assert!(
+        err.contains("agent.cni.timeoutSeconds must be between 1 and 300"),
+        "{err}"
+    );
 }
 
 /// The README explains every capability the agent is given, and the

@@ -172,6 +172,16 @@ fn bad_cluster_yaml_is_reported_and_disturbs_nothing() {
 #[test]
 fn agents_keep_serving_without_the_control_plane_and_converge_after() {
     let mut b = up();
+    // Round robin: which endpoints a config has is what this test reads from
+    // where connections land (the default, LEAST_REQUEST, rightly avoids the
+    // endpoint busy with the long transfer).
+    b.update(|sp| {
+        sp.cluster_yaml.push((
+            "echo-rr.yaml".into(),
+            "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: echo-rr}\nspec:\n  host: echo\n  trafficPolicy: {loadBalancer: {simple: ROUND_ROBIN}}\n".into(),
+        ))
+    })
+    .unwrap();
     let s = b.state.clone();
     // A long transfer across nodes, running while the control plane dies.
     let transfer = {

@@ -317,7 +317,7 @@ fn ferryctl_reads_pins_and_agent_and_fails_clearly() {
         .as_array()
         .unwrap()
         .iter()
-        .any(|p| p["owner"] == "agent" && p["program"] == "ferry_sockops"));
+        .any(|p| p["owner"] == "agent" && p["program"] == "ferry_agent_ops"));
     // Dumps are joined with workload names and can be filtered.
     let pods = json(&["bpf", "dump", "pods"]);
     assert!(

@@ -29,7 +29,7 @@ fn check_passes_here_and_probes_every_program_by_loading_it() {
         .iter()
         .filter(|r| r["check"].as_str().unwrap().starts_with("program ferry_"))
         .collect();
-    assert_eq!(programs.len(), 8, "{rows:?}");
+    assert_eq!(programs.len(), 9, "{rows:?}");
 }
 
 #[test]

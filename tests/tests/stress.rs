@@ -44,8 +44,8 @@ fn stress_set() {
         .unwrap();
     assert!(out.contains("\"ok\":200"), "{out}");
 
-    // More new connections in a row than there are delivery ports (900):
-    // ports in TIME_WAIT must be reusable.
+    // Many new connections in a row (more than the 900 ports delivery once
+    // had): delivery ports in TIME_WAIT must never run out.
     let out = s
         .client("client", &["rr", "--to", VIP, "--count", "1500", "--new-conn"])
         .unwrap();

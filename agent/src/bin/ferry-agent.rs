@@ -13,12 +13,13 @@ use std::{
 
 use anyhow::Context;
 use clap::Parser;
-use ferry_agent::{admin, agent, config_stream, handover, load_config};
+use ferry_agent::{admin, agent, cni, config_stream, handover, load_config};
 use ferry_model::{ConfigError, ConfigFile};
 use tracing_subscriber::{layer::SubscriberExt, reload, util::SubscriberInitExt, EnvFilter, Layer};
 
 #[derive(Parser, Debug)]
 #[command(version, about)]
+#[command(group(clap::ArgGroup::new("credential").args(["token_file", "service_account_token_file"])))]
 struct Args {
     /// Config file (node, settings, and without --discovery the workloads,
     /// services and policies); re-read when it changes.
@@ -52,15 +53,23 @@ struct Args {
     /// Log as JSON lines (access logs included).
     #[arg(long)]
     log_json: bool,
-    /// The CA (ferry-control) gRPC endpoint; enables the mTLS tunnel.
-    #[arg(long, requires_all = ["control_ca", "token_file"])]
+    /// The CA (ferry-control) gRPC endpoint; enables the mTLS tunnel. Needs
+    /// a credential: --token-file or --service-account-token-file.
+    #[arg(long, requires_all = ["control_ca", "credential"])]
     control: Option<String>,
     /// PEM root that signed ferry-control's serving certificate.
     #[arg(long)]
     control_ca: Option<PathBuf>,
-    /// This node's bootstrap credential (a file holding the token).
+    /// This node's static bootstrap token (a file holding it; ferry-control
+    /// --node-auth tokens). Re-read on every connection.
     #[arg(long)]
     token_file: Option<PathBuf>,
+    /// The agent pod's projected service-account token, bound to the
+    /// audience ferry-control (ferry-control --node-auth tokenreview).
+    /// Re-read on every connection and certificate request: the kubelet
+    /// rotates it.
+    #[arg(long, value_name = "PATH", num_args = 0..=1, default_missing_value = SERVICE_ACCOUNT_TOKEN)]
+    service_account_token_file: Option<PathBuf>,
     /// Requested workload certificate lifetime, seconds (renewed at half).
     #[arg(long, default_value_t = 86400)]
     cert_ttl_seconds: u64,
@@ -90,6 +99,36 @@ struct Args {
     /// it had accepted before it exits.
     #[arg(long, default_value_t = 30)]
     drain_timeout: u64,
+    /// Serve ferry-cni here (a unix socket, mode 0600): the plugin holds
+    /// each new pod's sandbox until this agent has captured the pod
+    /// (docs/cni.md). Off without it.
+    #[arg(long, value_name = "PATH")]
+    cni_socket: Option<PathBuf>,
+}
+
+/// Where the chart projects the agent's service-account token.
+const SERVICE_ACCOUNT_TOKEN: &str = "/var/run/secrets/ferry/token";
+
+impl Args {
+    /// The file holding this node's credential, whichever kind it is.
+    fn credential(&self) -> Option<PathBuf> {
+        self.token_file
+            .clone()
+            .or_else(|| self.service_account_token_file.clone())
+    }
+}
+
+/// The config file, with the node's own addresses from the environment
+/// (`NODE_IPS`/`NODE_IP`, the downward API's `status.hostIPs`/`hostIP`)
+/// added to `settings.nodeAddresses`, so no per-node file lists them.
+fn load(path: &std::path::Path) -> Result<ConfigFile, ConfigError> {
+    use ferry_model::config::{NODE_IPS_ENV, NODE_IP_ENV};
+    let mut cfg = load_config(path)?;
+    let (ips, ip) = (std::env::var(NODE_IPS_ENV).ok(), std::env::var(NODE_IP_ENV).ok());
+    for unused in cfg.settings.add_node_addresses(ips.as_deref(), ip.as_deref()) {
+        tracing::warn!(reason = %unused, "node address from the environment not used");
+    }
+    Ok(cfg)
 }
 
 /// The config file, re-read when it changes, until SIGTERM or Ctrl-C.
@@ -118,7 +157,7 @@ impl ConfigWatch {
                     let now = config_stamp(&self.path);
                     if now != self.stamp {
                         self.stamp = now;
-                        return Some(load_config(&self.path));
+                        return Some(load(&self.path));
                     }
                 }
                 _ = self.term.recv() => return None,
@@ -153,22 +192,29 @@ async fn main() -> anyhow::Result<()> {
     // ready meanwhile) when the node name is known.
     let initial = match (&args.node, args.config.exists()) {
         (Some(_), false) => None,
-        _ => Some(load_config(&args.config)?),
+        _ => Some(load(&args.config)?),
     };
     let node = match (&args.node, &initial) {
         (Some(n), _) => n.clone(),
         (None, Some(c)) => c.node.clone(),
         (None, None) => anyhow::bail!("no config and no --node"),
     };
-    let identity = match (&args.control, &args.control_ca, &args.token_file) {
+    let identity = match (&args.control, &args.control_ca, args.credential()) {
         (Some(c), Some(ca), Some(t)) => Some(ferry_agent::identity::Options {
             control: c.clone(),
             control_ca: ca.clone(),
-            token_file: t.clone(),
+            token_file: t,
             ttl: Duration::from_secs(args.cert_ttl_seconds),
         }),
         _ => None,
     };
+    if let (Some(_), Some(file)) = (&args.control, args.credential()) {
+        let kind = match args.service_account_token_file {
+            Some(_) => "projected service-account token",
+            None => "bootstrap token",
+        };
+        tracing::info!(credential = kind, file = %file.display(), "node credential (re-read on every connection)");
+    }
     let opts = agent::Options {
         pin_root: args.pin_root.clone(),
         cgroup_root: args.cgroup_root.clone(),
@@ -202,6 +248,8 @@ async fn main() -> anyhow::Result<()> {
     }
     #[cfg(target_env = "gnu")]
     tokio::spawn(trim_heap_after_bursts(agent.proxy.clone()));
+    // Failed enrollments are retried with backoff, config change or not.
+    tokio::spawn(agent.reconciler.clone().retry_loop());
     let admin_l = match inherited.as_mut().and_then(|i| i.admin.take()) {
         Some(l) => l,
         None => tokio::net::TcpListener::bind(args.admin)
@@ -218,6 +266,7 @@ async fn main() -> anyhow::Result<()> {
         admin: admin_l,
         metrics: metrics_l,
         handover: handover_path,
+        cni: args.cni_socket.clone(),
     };
     if args.config_stream {
         return run_config_stream(agent, &args, node, initial, inherited, endpoints).await;
@@ -266,6 +315,8 @@ struct Endpoints {
     admin: tokio::net::TcpListener,
     metrics: tokio::net::TcpListener,
     handover: PathBuf,
+    /// ferry-cni's socket (`--cni-socket`), served once this agent is in charge.
+    cni: Option<PathBuf>,
 }
 
 /// How long a new agent may take to be ready before it gives up (and the
@@ -309,6 +360,12 @@ impl Endpoints {
             handover::NodeListener::new(handover::Kind::Admin, &self.admin, admin_task)?,
             handover::NodeListener::new(handover::Kind::Metrics, &self.metrics, metrics_task)?,
         ];
+        if let Some(path) = &self.cni {
+            let server =
+                cni::Server::bind(path).with_context(|| format!("binding the CNI socket {}", path.display()))?;
+            tracing::info!(socket = %server.path().display(), "serving ferry-cni");
+            tokio::spawn(server.serve(agent.reconciler.clone()));
+        }
         let server = handover::Server::bind(&self.handover)?;
         tracing::info!(socket = %server.path().display(), "offering listeners to a successor (--takeover)");
         Ok(handover::serve(server, agent.clone(), node, pause))
@@ -371,7 +428,9 @@ async fn run_config_stream(
     let opts = config_stream::Options {
         control: args.control.clone().context("--config-stream needs --control")?,
         control_ca: args.control_ca.clone().context("--config-stream needs --control-ca")?,
-        token_file: args.token_file.clone().context("--config-stream needs --token-file")?,
+        token_file: args
+            .credential()
+            .context("--config-stream needs --token-file or --service-account-token-file")?,
         state_file: args.state_file.clone(),
     };
     let metrics = &agent.proxy.telemetry.metrics;
@@ -474,5 +533,39 @@ async fn trim_heap_after_bursts(proxy: Arc<ferry_agent::proxy::Proxy>) {
             closed_at_trim = closed_now;
         }
         open_before = open;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Args, clap::Error> {
+        Args::try_parse_from(
+            [
+                "ferry-agent",
+                "-c",
+                "a.yaml",
+                "--control",
+                "https://c:15012",
+                "--control-ca",
+                "ca.pem",
+            ]
+            .iter()
+            .chain(args),
+        )
+    }
+
+    #[test]
+    fn the_credential_is_a_bootstrap_token_or_the_service_account_token() {
+        let a = parse(&["--token-file", "/etc/ferry/node-token"]).unwrap();
+        assert_eq!(a.credential(), Some(PathBuf::from("/etc/ferry/node-token")));
+        let a = parse(&["--service-account-token-file"]).unwrap();
+        assert_eq!(a.credential(), Some(PathBuf::from(SERVICE_ACCOUNT_TOKEN)));
+        let a = parse(&["--service-account-token-file=/run/t"]).unwrap();
+        assert_eq!(a.credential(), Some(PathBuf::from("/run/t")));
+        // One, not both; and --control needs one.
+        assert!(parse(&["--token-file", "t", "--service-account-token-file"]).is_err());
+        assert!(parse(&[]).is_err());
     }
 }

@@ -1,7 +1,8 @@
 //! Workload identities on this node: a key pair per local enrolled workload
 //! (made here, never sent anywhere), a certificate for it from the CA
-//! (ferry-control, gRPC over TLS, authenticated by the node's bootstrap
-//! credential), renewed at half its lifetime with jitter. Renewal swaps the
+//! (ferry-control, gRPC over TLS, authenticated by the node's credential: a
+//! bootstrap token or the agent pod's projected service-account token, read
+//! afresh for every request), renewed at half its lifetime with jitter. Renewal swaps the
 //! certificate for new connections; live connections keep theirs.
 
 pub mod tls;
@@ -31,7 +32,8 @@ pub struct Options {
     pub control: String,
     /// Root that signed the CA's serving certificate (bootstrap trust).
     pub control_ca: PathBuf,
-    /// This node's bootstrap credential.
+    /// This node's credential (a bootstrap token or the projected
+    /// service-account token), re-read for every certificate request.
     pub token_file: PathBuf,
     pub ttl: Duration,
 }

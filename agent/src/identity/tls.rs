@@ -113,6 +113,11 @@ pub fn server_config(
         .with_client_cert_verifier(verifier)
         .with_single_cert(chain, key)?;
     c.alpn_protocols = vec![b"h2".to_vec()];
+    // No resumption: a resumed TLS 1.3 session skips the certificates, so
+    // an expired (or no longer trusted) client would be let back in on
+    // its old session. Tunnel connections are pooled: full handshakes are rare.
+    c.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+    c.send_tls13_tickets = 0;
     Ok(Arc::new(c))
 }
 
@@ -131,6 +136,8 @@ pub fn client_config(
         }))
         .with_client_auth_cert(chain, key)?;
     c.alpn_protocols = vec![b"h2".to_vec()];
+    // No resumption (see server_config): every handshake checks both chains.
+    c.resumption = rustls::client::Resumption::disabled();
     Ok(Arc::new(c))
 }
 

@@ -269,8 +269,10 @@ impl ConnLimit {
 
 /// The one accept loop: each accepted connection gets Nagle off and its own
 /// task, or, over a connection limit ([`ConnLimit`]), is closed at once.
-/// When accept fails (EMFILE, ENFILE, ENOBUFS), it waits before trying
-/// again rather than spinning on a failure that persists.
+/// When accept fails (EMFILE, ENFILE, ENOBUFS), it counts the failure
+/// (`ferry_accept_errors_total{listener, reason}`), logs it and waits before
+/// trying again rather than spinning on a failure that persists; the
+/// connection stays in the listen backlog until an accept succeeds.
 async fn accept_loop<F, Fut>(
     listener: TcpListener,
     pod: Arc<PodCtx>,
@@ -300,7 +302,14 @@ async fn accept_loop<F, Fut>(
                 });
             }
             Err(e) => {
-                tracing::warn!(pod = %pod.label, listener = what, error = %e, retry_in_ms = backoff.as_millis() as u64, "accept failed");
+                let reason = crate::telemetry::AcceptLabels::reason_of(&e);
+                limit
+                    .proxy
+                    .telemetry
+                    .accept_errors
+                    .get_or_create(&crate::telemetry::AcceptLabels { listener: what, reason })
+                    .inc();
+                tracing::warn!(pod = %pod.label, listener = what, reason, error = %e, retry_in_ms = backoff.as_millis() as u64, "accept failed");
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(1));
             }

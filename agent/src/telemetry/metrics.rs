@@ -279,6 +279,8 @@ pub struct Metrics {
     pub config_rejected: Counter,
     pub enrolled_pods: Gauge,
     pub enroll_errors: Gauge,
+    /// Enrollments retried after a failure (backoff, or a new sandbox).
+    pub enroll_retries: Counter,
     /// 1 while the config stream from the control plane is up.
     pub control_connected: Gauge,
     /// Request metrics of the L7 path and protocol detection.
@@ -404,6 +406,7 @@ impl Metrics {
             config_rejected: Counter::default(),
             enrolled_pods: Gauge::default(),
             enroll_errors: Gauge::default(),
+            enroll_retries: Counter::default(),
             control_connected: Gauge::default(),
             registry,
         };
@@ -427,6 +430,11 @@ impl Metrics {
             "ferry_enroll_errors",
             "Pods that asked to be enrolled but could not be",
             m.enroll_errors.clone(),
+        );
+        registry.register(
+            "ferry_enroll_retries",
+            "Enrollments retried after a failure, without a config change",
+            m.enroll_retries.clone(),
         );
         registry.register(
             "ferry_control_connected",

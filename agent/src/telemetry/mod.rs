@@ -121,6 +121,27 @@ pub struct LimitLabels {
     pub reason: &'static str,
 }
 
+/// Labels of `ferry_accept_errors_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AcceptLabels {
+    /// `outbound`, `inbound` or `tunnel`.
+    pub listener: &'static str,
+    /// `emfile` (this process is out of file descriptors), `enfile` (the
+    /// system is), `other` (ENOBUFS, ENOMEM, ...; the log has the error).
+    pub reason: &'static str,
+}
+
+impl AcceptLabels {
+    /// The bounded reason of an `accept(2)` error.
+    pub fn reason_of(e: &std::io::Error) -> &'static str {
+        match e.raw_os_error() {
+            Some(libc::EMFILE) => "emfile",
+            Some(libc::ENFILE) => "enfile",
+            _ => "other",
+        }
+    }
+}
+
 /// Labels of `ferry_rate_limited_total`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RateLimitLabels {
@@ -221,6 +242,9 @@ pub struct Telemetry {
     /// Connections closed as accepted because a connection limit was
     /// reached, by limit.
     pub connections_refused: Family<LimitLabels, Counter>,
+    /// `accept(2)` failures on the per-pod listeners, by listener and
+    /// reason (the accept loop backs off and retries).
+    pub accept_errors: Family<AcceptLabels, Counter>,
     /// HTTP requests answered 429 by a RateLimitPolicy at the destination.
     pub rate_limited: Family<RateLimitLabels, Counter>,
     /// Outlier detection's ejections (`proxy::balance`).
@@ -259,6 +283,12 @@ impl Telemetry {
             "Connections closed as accepted because a connection limit (per pod or per agent) was reached, by reason",
             Family::<LimitLabels, Counter>::clone(&connections_refused),
         );
+        let accept_errors = Family::default();
+        r.register(
+            "ferry_accept_errors",
+            "accept(2) failures on the per-pod listeners (EMFILE, ENFILE, other), by listener and reason; the accept loop backs off (10 ms to 1 s) and retries",
+            Family::<AcceptLabels, Counter>::clone(&accept_errors),
+        );
         let rate_limited = Family::default();
         r.register(
             "ferry_rate_limited",
@@ -270,6 +300,7 @@ impl Telemetry {
         Self {
             outlier,
             rate_limited,
+            accept_errors,
             connections_refused,
             tracer,
             authz_denied,

@@ -86,7 +86,8 @@ fn workload_of(p: &Pod) -> Option<Workload> {
         netns: None,
         host_veth: None,
         workload_name: Some(crate::compute::workload_name(p)).filter(|n| !n.is_empty()),
-        locality: crate::compute::locality(p),
+        // Not read by authorization.
+        locality: None,
     })
 }
 

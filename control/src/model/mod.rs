@@ -13,7 +13,7 @@ use std::{collections::BTreeMap, fmt, sync::Arc};
 use ferry_model::authz::{AuthorizationPolicySpec, AuthzPolicy};
 use k8s_openapi::{
     api::{
-        core::v1::{Namespace, Pod, Service},
+        core::v1::{Namespace, Node, Pod, Service},
         discovery::v1::EndpointSlice,
     },
     apimachinery::pkg::apis::meta::v1::ObjectMeta,
@@ -40,6 +40,8 @@ pub struct Custom<S> {
 #[derive(Clone, Debug, PartialEq)]
 pub enum Object {
     Namespace(Arc<Namespace>),
+    /// Read for its topology labels (the locality of its pods).
+    Node(Arc<Node>),
     Pod(Arc<Pod>),
     Service(Arc<Service>),
     EndpointSlice(Arc<EndpointSlice>),
@@ -142,6 +144,18 @@ impl Cluster {
             Object::Service(s) => Some(s.as_ref()),
             _ => None,
         })
+    }
+
+    pub fn node(&self, name: &str) -> Option<&Node> {
+        let key = Key {
+            kind: "Node".into(),
+            namespace: String::new(),
+            name: name.into(),
+        };
+        match self.objects.get(&key).map(|l| &l.object) {
+            Some(Object::Node(n)) => Some(n),
+            _ => None,
+        }
     }
 
     pub fn namespace(&self, name: &str) -> Option<&Namespace> {

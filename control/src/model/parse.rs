@@ -23,9 +23,13 @@ pub struct Doc {
 /// The annotation (on a pod) and label (on a namespace) that opt in or out.
 pub const MESH_ANNOTATION: &str = "ferry.dev/mesh";
 
+/// Kinds with no namespace (their key's namespace is "").
+const CLUSTER_SCOPED: &[&str] = &["Namespace", "Node"];
+
 /// (kind, accepted apiVersions). Kinds not listed are accepted and ignored.
 const KINDS: &[(&str, &[&str])] = &[
     ("Namespace", &["v1"]),
+    ("Node", &["v1"]),
     ("Pod", &["v1"]),
     ("Service", &["v1"]),
     ("EndpointSlice", &["discovery.k8s.io/v1"]),
@@ -109,7 +113,11 @@ pub fn parse_file(file: &str, text: &str) -> (Vec<Doc>, Vec<Problem>) {
         let namespace = meta
             .and_then(|m| m.get("namespace"))
             .and_then(|v| v.as_str())
-            .unwrap_or(if kind == "Namespace" { "" } else { "default" });
+            .unwrap_or(if CLUSTER_SCOPED.contains(&kind.as_str()) {
+                ""
+            } else {
+                "default"
+            });
         let key = Key {
             kind: kind.clone(),
             namespace: namespace.to_owned(),
@@ -172,6 +180,7 @@ fn de<T: DeserializeOwned>(doc: &str) -> Result<T, String> {
 fn typed(kind: &str, doc: &str) -> Result<Object, String> {
     Ok(match kind {
         "Namespace" => Object::Namespace(Arc::new(de(doc)?)),
+        "Node" => Object::Node(Arc::new(de(doc)?)),
         "Pod" => Object::Pod(Arc::new(de(doc)?)),
         "Service" => Object::Service(Arc::new(de(doc)?)),
         "EndpointSlice" => Object::EndpointSlice(Arc::new(de(doc)?)),

@@ -36,6 +36,7 @@ use crate::{
 /// docs/control-plane.md).
 pub const WATCHED: &[(&str, &str, &str, &str)] = &[
     ("", "v1", "Namespace", "namespaces"),
+    ("", "v1", "Node", "nodes"),
     ("", "v1", "Pod", "pods"),
     ("", "v1", "Service", "services"),
     ("discovery.k8s.io", "v1", "EndpointSlice", "endpointslices"),

@@ -60,6 +60,12 @@ https://{{ include "ferry.control.name" . }}.{{ .Release.Namespace }}.svc:{{ .Va
 {{- if gt (int64 .Values.certificates.ttlSeconds) (int64 .Values.certificates.maxTtlSeconds) -}}
 {{- fail (printf "certificates.ttlSeconds (%v) is above certificates.maxTtlSeconds (%v): the CA would cap every certificate" .Values.certificates.ttlSeconds .Values.certificates.maxTtlSeconds) -}}
 {{- end -}}
+{{- if not (has .Values.nodeAuth.mode (list "tokenreview" "tokens")) -}}
+{{- fail (printf "nodeAuth.mode %q: one of tokenreview, tokens" .Values.nodeAuth.mode) -}}
+{{- end -}}
+{{- if lt (int64 .Values.nodeAuth.tokenExpirationSeconds) 600 -}}
+{{- fail (printf "nodeAuth.tokenExpirationSeconds (%v): Kubernetes requires at least 600" .Values.nodeAuth.tokenExpirationSeconds) -}}
+{{- end -}}
 {{- if not (has .Values.settings.accessLog.mode (list "off" "sampled" "full")) -}}
 {{- fail (printf "settings.accessLog.mode %q: one of off, sampled, full" .Values.settings.accessLog.mode) -}}
 {{- end -}}

@@ -371,8 +371,9 @@ fn respond(resp: Response<Incoming>, mut rec: RequestRecord) -> Response<Body> {
 impl ConnCx {
     /// Sends `req` to the app on this connection's app connection (opened
     /// again if the app closed it). A request a reused HTTP/1.1 connection
-    /// did not send (it had closed meanwhile) is sent once more on a new
-    /// one. Failures: `UF` (no connection), `UC` (it broke mid-request).
+    /// did not send (it had closed meanwhile), or a bodiless idempotent one
+    /// it died under before any answer, is sent once more on a new one.
+    /// Failures: `UF` (no connection), `UC` (it broke mid-request).
     async fn send(&self, req: Request<Body>, h2: bool) -> Result<Response<Incoming>, Flag> {
         let mut app = self.app.lock().await;
         let reused = match &*app {
@@ -391,11 +392,18 @@ impl ConnCx {
                 let App::H1(s) = &mut *app else {
                     return Err(Flag::UpstreamConnectFailure);
                 };
+                // Also sent again if the reused connection dies under it
+                // before any answer (the app closed it as it went out).
+                let again = if reused {
+                    super::upstream::resendable(&req)
+                } else {
+                    None
+                };
                 let sent = s.try_send_request(req);
                 drop(app);
                 match sent.await {
                     Ok(r) => Ok(r),
-                    Err(mut e) => match e.take_message() {
+                    Err(mut e) => match e.take_message().or(again) {
                         Some(req) if reused => {
                             let mut app = self.app.lock().await;
                             *app = self.connect(App::Closed, false).await?;

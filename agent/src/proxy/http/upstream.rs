@@ -28,7 +28,9 @@
 //!   same cluster to another endpoint is closed to make room. Over
 //!   `http2MaxRequests` or the pending limit: [`SendError::Overflow`], at once.
 //! - A request that a pooled connection did not send (it died while idle)
-//!   is sent once more on a new connection; that is not a retry.
+//!   is sent once more on a new connection; that is not a retry. Nor is
+//!   resending a bodiless idempotent request (GET...) whose reused
+//!   connection died under it before any answer.
 //! - Upgrades (WebSocket) get a connection of their own, never pooled nor
 //!   counted.
 
@@ -481,21 +483,51 @@ impl Pool {
                 },
                 None => None,
             };
-            match try_send(conn.sender, req).await {
-                Ok((resp, s)) => {
+            // A bodiless idempotent request on a reused connection can be
+            // sent again if that connection dies under it before any answer
+            // (the peer closed it while idle: a race the pool cannot see,
+            // e.g. the destination cutting pooled connections on a policy
+            // change). RFC 9110 9.2.2; Envoy does the same.
+            let again = if !fresh && !fresh_only { resendable(&req) } else { None };
+            match (try_send(conn.sender, req).await, again) {
+                (Ok((resp, s)), _) => {
                     conn.sender = s;
                     self.put(key, conn, circuit);
                     return Ok(resp.map(|b| Held::new(b, request, stream)));
                 }
                 // Never sent: the idle connection had died. Once more, fresh.
-                Err((Some(r), _)) if !fresh && !fresh_only => {
+                (Err((Some(r), _)), _) if !fresh && !fresh_only => {
                     req = r;
                     fresh_only = true;
                 }
-                Err((_, e)) => return Err(e),
+                (Err((None, SendError::Reset(_))), Some(r)) => {
+                    req = r;
+                    fresh_only = true;
+                }
+                (Err((_, e)), _) => return Err(e),
             }
         }
     }
+}
+
+/// A copy of `req` to send again if the reused connection it goes out on
+/// dies under it before any answer: only for GET, HEAD, OPTIONS, TRACE, PUT
+/// and DELETE with no body (idempotent, RFC 9110 9.2.2; nothing to replay).
+/// Used by both the source's pool and the destination's app connection.
+pub(super) fn resendable(req: &Request<Body>) -> Option<Request<Body>> {
+    use hyper::{body::Body as _, Method};
+    let idempotent = matches!(
+        *req.method(),
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
+    );
+    (idempotent && req.body().is_end_stream()).then(|| {
+        let mut r = Request::new(super::body::empty());
+        *r.method_mut() = req.method().clone();
+        *r.uri_mut() = req.uri().clone();
+        *r.version_mut() = req.version();
+        *r.headers_mut() = req.headers().clone();
+        r
+    })
 }
 
 fn stream(streams: &Arc<AtomicU32>, circuit: Option<&Circuit>) -> Stream {

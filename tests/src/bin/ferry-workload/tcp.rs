@@ -69,11 +69,85 @@ pub enum Op {
         #[arg(long)]
         count: usize,
     },
+    /// Open CONNS connections one after another and keep them all open:
+    /// each says `HOLD` and reads who answered and the client address the
+    /// server saw; then closes them all. Prints the count answered, the
+    /// distinct client addresses and ports seen (fails unless all answered).
+    Hold {
+        #[arg(long)]
+        to: SocketAddr,
+        #[arg(long)]
+        conns: usize,
+        /// Deadline for the whole run.
+        #[arg(long, default_value_t = 120)]
+        timeout_secs: u64,
+    },
     /// Try to connect; prints whether it worked (never fails).
     Probe {
         #[arg(long)]
         to: SocketAddr,
     },
+}
+
+/// `client hold`: CONNS connections open at once, each answered by the
+/// server with the client address it saw.
+fn hold(to: SocketAddr, conns: usize, timeout: Duration) -> Result<()> {
+    let deadline = Instant::now() + timeout;
+    let mut open = Vec::with_capacity(conns);
+    let mut clients = std::collections::BTreeMap::<String, usize>::new();
+    let mut ports = std::collections::HashSet::new();
+    let mut servers = std::collections::BTreeSet::new();
+    let mut failed: Option<String> = None;
+    for i in 0..conns {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            failed = Some(format!("deadline passed after {i} connections"));
+            break;
+        }
+        let answer = (|| -> Result<(TcpStream, String)> {
+            let mut s = TcpStream::connect_timeout(&to, left)?;
+            s.set_read_timeout(Some(left.max(Duration::from_millis(1))))?;
+            s.write_all(b"HOLD\n")?;
+            let mut line = String::new();
+            BufReader::new(s.try_clone()?).read_line(&mut line)?;
+            Ok((s, line))
+        })();
+        match answer {
+            Ok((s, line)) => {
+                let mut it = line.split_whitespace();
+                let (Some(server), Some(client)) = (it.next(), it.next()) else {
+                    failed = Some(format!("connection {i}: answer {line:?}"));
+                    break;
+                };
+                let client: SocketAddr = client.parse().with_context(|| format!("answer {line:?}"))?;
+                servers.insert(server.to_owned());
+                *clients.entry(client.ip().to_string()).or_default() += 1;
+                ports.insert(client);
+                open.push(s);
+            }
+            Err(e) => {
+                failed = Some(format!("connection {i}: {e:#}"));
+                break;
+            }
+        }
+    }
+    let answered = open.len();
+    println!(
+        "{}",
+        serde_json::json!({
+            "conns": conns,
+            "answered": answered,
+            "client_ips": clients,
+            "distinct_client_addrs": ports.len(),
+            "servers": servers,
+            "error": failed,
+        })
+    );
+    drop(open); // all of them were open until here
+    if answered != conns {
+        bail!("{} of {conns} connections not answered", conns - answered);
+    }
+    Ok(())
 }
 
 pub fn serve(name: String, port: u16) -> Result<()> {
@@ -98,6 +172,11 @@ fn handle(name: &str, s: TcpStream) -> Result<()> {
     let mut it = line.split_whitespace();
     match (it.next(), it.next().and_then(|n| n.parse::<u64>().ok())) {
         (Some("WHO"), _) => writeln!(w, "{name} {peer}")?,
+        (Some("HOLD"), _) => {
+            writeln!(w, "{name} {peer}")?;
+            let mut buf = [0u8; 512];
+            while r.read(&mut buf)? > 0 {}
+        }
         (Some("ECHO"), _) => {
             let mut buf = vec![0u8; 64 * 1024];
             loop {
@@ -197,6 +276,11 @@ pub fn client(op: Op) -> Result<()> {
                 bail!("echo mismatch: sent {bytes}, got {got}");
             }
         }
+        Op::Hold {
+            to,
+            conns,
+            timeout_secs,
+        } => hold(to, conns, Duration::from_secs(timeout_secs))?,
         Op::Stress { to, conns, bytes } => {
             let want = Arc::new(sha256_of_pattern(bytes));
             let hs: Vec<_> = (0..conns)
@@ -294,7 +378,7 @@ pub fn client(op: Op) -> Result<()> {
 /// True when `first` (a connection's first three bytes) opens a command of
 /// the TCP protocol: no HTTP method, nor the HTTP/2 preface, starts the same.
 pub fn is_protocol_command(first: &[u8]) -> bool {
-    matches!(first.get(..3), Some(b"WHO" | b"ECH" | b"SIN" | b"SOU"))
+    matches!(first.get(..3), Some(b"WHO" | b"ECH" | b"SIN" | b"SOU" | b"HOL"))
 }
 
 /// The protocol's server on one async connection: the same answers as
@@ -309,6 +393,10 @@ pub async fn serve_conn(name: &str, s: tokio::net::TcpStream) -> Result<()> {
     let mut it = line.split_whitespace();
     match (it.next(), it.next().and_then(|n| n.parse::<u64>().ok())) {
         (Some("WHO"), _) => w.write_all(format!("{name} {peer}\n").as_bytes()).await?,
+        (Some("HOLD"), _) => {
+            w.write_all(format!("{name} {peer}\n").as_bytes()).await?;
+            tokio::io::copy(&mut r, &mut tokio::io::sink()).await?;
+        }
         (Some("ECHO"), _) => {
             tokio::io::copy(&mut r, &mut w).await?;
         }

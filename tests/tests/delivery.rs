@@ -1,0 +1,162 @@
+//! Delivery to the app keeps the client's address, with no per-client cap
+//! (issue 15): the agent's delivery sockets take kernel-chosen ports and the
+//! hook on the agent's cgroup records each one's 4-tuple in `ferry_delivery`
+//! for `sk_lookup`; no source-port range marks a delivery any more. On the
+//! cluster-in-a-box: real agents, real programs, real connections.
+
+use std::{
+    io::{Read, Write},
+    net::{SocketAddrV4, TcpStream},
+    path::Path,
+    time::Duration,
+};
+
+use ferry_box::{eventually, require_root, BoxState, ClusterBox, Spec, PIN_ROOT};
+
+/// More than the 900 ports the old delivery range had (`FERRY_TEST_CONNS`
+/// overrides it, for measurements).
+fn conns() -> usize {
+    std::env::var("FERRY_TEST_CONNS").map_or(1200, |v| v.parse().expect("FERRY_TEST_CONNS: a count"))
+}
+
+fn stat(s: &BoxState, node: usize, name: &str) -> u64 {
+    s.bpf_stats(node).unwrap().get(name).copied().unwrap_or(0)
+}
+
+/// Entries in a node's `ferry_delivery` (handshakes in progress).
+fn delivery_entries(s: &BoxState, node: usize) -> usize {
+    let p = ferry_ebpf::pinned::Pinned::open(Path::new(PIN_ROOT), &s.node_name(node)).unwrap();
+    p.maps()
+        .unwrap()
+        .into_iter()
+        .find(|m| m.name == "ferry_delivery")
+        .and_then(|m| m.entries)
+        .expect("ferry_delivery listed with its entries")
+}
+
+/// `client hold` from `client` to `to`: [`conns`] connections open at once,
+/// each answered by `server`, which saw the client's own pod IP on every one.
+fn hold_all(s: &BoxState, to: SocketAddrV4, server: &str) {
+    let client_ip = s.pod_ip("client").unwrap().to_string();
+    let n = conns();
+    let out = s
+        .client(
+            "client",
+            &[
+                "hold",
+                "--to",
+                &to.to_string(),
+                "--conns",
+                &n.to_string(),
+                "--timeout-secs",
+                "120",
+            ],
+        )
+        .unwrap_or_else(|e| panic!("hold {n} to {to}: {e:#}"));
+    let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(v["answered"], n, "{v}");
+    assert_eq!(
+        v["client_ips"],
+        serde_json::json!({ client_ip.clone(): n }),
+        "the app saw the client's pod IP on every connection: {v}"
+    );
+    assert_eq!(v["distinct_client_addrs"], n, "{v}");
+    assert_eq!(v["servers"], serde_json::json!([server]), "{v}");
+}
+
+#[test]
+fn more_than_900_concurrent_deliveries_from_one_client_keep_its_address() {
+    require_root();
+    let b = ClusterBox::up(Spec::demo(), ferry_box::default_bin_dir()).expect("box up");
+    let s = &b.state;
+    for (to, server, node) in [("echo-1", "echo-1", 0), ("echo-2", "echo-2", 1)] {
+        // echo-1: same node (local hop); echo-2: across nodes (mTLS tunnel).
+        let dst = SocketAddrV4::new(s.pod_ip(to).unwrap(), 8080);
+        let (saved, lost) = (stat(s, node, "delivery_saved"), stat(s, node, "delivery_lost"));
+        hold_all(s, dst, server);
+        let saved = stat(s, node, "delivery_saved") - saved;
+        assert!(
+            saved >= conns() as u64,
+            "{saved} deliveries recorded on node {}",
+            node + 1
+        );
+        assert_eq!(stat(s, node, "delivery_lost"), lost, "no delivery went unrecorded");
+        assert!(stat(s, node, "delivery_passed") >= conns() as u64);
+        // Entries live for the handshake only.
+        assert!(
+            eventually(Duration::from_secs(10), || delivery_entries(s, node) == 0),
+            "ferry_delivery drains once handshakes are over: {} left",
+            delivery_entries(s, node)
+        );
+    }
+    // And the agents let go of every connection.
+    for node in 0..2 {
+        assert!(
+            eventually(Duration::from_secs(20), || s
+                .admin_json(node, "/conns")
+                .map(|c| c.as_array().map_or(0, Vec::len) == 0)
+                .unwrap_or(false)),
+            "node {} still holds connections",
+            node + 1
+        );
+    }
+}
+
+const STRICT_ECHO: &str = "\
+apiVersion: security.istio.io/v1beta1
+kind: PeerAuthentication
+metadata: {name: echo-strict, namespace: default}
+spec:
+  selector: {matchLabels: {app: echo}}
+  mtls: {mode: STRICT}
+";
+
+/// WHO from node 1's netns with source port `port`: the app's answer, if any.
+fn who_from_port(s: &BoxState, port: u16, to: SocketAddrV4) -> Option<String> {
+    s.in_node(0, move || -> std::io::Result<String> {
+        use socket2::{Domain, Socket, Type};
+        let sock = Socket::new(Domain::IPV4, Type::STREAM, None)?;
+        sock.set_reuse_address(true)?;
+        sock.bind(&SocketAddrV4::new(std::net::Ipv4Addr::UNSPECIFIED, port).into())?;
+        sock.connect_timeout(&to.into(), Duration::from_secs(3))?;
+        let mut c: TcpStream = sock.into();
+        c.set_read_timeout(Some(Duration::from_secs(3)))?;
+        c.write_all(b"WHO\n")?;
+        let mut out = String::new();
+        c.read_to_string(&mut out)?;
+        Ok(out)
+    })
+    .unwrap()
+    .ok()
+    .filter(|r| !r.is_empty())
+}
+
+/// A source port no longer makes a connection a delivery: what the old
+/// 15100-15999 range let any client do (skip capture, so plaintext reached
+/// a STRICT app) is refused like any other plaintext.
+#[test]
+fn a_source_port_of_the_old_delivery_range_does_not_skip_capture() {
+    require_root();
+    let mut spec = Spec::demo();
+    spec.peer_authentications = ferry_model::peer_auth::peer_authentications_in(STRICT_ECHO).unwrap();
+    let b = ClusterBox::up(spec, ferry_box::default_bin_dir()).expect("box up");
+    let s = &b.state;
+    let echo1 = SocketAddrV4::new(s.pod_ip("echo-1").unwrap(), 8080);
+    // Positive control: a mesh client reaches the STRICT app (delivered).
+    let (server, seen) = s.who("client", &echo1.to_string()).unwrap();
+    assert_eq!(server, "echo-1");
+    assert!(seen.starts_with(&format!("{}:", s.pod_ip("client").unwrap())), "{seen}");
+    // Plaintext from the node, from ports the old scheme never captured.
+    let assigned = stat(s, 0, "inbound_assigned");
+    for port in [15100, 15555, 15999] {
+        assert_eq!(
+            who_from_port(s, port, echo1),
+            None,
+            "plaintext from port {port} reached a STRICT app"
+        );
+    }
+    assert!(
+        stat(s, 0, "inbound_assigned") >= assigned + 3,
+        "each was captured by sk_lookup (and refused by the gate)"
+    );
+}
