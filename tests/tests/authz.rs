@@ -96,6 +96,14 @@ fn page(b: &ClusterBox, url: &str, method: &str) -> Value {
     v
 }
 
+/// The agents' request-log lines answered neither 200 nor 403 (for failures).
+fn not_refused(b: &ClusterBox) -> Vec<Value> {
+    (0..2)
+        .flat_map(|n| b.state.request_log(n))
+        .filter(|l| l["status"] != 200 && l["status"] != 403)
+        .collect()
+}
+
 fn status(v: &Value, code: u16) -> u64 {
     v["by_status"][code.to_string()].as_u64().unwrap_or(0)
 }
@@ -142,7 +150,12 @@ fn bookinfo_authorization_tasks_replayed() {
     apply(&mut b, &policies);
     let v = page(&b, PRODUCTPAGE, "GET");
     assert_eq!(status(&v, 200), N, "{v}");
-    assert_eq!(nested(&v, "status:403"), 2 * N, "details and reviews refused: {v}");
+    assert_eq!(
+        nested(&v, "status:403"),
+        2 * N,
+        "details and reviews refused: {v}\nnot 403 in the agents' logs: {:#?}",
+        not_refused(&b)
+    );
     assert_eq!(nested(&v, "details-v1") + nested(&v, "reviews-v2"), 0, "{v}");
     let v = page(&b, PRODUCTPAGE, "POST");
     assert_eq!(status(&v, 403), N, "GET only: {v}");

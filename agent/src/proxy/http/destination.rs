@@ -21,7 +21,8 @@
 //!   access-log line per request ([`RequestRecord`], the same code as the
 //!   source side's);
 //! - a live re-check that denies every request the connection could carry
-//!   closes it, an upgraded stream on it included.
+//!   closes it gracefully (requests in flight end, no new ones; within
+//!   `REVOKE_GRACE`), an upgraded stream on it at once.
 
 use std::{
     collections::HashSet,
@@ -121,6 +122,10 @@ impl Drop for ConnCx {
     }
 }
 
+/// How long requests in flight on a connection a policy change revokes
+/// may take to finish.
+const REVOKE_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Serves `client` per request until it closes (and an upgraded stream on
 /// it ends), or until a live re-check revokes the connection; `guard` is
 /// the inbound connection's record, `app` the delivered connection.
@@ -145,13 +150,20 @@ where
     b.http1().timer(TokioTimer::new()).keep_alive(true);
     b.http2().timer(TokioTimer::new());
     let server = b.serve_connection_with_upgrades(TokioIo::new(client), svc);
+    tokio::pin!(server);
     tokio::select! {
-        r = server => {
+        r = server.as_mut() => {
             if let Err(e) = r {
                 guard.outcome = Outcome::Relay(io::Error::other(e));
             }
         }
         d = conn.revoke.revoked() => {
+            // Each request in flight was decided under the policies of its
+            // arrival (or is answered 403 under the new ones): let it end,
+            // take no more (HTTP/1.1 `connection: close`, HTTP/2 GOAWAY),
+            // within REVOKE_GRACE. Cutting at once turned them into 503s.
+            server.as_mut().graceful_shutdown();
+            let _ = tokio::time::timeout(REVOKE_GRACE, server.as_mut()).await;
             guard.outcome = Outcome::Denied(d);
             return;
         }
