@@ -87,6 +87,75 @@ pub enum Op {
         #[arg(long)]
         to: SocketAddr,
     },
+    /// Unauthenticated load: for SECS seconds, CONNS threads each connect
+    /// to TO again and again, write BYTES of garbage (a TLS-looking record
+    /// header, then a pattern), and close. Prints the connections opened,
+    /// those refused or reset, and the bytes written (never fails).
+    Flood {
+        #[arg(long)]
+        to: SocketAddr,
+        #[arg(long, default_value_t = 8)]
+        conns: usize,
+        #[arg(long, default_value_t = 512)]
+        bytes: usize,
+        #[arg(long)]
+        secs: u64,
+    },
+}
+
+/// `client flood`: see [`Op::Flood`].
+fn flood(to: SocketAddr, conns: usize, bytes: usize, secs: u64) {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    let until = Instant::now() + Duration::from_secs(secs);
+    let (opened, failed, written) = (
+        Arc::new(AtomicU64::new(0)),
+        Arc::new(AtomicU64::new(0)),
+        Arc::new(AtomicU64::new(0)),
+    );
+    let mut garbage = vec![0u8; bytes.max(5)];
+    pattern(7, &mut garbage);
+    // A TLS handshake record header with a bogus body: the listener must
+    // read it, fail the handshake and move on.
+    garbage[..5].copy_from_slice(&[0x16, 0x03, 0x01, 0x02, 0x00]);
+    let garbage = Arc::new(garbage);
+    let threads: Vec<_> = (0..conns.max(1))
+        .map(|_| {
+            let (opened, failed, written, garbage) = (opened.clone(), failed.clone(), written.clone(), garbage.clone());
+            std::thread::spawn(move || {
+                while Instant::now() < until {
+                    match TcpStream::connect_timeout(&to, Duration::from_secs(2)) {
+                        Ok(mut s) => {
+                            opened.fetch_add(1, Ordering::Relaxed);
+                            let _ = s.set_write_timeout(Some(Duration::from_secs(1)));
+                            match s.write_all(&garbage) {
+                                Ok(()) => {
+                                    written.fetch_add(garbage.len() as u64, Ordering::Relaxed);
+                                }
+                                Err(_) => {
+                                    failed.fetch_add(1, Ordering::Relaxed);
+                                }
+                            }
+                        }
+                        Err(_) => {
+                            failed.fetch_add(1, Ordering::Relaxed);
+                            std::thread::sleep(Duration::from_millis(5));
+                        }
+                    }
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        let _ = t.join();
+    }
+    println!(
+        "{}",
+        serde_json::json!({
+            "opened": opened.load(Ordering::Relaxed),
+            "failed": failed.load(Ordering::Relaxed),
+            "bytes": written.load(Ordering::Relaxed),
+        })
+    );
 }
 
 /// `client hold`: CONNS connections open at once, each answered by the
@@ -364,6 +433,7 @@ pub fn client(op: Op) -> Result<()> {
             drop(s);
             println!("{}", serde_json::json!({"reset": true}));
         }
+        Op::Flood { to, conns, bytes, secs } => flood(to, conns, bytes, secs),
         Op::Probe { to } => {
             let r = TcpStream::connect_timeout(&to, Duration::from_secs(2));
             println!(
