@@ -27,6 +27,8 @@ use k8s_openapi::{
 
 use crate::model::{parse::MESH_ANNOTATION, Cluster, Object, SERVICE_NAME_LABEL};
 
+#[cfg(test)]
+mod proptests;
 mod workload_name;
 pub use workload_name::workload_name;
 
