@@ -194,8 +194,14 @@ pub fn is_bpffs(path: &Path) -> bool {
     rc == 0 && st.f_type as i64 == BPF_FS_MAGIC
 }
 
-/// Loads every program of the object (without attaching), with its maps
-/// pinned in a scratch directory under `pin_root` that is removed afterwards.
+/// Loads every program of the object and attaches it where its kind goes,
+/// on throwaways: the cgroup programs to an empty cgroup made for this (no
+/// process in it), `sk_lookup` to a network namespace of its own and the
+/// `tc` programs to that namespace's `lo` (by TCX or netlink, as the agent
+/// would on this kernel), `sk_msg` to its sockhash; maps pinned in a scratch
+/// directory under `pin_root`. Everything is detached and removed
+/// afterwards. A kernel that loads a program but refuses to attach it (a
+/// missing attach type, an old tc) is reported here, not at enrolment.
 /// Returns each program's name and whether the kernel accepted it.
 pub fn probe_programs(pin_root: &Path) -> Vec<(String, Result<(), String>)> {
     // bpffs refuses names with dots.
@@ -203,37 +209,141 @@ pub fn probe_programs(pin_root: &Path) -> Vec<(String, Result<(), String>)> {
     if let Err(e) = fs::create_dir_all(&dir) {
         return vec![("object".into(), Err(format!("cannot create {}: {e}", dir.display())))];
     }
-    let out = match EbpfLoader::new().default_map_pin_directory(&dir).load(OBJECT) {
-        Err(e) => vec![("object".into(), Err(e.to_string()))],
-        Ok(mut bpf) => {
-            let names: Vec<String> = bpf.programs().map(|(n, _)| n.to_owned()).collect();
-            let mut rows: Vec<_> = names
-                .into_iter()
-                .map(|n| {
-                    let res = match bpf.program_mut(&n) {
-                        Some(aya::programs::Program::CgroupSockAddr(p)) => p.load(),
-                        Some(aya::programs::Program::SockOps(p)) => p.load(),
-                        Some(aya::programs::Program::SkMsg(p)) => p.load(),
-                        Some(aya::programs::Program::SkLookup(p)) => p.load(),
-                        Some(aya::programs::Program::CgroupSkb(p)) => p.load(),
-                        Some(aya::programs::Program::SchedClassifier(p)) => p.load(),
-                        _ => Ok(()),
-                    };
-                    // The verifier log is long: keep its last lines, which say why.
-                    let res = res.map_err(|e| {
-                        let full = format!("{e:#}");
-                        let tail: Vec<&str> = full.lines().rev().take(4).collect();
-                        tail.into_iter().rev().collect::<Vec<_>>().join(" | ")
-                    });
-                    (n, res)
-                })
-                .collect();
-            rows.sort_by(|a, b| a.0.cmp(&b.0));
-            rows
-        }
-    };
+    let cgroup = cgroup2_root().map(|r| r.join(format!("ferry-probe-{}", std::process::id())));
+    let probe_dir = dir.clone();
+    let probe_cgroup = cgroup.clone();
+    // A thread of its own: it moves to a new network namespace, which goes
+    // away with it (and with it the sk_lookup and tc attachments).
+    let out = std::thread::spawn(move || probe_in_own_netns(&probe_dir, probe_cgroup.as_deref()))
+        .join()
+        .unwrap_or_else(|_| vec![("object".into(), Err("the probe thread panicked".into()))]);
+    if let Some(c) = cgroup {
+        let _ = fs::remove_dir(c);
+    }
     let _ = fs::remove_dir_all(&dir);
     out
+}
+
+fn probe_in_own_netns(dir: &Path, cgroup: Option<&Path>) -> Vec<(String, Result<(), String>)> {
+    // SAFETY: unshare(2) with CLONE_NEWNET only moves this thread (no
+    // memory is involved); the thread ends when the probe does.
+    let netns = if unsafe { libc::unshare(libc::CLONE_NEWNET) } == 0 {
+        fs::File::open("/proc/thread-self/ns/net").map_err(|e| format!("own netns: {e}"))
+    } else {
+        Err(format!("unshare(CLONE_NEWNET): {}", io::Error::last_os_error()))
+    };
+    let cg = match cgroup {
+        Some(c) => fs::create_dir_all(c)
+            .and_then(|()| fs::File::open(c))
+            .map_err(|e| format!("scratch cgroup {}: {e}", c.display())),
+        None => Err("no cgroup v2 mount".into()),
+    };
+    let mut bpf = match EbpfLoader::new().default_map_pin_directory(dir).load(OBJECT) {
+        Err(e) => return vec![("object".into(), Err(e.to_string()))],
+        Ok(b) => b,
+    };
+    let splice = bpf
+        .map("ferry_splice")
+        .ok_or_else(|| "no ferry_splice map".to_owned())
+        .and_then(|m| SockHash::<_, SockKey>::try_from(m).map_err(|e| e.to_string()))
+        .and_then(|m| m.fd().try_clone().map_err(|e| e.to_string()));
+    // As the agent will: FERRY_TC_ATTACH if it names a mode, else by kernel.
+    let tc = TcAttach::parse(&std::env::var(TcAttach::ENV).unwrap_or_default())
+        .ok()
+        .flatten()
+        .unwrap_or_else(TcAttach::for_kernel);
+    let names: Vec<String> = bpf.programs().map(|(n, _)| n.to_owned()).collect();
+    let mut rows: Vec<_> = names
+        .into_iter()
+        .map(|n| {
+            let res = probe_one(&mut bpf, &n, cg.as_ref(), netns.as_ref(), splice.as_ref(), tc);
+            (n, res)
+        })
+        .collect();
+    rows.sort_by(|a, b| a.0.cmp(&b.0));
+    // Dropping the object detaches everything it attached.
+    drop(bpf);
+    rows
+}
+
+/// Loads and attaches one program; the verifier log is long: its last
+/// lines, which say why, are kept.
+fn probe_one(
+    bpf: &mut Ebpf,
+    name: &str,
+    cg: Result<&fs::File, &String>,
+    netns: Result<&fs::File, &String>,
+    splice: Result<&aya::maps::sock::SockMapFd, &String>,
+    tc: TcAttach,
+) -> Result<(), String> {
+    use aya::programs::Program;
+    let short = |e: &dyn std::fmt::Display| {
+        let full = format!("{e:#}");
+        let tail: Vec<&str> = full.lines().rev().take(4).collect();
+        tail.into_iter().rev().collect::<Vec<_>>().join(" | ")
+    };
+    fn attach_err(what: &'static str) -> impl Fn(aya::programs::ProgramError) -> String {
+        move |e| format!("loads, but attaching to {what} fails: {e}")
+    }
+    fn need<'f>(r: Result<&'f fs::File, &String>, what: &str) -> Result<&'f fs::File, String> {
+        r.map_err(|e| format!("loads; attach not probed ({what}: {e})"))
+    }
+    match bpf.program_mut(name) {
+        Some(Program::CgroupSockAddr(p)) => {
+            p.load().map_err(|e| short(&e))?;
+            p.attach(need(cg, "cgroup")?, CgroupAttachMode::Single)
+                .map(drop)
+                .map_err(attach_err("a cgroup"))
+        }
+        Some(Program::SockOps(p)) => {
+            p.load().map_err(|e| short(&e))?;
+            p.attach(need(cg, "cgroup")?, CgroupAttachMode::Single)
+                .map(drop)
+                .map_err(attach_err("a cgroup"))
+        }
+        Some(Program::CgroupSkb(p)) => {
+            p.load().map_err(|e| short(&e))?;
+            p.attach(
+                need(cg, "cgroup")?,
+                CgroupSkbAttachType::Ingress,
+                CgroupAttachMode::Single,
+            )
+            .map(drop)
+            .map_err(attach_err("a cgroup"))
+        }
+        Some(Program::SkLookup(p)) => {
+            p.load().map_err(|e| short(&e))?;
+            p.attach(need(netns, "network namespace")?)
+                .map(drop)
+                .map_err(attach_err("a network namespace"))
+        }
+        Some(Program::SkMsg(p)) => {
+            p.load().map_err(|e| short(&e))?;
+            let fd = splice.map_err(|e| format!("loads; attach not probed (sockhash: {e})"))?;
+            p.attach(fd).map(drop).map_err(attach_err("a sockhash"))
+        }
+        Some(Program::SchedClassifier(p)) => {
+            p.load().map_err(|e| short(&e))?;
+            let ty = TC_PROGRAMS
+                .iter()
+                .find(|(n, _, _)| *n == name)
+                .map_or(TcAttachType::Ingress, |(_, ty, _)| *ty);
+            match tc {
+                TcAttach::Tcx => p
+                    .attach_with_options("lo", ty, TcAttachOptions::TcxOrder(Default::default()))
+                    .map(drop)
+                    .map_err(attach_err("lo by TCX")),
+                TcAttach::Netlink => {
+                    // The namespace is this probe's own: its qdisc goes with it.
+                    let _ = aya::programs::tc::qdisc_add_clsact("lo");
+                    p.attach_with_options("lo", ty, TcAttachOptions::Netlink(NlOptions::default()))
+                        .map(drop)
+                        .map_err(attach_err("lo by netlink (clsact)"))
+                }
+            }
+        }
+        Some(_) | None => Ok(()),
+    }
 }
 
 /// Where a pod's hooks go.

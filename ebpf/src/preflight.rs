@@ -1,6 +1,8 @@
 //! `ferryctl check`: can this node run Ferry? Each check says what it found
 //! and, when it fails, the exact remedy. Program support is probed by really
-//! loading Ferry's programs (the verifier is the only reliable answer).
+//! loading Ferry's programs (the verifier is the only reliable answer) and
+//! attaching each where its kind goes, on throwaways
+//! (`loader::probe_programs`).
 
 use std::path::Path;
 
@@ -115,7 +117,7 @@ pub fn run(pin_root: &Path, cgroup_root: Option<&Path>) -> Vec<Check> {
             out.push(check(
                 &format!("program {name}"),
                 ok,
-                res.map(|()| "loads (verifier accepted it)".into())
+                res.map(|()| "loads (verifier) and attaches (on a scratch cgroup, netns or map)".into())
                     .unwrap_or_else(|e| e),
                 "this kernel lacks a program type or helper Ferry needs: see the detail; a newer kernel is the fix",
             ));
