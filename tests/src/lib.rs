@@ -86,6 +86,19 @@ fn day() -> u64 {
     86400
 }
 
+/// How the box lays pod cgroups out, as the kubelet's cgroup drivers do.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum CgroupLayout {
+    /// `kubepods/pod<uid>`, processes in it (a Guaranteed pod, cgroupfs).
+    #[default]
+    Flat,
+    /// cgroupfs driver: `kubepods/besteffort/pod<uid>/<container id>`.
+    Cgroupfs,
+    /// systemd driver: `kubepods.slice/kubepods-besteffort.slice/
+    /// kubepods-besteffort-pod<uid with _>.slice/cri-containerd-<id>.scope`.
+    Systemd,
+}
+
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Spec {
     pub nodes: usize,
@@ -122,6 +135,10 @@ pub struct Spec {
     /// its `serve`.
     #[serde(default)]
     pub pod_args: Vec<(String, Vec<String>)>,
+    /// How pod cgroups are laid out under the node's kubepods root
+    /// ([`CgroupLayout`]); the agent must find them either way.
+    #[serde(default)]
+    pub cgroup_layout: CgroupLayout,
     /// Run `ferry-cni` for every pod as a container runtime would (ADD after
     /// the pod's netns and veth exist, before its application starts), with
     /// each agent serving it (`--cni-socket`). Off: applications start once
@@ -177,6 +194,7 @@ impl Spec {
             cluster_yaml: Vec::new(),
             namespace_labels: Vec::new(),
             pod_args: Vec::new(),
+            cgroup_layout: CgroupLayout::Flat,
             cni: true,
             departed: Vec::new(),
         }
@@ -235,12 +253,36 @@ impl BoxState {
     pub fn pod_uid(&self, pod: &str) -> String {
         format!("{}-{pod}-uid", self.id)
     }
+    /// The pod's cgroup (what the agent looks for and attaches to).
     pub fn pod_cgroup(&self, pod: &str) -> Result<PathBuf> {
         let p = &self.spec.pods[self.pod_index(pod)?];
-        Ok(self.kubepods(p.node).join(format!("pod{}", self.pod_uid(pod))))
+        let uid = self.pod_uid(pod);
+        let root = self.kubepods(p.node);
+        Ok(match self.spec.cgroup_layout {
+            CgroupLayout::Flat => root.join(format!("pod{uid}")),
+            CgroupLayout::Cgroupfs => root.join("besteffort").join(format!("pod{uid}")),
+            CgroupLayout::Systemd => root
+                .join("kubepods-besteffort.slice")
+                .join(format!("kubepods-besteffort-pod{}.slice", uid.replace('-', "_"))),
+        })
     }
+    /// Where the pod's processes run: the pod cgroup itself (flat), or its
+    /// container's cgroup below it, as a kubelet and its runtime lay it out.
+    pub fn pod_procs_cgroup(&self, pod: &str) -> Result<PathBuf> {
+        let cg = self.pod_cgroup(pod)?;
+        Ok(match self.spec.cgroup_layout {
+            CgroupLayout::Flat => cg,
+            CgroupLayout::Cgroupfs => cg.join(format!("{:x}", self.pod_index(pod)? + 0xc0)),
+            CgroupLayout::Systemd => cg.join(format!("cri-containerd-{:x}.scope", self.pod_index(pod)? + 0xc0)),
+        })
+    }
+    /// The kubelet's pod cgroup root on `node` (the agent's `cgroupRoot`).
     pub fn kubepods(&self, node: usize) -> PathBuf {
-        self.cgroup.join(format!("node{}", node + 1)).join("kubepods")
+        let name = match self.spec.cgroup_layout {
+            CgroupLayout::Systemd => "kubepods.slice",
+            CgroupLayout::Flat | CgroupLayout::Cgroupfs => "kubepods",
+        };
+        self.cgroup.join(format!("node{}", node + 1)).join(name)
     }
     pub fn agent_cgroup(&self, node: usize) -> PathBuf {
         self.cgroup.join(format!("node{}", node + 1)).join("ferry-agent")
@@ -317,7 +359,7 @@ impl BoxState {
 
     /// A command that will run as `pod` (its cgroup and netns).
     pub fn pod_command(&self, pod: &str, program: &str, args: &[&str]) -> Result<Command> {
-        let cg = self.pod_cgroup(pod)?.join("cgroup.procs");
+        let cg = self.pod_procs_cgroup(pod)?.join("cgroup.procs");
         let ns = fs::File::open(format!("/run/netns/{}", self.pod_netns(pod)))?;
         Ok(command_in(program, args, Some(cg), ns))
     }
@@ -503,7 +545,7 @@ impl ClusterBox {
                 .status()?;
         }
         for p in &s.spec.pods {
-            fs::create_dir_all(s.pod_cgroup(&p.name)?)?;
+            fs::create_dir_all(s.pod_procs_cgroup(&p.name)?)?;
         }
         for n in 0..s.spec.nodes {
             fs::create_dir_all(s.agent_cgroup(n))?;
@@ -636,7 +678,7 @@ impl ClusterBox {
         let s = self.state.clone();
         sys::ip_batch(&[format!("netns add {}", s.pod_netns(&name))])?;
         sys::ip_batch(&s.pod_network(&name)?)?;
-        fs::create_dir_all(s.pod_cgroup(&name)?)?;
+        fs::create_dir_all(s.pod_procs_cgroup(&name)?)?;
         let pause = s
             .pod_command(&name, "sleep", &["infinity"])?
             .stdin(Stdio::null())

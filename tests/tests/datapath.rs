@@ -408,3 +408,42 @@ fn ferryctl_reads_pins_and_agent_and_fails_clearly() {
     let out = s.ferryctl(0, &["--pin-root", "/nonexistent", "bpf", "maps"]).unwrap();
     assert_eq!(out.status.code(), Some(4), "{}", String::from_utf8_lossy(&out.stderr));
 }
+
+/// The kubelet's two cgroup drivers lay pods out differently, with the
+/// processes in a container cgroup below the pod's: cgroupfs
+/// (`kubepods/besteffort/pod<uid>/<id>`) and systemd
+/// (`kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod<uid
+/// with _>.slice/cri-containerd-<id>.scope`). Either way the agent finds
+/// each pod's cgroup and captures its processes: the client's connections
+/// to the VIP are steered (the redirect counter moves, the server sees the
+/// client's pod IP), and the non-mesh pod's are not (the control).
+#[test]
+fn pods_are_captured_under_both_kubelet_cgroup_layouts() {
+    for layout in [ferry_box::CgroupLayout::Cgroupfs, ferry_box::CgroupLayout::Systemd] {
+        let b = up(Spec {
+            cgroup_layout: layout,
+            ..Spec::demo()
+        });
+        let s = &b.state;
+        let procs = s.pod_procs_cgroup("client").unwrap();
+        assert_ne!(
+            procs,
+            s.pod_cgroup("client").unwrap(),
+            "{layout:?}: a container cgroup below the pod's"
+        );
+        let client_ip = s.pod_ip("client").unwrap().to_string();
+        let before = s.bpf_stats(0).unwrap();
+        let (server, seen) = s.who("client", VIP).unwrap();
+        eprintln!(
+            "{layout:?}: pod cgroup {}, processes in {}: {server} saw {seen}",
+            s.pod_cgroup("client").unwrap().display(),
+            procs.display()
+        );
+        assert!(server.starts_with("echo-"), "{layout:?}: {server}");
+        assert!(seen.starts_with(&format!("{client_ip}:")), "{layout:?}: {seen}");
+        let after = s.bpf_stats(0).unwrap();
+        assert_eq!(after["redirects"] - before["redirects"], 1, "{layout:?}: steered");
+        // The control: a pod outside the mesh reaches no VIP (nothing steers it).
+        assert!(!s.probe("outsider", VIP).unwrap(), "{layout:?}: not steered");
+    }
+}
