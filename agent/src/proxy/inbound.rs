@@ -321,9 +321,11 @@ fn every_request(reason: DenyReason) -> bool {
 /// this node (same-node ones included) is checked again under `state`'s
 /// policies, and those no longer allowed are closed (their relay or HTTP
 /// server ends; through HBONE the stream is reset), as ztunnel does. A
-/// connection served per request is closed only when every request on it
-/// would be denied ([`Scope::HttpConnection`]); its next request is decided
-/// under the new policies anyway. Nothing to do when no policy exists.
+/// connection served per request is left alone (each request is decided
+/// under the policies in force when it arrives), unless an upgrade turned
+/// it into a byte stream: that is closed when every request it could carry
+/// would be denied ([`Scope::HttpConnection`]). Nothing to do when no
+/// policy exists.
 pub fn recheck(proxy: &Proxy, state: &State) {
     if state.authorization_policies.is_empty() {
         return;
@@ -344,10 +346,14 @@ pub fn recheck(proxy: &Proxy, state: &State) {
             target: c.orig_dst,
             identity,
         };
-        let scope = if c.http.load(Ordering::Relaxed) {
-            Scope::HttpConnection
-        } else {
-            Scope::Connection
+        let scope = match (c.http.load(Ordering::Relaxed), c.upgraded.load(Ordering::Relaxed)) {
+            // Served per request: every request is decided under the
+            // policies in force when it arrives. Cutting the connection
+            // would only turn a request on its way (new, or still being
+            // read) into a 503 instead of its answer or its 403.
+            (true, false) => continue,
+            (true, true) => Scope::HttpConnection,
+            (false, _) => Scope::Connection,
         };
         if let (Some(d), _) = authorize(state, w, &caller, scope, true) {
             tracing::warn!(pod = %w.label(), source = %identity_label(identity), client = %c.client, destination = %c.orig_dst, via = %c.direction, policy = d.policy_label(), rule = %d.rule_label(), reason = d.reason.as_str(), "live connection closed: a policy change denies it");

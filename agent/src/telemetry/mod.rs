@@ -59,9 +59,13 @@ pub struct Conn {
     /// Closes the connection from outside its task (a policy change).
     pub revoke: Revoke,
     /// Served per request by the destination's HTTP layer (its port is an
-    /// HTTP Service port): a live re-check then closes it only when the new
-    /// policies deny every request it could carry.
+    /// HTTP Service port): each request is decided when it arrives, so a
+    /// live re-check leaves it alone unless it carries an upgraded stream.
     pub http: AtomicBool,
+    /// An HTTP/1.1 upgrade (WebSocket) turned it into a byte stream: a live
+    /// re-check closes it when the new policies deny every request it could
+    /// carry.
+    pub upgraded: AtomicBool,
 }
 
 /// A live connection's kill switch: the first [`Revoke::revoke`] keeps its
@@ -344,6 +348,7 @@ impl Telemetry {
             started: Instant::now(),
             revoke: Revoke::default(),
             http: AtomicBool::new(false),
+            upgraded: AtomicBool::new(false),
         });
         self.live
             .lock()

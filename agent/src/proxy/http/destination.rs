@@ -20,9 +20,11 @@
 //! - Istio's request metrics with `reporter="destination"` and one
 //!   access-log line per request ([`RequestRecord`], the same code as the
 //!   source side's);
-//! - a live re-check that denies every request the connection could carry
-//!   closes it gracefully (requests in flight end, no new ones; within
-//!   `REVOKE_GRACE`), an upgraded stream on it at once.
+//! - a live re-check leaves a connection served per request alone (each
+//!   request is decided when it arrives); one that carries an upgraded
+//!   stream is closed when every request it could carry would be denied
+//!   (the stream at once; requests in flight, if any, within
+//!   `REVOKE_GRACE`).
 
 use std::{
     collections::HashSet,
@@ -352,6 +354,8 @@ async fn handle(cx: Arc<ConnCx>, mut req: Request<Incoming>) -> Response<Body> {
         if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
             let on_app = hyper::upgrade::on(&mut resp);
             let conn = cx.conn.clone();
+            // From now on a live re-check looks at it (see `inbound::recheck`).
+            conn.upgraded.store(true, std::sync::atomic::Ordering::Relaxed);
             let task = tokio::spawn(async move {
                 if let (Ok(c), Ok(u)) = tokio::join!(on_client, on_app) {
                     let _ = copy::bidi(TokioIo::new(c), TokioIo::new(u), &conn.sent, &conn.received).await;
