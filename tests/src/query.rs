@@ -106,6 +106,12 @@ impl BoxState {
             .unwrap_or(0))
     }
 
+    /// ferry-control's `/problems`: every finding about the cluster YAML.
+    pub fn control_problems(&self) -> Result<Vec<serde_json::Value>> {
+        let (_, body) = self.http(0, "GET", CONTROL_ADMIN, "/problems")?;
+        Ok(serde_json::from_str(&body)?)
+    }
+
     /// ferry-control's view of each node's stream.
     pub fn control_nodes(&self) -> Result<serde_json::Value> {
         let (_, body) = self.http(0, "GET", CONTROL_ADMIN, "/nodes")?;

@@ -62,8 +62,7 @@ fn apply(b: &mut ClusterBox, policies: &[(String, String)]) {
     .expect("policies applied by every agent");
     let names: Vec<&str> = policies.iter().map(|(n, _)| n.as_str()).collect();
     eprintln!("{names:?} applied everywhere in {} ms", t.elapsed().as_millis());
-    let (_, body) = b.state.http(0, "GET", ferry_box::CONTROL_ADMIN, "/problems").unwrap();
-    let problems: Vec<Value> = serde_json::from_str(&body).unwrap();
+    let problems = b.state.control_problems().unwrap();
     assert!(
         !problems
             .iter()

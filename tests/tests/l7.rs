@@ -82,12 +82,7 @@ impl Bed {
             .update(|sp| sp.cluster_yaml = y)
             .expect("routes applied by every agent");
         eprintln!("routes {files:?} applied everywhere in {} ms", t.elapsed().as_millis());
-        let (_, body) = self
-            .b
-            .state
-            .http(0, "GET", ferry_box::CONTROL_ADMIN, "/problems")
-            .unwrap();
-        let problems: Vec<Value> = serde_json::from_str(&body).unwrap();
+        let problems = self.b.state.control_problems().unwrap();
         let errors: Vec<&Value> = problems
             .iter()
             .filter(|p| p["severity"].as_str().is_some_and(|s| s.eq_ignore_ascii_case("error")))

@@ -68,12 +68,7 @@ impl Bed {
             y.push(("ratelimit.yaml".into(), policy.into()));
         }
         self.b.update(|sp| sp.cluster_yaml = y).expect("applied by every agent");
-        let (_, body) = self
-            .b
-            .state
-            .http(0, "GET", ferry_box::CONTROL_ADMIN, "/problems")
-            .unwrap();
-        let problems: Vec<Value> = serde_json::from_str(&body).unwrap();
+        let problems = self.b.state.control_problems().unwrap();
         let bad: Vec<&Value> = problems
             .iter()
             .filter(|p| {
