@@ -611,7 +611,10 @@ pub fn bench(sizes: Sizes, quick: bool, bins: &Path, out: &Path) -> Result<()> {
          - sidecar model: HAProxy (Debian) as a plain L4 proxy in each pod, the client app talking to its \
          local sidecar; compare with Ferry's cross-node plain path (neither uses TLS).\n\
          - Splicing on/off is measured apart, with iperf3 (below): it breaks the blocking readers used here.\n\
-         - The control plane at scale (10,000 pods, 50 simulated agents) is the second part of the run: benchmarks-control-plane.md.\n\n{md}",
+         - The control plane at scale (10,000 pods, 50 simulated agents) is the second part of the run: benchmarks-control-plane.md.\n         - Issue 18's targets, measured with the standard tools (iperf3 1 and 4 streams both ways, sockperf \
+         ping-pong and under load): benchmarks-std.md, from the same `cargo xtask bench` (alone: \
+         `ferry-bench bench --only std`). What moved those figures, with before and after, and why the \
+         targets not reached are not: performance.md.\n\n{md}",
         sizes.echo_bytes >> 20,
         sizes.rr_count,
         sizes.rr_new_count,

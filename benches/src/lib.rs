@@ -3,7 +3,7 @@
 //! benchmarks ([`bench`], with its HTTP rows in [`bench_http`]: wrk and
 //! h2load through Ferry's L4 and L7 paths), the control plane at scale
 //! ([`bench_control`]), authorization decisions with 10,000 policies
-//! ([`bench_authz`]) and the narrated demo ([`demo`]). `cargo xtask bench` and `cargo xtask demo`
+//! ([`bench_authz`]), the standard tools (iperf3, sockperf: [`bench_std`]) and the narrated demo ([`demo`]). `cargo xtask bench` and `cargo xtask demo`
 //! build everything and run the `ferry-bench` binary.
 
 pub mod bench;
@@ -11,4 +11,5 @@ pub mod bench_authz;
 pub mod bench_control;
 pub mod bench_http;
 pub mod bench_lb;
+pub mod bench_std;
 pub mod demo;

@@ -18,6 +18,8 @@ const NEEDED: &[(&str, &str)] = &[
     // The bench's HTTP rows: wrk (HTTP/1.1) and h2load (HTTP/2, from nghttp2).
     ("wrk", "wrk"),
     ("h2load", "nghttp2-client"),
+    // The bench's standard-tool latency rows.
+    ("sockperf", "sockperf"),
 ];
 
 fn present(what: &str) -> bool {
@@ -50,7 +52,7 @@ pub fn ensure() -> Result<()> {
 fn ensure_packages() -> Result<()> {
     let missing: Vec<&str> = NEEDED.iter().filter(|(c, _)| !present(c)).map(|(_, p)| *p).collect();
     if missing.is_empty() {
-        eprintln!("deps: all present (clang, llvm, libbpf-dev, bpftool, iproute2, iperf3, tcpdump, haproxy, wrk, nghttp2-client)");
+        eprintln!("deps: all present (clang, llvm, libbpf-dev, bpftool, iproute2, iperf3, tcpdump, haproxy, wrk, nghttp2-client, sockperf)");
         return Ok(());
     }
     if !is_root() {

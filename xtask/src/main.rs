@@ -99,6 +99,7 @@ fn main() -> Result<()> {
                 (&["bench-control"][..], format!("{out}-control-plane")),
                 (&["bench", "--only", "authz"][..], format!("{out}-authz")),
                 (&["bench", "--only", "lb"][..], format!("{out}-lb")),
+                (&["bench", "--only", "std"][..], format!("{out}-std")),
             ] {
                 let mut args: Vec<String> = cmd.iter().map(|a| a.to_string()).collect();
                 args.extend(["--out".to_owned(), out]);

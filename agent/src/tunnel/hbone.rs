@@ -71,6 +71,18 @@ fn conn_window() -> u32 {
     stream_window().saturating_mul(4)
 }
 
+fn env_u32(name: &str, default: u32) -> u32 {
+    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
+/// The largest HTTP/2 frame a peer may send us: h2's 16 KiB. 1 MiB (as
+/// ztunnel once used) measured no better here (docs/performance.md);
+/// `FERRY_H2_FRAME_SIZE` overrides it, for measuring.
+fn frame_size() -> u32 {
+    static F: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+    *F.get_or_init(|| env_u32("FERRY_H2_FRAME_SIZE", 16 * 1024))
+}
+
 /// A bounded set of failure reasons (the detail goes to the log).
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct Reason {
@@ -297,6 +309,7 @@ impl Hbone {
             .keep_alive_while_idle(true)
             .initial_stream_window_size(stream_window())
             .initial_connection_window_size(conn_window())
+            .max_frame_size(frame_size())
             .handshake(TokioIo::new(tls))
             .await
             .map_err(|e| err(io::ErrorKind::BrokenPipe, e.to_string()))?;
@@ -347,6 +360,7 @@ impl Hbone {
             .max_concurrent_streams(MAX_STREAMS as u32)
             .initial_stream_window_size(stream_window())
             .initial_connection_window_size(conn_window())
+            .max_frame_size(frame_size())
             .serve_connection(TokioIo::new(tls), svc);
         tokio::pin!(conn);
         let mut draining = self.draining.subscribe();

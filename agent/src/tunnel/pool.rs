@@ -9,8 +9,12 @@
 //!   is chosen or dialed: one dial per key at a time (single flight); other
 //!   keys never wait for it, so one unreachable node stalls nobody else.
 //! - A connection carries at most [`MAX_STREAMS`] streams at once (the
-//!   server is configured with the same limit). When every connection of a
-//!   key is full, another is dialed, up to [`MAX_CONNS`] per key; past that
+//!   server is configured with the same limit). Streams are spread: a new
+//!   stream takes the connection with the fewest streams, and while every
+//!   connection of the key is busy and the key has fewer than [`spread`]
+//!   connections, another is dialed, so parallel streams are not funnelled
+//!   through one TLS connection and one task (one core). When every
+//!   connection of a key is full, another is dialed, up to [`MAX_CONNS`] per key; past that
 //!   a caller waits, until its deadline, for a stream of that key to end
 //!   (woken by it, not polling).
 //! - A connection is not used for new streams once closed, once its
@@ -42,6 +46,19 @@ use tokio::{
 pub const MAX_STREAMS: usize = 100;
 /// Connections per key.
 pub const MAX_CONNS: usize = 64;
+/// Connections a key is spread over before streams share one (at least 1):
+/// `FERRY_TUNNEL_SPREAD`, by default the number of cores (at most 4).
+pub fn spread() -> usize {
+    static S: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *S.get_or_init(|| {
+        std::env::var("FERRY_TUNNEL_SPREAD")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get().min(4)))
+            .clamp(1, MAX_CONNS)
+    })
+}
+
 /// A connection without streams for this long is dropped.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(300);
 
@@ -76,8 +93,8 @@ impl Conn {
         !self.sender.is_closed() && now_unix < self.not_after_unix && !idle
     }
 
-    fn has_room(&self) -> bool {
-        self.active.load(Ordering::Acquire) < MAX_STREAMS
+    fn streams(&self) -> usize {
+        self.active.load(Ordering::Acquire)
     }
 
     /// Takes one of its stream slots until the lease is dropped.
@@ -169,8 +186,13 @@ impl Pool {
         let mut conns = slot.conns.clone().lock_owned().await;
         let (now_unix, now) = (now_unix(), Instant::now());
         conns.retain(|c| c.usable(now_unix, now));
-        if let Some(c) = conns.iter().find(|c| c.has_room()) {
-            return Pick::Leased(c.lease());
+        let least = conns
+            .iter()
+            .filter(|c| c.streams() < MAX_STREAMS)
+            .min_by_key(|c| c.streams());
+        match least {
+            Some(c) if c.streams() == 0 || conns.len() >= spread() => return Pick::Leased(c.lease()),
+            _ => {}
         }
         if conns.len() < MAX_CONNS {
             Pick::Dial(DialGuard {

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
-use ferry_bench::{bench, bench_authz, bench_control, bench_http, bench_lb, demo};
+use ferry_bench::{bench, bench_authz, bench_control, bench_http, bench_lb, bench_std, demo};
 use ferry_box::default_bin_dir;
 
 #[derive(Parser)]
@@ -38,7 +38,9 @@ enum Cmd {
         /// goes to docs/ by default) or `authz` (AuthorizationPolicy decision
         /// cost with 10,000 policies, and per connection on the box;
         /// docs/benchmarks-authz by default) or `lb` (load balancers under
-        /// load, one slow endpoint of three; docs/benchmarks-lb by default).
+        /// load, one slow endpoint of three; docs/benchmarks-lb by default)
+        /// or `std` (iperf3 and sockperf, direct vs Ferry, against issue
+        /// 18's targets; docs/benchmarks-std by default).
         #[arg(long, value_enum)]
         only: Option<Section>,
     },
@@ -60,6 +62,7 @@ enum Section {
     Http,
     Authz,
     Lb,
+    Std,
 }
 
 /// Where a report goes by default: docs/ for a full run; a quick run's
@@ -115,6 +118,18 @@ fn main() -> Result<()> {
             bench_lb::bench(sizes, &default_bin_dir(), &out)?;
             println!("{}", std::fs::read_to_string(out.with_extension("md"))?);
             Ok(())
+        }
+        Cmd::Bench {
+            quick,
+            out,
+            only: Some(Section::Std),
+        } => {
+            let out = match out {
+                Some(out) => out,
+                None => default_out("benchmarks-std", quick)?,
+            };
+            let sizes = if quick { bench_std::QUICK } else { bench_std::FULL };
+            bench_std::bench(sizes, quick, &default_bin_dir(), &out)
         }
         Cmd::Bench { quick, out, only: None } => {
             let out = match out {
