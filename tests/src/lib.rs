@@ -799,10 +799,17 @@ impl ClusterBox {
     /// until it has taken the listeners over. Returns the old agent, which
     /// is now draining and exits by itself; the new one is the node's agent.
     pub fn upgrade_agent(&mut self, node: usize, drain: Duration) -> Result<Child> {
+        self.upgrade_agent_with(node, drain, &[])
+    }
+
+    /// [`Self::upgrade_agent`], the new agent started with `extra` arguments too.
+    pub fn upgrade_agent_with(&mut self, node: usize, drain: Duration, extra: &[&str]) -> Result<Child> {
         let done = |b: &Self| b.agent_log(node).matches("took over from the previous agent").count();
         let before = done(self);
         let drain = drain.as_secs().to_string();
-        let mut child = self.spawn_agent(node, &["--takeover", "--drain-timeout", &drain])?;
+        let mut args = vec!["--takeover", "--drain-timeout", &drain];
+        args.extend_from_slice(extra);
+        let mut child = self.spawn_agent(node, &args)?;
         let deadline = Instant::now() + Duration::from_secs(20);
         while done(self) == before {
             if let Some(st) = child.try_wait()? {

@@ -196,8 +196,39 @@ fn default_render_validates_strictly_and_is_least_privilege() {
     assert!(agent["ports"].is_null(), "{agent}");
     assert_eq!(
         ds["spec"]["updateStrategy"],
-        json!({"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 0, "maxUnavailable": 1}})
+        json!({"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}})
     );
+    // The surge pod takes the old agent's listeners over through a socket
+    // both pods see (the state dir is a hostPath), and the old one waits
+    // to be stopped after handing over instead of exiting (its container
+    // would be restarted and take the node back).
+    let args: Vec<&str> = agent["args"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|a| a.as_str())
+        .collect();
+    for want in [
+        "--takeover",
+        "--after-handover=wait",
+        "--handover-socket=/var/lib/ferry/handover.sock",
+        "--drain-timeout=30",
+    ] {
+        assert!(args.contains(&want), "{want} in {args:?}");
+    }
+    let state_mount = agent["volumeMounts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["mountPath"] == "/var/lib/ferry")
+        .expect("the state dir is mounted");
+    let state_volume = pod["volumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"] == state_mount["name"])
+        .expect("its volume");
+    assert_eq!(state_volume["hostPath"]["path"], "/var/lib/ferry", "{state_volume}");
     assert!(
         pod["tolerations"]
             .as_array()

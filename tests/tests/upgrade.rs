@@ -416,6 +416,38 @@ fn hitless_upgrade_under_traffic_fails_nothing() {
         "an idle agent exits at once after handing over"
     );
     assert_eq!(s.who("echo-2", &addr(&b, "echo-1").to_string()).unwrap().0, "echo-1");
+
+    // The Helm chart's surge update: an agent started with `--after-handover
+    // wait` does not exit once it has handed over and drained (its pod's
+    // container would be restarted and take the node back); it waits for
+    // SIGTERM, while its successor serves.
+    let mut exits = b
+        .upgrade_agent_with(0, Duration::from_secs(1), &["--after-handover", "wait"])
+        .expect("upgrade to an agent that waits after handing over");
+    assert!(
+        eventually(Duration::from_secs(10), || exits.try_wait().unwrap().is_some()),
+        "positive control: an agent started without it exits after handing over"
+    );
+    let mut waits = b.upgrade_agent(0, Duration::from_secs(1)).expect("upgrade from it");
+    let log = |b: &ClusterBox| b.agent_log(0);
+    assert!(
+        eventually(Duration::from_secs(10), || log(&b)
+            .contains("waiting for SIGTERM (--after-handover wait)")),
+        "the old agent drained and waits"
+    );
+    assert!(waits.try_wait().unwrap().is_none(), "it is still running");
+    assert_eq!(s.who("echo-2", &addr(&b, "echo-1").to_string()).unwrap().0, "echo-1");
+    // SAFETY: signalling our own child process.
+    unsafe { libc::kill(waits.id() as i32, libc::SIGTERM) };
+    assert!(
+        eventually(Duration::from_secs(5), || waits
+            .try_wait()
+            .unwrap()
+            .is_some_and(|st| st.success())),
+        "SIGTERM ends it, cleanly"
+    );
+    // Steering stayed with the successor.
+    assert_eq!(s.who("echo-2", &addr(&b, "echo-1").to_string()).unwrap().0, "echo-1");
 }
 
 /// New connections through node 1 recover within this long of the agent's

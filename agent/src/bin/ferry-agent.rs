@@ -99,11 +99,23 @@ struct Args {
     /// it had accepted before it exits.
     #[arg(long, default_value_t = 30)]
     drain_timeout: u64,
+    /// What this agent does once it has handed over and drained: `exit`,
+    /// or `wait` for SIGTERM doing nothing. Under a DaemonSet surge update
+    /// (the Helm chart) the old pod must not exit by itself: its container
+    /// would be restarted and, with --takeover, take the node back.
+    #[arg(long, value_enum, default_value_t = AfterHandover::Exit)]
+    after_handover: AfterHandover,
     /// Serve ferry-cni here (a unix socket, mode 0600): the plugin holds
     /// each new pod's sandbox until this agent has captured the pod
     /// (docs/cni.md). Off without it.
     #[arg(long, value_name = "PATH")]
     cni_socket: Option<PathBuf>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum AfterHandover {
+    Exit,
+    Wait,
 }
 
 /// Where the chart projects the agent's service-account token.
@@ -400,8 +412,20 @@ async fn drain(agent: Arc<agent::Agent>, successor: u32, args: &Args) -> anyhow:
         successor_pid = successor,
         left = live,
         drained_ms = started.elapsed().as_millis() as u64,
-        "drained; exiting (steering stays with the new agent)"
+        "drained; steering stays with the new agent"
     );
+    if args.after_handover == AfterHandover::Wait {
+        // Serving nothing, holding nothing: only the process stays, until
+        // the kubelet stops its pod (the new one is ready by then).
+        drop(agent);
+        tracing::info!("handed over: waiting for SIGTERM (--after-handover wait)");
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
+        tracing::info!("stopped after handing over");
+    }
     Ok(())
 }
 
