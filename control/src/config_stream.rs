@@ -82,6 +82,8 @@ pub struct NodeStatus {
     pub acked_version: u64,
     pub resources: usize,
     pub last_nack: Option<String>,
+    /// Updates the node rejected since ferry-control started.
+    pub nacks: u64,
 }
 
 pub struct DiscoveryService {
@@ -229,7 +231,10 @@ impl NodeStream {
                     // The node kept its previous state; retry on the next change.
                     tracing::warn!(node = %self.node, version = snap.version, reason = %answer.error_detail, "NACK: the node rejected the update");
                     synced = None;
-                    self.set_status(|s| s.last_nack = Some(answer.error_detail.clone()));
+                    self.set_status(|s| {
+                        s.last_nack = Some(answer.error_detail.clone());
+                        s.nacks += 1;
+                    });
                 }
             }
             loop {

@@ -60,7 +60,7 @@ struct Args {
     token_cache_seconds: u64,
     #[arg(long, default_value = "0.0.0.0:15012")]
     listen: SocketAddr,
-    /// Admin endpoint (/version /nodes /problems). Keep it on localhost.
+    /// Admin endpoint (/version /nodes /problems /metrics). Keep it on localhost.
     #[arg(long, default_value = "127.0.0.1:15014")]
     admin: SocketAddr,
     /// Longest certificate lifetime granted.
@@ -108,6 +108,7 @@ async fn main() -> anyhow::Result<()> {
         store: store.clone(),
         nodes: nodes.clone(),
         problems,
+        auth: auth.clone(),
     });
     let admin_l = tokio::net::TcpListener::bind(args.admin)
         .await

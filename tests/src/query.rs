@@ -112,6 +112,15 @@ impl BoxState {
         Ok(serde_json::from_str(&body)?)
     }
 
+    /// ferry-control's `/metrics`, parsed.
+    pub fn control_metrics(&self) -> Result<prometheus_parse::Scrape> {
+        let (code, body) = self.http(0, "GET", CONTROL_ADMIN, "/metrics")?;
+        if code != 200 {
+            bail!("ferry-control /metrics: HTTP {code}");
+        }
+        Ok(prometheus_parse::Scrape::parse(body.lines().map(|l| Ok(l.to_owned())))?)
+    }
+
     /// ferry-control's view of each node's stream.
     pub fn control_nodes(&self) -> Result<serde_json::Value> {
         let (_, body) = self.http(0, "GET", CONTROL_ADMIN, "/nodes")?;

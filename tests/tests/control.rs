@@ -396,6 +396,30 @@ fn an_update_the_agent_rejects_is_nacked_and_the_previous_config_kept() {
     assert!(eventually(Duration::from_secs(5), || s.control_nodes().unwrap()
         [s.node_name(1)]["last_nack"]
         .is_string()));
+    // ferry-control's own metrics say the same: both nodes connected,
+    // authenticated (static tokens here) and counting their NACKs.
+    let cm = s.control_metrics().unwrap();
+    let value = |metric: &str, labels: &[(&str, &str)]| -> f64 {
+        cm.samples
+            .iter()
+            .filter(|x| x.metric == metric && labels.iter().all(|(k, v)| x.labels.get(k) == Some(*v)))
+            .map(|x| ferry_box::sample_value(&x.value))
+            .sum()
+    };
+    for n in 0..2 {
+        let node = s.node_name(n);
+        assert_eq!(value("ferry_control_node_connected", &[("node", &node)]), 1.0);
+        assert!(value("ferry_control_node_nacks_total", &[("node", &node)]) >= 1.0);
+    }
+    assert!(value("ferry_control_node_auth_total", &[("outcome", "accepted")]) >= 2.0);
+    assert_eq!(
+        value("ferry_control_node_auth_total", &[("outcome", "unavailable")]),
+        0.0
+    );
+    assert!(
+        value("ferry_control_config_version", &[]) > v0 as f64,
+        "the rejected version is current"
+    );
     let both = servers(&b, 6);
     assert!(
         both.contains(&"echo-1".into()) && both.contains(&"echo-2".into()),

@@ -97,13 +97,19 @@ pub struct Problem {
     pub reason: String,
 }
 
-impl fmt::Display for Problem {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let sev = match self.severity {
+impl Severity {
+    pub fn as_str(self) -> &'static str {
+        match self {
             Severity::Error => "error",
             Severity::Warning => "warning",
             Severity::Info => "info",
-        };
+        }
+    }
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let sev = self.severity.as_str();
         write!(f, "{sev}: {}", self.file)?;
         if let Some(l) = self.line {
             write!(f, ":{l}")?;
