@@ -483,6 +483,13 @@ pub fn bench(sizes: Sizes, quick: bool, bins: &Path, out: &Path) -> Result<()> {
         rows.push(run(sc, sizes, bins)?);
     }
     let splice = splice_rows(bins, if quick { 1 } else { 5 })?;
+    // The standard tools (iperf3, sockperf) against issue 18's targets.
+    let std_sizes = if quick {
+        crate::bench_std::QUICK
+    } else {
+        crate::bench_std::FULL
+    };
+    let std_rows = crate::bench_std::rows(std_sizes, bins)?;
     let http_sizes = if quick {
         crate::bench_http::QUICK
     } else {
@@ -512,11 +519,13 @@ pub fn bench(sizes: Sizes, quick: bool, bins: &Path, out: &Path) -> Result<()> {
     std::fs::write(
         out.with_extension("json"),
         serde_json::to_vec_pretty(
-            &serde_json::json!({"machine": machine, "rows": rows, "splice": splice, "http": http}),
+            &serde_json::json!({"machine": machine, "rows": rows, "splice": splice, "http": http, "std": std_rows}),
         )?,
     )?;
     let base = |name: &str| rows.iter().find(|r| r.scenario == name);
-    let mut md = String::from(
+    let mut md = crate::bench_std::markdown(&std_rows, std_sizes);
+    md.push_str("\n## Ferry's own clients, the sidecar model, splicing, HTTP\n\n");
+    md.push_str(
         "| scenario | echo Gbit/s (each way) | vs direct | rr p50 µs | rr p99 µs | rr p99.9 µs | p99 vs direct | new-conn p50 µs | new-conn p99 µs | new conns/s |\n|---|---|---|---|---|---|---|---|---|---|\n",
     );
     for r in &rows {
@@ -614,10 +623,9 @@ pub fn bench(sizes: Sizes, quick: bool, bins: &Path, out: &Path) -> Result<()> {
          - sidecar model: HAProxy (Debian) as a plain L4 proxy in each pod, the client app talking to its \
          local sidecar; compare with Ferry's cross-node plain path (neither uses TLS).\n\
          - Splicing on/off is measured apart, with iperf3 (below): it breaks the blocking readers used here.\n\
-         - The control plane at scale (10,000 pods, 50 simulated agents) is the second part of the run: benchmarks-control-plane.md.\n         - Issue 18's targets, measured with the standard tools (iperf3 1 and 4 streams both ways, sockperf \
-         ping-pong and under load): benchmarks-std.md, from the same `cargo xtask bench` (alone: \
-         `ferry-bench bench --only std`). What moved those figures, with before and after, and why the \
-         targets not reached are not: performance.md.\n\n{md}",
+         - The control plane at scale (10,000 pods, 50 simulated agents) is the second part of the run: benchmarks-control-plane.md.\n         - First, issue 18's targets measured with the standard tools (iperf3 1 and 4 streams both ways, \
+         sockperf ping-pong and under load; alone: `ferry-bench bench --only std`). What moved those \
+         figures, with before and after, and why the targets not reached are not: performance.md.\n\n{md}",
         sizes.echo_bytes >> 20,
         sizes.rr_count,
         sizes.rr_new_count,
