@@ -53,7 +53,10 @@ fn quick_benchmark_runs_and_writes_the_report() {
         assert_eq!(f("meshed_bytes") > 10e6, meshed, "{r}");
     }
     let md = std::fs::read_to_string(out.with_extension("md")).unwrap();
-    assert!(md.contains("| cross-node mTLS, 1 stream (iperf3) |"), "the targets table: {md}");
+    assert!(
+        md.contains("| cross-node mTLS, 1 stream (iperf3) |"),
+        "the targets table: {md}"
+    );
     let splice = report["splice"].as_array().unwrap();
     let shown = &report["splice"];
     assert_eq!(splice.len(), 3);
