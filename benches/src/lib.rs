@@ -4,7 +4,9 @@
 //! h2load through Ferry's L4 and L7 paths), the control plane at scale
 //! ([`bench_control`]), authorization decisions with 10,000 policies
 //! ([`bench_authz`]), the standard tools (iperf3, sockperf: [`bench_std`]) and the narrated demo ([`demo`]). `cargo xtask bench` and `cargo xtask demo`
-//! build everything and run the `ferry-bench` binary.
+//! build everything and run the `ferry-bench` binary. The soak ([`soak`],
+//! `cargo xtask soak`): sustained mixed load with config churn and an agent
+//! handover on one box, every failure counted, agent memory followed.
 
 pub mod bench;
 pub mod bench_authz;
@@ -13,3 +15,4 @@ pub mod bench_http;
 pub mod bench_lb;
 pub mod bench_std;
 pub mod demo;
+pub mod soak;

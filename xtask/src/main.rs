@@ -46,6 +46,18 @@ enum Cmd {
         #[arg(long)]
         out: Option<String>,
     },
+    /// The soak with release builds: sustained mixed load on one box with
+    /// config churn and an agent handover (docs/soak.{md,json}); fails
+    /// unless every request succeeded. `cargo xtask test` runs its quick version.
+    Soak {
+        /// A short run (checks it works, not its numbers).
+        #[arg(long)]
+        quick: bool,
+        /// Report path without extension [default: docs/soak; with
+        /// --quick, target/soak-quick/soak, never over docs/].
+        #[arg(long)]
+        out: Option<String>,
+    },
     /// The cluster-in-a-box: `box up`, `box down [ID]`, `box list`, `box exec POD -- CMD`.
     Box {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
@@ -99,7 +111,6 @@ fn main() -> Result<()> {
                 (&["bench-control"][..], format!("{out}-control-plane")),
                 (&["bench", "--only", "authz"][..], format!("{out}-authz")),
                 (&["bench", "--only", "lb"][..], format!("{out}-lb")),
-                (&["bench", "--only", "std"][..], format!("{out}-std")),
             ] {
                 let mut args: Vec<String> = cmd.iter().map(|a| a.to_string()).collect();
                 args.extend(["--out".to_owned(), out]);
@@ -113,6 +124,32 @@ fn main() -> Result<()> {
                 if !st.success() {
                     std::process::exit(st.code().unwrap_or(1));
                 }
+            }
+            Ok(())
+        }
+        Cmd::Soak { quick, out } => {
+            deps::ensure()?;
+            let bins = build_bins(true)?;
+            let out = match out {
+                Some(out) => out,
+                // A quick run's numbers mean nothing: keep them out of docs/.
+                None if quick => {
+                    let dir = bins.parent().context("no target directory")?.join("soak-quick");
+                    std::fs::create_dir_all(&dir)?;
+                    dir.join("soak").display().to_string()
+                }
+                None => "docs/soak".to_owned(),
+            };
+            let mut args = vec!["soak".to_owned(), "--out".to_owned(), out];
+            if quick {
+                args.push("--quick".into());
+            }
+            let st = Command::new(bins.join("ferry-bench"))
+                .args(&args)
+                .env("FERRY_BIN_DIR", &bins)
+                .status()?;
+            if !st.success() {
+                std::process::exit(st.code().unwrap_or(1));
             }
             Ok(())
         }

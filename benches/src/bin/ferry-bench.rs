@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
-use ferry_bench::{bench, bench_authz, bench_control, bench_http, bench_lb, bench_std, demo};
+use ferry_bench::{bench, bench_authz, bench_control, bench_http, bench_lb, bench_std, demo, soak};
 use ferry_box::default_bin_dir;
 
 #[derive(Parser)]
@@ -52,6 +52,18 @@ enum Cmd {
         quick: bool,
         /// Report path without extension [default:
         /// docs/benchmarks-control-plane, with --quick a temporary directory].
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// The soak: sustained mixed load on one box with config churn and an
+    /// agent handover; every failure counted, agent RSS followed (writes
+    /// <out>.json and <out>.md; fails unless every request succeeded).
+    Soak {
+        /// A short run (what `cargo xtask test` runs).
+        #[arg(long)]
+        quick: bool,
+        /// Report path without extension [default: docs/soak, with --quick
+        /// a temporary directory].
         #[arg(long)]
         out: Option<PathBuf>,
     },
@@ -152,6 +164,19 @@ fn main() -> Result<()> {
             let r = bench_control::bench(scale, &default_bin_dir(), &out)?;
             println!("{}", serde_json::to_string_pretty(&r)?);
             Ok(())
+        }
+        Cmd::Soak { quick, out } => {
+            let out = match out {
+                Some(out) => out,
+                None => default_out("soak", quick)?,
+            };
+            let sizes = if quick { &soak::QUICK } else { &soak::FULL };
+            let r = soak::soak(sizes, &default_bin_dir(), &out);
+            // The report is written whether or not the soak passed.
+            if let Ok(md) = std::fs::read_to_string(out.with_extension("md")) {
+                println!("{md}");
+            }
+            r.map(|_| ())
         }
     }
 }
