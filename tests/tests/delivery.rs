@@ -39,21 +39,7 @@ fn delivery_entries(s: &BoxState, node: usize) -> usize {
 fn hold_all(s: &BoxState, to: SocketAddrV4, server: &str) {
     let client_ip = s.pod_ip("client").unwrap().to_string();
     let n = conns();
-    let out = s
-        .client(
-            "client",
-            &[
-                "hold",
-                "--to",
-                &to.to_string(),
-                "--conns",
-                &n.to_string(),
-                "--timeout-secs",
-                "120",
-            ],
-        )
-        .unwrap_or_else(|e| panic!("hold {n} to {to}: {e:#}"));
-    let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    let v = hold_in_background(s, to, n).join().unwrap();
     assert_eq!(v["answered"], n, "{v}");
     assert_eq!(
         v["client_ips"],
