@@ -97,6 +97,9 @@ fn count(f: &Family<Reason, Counter>, reason: &'static str) {
 pub struct TunnelStats {
     pub pooled_connections_opened: AtomicU64,
     pub streams_opened: AtomicU64,
+    /// CONNECTs refused unsent (the destination going away) and sent again
+    /// on another connection.
+    pub streams_retried: AtomicU64,
     pub handshakes_ok: AtomicU64,
     /// Outgoing handshakes that failed, by reason (`tls`, `timeout`, `identity`).
     pub handshake_failures: Family<Reason, Counter>,
@@ -116,6 +119,36 @@ pub struct Hbone {
 
 fn err(kind: io::ErrorKind, msg: impl Into<String>) -> io::Error {
     io::Error::new(kind, msg.into())
+}
+
+/// Why a CONNECT on a pooled connection did not give a stream.
+#[derive(Debug)]
+enum Refused {
+    /// The server never processed it (the request was not sent, or the
+    /// server's GOAWAY or REFUSED_STREAM says so: RFC 9113, 8.7): safe to
+    /// send again on another connection. (A GOAWAY error can also reach a
+    /// stream the server took if the connection then closes before its
+    /// answer; sending that CONNECT again costs the destination an extra
+    /// empty connection, never the client's bytes, which only follow a 200.)
+    Unsent(io::Error),
+    /// It was answered with a refusal, or may have been processed.
+    Failed(io::Error),
+}
+
+impl Refused {
+    fn from_hyper(e: hyper::Error) -> Self {
+        let unsent = e.is_canceled()
+            || e.is_closed()
+            || std::error::Error::source(&e)
+                .and_then(|s| s.downcast_ref::<h2::Error>())
+                .is_some_and(|h| (h.is_go_away() && h.is_remote()) || h.reason() == Some(h2::Reason::REFUSED_STREAM));
+        let e = err(io::ErrorKind::BrokenPipe, format!("tunnel CONNECT: {e}"));
+        if unsent {
+            Refused::Unsent(e)
+        } else {
+            Refused::Failed(e)
+        }
+    }
 }
 
 impl std::fmt::Debug for Hbone {
@@ -172,9 +205,10 @@ impl Hbone {
         let key = (uid.to_owned(), cert.serial.clone(), *target.ip());
         let opened = tokio::time::timeout(OPEN_TIMEOUT, async {
             // A pooled connection the server is closing (GOAWAY: its agent
-            // handed over) cancels a CONNECT it never sent: safe to retry
-            // on another connection.
-            let mut tries = 3;
+            // handed over) refuses a CONNECT it never processed: the
+            // connection is retired and the CONNECT retried on another (a
+            // new one if need be), so a hand-over fails no new stream. Each
+            // retry retires a connection; the deadline bounds them all.
             loop {
                 let lease = loop {
                     match self.pool.pick(&key).await {
@@ -188,10 +222,15 @@ impl Hbone {
                         Pick::Full(freed) => freed.notified().await,
                     }
                 };
-                tries -= 1;
+                let conn = lease.conn().clone();
                 match self.connect(lease, target).await {
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted && tries > 0 => continue,
-                    r => return r,
+                    Err(Refused::Unsent(e)) => {
+                        conn.retire();
+                        self.stats.streams_retried.fetch_add(1, Ordering::Relaxed);
+                        tracing::debug!(dst = %target, reason = %e, "tunnel stream refused unsent; retrying on another connection");
+                    }
+                    Err(Refused::Failed(e)) => return Err(e),
+                    Ok(s) => return Ok(s),
                 }
             }
         })
@@ -205,33 +244,24 @@ impl Hbone {
     }
 
     /// Sends the CONNECT on the leased connection and upgrades the answer.
-    async fn connect(&self, lease: Lease, target: SocketAddrV4) -> io::Result<BoxStream> {
+    async fn connect(&self, lease: Lease, target: SocketAddrV4) -> Result<BoxStream, Refused> {
         let mut sender = lease.conn().sender.clone();
         let req = Request::builder()
             .method(Method::CONNECT)
             .uri(target.to_string())
             .body(Empty::<Bytes>::new())
-            .map_err(|e| err(io::ErrorKind::InvalidInput, e.to_string()))?;
-        // Not sent (the connection is closing): Interrupted, retried.
-        let unsent = |e: hyper::Error| {
-            let kind = if e.is_canceled() || e.is_closed() {
-                io::ErrorKind::Interrupted
-            } else {
-                io::ErrorKind::BrokenPipe
-            };
-            err(kind, e.to_string())
-        };
-        sender.ready().await.map_err(unsent)?;
-        let resp = sender.send_request(req).await.map_err(unsent)?;
+            .map_err(|e| Refused::Failed(err(io::ErrorKind::InvalidInput, e.to_string())))?;
+        sender.ready().await.map_err(Refused::from_hyper)?;
+        let resp = sender.send_request(req).await.map_err(Refused::from_hyper)?;
         if resp.status() != StatusCode::OK {
-            return Err(err(
+            return Err(Refused::Failed(err(
                 io::ErrorKind::ConnectionRefused,
                 format!("tunnel CONNECT {target}: {}", resp.status()),
-            ));
+            )));
         }
         let up = hyper::upgrade::on(resp)
             .await
-            .map_err(|e| err(io::ErrorKind::BrokenPipe, e.to_string()))?;
+            .map_err(|e| Refused::Failed(err(io::ErrorKind::BrokenPipe, e.to_string())))?;
         self.stats.streams_opened.fetch_add(1, Ordering::Relaxed);
         Ok(Box::new(Leased {
             stream: TokioIo::new(up),
@@ -426,6 +456,11 @@ impl Collector for StatsCollector {
                 "pooled HTTP/2 connections opened",
             ),
             ("ferry_tunnel_streams", &t.streams_opened, "CONNECT streams opened"),
+            (
+                "ferry_tunnel_streams_retried",
+                &t.streams_retried,
+                "CONNECTs refused unsent by a destination going away (GOAWAY), sent again on another connection",
+            ),
             (
                 "ferry_tunnel_handshakes",
                 &t.handshakes_ok,

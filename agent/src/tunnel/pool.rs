@@ -17,7 +17,8 @@
 //!   connection of a key is full, another is dialed, up to [`MAX_CONNS`] per key; past that
 //!   a caller waits, until its deadline, for a stream of that key to end
 //!   (woken by it, not polling).
-//! - A connection is not used for new streams once closed, once its
+//! - A connection is not used for new streams once closed, once retired
+//!   (a stream on it was refused unsent: the server is going away), once its
 //!   certificate has expired, or after [`IDLE_TIMEOUT`] without streams;
 //!   such connections leave the pool (HTTP/2 closes when the last handle and
 //!   stream are gone). HTTP/2 pings find dead peers.
@@ -27,7 +28,7 @@ use std::{
     net::Ipv4Addr,
     pin::Pin,
     sync::{
-        atomic::{AtomicUsize, Ordering},
+        atomic::{AtomicBool, AtomicUsize, Ordering},
         Arc, Mutex,
     },
     task::{Context, Poll},
@@ -68,6 +69,9 @@ pub type PoolKey = (String, String, Ipv4Addr);
 pub struct Conn {
     pub sender: SendRequest<Empty<Bytes>>,
     active: Arc<AtomicUsize>,
+    /// Set when a stream was refused unsent (GOAWAY): new streams go elsewhere
+    /// at once, before the connection's task has seen it close.
+    retired: AtomicBool,
     /// When the certificate it was opened with expires (unix seconds).
     not_after_unix: i64,
     idle_since: Mutex<Instant>,
@@ -80,6 +84,7 @@ impl Conn {
         Arc::new(Self {
             sender,
             active: Arc::new(AtomicUsize::new(0)),
+            retired: AtomicBool::new(false),
             not_after_unix,
             idle_since: Mutex::new(Instant::now()),
             freed,
@@ -90,7 +95,12 @@ impl Conn {
     fn usable(&self, now_unix: i64, now: Instant) -> bool {
         let idle = self.active.load(Ordering::Acquire) == 0
             && now.duration_since(*self.idle_since.lock().unwrap_or_else(|e| e.into_inner())) > IDLE_TIMEOUT;
-        !self.sender.is_closed() && now_unix < self.not_after_unix && !idle
+        !self.retired.load(Ordering::Acquire) && !self.sender.is_closed() && now_unix < self.not_after_unix && !idle
+    }
+
+    /// No new streams on it (its open streams carry on).
+    pub fn retire(&self) {
+        self.retired.store(true, Ordering::Release);
     }
 
     fn streams(&self) -> usize {
