@@ -60,6 +60,9 @@ impl Agent {
         let hbone = ids.as_ref().map(|ids| Arc::new(Hbone::new(ids.clone())));
         let counters = Arc::new(Counters::default());
         let mut metrics = Metrics::new(opts.pin_root.clone(), node.to_owned(), counters.clone());
+        if let Some(h) = &hbone {
+            h.spawn_sweeper();
+        }
         if let (Some(h), Some(ids)) = (&hbone, &ids) {
             h.register_metrics(metrics.registry_mut());
             ids.register_metrics(metrics.registry_mut());

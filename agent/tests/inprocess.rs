@@ -355,6 +355,25 @@ async fn streams_beyond_one_connections_limit_open_more_connections() {
     let expected = N.div_ceil(pool).max(ferry_agent::tunnel::pool::spread().min(N)) as u64;
     assert_eq!(hb.stats.pooled_connections_opened.load(Ordering::Relaxed), expected);
     assert_eq!(hb.pooled("client", "127.27.2.2".parse().unwrap()), expected as usize);
+    // Once the streams are gone, the burst's surplus is closed: the key
+    // keeps its spread (the sweeper does this after SURPLUS_IDLE).
+    let spread = ferry_agent::tunnel::pool::spread();
+    assert!(expected as usize > spread, "the burst opened a surplus");
+    until("every stream to end", || n1.proxy.connections() == 0).await;
+    assert_eq!(
+        hb.sweep_pool(std::time::Duration::from_secs(3600)),
+        expected as usize,
+        "not idle long enough yet"
+    );
+    assert_eq!(hb.sweep_pool(std::time::Duration::ZERO), spread);
+    assert_eq!(hb.pooled("client", "127.27.2.2".parse().unwrap()), spread);
+    // And the kept ones still carry streams.
+    let _app = echo_app(a("127.27.2.2:8081")).await;
+    assert_eq!(
+        app_connect(&n1, client, a("127.27.2.2:8081"), "again").await.unwrap(),
+        "127.27.1.2 again"
+    );
+    assert_eq!(hb.stats.pooled_connections_opened.load(Ordering::Relaxed), expected);
 }
 
 /// A destination agent that hands over sends GOAWAY on the tunnel

@@ -175,17 +175,7 @@ fn cpu_s(pid: u32) -> f64 {
     (field(11) + field(12)) as f64 / clk_tck()
 }
 
-/// VmRSS of a process, in KiB (0 when it is gone).
-pub(crate) fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| {
-            l.strip_prefix("VmRSS:")
-                .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        })
-        .unwrap_or(0)
-}
+pub(crate) use ferry_box::sys::rss_kib;
 
 /// CPU seconds of the proxies doing the work (the agents, or the sidecars).
 pub(crate) fn proxies_cpu(pids: &[u32]) -> f64 {

@@ -21,13 +21,15 @@
 //!   node 1's agent handed over (`ClusterBox::upgrade_agent`), an ALLOW
 //!   policy that matches the clients, endpoints scaled down;
 //! - both agents' RSS sampled once a second; after the load, the agents'
-//!   connections drained, RSS polled (30 s at most) to come back within
-//!   max(20 %, 8 MiB) of the baseline.
+//!   connections drained, then (30 s at most) the leak checks: the heap in
+//!   use (`ferry_heap_in_use_bytes`) back within max(50 %, 4 MiB) of its
+//!   baseline, file descriptors within 16, and RSS within max(50 %, 48 MiB)
+//!   (the heap glibc keeps in pieces after a burst; `ferry_box::sys`).
 //!
 //! Every failure a client sees is counted; the report (`<out>.json`,
 //! `<out>.md`) is written either way, and the run fails (non-zero exit)
 //! with the reasons unless every request, hold and echo succeeded and every
-//! change applied (and, in the full run, RSS came back). Speed and memory
+//! change applied, and memory and descriptors came back. Speed and memory
 //! figures are reported, never asserted.
 
 use std::{
@@ -44,7 +46,10 @@ use anyhow::{bail, Context, Result};
 use ferry_box::{BoxState, ClusterBox, PodSpec, Spec};
 use serde::Serialize;
 
-use crate::bench::rss_kib;
+use ferry_box::sys::{fd_count, heap_allowance_kib, rss_allowance_kib, rss_kib};
+
+/// Descriptors an agent may hold above its baseline after the load.
+const FD_ALLOWANCE: u64 = 16;
 
 /// How much a soak does.
 pub struct Sizes {
@@ -289,9 +294,19 @@ pub struct RssRow {
     pub baseline_kib: u64,
     pub peak_kib: u64,
     pub final_kib: u64,
-    /// Allowed distance from the baseline: max(20 %, 8 MiB).
+    /// Allowed distance from the baseline: [`rss_allowance_kib`].
     pub bound_kib: u64,
     pub back_within_bound: bool,
+    /// The heap in use (`ferry_heap_in_use_bytes`), KiB: the leak check.
+    pub heap_baseline_kib: u64,
+    pub heap_final_kib: u64,
+    /// [`heap_allowance_kib`].
+    pub heap_bound_kib: u64,
+    pub heap_back: bool,
+    /// Open file descriptors.
+    pub fds_baseline: u64,
+    pub fds_final: u64,
+    pub fds_back: bool,
     /// Seconds of settling before `final_kib` was read.
     pub settle_s: f64,
 }
@@ -769,6 +784,12 @@ fn run(b: &mut ClusterBox, sizes: &Sizes, bins: &Path, t0: Instant) -> Result<Re
         }
     }
     let baseline: Vec<u64> = base.into_iter().map(median).collect();
+    let heap = |s: &BoxState, n: usize| {
+        s.metric(n, "ferry_heap_in_use_bytes")
+            .map_or(u64::MAX, |v| v as u64 / 1024)
+    };
+    let heap_baseline: Vec<u64> = (0..nodes).map(|n| heap(&s, n)).collect();
+    let fds_baseline: Vec<u64> = (0..nodes).map(|n| fd_count(s.agent_pids[n])).collect();
 
     let chunks = plan(&s, sizes)?;
     let q = Queue {
@@ -804,9 +825,11 @@ fn run(b: &mut ClusterBox, sizes: &Sizes, bins: &Path, t0: Instant) -> Result<Re
     let phases = steps.len() + 1;
     let bound = |k: usize| q.chunks.len() * k / phases;
     let mut load_s = 0.0;
-    let bound_kib = |base: u64| (base / 5).max(8 * 1024);
-    let within = |n: usize, rss: u64| rss <= baseline[n] + bound_kib(baseline[n]);
+    let within = |n: usize, rss: u64| rss <= baseline[n] + rss_allowance_kib(baseline[n]);
+    let heap_within = |n: usize, h: u64| h <= heap_baseline[n].saturating_add(heap_allowance_kib(heap_baseline[n]));
+    let fds_within = |n: usize, f: u64| f <= fds_baseline[n] + FD_ALLOWANCE;
     let (mut agent_conns_after, mut finals, mut settle_s) = (Vec::new(), Vec::new(), 0.0);
+    let (mut heap_finals, mut fds_finals) = (Vec::new(), Vec::new());
     std::thread::scope(|sc| {
         let (q, tally, done_requests, pids, samples, stop_sampling) =
             (&q, &tally, &done_requests, &pids, &samples, &stop_sampling);
@@ -932,10 +955,18 @@ fn run(b: &mut ClusterBox, sizes: &Sizes, bins: &Path, t0: Instant) -> Result<Re
         // RSS settles: polled up to 30 s to come back within bound.
         let current = b.state.agent_pids.clone();
         let settle = Instant::now();
-        finals = current.iter().map(|p| rss_kib(*p)).collect();
-        while !finals.iter().enumerate().all(|(n, r)| within(n, *r)) && settle.elapsed() < Duration::from_secs(30) {
+        let read = |finals: &mut Vec<u64>, heap_finals: &mut Vec<u64>, fds_finals: &mut Vec<u64>| {
+            *finals = current.iter().map(|p| rss_kib(*p)).collect();
+            *heap_finals = (0..nodes).map(|n| heap(&b.state, n)).collect();
+            *fds_finals = current.iter().map(|p| fd_count(*p)).collect();
+        };
+        read(&mut finals, &mut heap_finals, &mut fds_finals);
+        let back = |finals: &[u64], heap_finals: &[u64], fds_finals: &[u64]| {
+            (0..nodes).all(|n| within(n, finals[n]) && heap_within(n, heap_finals[n]) && fds_within(n, fds_finals[n]))
+        };
+        while !back(&finals, &heap_finals, &fds_finals) && settle.elapsed() < Duration::from_secs(30) {
             std::thread::sleep(Duration::from_secs(1));
-            finals = current.iter().map(|p| rss_kib(*p)).collect();
+            read(&mut finals, &mut heap_finals, &mut fds_finals);
         }
         settle_s = settle.elapsed().as_secs_f64();
         stop_sampling.store(true, Ordering::Relaxed);
@@ -954,8 +985,15 @@ fn run(b: &mut ClusterBox, sizes: &Sizes, bins: &Path, t0: Instant) -> Result<Re
                 .max()
                 .unwrap_or(0),
             final_kib: finals.get(n).copied().unwrap_or(0),
-            bound_kib: bound_kib(baseline[n]),
+            bound_kib: rss_allowance_kib(baseline[n]),
             back_within_bound: finals.get(n).is_some_and(|f| within(n, *f)),
+            heap_baseline_kib: heap_baseline[n],
+            heap_final_kib: heap_finals.get(n).copied().unwrap_or(u64::MAX),
+            heap_bound_kib: heap_allowance_kib(heap_baseline[n]),
+            heap_back: heap_finals.get(n).is_some_and(|h| heap_within(n, *h)),
+            fds_baseline: fds_baseline[n],
+            fds_final: fds_finals.get(n).copied().unwrap_or(u64::MAX),
+            fds_back: fds_finals.get(n).is_some_and(|f| fds_within(n, *f)),
             settle_s,
         })
         .collect();
@@ -999,11 +1037,23 @@ fn run(b: &mut ClusterBox, sizes: &Sizes, bins: &Path, t0: Instant) -> Result<Re
     if churn.len() != steps.len() {
         reasons.push("not every churn step ran".into());
     }
-    if !sizes.quick {
+    {
         for r in rss.iter().filter(|r| !r.back_within_bound) {
             reasons.push(format!(
                 "node {} agent RSS {} KiB did not come back within {} KiB of its baseline {} KiB",
                 r.node, r.final_kib, r.bound_kib, r.baseline_kib
+            ));
+        }
+        for r in rss.iter().filter(|r| !r.heap_back) {
+            reasons.push(format!(
+                "node {} agent heap in use {} KiB did not come back within {} KiB of its baseline {} KiB (a leak)",
+                r.node, r.heap_final_kib, r.heap_bound_kib, r.heap_baseline_kib
+            ));
+        }
+        for r in rss.iter().filter(|r| !r.fds_back) {
+            reasons.push(format!(
+                "node {} agent holds {} file descriptors, {} at the baseline (a leak)",
+                r.node, r.fds_final, r.fds_baseline
             ));
         }
     }
@@ -1135,22 +1185,35 @@ fn write(r: &Report, out: &Path) -> Result<()> {
         }
     );
     md.push_str(
-        "## Agent memory (RSS)\n\n\
-         Sampled once a second through the run (the draining old agent included in its node's peak). Final: once\n\
-         every connection closed, polled up to 30 s to come back within max(20 %, 8 MiB) of the baseline (node 1's\n\
-         final figure is the new agent's).\n\n\
-         | agent | baseline MiB | peak MiB | final MiB | allowed MiB | back |\n|---|---|---|---|---|---|\n",
+        "## Agent memory and descriptors\n\n\
+         RSS sampled once a second through the run (the draining old agent included in its node's peak). Final:\n\
+         once every connection closed, polled up to 30 s until each figure is back within its allowance of the\n\
+         baseline (node 1's final figures are the new agent's). The leak checks are the heap in use (glibc's\n\
+         `mallinfo2`, `ferry_heap_in_use_bytes`; allowance max(50 %, 4 MiB)) and the open descriptors (16);\n\
+         RSS has a wider allowance, max(50 %, 48 MiB), as glibc keeps part of a burst's heap in pieces even\n\
+         trimmed (measured: ferry-agent.rs, the allocator).\n\n\
+         | agent | RSS baseline MiB | peak MiB | final MiB | allowed MiB | heap in use baseline MiB | final MiB | allowed MiB | fds baseline | final | back |\n\
+         |---|---|---|---|---|---|---|---|---|---|---|\n",
     );
     for x in &r.rss {
         let _ = writeln!(
             md,
-            "| node {} | {:.1} | {:.1} | {:.1} | +{:.1} | {} |",
+            "| node {} | {:.1} | {:.1} | {:.1} | +{:.1} | {:.2} | {:.2} | +{:.1} | {} | {} | {} |",
             x.node,
             mib(x.baseline_kib),
             mib(x.peak_kib),
             mib(x.final_kib),
             mib(x.bound_kib),
-            if x.back_within_bound { "yes" } else { "no" }
+            mib(x.heap_baseline_kib),
+            mib(x.heap_final_kib),
+            mib(x.heap_bound_kib),
+            x.fds_baseline,
+            x.fds_final,
+            if x.back_within_bound && x.heap_back && x.fds_back {
+                "yes"
+            } else {
+                "no"
+            }
         );
     }
     let _ = writeln!(md, "\n{} samples.\n", r.rss_samples.len());

@@ -301,6 +301,19 @@ impl BoxState {
         Ok(prometheus_parse::Scrape::parse(body.lines().map(|l| Ok(l.to_owned())))?)
     }
 
+    /// The sum of a node's samples named `name` (every label set), or None
+    /// when the agent does not answer or has none.
+    pub fn metric(&self, node: usize, name: &str) -> Option<f64> {
+        let m = self.scrape(node).ok()?;
+        let v: Vec<f64> = m
+            .samples
+            .iter()
+            .filter(|x| x.metric == name)
+            .map(|x| sample_value(&x.value))
+            .collect();
+        (!v.is_empty()).then(|| v.iter().sum())
+    }
+
     /// Runs ferryctl in a node's netns (so its admin endpoint is 127.0.0.1:15000).
     pub fn ferryctl(&self, node: usize, args: &[&str]) -> Result<Output> {
         let node_name = self.node_name(node);

@@ -79,3 +79,45 @@ pub fn remove_cgroup_tree(p: &Path) {
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
 }
+
+/// A `/proc/<pid>/status` field given in kB (`VmRSS`, `RssAnon`, `RssFile`,
+/// ...) in KiB, or a count (`Threads`); 0 when the process or field is gone.
+pub fn proc_status(pid: u32, field: &str) -> u64 {
+    fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix(field)?
+                .strip_prefix(':')?
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()
+        })
+        .unwrap_or(0)
+}
+
+/// VmRSS of a process, in KiB (0 when it is gone).
+pub fn rss_kib(pid: u32) -> u64 {
+    proc_status(pid, "VmRSS")
+}
+
+/// Open file descriptors of a process (0 when it is gone).
+pub fn fd_count(pid: u32) -> u64 {
+    fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count() as u64)
+}
+
+/// How far an agent's RSS may stay above its baseline once a burst of
+/// connections is over: max(50 %, 48 MiB). glibc keeps part of the heap a
+/// burst used in pieces, even trimmed (`ferry_heap_in_use_bytes` comes back;
+/// RSS does not all the way: ferry-agent.rs, the allocator).
+pub fn rss_allowance_kib(baseline_kib: u64) -> u64 {
+    (baseline_kib / 2).max(48 * 1024)
+}
+
+/// How far an agent's heap in use may stay above its baseline once a burst
+/// is over, what some maps keep grown: max(50 %, 4 MiB). Beyond it, state is
+/// kept per connection that went away: a leak.
+pub fn heap_allowance_kib(baseline_kib: u64) -> u64 {
+    (baseline_kib / 2).max(4 * 1024)
+}

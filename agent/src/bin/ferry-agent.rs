@@ -537,7 +537,12 @@ async fn shutdown(agent: Arc<agent::Agent>, args: &Args) -> anyhow::Result<()> {
 /// build): RSS 15 MiB → 155–170 MiB after each burst with glibc as is;
 /// 19–20 MiB when the freed heap is trimmed after each burst; 130–270 MiB,
 /// erratic, with mimalloc (also with `MIMALLOC_PURGE_DECOMMITS=1`); 33–47 MiB
-/// with a fixed 64 KiB mmap threshold. So the agent keeps glibc and trims:
+/// with a fixed 64 KiB mmap threshold. With 10,000 connections held and
+/// let go (tests/tests/delivery.rs, debug build), jemalloc (background
+/// purging, 1 s dirty decay) ended where glibc with trimming does (~51 MiB
+/// RSS) from an idle baseline 13 MiB higher (its arenas and threads), so it
+/// was not taken either; what glibc keeps after trimming is fragmentation:
+/// `ferry_heap_in_use_bytes` is back at its baseline. So the agent keeps glibc and trims:
 /// every 2 s, once at least 256 connections have closed since the last trim
 /// and the number open is not growing, it returns the free heap to the system.
 #[cfg(target_env = "gnu")]

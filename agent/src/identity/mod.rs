@@ -19,11 +19,7 @@ use ferry_api::{
     identity::{identity_client::IdentityClient, SignRequest, SignResponse},
 };
 use ferry_model::{admin::CertView, SpiffeId};
-use prometheus_client::{
-    collector::Collector,
-    encoding::{DescriptorEncoder, EncodeMetric},
-    registry::Registry,
-};
+use prometheus_client::{collector::Collector, encoding::DescriptorEncoder, registry::Registry};
 use rustls::{ClientConfig, ServerConfig};
 
 #[derive(Clone, Debug)]
@@ -286,14 +282,12 @@ impl Collector for CertCollector {
             ids.failures.load(Relaxed),
         )?;
         if let Some(s) = ids.views().iter().map(|c| c.seconds_to_expiry).min() {
-            let g = prometheus_client::metrics::gauge::ConstGauge::new(s);
-            let m = enc.encode_descriptor(
+            crate::telemetry::metrics::const_gauge(
+                &mut enc,
                 "ferry_cert_expiry_seconds",
                 "seconds until the soonest workload certificate expires",
-                None,
-                g.metric_type(),
+                s,
             )?;
-            g.encode(m)?;
         }
         Ok(())
     }

@@ -319,6 +319,13 @@ pub fn const_counter(enc: &mut DescriptorEncoder, name: &str, help: &str, v: u64
     c.encode(m)
 }
 
+/// Encodes one unlabelled gauge read at scrape time (shared by every collector).
+pub fn const_gauge(enc: &mut DescriptorEncoder, name: &str, help: &str, v: i64) -> Result<(), std::fmt::Error> {
+    let g = prometheus_client::metrics::gauge::ConstGauge::new(v);
+    let m = enc.encode_descriptor(name, help, None, g.metric_type())?;
+    g.encode(m)
+}
+
 /// Proxy-side counters that live in `Counters` (no per-label state).
 #[derive(Debug)]
 struct ProxyCollector(Arc<super::Counters>);
@@ -368,8 +375,36 @@ impl Collector for ProxyCollector {
         for (name, (v, help)) in rows {
             const_counter(&mut enc, name, help, v)?;
         }
-        Ok(())
+        heap(&mut enc)
     }
+}
+
+/// The allocator's view of the heap (glibc): bytes in use by the agent and
+/// bytes the allocator holds from the system, so RSS that stays up after a
+/// burst reads as fragmentation (held, not in use) or as memory still in
+/// use.
+#[cfg(target_env = "gnu")]
+fn heap(enc: &mut DescriptorEncoder) -> Result<(), std::fmt::Error> {
+    // SAFETY: mallinfo2 only reads the allocator's statistics.
+    let m = unsafe { libc::mallinfo2() };
+    let in_use = (m.uordblks + m.hblkhd) as i64;
+    const_gauge(
+        enc,
+        "ferry_heap_in_use_bytes",
+        "heap bytes allocated and in use (glibc mallinfo2)",
+        in_use,
+    )?;
+    const_gauge(
+        enc,
+        "ferry_heap_held_bytes",
+        "heap bytes the allocator holds from the system, in use or free (glibc mallinfo2)",
+        (m.arena + m.hblkhd) as i64,
+    )
+}
+
+#[cfg(not(target_env = "gnu"))]
+fn heap(_: &mut DescriptorEncoder) -> Result<(), std::fmt::Error> {
+    Ok(())
 }
 
 impl Metrics {

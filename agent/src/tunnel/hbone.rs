@@ -35,13 +35,13 @@ use ferry_model::SpiffeId;
 use prometheus_client::{collector::Collector, encoding::DescriptorEncoder, registry::Registry};
 
 use super::{
-    pool::{Lease, Leased, Pick, Pool, MAX_STREAMS},
+    pool::{self, Lease, Leased, Pick, Pool, MAX_STREAMS},
     BoxStream, Handler, TunnelRequest, TunnelSource, TUNNEL_PORT,
 };
 use crate::{
     identity::{tls::peer_spiffe_id, Identities},
     sockets,
-    telemetry::metrics::const_counter,
+    telemetry::metrics::{const_counter, const_gauge},
 };
 
 /// TCP connect to a destination's tunnel port.
@@ -173,6 +173,27 @@ impl Hbone {
     /// open streams finish, new ones go to a new connection.
     pub fn drain(&self) {
         self.draining.send_replace(true);
+    }
+
+    /// Closes the pool's surplus idle connections every few seconds, for as
+    /// long as this tunnel exists.
+    pub fn spawn_sweeper(self: &Arc<Self>) {
+        let me = Arc::downgrade(self);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(pool::SURPLUS_IDLE / 2);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let Some(h) = me.upgrade() else { return };
+                h.sweep_pool(pool::SURPLUS_IDLE);
+            }
+        });
+    }
+
+    /// Closes pooled connections beyond each key's spread that have had no
+    /// stream for `surplus_idle`; returns the connections left.
+    pub fn sweep_pool(&self, surplus_idle: std::time::Duration) -> usize {
+        self.pool.sweep(surplus_idle)
     }
 
     /// Registers the tunnel's metrics.
@@ -469,6 +490,12 @@ impl Collector for StatsCollector {
         ] {
             const_counter(&mut enc, name, help, v.load(Ordering::Relaxed))?;
         }
+        const_gauge(
+            &mut enc,
+            "ferry_tunnel_pool_open",
+            "pooled HTTP/2 connections open for new streams now",
+            self.0.pool.open() as i64,
+        )?;
         Ok(())
     }
 }

@@ -22,6 +22,12 @@
 //!   certificate has expired, or after [`IDLE_TIMEOUT`] without streams;
 //!   such connections leave the pool (HTTP/2 closes when the last handle and
 //!   stream are gone). HTTP/2 pings find dead peers.
+//! - A burst's extra connections do not outlive it by long: beyond a key's
+//!   [`spread`], a connection without streams for [`SURPLUS_IDLE`] is closed
+//!   ([`Pool::sweep`], run periodically). 5,000 streams held from one pod
+//!   open 50 connections; kept for [`IDLE_TIMEOUT`] they held tens of MiB
+//!   of TLS and HTTP/2 buffers after the streams had gone (the soak's
+//!   settled RSS, docs/reliability.md).
 
 use std::{
     collections::HashMap,
@@ -63,6 +69,10 @@ pub fn spread() -> usize {
 /// A connection without streams for this long is dropped.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(300);
 
+/// A connection beyond its key's [`spread`] without streams for this long is
+/// closed.
+pub const SURPLUS_IDLE: Duration = Duration::from_secs(10);
+
 pub type PoolKey = (String, String, Ipv4Addr);
 
 /// One pooled HTTP/2 connection.
@@ -101,6 +111,12 @@ impl Conn {
     /// No new streams on it (its open streams carry on).
     pub fn retire(&self) {
         self.retired.store(true, Ordering::Release);
+    }
+
+    /// How long it has had no stream (None: it has some).
+    fn idle_for(&self, now: Instant) -> Option<Duration> {
+        (self.active.load(Ordering::Acquire) == 0)
+            .then(|| now.duration_since(*self.idle_since.lock().unwrap_or_else(|e| e.into_inner())))
     }
 
     fn streams(&self) -> usize {
@@ -194,8 +210,7 @@ impl Pool {
     pub async fn pick(&self, key: &PoolKey) -> Pick {
         let slot = self.slot(key);
         let mut conns = slot.conns.clone().lock_owned().await;
-        let (now_unix, now) = (now_unix(), Instant::now());
-        conns.retain(|c| c.usable(now_unix, now));
+        trim(&mut conns, now_unix(), Instant::now(), SURPLUS_IDLE);
         let least = conns
             .iter()
             .filter(|c| c.streams() < MAX_STREAMS)
@@ -222,6 +237,43 @@ impl Pool {
         lease
     }
 
+    /// Drops, from every key, the connections [`trim`] drops (surplus idle
+    /// for `surplus_idle`), and the keys left with none that nobody is
+    /// using; returns the connections left.
+    pub fn sweep(&self, surplus_idle: Duration) -> usize {
+        let slots: Vec<Slot> = self
+            .slots
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .cloned()
+            .collect();
+        let (now_unix, now) = (now_unix(), Instant::now());
+        let mut left = 0;
+        for s in &slots {
+            // A key being dialed or picked is trimmed by that pick.
+            if let Ok(mut conns) = s.conns.try_lock() {
+                trim(&mut conns, now_unix, now, surplus_idle);
+                left += conns.len();
+            }
+        }
+        drop(slots);
+        self.slots
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|_, s| Arc::strong_count(s) > 1 || s.conns.try_lock().map_or(true, |c| !c.is_empty()));
+        left
+    }
+
+    /// Connections pooled, over every key.
+    pub fn open(&self) -> usize {
+        let slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+        slots
+            .values()
+            .filter_map(|s| s.conns.try_lock().ok().map(|c| c.len()))
+            .sum()
+    }
+
     /// Connections pooled for `key` (for tests and views).
     pub fn connections(&self, key: &PoolKey) -> usize {
         let slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
@@ -229,6 +281,20 @@ impl Pool {
             .get(key)
             .and_then(|s| s.conns.try_lock().ok().map(|c| c.len()))
             .unwrap_or(0)
+    }
+}
+
+/// Keeps a key's connections that may take new streams, less its surplus:
+/// beyond [`spread`], those without streams for `surplus_idle`.
+fn trim(conns: &mut Vec<Arc<Conn>>, now_unix: i64, now: Instant, surplus_idle: Duration) {
+    conns.retain(|c| c.usable(now_unix, now));
+    let mut surplus = conns.len().saturating_sub(spread());
+    if surplus > 0 {
+        conns.retain(|c| {
+            let drop = surplus > 0 && c.idle_for(now).is_some_and(|d| d >= surplus_idle);
+            surplus -= usize::from(drop);
+            !drop
+        });
     }
 }
 
