@@ -253,6 +253,10 @@ pub struct EchoRow {
     pub ok: bool,
     pub ms: u64,
     pub error: Option<String>,
+    /// For a failed transfer: what the agents and the kernel showed of it
+    /// while it ran (the last snapshots before it ended, [`snapshot`]).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub diagnosis: Option<String>,
 }
 
 #[derive(Serialize, Clone)]
@@ -627,7 +631,27 @@ fn echoer(s: &BoxState, sizes: &Sizes, q: &Queue, tally: &Mutex<Tally>, t0: Inst
         for (placement, to) in &dests {
             let at_s = t0.elapsed().as_secs_f64();
             let args = ["client", "echo", "--to", to.as_str(), "--bytes", &bytes];
-            let r = s.workload_json("client", &args, Duration::from_secs(300));
+            // While it runs, a snapshot every 10 s: a stall is diagnosed
+            // from the last ones (the connection is gone once it fails).
+            let (r, snaps) = std::thread::scope(|sc| {
+                let run = sc.spawn(|| s.workload_json("client", &args, Duration::from_secs(300)));
+                let mut snaps: Vec<String> = Vec::new();
+                let mut next = Instant::now() + Duration::from_secs(10);
+                while !run.is_finished() {
+                    if Instant::now() >= next {
+                        snaps.push(snapshot(s, to, t0));
+                        if snaps.len() > 2 {
+                            snaps.remove(0);
+                        }
+                        next += Duration::from_secs(10);
+                    }
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                let r = run
+                    .join()
+                    .unwrap_or_else(|_| Err(anyhow::anyhow!("echo thread panicked")));
+                (r, snaps)
+            });
             let mut row = EchoRow {
                 round,
                 at_s,
@@ -636,6 +660,7 @@ fn echoer(s: &BoxState, sizes: &Sizes, q: &Queue, tally: &Mutex<Tally>, t0: Inst
                 ok: false,
                 ms: 0,
                 error: None,
+                diagnosis: None,
             };
             match r {
                 Ok(v) => {
@@ -648,6 +673,9 @@ fn echoer(s: &BoxState, sizes: &Sizes, q: &Queue, tally: &Mutex<Tally>, t0: Inst
                 }
                 Err(e) => row.error = Some(short(&e)),
             }
+            if row.error.is_some() && !snaps.is_empty() {
+                row.diagnosis = Some(snaps.join("\n"));
+            }
             let mut t = lock(tally);
             if let Some(e) = &row.error {
                 t.fail(format!("echo {placement} to {to}: {e}"));
@@ -656,6 +684,42 @@ fn echoer(s: &BoxState, sizes: &Sizes, q: &Queue, tally: &Mutex<Tally>, t0: Inst
         }
     }
     Ok(())
+}
+
+/// What a transfer to `to` looks like now: each agent's live connections to
+/// it that carried more than 1 MiB (bytes each way, age), and the client
+/// pod's and the agents' TCP sockets with data queued (`ss -tinm`).
+fn snapshot(s: &BoxState, to: &str, t0: Instant) -> String {
+    let mut out = format!("at {:.1} s:\n", t0.elapsed().as_secs_f64());
+    for n in 0..s.spec.nodes {
+        let conns = s.admin_json(n, "/conns").map(|v| {
+            v.as_array()
+                .map(|a| {
+                    a.iter()
+                        .filter(|c| {
+                            c["orig_dst"] == to
+                                && (c["sent"].as_u64().unwrap_or(0) > 1 << 20
+                                    || c["received"].as_u64().unwrap_or(0) > 1 << 20)
+                        })
+                        .map(|c| c.to_string())
+                        .collect::<Vec<_>>()
+                })
+                .unwrap_or_default()
+        });
+        match conns {
+            Ok(c) => out.push_str(&format!("node {} /conns to {to}: {}\n", n + 1, c.join("\n  "))),
+            Err(e) => out.push_str(&format!("node {} /conns: {}\n", n + 1, short(&e))),
+        }
+    }
+    let netns = [("client", s.pod_netns("client")), ("node 1", s.node_netns(0))];
+    for (what, ns) in netns {
+        let script = format!(
+            "ip netns exec {ns} ss -tinmH state established 2>&1 | awk 'NR%2==1 {{q=($1>0||$2>0)}} q' | head -40"
+        );
+        let ss = crate::bench::sh("sh", &["-c", &script]);
+        out.push_str(&format!("{what} sockets with data queued:\n{ss}\n"));
+    }
+    out
 }
 
 /// Node `node`'s current agent and its retired ones (draining), for sampling.
@@ -1250,6 +1314,16 @@ fn write(r: &Report, out: &Path) -> Result<()> {
             e.bytes,
             if e.ok { "yes" } else { "no" },
             e.ms
+        );
+    }
+    for e in r.echoes.iter().filter(|e| e.diagnosis.is_some()) {
+        let _ = writeln!(
+            md,
+            "\nEcho round {} ({}, at {:.1} s) failed; the last snapshots while it ran:\n\n```text\n{}\n```",
+            e.round,
+            e.placement,
+            e.at_s,
+            e.diagnosis.as_deref().unwrap_or_default()
         );
     }
     if !r.failure_samples.is_empty() {
