@@ -687,8 +687,9 @@ fn echoer(s: &BoxState, sizes: &Sizes, q: &Queue, tally: &Mutex<Tally>, t0: Inst
 }
 
 /// What a transfer to `to` looks like now: each agent's live connections to
-/// it that carried more than 1 MiB (bytes each way, age), and the client
-/// pod's and the agents' TCP sockets with data queued (`ss -tinm`).
+/// it that carried more than 1 MiB (bytes each way, age), and, in the client
+/// pod's, echo-1's and node 1's network namespaces, the TCP sockets with data queued
+/// (`ss -tinm`) and TCP's pressure, prune, drop and retransmit counters.
 fn snapshot(s: &BoxState, to: &str, t0: Instant) -> String {
     let mut out = format!("at {:.1} s:\n", t0.elapsed().as_secs_f64());
     for n in 0..s.spec.nodes {
@@ -711,13 +712,22 @@ fn snapshot(s: &BoxState, to: &str, t0: Instant) -> String {
             Err(e) => out.push_str(&format!("node {} /conns: {}\n", n + 1, short(&e))),
         }
     }
-    let netns = [("client", s.pod_netns("client")), ("node 1", s.node_netns(0))];
+    let netns = [
+        ("client pod", s.pod_netns("client")),
+        ("echo-1 pod", s.pod_netns("echo-1")),
+        ("node 1", s.node_netns(0)),
+    ];
     for (what, ns) in netns {
         let script = format!(
             "ip netns exec {ns} ss -tinmH state established 2>&1 | awk 'NR%2==1 {{q=($1>0||$2>0)}} q' | head -40"
         );
         let ss = crate::bench::sh("sh", &["-c", &script]);
         out.push_str(&format!("{what} sockets with data queued:\n{ss}\n"));
+        // TCP's memory pressure, pruning and drops (a stall's usual suspects).
+        let script =
+            format!("ip netns exec {ns} nstat -az 2>&1 | grep -Ei 'pressure|prune|drop|retrans|timeout' | awk '$2>0'");
+        let nstat = crate::bench::sh("sh", &["-c", &script]);
+        out.push_str(&format!("{what} TCP counters (non-zero):\n{nstat}\n"));
     }
     out
 }
