@@ -203,16 +203,20 @@ fn ten_thousand_concurrent_connections_from_one_pod_and_memory_comes_back() {
             .collect::<Vec<u64>>()
     };
     let heap_base = heap_in_use();
-    eprintln!(
-        "baseline: (RssAnon, RssFile KiB, threads) {:?}",
+    // Anonymous vs file-backed RSS, and threads: where memory sits.
+    let breakdown = || {
         pids.iter()
-            .map(|p| (
-                proc_status(*p, "RssAnon"),
-                proc_status(*p, "RssFile"),
-                proc_status(*p, "Threads")
-            ))
+            .map(|p| {
+                format!(
+                    "anon {} KiB, file {} KiB, {} threads",
+                    proc_status(*p, "RssAnon"),
+                    proc_status(*p, "RssFile"),
+                    proc_status(*p, "Threads")
+                )
+            })
             .collect::<Vec<_>>()
-    );
+    };
+    eprintln!("baseline: {:?}", breakdown());
     let mut peaks = Vec::new();
     let mut afters = Vec::new();
     let mut heaps = Vec::new();
@@ -269,16 +273,7 @@ fn ten_thousand_concurrent_connections_from_one_pod_and_memory_comes_back() {
         });
         peaks.push(peak);
         afters.push(rss());
-        eprintln!(
-            "after burst {burst}: (RssAnon, RssFile KiB, threads) {:?}",
-            pids.iter()
-                .map(|p| (
-                    proc_status(*p, "RssAnon"),
-                    proc_status(*p, "RssFile"),
-                    proc_status(*p, "Threads")
-                ))
-                .collect::<Vec<_>>()
-        );
+        eprintln!("after burst {burst}: {:?}", breakdown());
         assert!(
             back,
             "agent RSS after burst {burst} stays above baseline + max(50 %, 48 MiB): baseline {base:?} KiB, now {:?} KiB",
