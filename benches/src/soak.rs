@@ -65,7 +65,10 @@ pub struct Sizes {
     /// Client runs in parallel.
     pub workers: usize,
     pub max_hold_rounds: usize,
-    pub max_echo_rounds: usize,
+    /// Echo rounds, spread over the load: round r of R starts once
+    /// (r - 1) / R of the round trips have been taken (so some run through
+    /// each change, the handover included).
+    pub echo_rounds: usize,
     /// The load phase ends here whatever is left (left work = failure).
     pub load_deadline: Duration,
 }
@@ -78,7 +81,7 @@ pub const FULL: Sizes = Sizes {
     echo_bytes: 64 << 20,
     workers: 4,
     max_hold_rounds: 30,
-    max_echo_rounds: 4,
+    echo_rounds: 12,
     load_deadline: Duration::from_secs(1800),
 };
 
@@ -90,7 +93,7 @@ pub const QUICK: Sizes = Sizes {
     echo_bytes: 4 << 20,
     workers: 3,
     max_hold_rounds: 10,
-    max_echo_rounds: 1,
+    echo_rounds: 1,
     load_deadline: Duration::from_secs(240),
 };
 
@@ -615,8 +618,9 @@ fn holder(s: &BoxState, sizes: &Sizes, q: &Queue, tally: &Mutex<Tally>, t0: Inst
     Ok(())
 }
 
-/// Rounds of checksummed echoes (same node, across nodes, VIP) while the
-/// load runs; at least one round.
+/// Rounds of checksummed echoes (same node, across nodes, VIP) spread over
+/// the load ([`Sizes::echo_rounds`]); the first at once, and none once the
+/// load is over.
 fn echoer(s: &BoxState, sizes: &Sizes, q: &Queue, tally: &Mutex<Tally>, t0: Instant, deadline: Instant) -> Result<()> {
     let dests = [
         ("same node", format!("{}:8080", s.pod_ip("echo-1")?)),
@@ -624,7 +628,11 @@ fn echoer(s: &BoxState, sizes: &Sizes, q: &Queue, tally: &Mutex<Tally>, t0: Inst
         ("service VIP", VIP.to_owned()),
     ];
     let bytes = sizes.echo_bytes.to_string();
-    for round in 1..=sizes.max_echo_rounds {
+    for round in 1..=sizes.echo_rounds {
+        let start = q.chunks.len() * (round - 1) / sizes.echo_rounds;
+        while q.taken() < start && !q.finished(deadline) {
+            std::thread::sleep(Duration::from_millis(50));
+        }
         if round > 1 && q.finished(deadline) {
             break;
         }
