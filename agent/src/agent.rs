@@ -26,6 +26,8 @@ pub struct Options {
     pub pin_root: PathBuf,
     /// Fallback cgroup root when the config has none (kubelet's kubepods).
     pub cgroup_root: PathBuf,
+    /// The procfs pods' sysctls are written through (`podnet`).
+    pub proc_root: PathBuf,
     /// The CA to get workload certificates from; with it the tunnel is mTLS
     /// (HBONE). Without it there is no tunnel, unless
     /// `insecure_plaintext_tunnel`.
@@ -49,7 +51,7 @@ pub struct Agent {
 impl Agent {
     /// Loads the programs for `node` and builds everything around them.
     pub fn new(node: &str, opts: Options) -> Result<Arc<Self>, ferry_ebpf::RedirectError> {
-        let mut ebpf = EbpfNode::load(&opts.pin_root, node)?;
+        let mut ebpf = EbpfNode::load(&opts.pin_root, node, &opts.proc_root)?;
         if let Some(ring) = ebpf.redirect.take_events() {
             tokio::spawn(ferry_ebpf::events::run(ring, node.to_owned()));
         }

@@ -141,6 +141,8 @@ pub trait Node: Send + 'static {
 /// The real node: cgroups, netns, netlink and the eBPF programs.
 pub struct EbpfNode {
     pub redirect: Redirector,
+    /// The procfs pods' sysctls are written through (`--proc-root`).
+    proc_root: PathBuf,
 }
 
 /// What the real node keeps of an enrolled pod.
@@ -151,7 +153,7 @@ pub struct EbpfPod {
 
 impl EbpfNode {
     /// Loads the programs for `node` (reusing its pins) and hooks the agent's own cgroup.
-    pub fn load(pin_root: &Path, node: &str) -> Result<Self, RedirectError> {
+    pub fn load(pin_root: &Path, node: &str, proc_root: &Path) -> Result<Self, RedirectError> {
         // Legacy range: only programs of an older agent still attached during
         // an upgrade read it (ferry.h); deliveries are recognised by
         // `ferry_delivery`, filled by the hook on the agent's own cgroup.
@@ -176,7 +178,10 @@ impl EbpfNode {
             source,
         })?;
         r.attach_agent_cgroup(&cg)?;
-        Ok(Self { redirect: r })
+        Ok(Self {
+            redirect: r,
+            proc_root: proc_root.to_owned(),
+        })
     }
 }
 
@@ -197,7 +202,7 @@ impl Node for EbpfNode {
             }
         };
         let cookie = netns.cookie()?;
-        podnet::setup(&netns).await?;
+        podnet::setup(&netns, &self.proc_root).await?;
         let host_veth = match &w.host_veth {
             Some(v) => Some(v.clone()),
             None => podnet::host_veth(&netns).await,

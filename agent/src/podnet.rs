@@ -7,8 +7,19 @@
 //!   `ip route add local 0.0.0.0/0 dev lo table DELIVER_TABLE`: replies to a
 //!   delivery connection route back to the agent's transparent socket;
 //! - the delivery SYNs get their mark from `ferry_mark_delivery` (cgroup_skb).
+//!
+//! The sysctls are written through a procfs given by the agent's
+//! `--proc-root` (`/proc` by default): `/proc/sys/net` shows the netns of
+//! the thread that opens a file, whichever procfs mount it is opened
+//! through. Container runtimes mount the container's own `/proc/sys`
+//! read-only unless it is privileged, so the chart mounts the node's `/proc`
+//! at `/host/proc` and passes that (`agent/tests/podnet.rs` tests both).
 
-use std::{io, net::Ipv4Addr};
+use std::{
+    io,
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+};
 
 use futures::TryStreamExt;
 use netlink_packet_route::{
@@ -26,23 +37,42 @@ const RULE_PRIORITY: u32 = 100;
 
 #[derive(Debug, thiserror::Error)]
 pub enum PodNetError {
-    #[error("sysctl {name} in the pod: {source}")]
-    Sysctl { name: &'static str, source: io::Error },
+    #[error("sysctl {name} in the pod, through {}: {source}{}", path.display(), read_only_hint(source))]
+    Sysctl {
+        name: &'static str,
+        path: PathBuf,
+        source: io::Error,
+    },
     #[error("netlink in the pod: {0}")]
     Netlink(String),
 }
 
-pub async fn setup(ns: &Netns) -> Result<(), PodNetError> {
+fn read_only_hint(e: &io::Error) -> &'static str {
+    if e.raw_os_error() == Some(libc::EROFS) {
+        " (a read-only /proc/sys, as in an unprivileged container: give the agent the node's /proc, --proc-root)"
+    } else {
+        ""
+    }
+}
+
+/// The pod's sysctls, written in netns `ns` through the procfs at `proc_root`.
+pub fn set_sysctls(ns: &Netns, proc_root: &Path) -> Result<(), PodNetError> {
     // /proc/sys/net follows the netns of the thread that opens it.
     // tcp_fwmark_accept: the app's accepted socket takes the SYN's mark.
     // fwmark_reflect: so do the kernel's own replies (the RST to a delivery
     // SYN when nothing listens): without it that RST routes out of the pod
     // instead of back to the agent, whose connect then hangs for minutes.
     for name in ["net/ipv4/tcp_fwmark_accept", "net/ipv4/fwmark_reflect"] {
-        ns.run(|| std::fs::write(format!("/proc/sys/{name}"), "1"))
+        let path = proc_root.join("sys").join(name);
+        ns.run(|| std::fs::write(&path, "1"))
             .and_then(|r| r)
-            .map_err(|source| PodNetError::Sysctl { name, source })?;
+            .map_err(|source| PodNetError::Sysctl { name, path, source })?;
     }
+    Ok(())
+}
+
+pub async fn setup(ns: &Netns, proc_root: &Path) -> Result<(), PodNetError> {
+    set_sysctls(ns, proc_root)?;
 
     let nl = |e: rtnetlink::Error| PodNetError::Netlink(e.to_string());
     let (conn, handle, _) = ns

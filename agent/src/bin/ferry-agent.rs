@@ -40,6 +40,11 @@ struct Args {
     /// Where pod cgroups live when the config does not say.
     #[arg(long, default_value = "/sys/fs/cgroup/kubepods.slice")]
     cgroup_root: PathBuf,
+    /// The procfs to write pods' sysctls through: the node's /proc mounted
+    /// somewhere writable when the container's own /proc/sys is read-only
+    /// (unprivileged containers; the chart passes /host/proc).
+    #[arg(long, env = "FERRY_PROC_ROOT", default_value = "/proc")]
+    proc_root: PathBuf,
     /// Admin endpoint. Keep it on localhost: it shows workload state.
     #[arg(long, default_value = "127.0.0.1:15000")]
     admin: SocketAddr,
@@ -230,6 +235,7 @@ async fn main() -> anyhow::Result<()> {
     let opts = agent::Options {
         pin_root: args.pin_root.clone(),
         cgroup_root: args.cgroup_root.clone(),
+        proc_root: args.proc_root.clone(),
         identity,
         insecure_plaintext_tunnel: args.insecure_plaintext_tunnel,
     };
@@ -441,7 +447,10 @@ async fn run_config_stream(
     let settings_of = |c: ConfigFile| -> anyhow::Result<_> {
         anyhow::ensure!(c.node == node, "config is for node {}, not {node}", c.node);
         anyhow::ensure!(
-            c.workloads.is_empty() && c.services.is_empty() && c.peer_authentications.is_empty(),
+            c.workloads.is_empty()
+                && c.pending_pods.is_empty()
+                && c.services.is_empty()
+                && c.peer_authentications.is_empty(),
             "with --config-stream, workloads, services and policies come from the control plane: \
              the config file may only hold `node` and `settings`"
         );
