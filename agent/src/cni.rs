@@ -8,7 +8,9 @@
 //! `failed` with the reason when neither happened within the wait the
 //! plugin allowed (capped at [`MAX_WAIT_MS`]); meanwhile the pod may not even
 //! be in the config yet (the control plane learns of it shortly), and a
-//! failed enrollment is retried. DEL and CHECK answer at once; STATUS says
+//! failed enrollment is retried. A pod the config has without an address
+//! (the API server has none before the sandbox is up) is captured at the
+//! address the ADD carries: the reconciler learns it ([`Captures`]). DEL and CHECK answer at once; STATUS says
 //! `ready`. An agent that has handed over to a new one closes without
 //! answering, so the plugin asks again and reaches the new one.
 //!

@@ -12,6 +12,17 @@
 //! the sandbox's netns is used for the pod, a new sandbox re-enrolls it, a
 //! deleted one unenrolls it at once; [`Captures`] is what the CNI server
 //! asks and waits on.
+//!
+//! A pod the config has as pending (scheduled, no address in the API server
+//! yet: the kubelet reports it only after the sandbox is up) takes its
+//! address from its sandbox's ADD (`prevResult.ips`): the reconciler keeps
+//! these learned addresses (uid -> IPv4) and applies them where it turns a
+//! config into its [`State`] ([`ferry_model::pending::overlay`]), so the pod
+//! is a workload like any other and is enrolled; when the learned addresses
+//! change it applies the last config again. The control plane's word wins:
+//! once the config names the pod with an address, the learned one is
+//! dropped; it is dropped too on the sandbox's DEL and when the pod leaves
+//! the config.
 
 use std::{
     collections::{BTreeMap, HashMap, HashSet},
@@ -29,8 +40,9 @@ use ferry_model::{
     admin::PodStatus,
     admission::{self, Fallback},
     cni::PodInfo,
+    pending::{self, Fate, RuntimeAddress},
     state::State,
-    ConfigFile, Workload,
+    ConfigFile, PendingPod, Workload,
 };
 use futures::future::BoxFuture;
 use tokio::{sync::watch, task::AbortHandle, time::Instant};
@@ -123,6 +135,24 @@ struct Inner<N: Node> {
     node: N,
     enrolled: HashMap<String, Enrolled<N::Pod>>,
     next_pod_id: u32,
+    /// The last config applied, as it came (before the learned addresses),
+    /// kept while it has pending pods: applied again when what was learned
+    /// changes. None: nothing to apply again.
+    last: Option<ConfigFile>,
+    /// Addresses learned from the runtime for pending pods, by pod uid:
+    /// only those the last applied config still has pending.
+    learned: BTreeMap<String, Learned>,
+}
+
+/// An address learned from a pod sandbox's ADD, for a pod the config has no
+/// address for yet.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Learned {
+    ip: Ipv4Addr,
+    /// The sandbox that gave it (its DEL drops the address).
+    container_id: String,
+    /// `namespace/name`, for logs.
+    pod: String,
 }
 
 pub struct Reconciler<N: Node> {
@@ -182,6 +212,8 @@ const SANDBOX_TTL: Duration = Duration::from_secs(600);
 struct Sandbox {
     container_id: String,
     netns: Option<PathBuf>,
+    /// The addresses the runtime's network plugins gave the pod (`prevResult.ips`).
+    ips: Vec<IpAddr>,
     /// DEL came: not enrolled again until a new ADD.
     deleted: bool,
     seen: Instant,
@@ -287,6 +319,8 @@ impl<N: Node> Reconciler<N> {
                 node,
                 enrolled: HashMap::new(),
                 next_pod_id: 1,
+                last: None,
+                learned: BTreeMap::new(),
             }),
             proxy,
             ids,
@@ -371,19 +405,135 @@ impl<N: Node> Reconciler<N> {
     /// enroll are reported in their status and left uncaptured; the rest
     /// proceed.
     pub async fn try_reconcile(&self, cfg: ConfigFile) -> Result<u64, Refused> {
+        let mut inner = self.inner.lock().await;
+        self.apply_locked(&mut inner, cfg).await
+    }
+
+    /// Applies the last config again, with the learned addresses as they are
+    /// now (one was learned or dropped). Nothing to do without a last config
+    /// with pending pods.
+    async fn reapply_locked(&self, inner: &mut Inner<N>) {
+        let Some(cfg) = inner.last.clone() else { return };
+        if let Err(e) = self.apply_locked(inner, cfg).await {
+            tracing::error!(reason = %e, "config not applied again with the addresses learned from the runtime");
+        }
+    }
+
+    /// The addresses learned for `cfg`'s pending pods: those learned before,
+    /// updated from what the runtime said of each enrolled pending pod's
+    /// current sandbox (an ADD with exactly one IPv4 address, not one the
+    /// config has for a workload: the ADD waits, saying so); a pod not
+    /// enrolled, or whose sandbox was deleted, has none.
+    fn learned_for(&self, current: &BTreeMap<String, Learned>, cfg: &ConfigFile) -> BTreeMap<String, Learned> {
+        let mut out = current.clone();
+        if cfg.pending_pods.is_empty() {
+            return out;
+        }
+        let in_use: HashSet<Ipv4Addr> = cfg.workloads.iter().map(|w| w.ip).collect();
+        let sandboxes = self.sandboxes.lock().unwrap_or_else(|e| e.into_inner());
+        for p in cfg.pending_pods.iter().filter(|p| p.node == cfg.node) {
+            if !p.enrolled {
+                out.remove(&p.uid);
+                continue;
+            }
+            let Some(sb) = sandboxes.get(&p.uid).or_else(|| sandboxes.get(&p.label())) else {
+                continue;
+            };
+            if sb.deleted {
+                out.remove(&p.uid);
+                continue;
+            }
+            match pending::runtime_address(&sb.ips) {
+                RuntimeAddress::One(ip) if !in_use.contains(&ip) => {
+                    out.insert(
+                        p.uid.clone(),
+                        Learned {
+                            ip,
+                            container_id: sb.container_id.clone(),
+                            pod: p.label(),
+                        },
+                    );
+                }
+                // A newer sandbox that gave no usable address: what an
+                // older one gave is stale.
+                RuntimeAddress::One(_)
+                | RuntimeAddress::NoIpv4
+                | RuntimeAddress::Several(_)
+                | RuntimeAddress::NotAPodAddress(_) => {
+                    if out.get(&p.uid).is_some_and(|l| l.container_id != sb.container_id) {
+                        out.remove(&p.uid);
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// Keeps the learned addresses still in use and says what became of
+    /// the others.
+    fn settle_learned(
+        old: &BTreeMap<String, Learned>,
+        mut learned: BTreeMap<String, Learned>,
+        fates: &BTreeMap<String, Fate>,
+    ) -> BTreeMap<String, Learned> {
+        for (uid, fate) in fates {
+            let Some(l) = learned.get(uid) else { continue };
+            match fate {
+                Fate::Used if old.get(uid) != Some(l) => tracing::info!(
+                    pod = %l.pod,
+                    ip = %l.ip,
+                    container_id = %l.container_id,
+                    "pod address learned from the runtime (CNI ADD): ferry-control has none for it yet"
+                ),
+                Fate::Used => {}
+                Fate::Confirmed => tracing::info!(
+                    pod = %l.pod,
+                    ip = %l.ip,
+                    "ferry-control now has the pod's address: the one learned from the runtime is dropped"
+                ),
+                Fate::Superseded { config } => tracing::warn!(
+                    pod = %l.pod,
+                    learned = %l.ip,
+                    config = %config,
+                    "ferry-control has the pod at another address than its runtime gave: the control plane's is used"
+                ),
+                Fate::Taken { by } => tracing::warn!(
+                    pod = %l.pod,
+                    ip = %l.ip,
+                    other = %by,
+                    "the address the runtime gave the pod is another pod's in the config: not used"
+                ),
+                Fate::Departed => tracing::info!(
+                    pod = %l.pod,
+                    ip = %l.ip,
+                    "the pod left the config: the address learned from the runtime is dropped"
+                ),
+            }
+        }
+        learned.retain(|uid, _| fates.get(uid).is_some_and(Fate::keep));
+        learned
+    }
+
+    /// [`Reconciler::try_reconcile`] under the lock: `cfg` as it came, the
+    /// learned addresses applied to it on the way to the state.
+    async fn apply_locked(&self, inner: &mut Inner<N>, mut cfg: ConfigFile) -> Result<u64, Refused> {
         let prev = self.proxy.state();
         let first = prev.version == 0;
-        let state = Arc::new(State::from_config(cfg, prev.version + 1));
-        let mut inner = self.inner.lock().await;
         if self.retired.load(Ordering::Acquire) {
             tracing::info!("config not applied: this agent has handed over to a new one");
             return Ok(prev.version);
         }
+        let raw = (!cfg.pending_pods.is_empty()).then(|| cfg.clone());
+        let learned = self.learned_for(&inner.learned, &cfg);
+        let fates = pending::overlay(&mut cfg, &learned.iter().map(|(u, l)| (u.clone(), l.ip)).collect());
+        let state = Arc::new(State::from_config(cfg, prev.version + 1));
         check_capacity(inner.node.capacity(), &state)?;
+        inner.last = raw;
+        inner.learned = Self::settle_learned(&inner.learned, learned, &fates);
         if let Err(e) = inner.node.configure(&state.settings) {
             tracing::error!(error = %e, "cannot update node settings");
         }
-        self.unenroll_gone(&mut inner, &state);
+        self.unenroll_gone(inner, &state);
         self.proxy.set_state(state.clone());
 
         let cgroup_root = state
@@ -393,7 +543,7 @@ impl<N: Node> Reconciler<N> {
             .unwrap_or_else(|| self.cgroup_root.clone());
         let mut status = BTreeMap::new();
         for w in state.workloads.values().filter(|w| w.node == state.node) {
-            let st = self.sync_pod(&mut inner, &state, w, &cgroup_root).await;
+            let st = self.sync_pod(inner, &state, w, &cgroup_root).await;
             status.insert(w.uid.clone(), st);
         }
         self.forget_departed(&state);
@@ -461,6 +611,7 @@ impl<N: Node> Reconciler<N> {
             netns: None,
             host_veth: w.host_veth.clone(),
             error: None,
+            ip_learned: inner.learned.contains_key(&w.uid),
         };
         let fallback = admission::fallback(state, w);
         let sandbox = self.sandbox_of(w);
@@ -530,6 +681,7 @@ impl<N: Node> Reconciler<N> {
             .workloads
             .values()
             .flat_map(|w| [w.uid.clone(), w.label()])
+            .chain(state.pending.values().flat_map(|p| [p.uid.clone(), p.label()]))
             .collect();
         self.sandboxes
             .lock()
@@ -552,6 +704,18 @@ impl<N: Node> Reconciler<N> {
             .workloads
             .values()
             .find(|w| w.namespace == pod.namespace && w.name == pod.name)
+    }
+
+    /// The pending pod (this node's, no address yet) `pod` names: by uid,
+    /// else by namespace and name.
+    fn pending_of<'s>(state: &'s State, pod: &PodInfo) -> Option<&'s PendingPod> {
+        if !pod.uid.is_empty() {
+            return state.pending.get(&pod.uid);
+        }
+        state
+            .pending
+            .values()
+            .find(|p| p.namespace == pod.namespace && p.name == pod.name)
     }
 
     /// Retries the enrollments that are due (their backoff has passed, or a
@@ -805,6 +969,9 @@ impl<N: Node> Reconciler<N> {
         }
         let state = self.proxy.state();
         let Some(w) = Self::workload_of(&state, pod) else {
+            if let Some(p) = Self::pending_of(&state, pod) {
+                return self.capture_of_pending(&state, p, pod);
+            }
             return Capture::Pending(format!(
                 "the agent has no word of pod {} (uid {:?}) yet: its config (from ferry-control) does not name it",
                 pod.label(),
@@ -859,6 +1026,59 @@ impl<N: Node> Reconciler<N> {
         }
     }
 
+    /// The capture of a pod the config has no address for (and the agent
+    /// has not learned one for yet): not in the mesh, or why it waits.
+    fn capture_of_pending(&self, state: &State, p: &PendingPod, pod: &PodInfo) -> Capture {
+        if !p.enrolled {
+            return Capture::NotInMesh(format!(
+                "pod {} is not enrolled (no ferry.dev/mesh opt-in for it or its namespace)",
+                p.label()
+            ));
+        }
+        let sb = self.sandboxes.lock().unwrap_or_else(|e| e.into_inner());
+        if sb.get(&p.uid).or_else(|| sb.get(&p.label())).is_some_and(|s| s.deleted) {
+            return Capture::Pending(format!(
+                "the sandbox of pod {} was deleted (CNI DEL); waiting for a new one",
+                p.label()
+            ));
+        }
+        drop(sb);
+        let listed = || {
+            if pod.ips.is_empty() {
+                "none".to_owned()
+            } else {
+                pod.ips.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ")
+            }
+        };
+        let no_address = format!(
+            "pod {} has no address in the agent's config yet (the kubelet reports it only once the sandbox is up)",
+            p.label()
+        );
+        Capture::Pending(match pending::runtime_address(&pod.ips) {
+            RuntimeAddress::NoIpv4 => format!(
+                "{no_address} and the runtime gave it no IPv4 address (prevResult.ips: {}): it cannot be captured without one",
+                listed()
+            ),
+            RuntimeAddress::Several(v4) => format!(
+                "{no_address} and the runtime gave it several IPv4 addresses ({}): which one is the pod's is not known",
+                v4.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ")
+            ),
+            RuntimeAddress::NotAPodAddress(a) => {
+                format!("{no_address} and the runtime gave it {a}, which is not a pod address")
+            }
+            RuntimeAddress::One(a) => match state.workload_by_ip(a) {
+                Some(other) => format!(
+                    "{no_address} and the runtime gave it {a}, which the config has for pod {}",
+                    other.label()
+                ),
+                None => format!(
+                    "pod {} is being enrolled at {a}, the address its runtime gave it (ferry-control has none yet)",
+                    p.label()
+                ),
+            },
+        })
+    }
+
     async fn add_sandbox(&self, pod: &PodInfo) {
         let key = if pod.uid.is_empty() {
             pod.label()
@@ -868,6 +1088,7 @@ impl<N: Node> Reconciler<N> {
         let sb = Sandbox {
             container_id: pod.container_id.clone(),
             netns: Some(PathBuf::from(&pod.netns)).filter(|p| !p.as_os_str().is_empty()),
+            ips: pod.ips.clone(),
             deleted: false,
             seen: Instant::now(),
         };
@@ -876,9 +1097,25 @@ impl<N: Node> Reconciler<N> {
             uid = %pod.uid,
             container_id = %pod.container_id,
             netns = %pod.netns,
+            ips = %pod.ips.iter().map(ToString::to_string).collect::<Vec<_>>().join(","),
             "sandbox announced by the runtime (CNI ADD)"
         );
         self.sandboxes.lock().unwrap_or_else(|e| e.into_inner()).insert(key, sb);
+        // A pod without an address in the config: take it from this ADD
+        // (applying the last config again with it), or, for one whose
+        // address came from an older sandbox, from this newer one.
+        {
+            let mut inner = self.inner.lock().await;
+            let state = self.proxy.state();
+            let usable = matches!(pending::runtime_address(&pod.ips), RuntimeAddress::One(_));
+            let learns = Self::pending_of(&state, pod).is_some_and(|p| p.enrolled) && usable
+                || Self::workload_of(&state, pod)
+                    .and_then(|w| inner.learned.get(&w.uid))
+                    .is_some_and(|l| l.container_id != pod.container_id);
+            if learns {
+                self.reapply_locked(&mut inner).await;
+            }
+        }
         // A pod already wanted: enroll it (in this sandbox) now rather than
         // at its next backoff step or config change.
         let state = self.proxy.state();
@@ -920,48 +1157,65 @@ impl<N: Node> Reconciler<N> {
         let state = self.proxy.state();
         let uid = Self::workload_of(&state, pod)
             .map(|w| w.uid.clone())
+            .or_else(|| Self::pending_of(&state, pod).map(|p| p.uid.clone()))
             .unwrap_or_else(|| pod.uid.clone());
-        let mut sandboxes = self.sandboxes.lock().unwrap_or_else(|e| e.into_inner());
-        // This sandbox, not another of the same pod: the one announced with
-        // this container id or, announced before this agent started, the
-        // netns the pod is captured in.
-        let ours = match sandboxes.get(&key) {
-            Some(sb) => pod.container_id.is_empty() || sb.container_id == pod.container_id,
-            None => {
-                !pod.netns.is_empty()
-                    && inner
-                        .enrolled
-                        .get(&uid)
-                        .and_then(|e| e.plumbed.netns.as_ref())
-                        .is_some_and(|old| same_netns(old, Path::new(&pod.netns)))
+        let ours = {
+            let mut sandboxes = self.sandboxes.lock().unwrap_or_else(|e| e.into_inner());
+            // This sandbox, not another of the same pod: the one announced with
+            // this container id or, announced before this agent started, the
+            // netns the pod is captured in.
+            let ours = match sandboxes.get(&key) {
+                Some(sb) => pod.container_id.is_empty() || sb.container_id == pod.container_id,
+                None => {
+                    !pod.netns.is_empty()
+                        && inner
+                            .enrolled
+                            .get(&uid)
+                            .and_then(|e| e.plumbed.netns.as_ref())
+                            .is_some_and(|old| same_netns(old, Path::new(&pod.netns)))
+                }
+            };
+            if ours {
+                let sb = sandboxes.entry(key).or_insert(Sandbox {
+                    container_id: pod.container_id.clone(),
+                    netns: None,
+                    ips: Vec::new(),
+                    deleted: true,
+                    seen: Instant::now(),
+                });
+                sb.deleted = true;
+                sb.seen = Instant::now();
             }
+            ours
         };
         if !ours {
             tracing::debug!(pod = %pod.label(), container_id = %pod.container_id, "CNI DEL of a sandbox not captured here: nothing to do");
             return;
         }
-        let sb = sandboxes.entry(key).or_insert(Sandbox {
-            container_id: pod.container_id.clone(),
-            netns: None,
-            deleted: true,
-            seen: Instant::now(),
-        });
-        sb.deleted = true;
-        sb.seen = Instant::now();
-        drop(sandboxes);
         self.retries.lock().unwrap_or_else(|e| e.into_inner()).remove(&uid);
-        if !inner.enrolled.contains_key(&uid) {
-            return;
+        if inner.enrolled.contains_key(&uid) {
+            self.unenroll_one(&mut inner, &uid, "pod unenrolled: its sandbox was deleted (CNI DEL)");
+            if let Some(st) = self.status.write().unwrap_or_else(|e| e.into_inner()).get_mut(&uid) {
+                st.enrolled = false;
+                st.pod_id = None;
+                st.netns_cookie = None;
+                st.netns = None;
+            }
+            self.publish_pod_gauges(inner.enrolled.len());
+            self.notify();
         }
-        self.unenroll_one(&mut inner, &uid, "pod unenrolled: its sandbox was deleted (CNI DEL)");
-        if let Some(st) = self.status.write().unwrap_or_else(|e| e.into_inner()).get_mut(&uid) {
-            st.enrolled = false;
-            st.pod_id = None;
-            st.netns_cookie = None;
-            st.netns = None;
+        // An address this sandbox gave goes with it: the pod is pending again
+        // (applied at once, so nothing routes to the address any more).
+        let gave = inner
+            .learned
+            .get(&uid)
+            .is_some_and(|l| pod.container_id.is_empty() || l.container_id == pod.container_id);
+        if gave {
+            if let Some(l) = inner.learned.remove(&uid) {
+                tracing::info!(pod = %l.pod, ip = %l.ip, "the address learned from the runtime is dropped: its sandbox was deleted (CNI DEL)");
+            }
+            self.reapply_locked(&mut inner).await;
         }
-        self.publish_pod_gauges(inner.enrolled.len());
-        self.notify();
     }
 }
 
@@ -1047,6 +1301,18 @@ mod tests {
         #[derive(Debug)]
         pub struct Pod(pub Ipv4Addr);
 
+        /// Where a pod address is on the host: as is when it is a loopback
+        /// one (127.77.x.y), else a.b.c.d as 127.b.c.d (a pod-like address,
+        /// 10.77.x.y, listened on at 127.77.x.y).
+        pub fn on_host(ip: Ipv4Addr) -> Ipv4Addr {
+            let [_, b, c, d] = ip.octets();
+            if ip.is_loopback() {
+                ip
+            } else {
+                Ipv4Addr::new(127, b, c, d)
+            }
+        }
+
         impl SocketFactory for Pod {
             fn listen(&self, addr: SocketAddrV4) -> io::Result<TcpListener> {
                 // The pod's own 127.0.0.1 is its loopback address.
@@ -1055,7 +1321,7 @@ mod tests {
                 } else {
                     *addr.ip()
                 };
-                HostSockets.listen(SocketAddrV4::new(ip, addr.port()))
+                HostSockets.listen(SocketAddrV4::new(on_host(ip), addr.port()))
             }
             fn socket(&self, src: Source) -> io::Result<TcpSocket> {
                 HostSockets.socket(src)
@@ -1128,6 +1394,245 @@ mod tests {
             "node: n1\nworkloads:\n  - {{uid: web, name: web, node: n1, ip: 127.77.{net}.2, enrolled: true}}\n  - {{uid: plain, name: plain, node: n1, ip: 127.77.{net}.3, enrolled: false}}\n"
         ))
         .unwrap()
+    }
+
+    /// Node n1 with `web` (a workload at 10.77.<net>.2) and three pods
+    /// without an address: `fresh` and `other` (enrolled), `plain` (not);
+    /// `addressed` gives some of them theirs (uid, ip), as ferry-control
+    /// does once the kubelet has reported them.
+    fn pending_pods(net: u8, addressed: &[(&str, &str)]) -> ConfigFile {
+        let mut y =
+            format!("node: n1\nworkloads:\n  - {{uid: web, name: web, node: n1, ip: 10.77.{net}.2, enrolled: true}}\n");
+        let pods = [("fresh", true), ("other", true), ("plain", false)];
+        for (uid, enrolled) in pods {
+            if let Some((_, ip)) = addressed.iter().find(|(u, _)| *u == uid) {
+                y += &format!(
+                    "  - {{uid: {uid}, name: {uid}, node: n1, ip: {ip}, enrolled: {enrolled}, labels: {{app: {uid}}}}}\n"
+                );
+            }
+        }
+        y += "pendingPods:\n";
+        for (uid, enrolled) in pods {
+            if !addressed.iter().any(|(u, _)| *u == uid) {
+                y += &format!(
+                    "  - {{uid: {uid}, name: {uid}, node: n1, enrolled: {enrolled}, labels: {{app: {uid}}}}}\n"
+                );
+            }
+        }
+        let cfg = ConfigFile::parse("pending", &y).unwrap();
+        assert!(!cfg.pending_pods.is_empty() || addressed.len() == 3);
+        cfg
+    }
+
+    fn added(uid: &str, container: &str, netns: &Path, ips: &[&str]) -> PodInfo {
+        PodInfo {
+            ips: ips.iter().map(|i| i.parse().unwrap()).collect(),
+            ..pod(uid, uid, container, &netns.display().to_string())
+        }
+    }
+
+    #[tokio::test]
+    async fn a_pending_pod_is_captured_at_the_address_its_add_gives() {
+        let dir = std::env::temp_dir().join(format!("ferry-reconcile-pending-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (ns1, ns2, ns3) = (dir.join("ns1"), dir.join("ns2"), dir.join("ns3"));
+        for ns in [&ns1, &ns2, &ns3] {
+            std::fs::write(ns, "").unwrap();
+        }
+        let log = Arc::new(Mutex::new(flaky::Log::default()));
+        let r = flaky::reconciler(log.clone());
+        r.reconcile(pending_pods(5, &[])).await;
+        assert!(matches!(
+            r.capture_of(&pod("web", "web", "", "")),
+            Capture::Captured { .. }
+        ));
+        let fresh_at = |ips: &[&str]| added("fresh", "c1", &ns1, ips);
+
+        // Not enrolled: notInMesh at once, whatever the ADD carries; nothing learned.
+        let plain = added("plain", "p1", &ns3, &["10.77.5.9"]);
+        r.add_sandbox(&plain).await;
+        assert_eq!(
+            r.capture_of(&plain),
+            Capture::NotInMesh(
+                "pod default/plain is not enrolled (no ferry.dev/mesh opt-in for it or its namespace)".into()
+            )
+        );
+        assert!(!r.proxy.state().workloads.contains_key("plain"));
+        // No usable IPv4 address in the ADD: pending, and why.
+        for (ips, why) in [
+            (&[][..], "the runtime gave it no IPv4 address (prevResult.ips: none)"),
+            (&["fd00::7"][..], "no IPv4 address (prevResult.ips: fd00::7)"),
+            (
+                &["10.77.5.3", "10.77.5.4"][..],
+                "several IPv4 addresses (10.77.5.3, 10.77.5.4)",
+            ),
+            (&["0.0.0.0"][..], "0.0.0.0, which is not a pod address"),
+            (
+                &["10.77.5.2"][..],
+                "10.77.5.2, which the config has for pod default/web",
+            ),
+        ] {
+            r.add_sandbox(&fresh_at(ips)).await;
+            match r.capture_of(&fresh_at(ips)) {
+                Capture::Pending(w) => assert!(w.contains(why) && w.contains("default/fresh"), "{ips:?}: {w}"),
+                other => panic!("{ips:?}: {other:?}"),
+            }
+            assert!(r.inner.lock().await.learned.is_empty(), "{ips:?}");
+        }
+        let plumbed = |uid: &str| -> Vec<Option<PathBuf>> {
+            let log = log.lock().unwrap();
+            log.plumbed
+                .iter()
+                .filter(|(u, _)| u == uid)
+                .map(|(_, n)| n.clone())
+                .collect()
+        };
+        assert!(plumbed("fresh").is_empty());
+
+        // Exactly one IPv4 address: learned, the pod is a workload there and
+        // enrolled in the ADD's netns.
+        let add = fresh_at(&["10.77.5.3", "fd00::3"]);
+        r.add_sandbox(&add).await;
+        assert!(
+            matches!(r.capture_of(&add), Capture::Captured { .. }),
+            "{:?}",
+            r.capture_of(&add)
+        );
+        let state = r.proxy.state();
+        assert_eq!(state.workloads["fresh"].ip.to_string(), "10.77.5.3");
+        assert!(!state.pending.contains_key("fresh") && state.pending.contains_key("other"));
+        assert!(state
+            .mesh_destinations()
+            .contains_key(&("10.77.5.3".parse().unwrap(), 0)));
+        assert_eq!(plumbed("fresh"), vec![Some(ns1.clone())]);
+        let st = |uid: &str| r.pod_status().into_iter().find(|s| s.uid == uid).unwrap();
+        assert!(st("fresh").enrolled && st("fresh").ip_learned && st("fresh").ip == "10.77.5.3");
+        // The same ADD again (the runtime retrying): nothing changes.
+        r.add_sandbox(&add).await;
+        assert_eq!(plumbed("fresh").len(), 1);
+
+        // DEL of that sandbox: unenrolled, the address dropped, pending again.
+        r.delete_sandbox(&added("fresh", "c1", &ns1, &[])).await;
+        assert!(r.inner.lock().await.learned.is_empty());
+        assert!(r.proxy.state().pending.contains_key("fresh"));
+        assert!(!r
+            .proxy
+            .state()
+            .mesh_destinations()
+            .contains_key(&("10.77.5.3".parse().unwrap(), 0)));
+        assert!(matches!(r.capture_of(&add), Capture::Pending(w) if w.contains("deleted")));
+        assert_eq!(log.lock().unwrap().unsteered, vec!["fresh".to_owned()]);
+        // A new sandbox (new address): learned again, captured again.
+        let again = added("fresh", "c2", &ns2, &["10.77.5.5"]);
+        r.add_sandbox(&again).await;
+        let until = Instant::now() + Duration::from_secs(5);
+        while !matches!(r.capture_of(&again), Capture::Captured { .. }) {
+            // (Both "netns" are the host's here: the old listeners may take a
+            // moment to close; the backoff retries.)
+            assert!(Instant::now() < until, "{:?}", r.capture_of(&again));
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            r.retry_failed().await;
+        }
+        assert_eq!(r.proxy.state().workloads["fresh"].ip.to_string(), "10.77.5.5");
+
+        // ferry-control catches up with the same address: the learned entry
+        // is dropped and the pod stays captured as it was (not re-enrolled).
+        let plumbs = plumbed("fresh").len();
+        let Capture::Captured { pod_id } = r.capture_of(&again) else {
+            unreachable!()
+        };
+        r.reconcile(pending_pods(5, &[("fresh", "10.77.5.5")])).await;
+        assert!(r.inner.lock().await.learned.is_empty());
+        assert_eq!(r.capture_of(&again), Capture::Captured { pod_id });
+        assert_eq!(plumbed("fresh").len(), plumbs, "not enrolled again");
+        assert!(!st("fresh").ip_learned);
+
+        // Another pod learned at one address, then the control plane has it
+        // at another: the control plane's is used (the pod re-enrolled there).
+        let other = added("other", "o1", &ns3, &["10.77.5.6"]);
+        r.add_sandbox(&other).await;
+        assert!(matches!(r.capture_of(&other), Capture::Captured { .. }));
+        r.reconcile(pending_pods(5, &[("fresh", "10.77.5.5"), ("other", "10.77.5.7")]))
+            .await;
+        assert!(r.inner.lock().await.learned.is_empty());
+        assert_eq!(r.proxy.state().workloads["other"].ip.to_string(), "10.77.5.7");
+        assert!(
+            matches!(r.capture_of(&other), Capture::Pending(w) if w.contains("at 10.77.5.7, the runtime gave it 10.77.5.6")),
+            "{:?}",
+            r.capture_of(&other)
+        );
+        let at_config = added("other", "o1", &ns3, &["10.77.5.7"]);
+        let until = Instant::now() + Duration::from_secs(5);
+        while !matches!(r.capture_of(&at_config), Capture::Captured { .. }) {
+            assert!(Instant::now() < until, "{:?}", r.capture_of(&at_config));
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            r.retry_failed().await;
+        }
+        r.stop_listeners().await;
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[tokio::test]
+    async fn a_learned_address_goes_when_the_pod_leaves_the_config_and_add_is_answered() {
+        let dir = std::env::temp_dir().join(format!("ferry-reconcile-pending-cni-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let ns = dir.join("ns");
+        std::fs::write(&ns, "").unwrap();
+        let log = Arc::new(Mutex::new(flaky::Log::default()));
+        let r = flaky::reconciler(log.clone());
+        let ask = |pod: PodInfo, timeout_ms: u64| ferry_model::cni::Request {
+            version: ferry_model::cni::PROTOCOL_VERSION,
+            op: ferry_model::cni::Op::Add,
+            pod,
+            timeout_ms,
+        };
+        // ADD before the config names the pod at all: it waits; the config
+        // then has it pending, and the address from that ADD captures it.
+        let fresh = added("fresh", "c1", &ns, &["10.77.8.3"]);
+        let answer = tokio::spawn({
+            let r = r.clone();
+            let fresh = fresh.clone();
+            async move { crate::cni::answer(&*r, ask(fresh, 5_000)).await }
+        });
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(!answer.is_finished(), "no word of the pod yet: ADD waits");
+        r.reconcile(pending_pods(8, &[])).await;
+        let reply = tokio::time::timeout(Duration::from_secs(5), answer)
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(
+            matches!(reply, Some(ferry_model::cni::Reply::Captured { .. })),
+            "{reply:?}"
+        );
+        assert_eq!(r.proxy.state().workloads["fresh"].ip.to_string(), "10.77.8.3");
+        // Not enrolled: answered at once.
+        let started = Instant::now();
+        let reply = crate::cni::answer(&*r, ask(added("plain", "p1", &ns, &["10.77.8.9"]), 5_000)).await;
+        assert!(
+            matches!(reply, Some(ferry_model::cni::Reply::NotInMesh { .. })),
+            "{reply:?}"
+        );
+        assert!(started.elapsed() < Duration::from_secs(1));
+        // No IPv4 address: fails at its deadline, saying why.
+        let reply = crate::cni::answer(&*r, ask(added("other", "o1", &ns, &[]), 300)).await;
+        match reply {
+            Some(ferry_model::cni::Reply::Failed { reason }) => assert!(
+                reason.starts_with("not captured within 300 ms: pod default/other has no address")
+                    && reason.contains("no IPv4 address"),
+                "{reason}"
+            ),
+            other => panic!("{other:?}"),
+        }
+        // The pod leaves the config: its address is dropped, it is unenrolled.
+        let mut gone = pending_pods(8, &[]);
+        gone.pending_pods.retain(|p| p.uid != "fresh");
+        r.reconcile(gone).await;
+        assert!(r.inner.lock().await.learned.is_empty());
+        assert!(!r.proxy.state().workloads.contains_key("fresh"));
+        assert_eq!(log.lock().unwrap().unsteered, vec!["fresh".to_owned()]);
+        r.stop_listeners().await;
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     fn pod(uid: &str, name: &str, container: &str, netns: &str) -> PodInfo {

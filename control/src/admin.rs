@@ -121,6 +121,8 @@ impl Admin {
                     "version": s.version,
                     "pods": s.view.workloads.len(),
                     "enrolled": s.view.workloads.iter().filter(|w| w.enrolled).count(),
+                    // Scheduled, no address yet (sent to their node as pending).
+                    "pendingPods": s.view.pending.len(),
                     // Never mesh workloads; `ferryctl analyze --all` lists them.
                     "hostNetworkPods": s.view.host_network.len(),
                     "services": s.view.services.len(),

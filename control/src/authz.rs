@@ -1,5 +1,8 @@
 //! Who may get which certificate: a node (known by its credential, see
-//! [`crate::nodeauth`]) gets certificates only for pods scheduled on it. Pure:
+//! [`crate::nodeauth`]) gets certificates only for pods scheduled on it,
+//! with an address or still without one (a pending pod the agent captures
+//! with the address from the runtime's CNI ADD needs its certificate before
+//! the API server has that address: [`PodIdentity`]). Pure:
 //! the cluster view, the credentials and the time are passed in. Static
 //! bootstrap tokens are compared in constant time, and an address that keeps
 //! presenting bad credentials is throttled ([`FailureLimiter`]).
@@ -11,7 +14,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use ferry_model::Workload;
+use ferry_model::{PendingPod, Workload};
 use sha2::{Digest, Sha256};
 
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -107,18 +110,48 @@ impl FailureLimiter {
     }
 }
 
+/// A scheduled pod as the CA sees it: where it runs and the identity its
+/// certificate carries. Workloads and pending pods alike.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PodIdentity {
+    pub node: String,
+    /// `namespace/name`.
+    pub pod: String,
+    pub spiffe_id: String,
+}
+
+impl From<&Workload> for PodIdentity {
+    fn from(w: &Workload) -> Self {
+        Self {
+            node: w.node.clone(),
+            pod: w.label(),
+            spiffe_id: w.spiffe_id().to_string(),
+        }
+    }
+}
+
+impl From<&PendingPod> for PodIdentity {
+    fn from(p: &PendingPod) -> Self {
+        Self {
+            node: p.node.clone(),
+            pod: p.label(),
+            spiffe_id: ferry_model::SpiffeId::new(&p.namespace, &p.service_account).to_string(),
+        }
+    }
+}
+
 /// The SPIFFE id that `node` (already authenticated) may have certified for
 /// pod `uid`: only a pod scheduled on that node.
-pub fn authorize(node: &str, pods: &BTreeMap<String, Workload>, uid: &str) -> Result<String, Denied> {
-    let w = pods.get(uid).ok_or_else(|| Denied::NoSuchPod(uid.to_owned()))?;
-    if w.node != node {
+pub fn authorize(node: &str, pods: &BTreeMap<String, PodIdentity>, uid: &str) -> Result<String, Denied> {
+    let p = pods.get(uid).ok_or_else(|| Denied::NoSuchPod(uid.to_owned()))?;
+    if p.node != node {
         return Err(Denied::WrongNode {
             node: node.to_owned(),
-            pod: format!("{}/{}", w.namespace, w.name),
-            actual: w.node.clone(),
+            pod: p.pod.clone(),
+            actual: p.node.clone(),
         });
     }
-    Ok(w.spiffe_id().to_string())
+    Ok(p.spiffe_id.clone())
 }
 
 #[cfg(test)]
@@ -132,13 +165,50 @@ mod tests {
             "node: a\nworkloads: [{uid: p1, name: web, namespace: shop, serviceAccount: web-sa, node: a, ip: 10.0.0.2}]\n",
         )
         .unwrap();
-        let pods = cfg.workloads.into_iter().map(|w| (w.uid.clone(), w)).collect();
+        let pods = cfg.workloads.iter().map(|w| (w.uid.clone(), w.into())).collect();
         assert_eq!(
             authorize("a", &pods, "p1"),
             Ok("spiffe://cluster.local/ns/shop/sa/web-sa".into())
         );
         assert!(matches!(authorize("b", &pods, "p1"), Err(Denied::WrongNode { .. })));
         assert_eq!(authorize("a", &pods, "p9"), Err(Denied::NoSuchPod("p9".into())));
+    }
+
+    #[test]
+    fn a_pending_pod_gets_its_certificate_on_its_own_node_only() {
+        // What the CA looks pods up in (`Snapshot::pods`), from a cluster
+        // where pod `fresh` is scheduled on node a and has no address yet.
+        let cluster = crate::compute::tests::cluster(
+            "apiVersion: v1\nkind: Pod\nmetadata: {name: fresh, namespace: shop, uid: p1, annotations: {ferry.dev/mesh: enabled}}\nspec: {nodeName: a, serviceAccountName: web-sa, containers: [{name: c}]}\n",
+        );
+        let store = crate::config_stream::Store::default();
+        store.publish(crate::compute::mesh_view(&cluster, true)).unwrap();
+        let snap = store.current();
+        assert!(snap.view.workloads.is_empty() && snap.view.pending.len() == 1);
+        assert_eq!(
+            authorize("a", &snap.pods, "p1"),
+            Ok("spiffe://cluster.local/ns/shop/sa/web-sa".into())
+        );
+        assert_eq!(
+            authorize("b", &snap.pods, "p1"),
+            Err(Denied::WrongNode {
+                node: "b".into(),
+                pod: "shop/fresh".into(),
+                actual: "a".into()
+            })
+        );
+        // Once it has an address it is a workload: the same answers.
+        let cluster = crate::compute::tests::cluster(
+            "apiVersion: v1\nkind: Pod\nmetadata: {name: fresh, namespace: shop, uid: p1, annotations: {ferry.dev/mesh: enabled}}\nspec: {nodeName: a, serviceAccountName: web-sa, containers: [{name: c}]}\nstatus: {podIP: 10.1.1.7}\n",
+        );
+        store.publish(crate::compute::mesh_view(&cluster, true)).unwrap();
+        let snap = store.current();
+        assert!(snap.view.pending.is_empty() && snap.view.workloads.len() == 1);
+        assert!(authorize("a", &snap.pods, "p1").is_ok());
+        assert!(matches!(
+            authorize("b", &snap.pods, "p1"),
+            Err(Denied::WrongNode { .. })
+        ));
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! Cluster model -> what agents need. Pure functions: who is enrolled, what
-//! each service's endpoints are, and which resources each node receives
-//! (which AuthorizationPolicies: [`PolicyPlacement`]).
+//! each service's endpoints are, which scheduled pods have no address yet
+//! ([`MeshView::pending`]), and which resources each node receives (which
+//! AuthorizationPolicies: [`PolicyPlacement`]).
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
@@ -15,7 +16,7 @@ use ferry_model::{
     proto as disc,
     route::ServiceRouting,
     traffic::ServiceTrafficPolicy,
-    Endpoint, Protocol, Service, ServicePort, Workload,
+    Endpoint, PendingPod, Protocol, Service, ServicePort, Workload,
 };
 use k8s_openapi::{
     api::{
@@ -62,6 +63,12 @@ pub fn enrolled(
 pub struct MeshView {
     /// Scheduled pods with an address of their own, enrolled or not.
     pub workloads: Vec<Workload>,
+    /// Scheduled, live pods without an IPv4 address yet (the kubelet
+    /// reports it only once the sandbox is up, after the runtime's CNI ADD):
+    /// everything but the address, for their own node only, so its agent can
+    /// capture them with the address from the ADD. Never host-network pods.
+    /// A pod with an address is a workload instead.
+    pub pending: Vec<PendingPod>,
     /// Pods on their node's network (`spec.hostNetwork`): never mesh
     /// workloads. They share the node's network namespace and address (so
     /// nothing of theirs can be captured, and every such pod of a node has
@@ -89,36 +96,74 @@ fn pod_ipv4(p: &Pod) -> Option<Ipv4Addr> {
         .find_map(|ip| ip.parse().ok())
 }
 
-/// A scheduled, live pod with an address; and whether it is on its node's
-/// network (then never a mesh workload: [`MeshView::host_network`]).
-fn workload(cluster: &Cluster, p: &Pod) -> Option<(Workload, bool)> {
+/// What a pod is to the mesh view ([`pod_view`]).
+#[derive(Clone, Debug, PartialEq)]
+pub enum PodView {
+    /// A pod with an address of its own: a workload (enrolled or not).
+    Workload(Workload),
+    /// On its node's network (`spec.hostNetwork`), with the node's address:
+    /// never a mesh workload ([`MeshView::host_network`]).
+    HostNetwork(Workload),
+    /// Scheduled and live, with no IPv4 address yet ([`MeshView::pending`]).
+    Pending(PendingPod),
+}
+
+/// A scheduled, live pod as the mesh sees it; None for a pod not scheduled
+/// yet, one that has finished (Succeeded/Failed), one without a name, and a
+/// host-network pod without an address (never captured, so nothing to wait
+/// for).
+pub fn pod_view(cluster: &Cluster, p: &Pod) -> Option<PodView> {
     let spec = p.spec.as_ref()?;
-    let node = spec.node_name.clone()?;
+    let node = spec.node_name.clone().filter(|n| !n.is_empty())?;
     let phase = p.status.as_ref().and_then(|s| s.phase.as_deref());
     if matches!(phase, Some("Succeeded" | "Failed")) {
         return None;
     }
-    let ip = pod_ipv4(p)?;
     let namespace = p.metadata.namespace.clone().unwrap_or_else(|| "default".into());
     let name = p.metadata.name.clone()?;
     let ns_labels = cluster.namespace(&namespace).and_then(|n| n.metadata.labels.as_ref());
     // Pods on the host network share the node's namespace: never captured.
     let host_network = spec.host_network == Some(true);
+    let uid = p.metadata.uid.clone().unwrap_or_else(|| format!("{namespace}.{name}"));
+    let enrolled = !host_network && enrolled(p.metadata.annotations.as_ref(), ns_labels);
+    let service_account = spec.service_account_name.clone().unwrap_or_else(|| "default".into());
+    let workload_name = Some(workload_name(p)).filter(|n| !n.is_empty());
+    let labels = p.metadata.labels.clone().unwrap_or_default();
+    let Some(ip) = pod_ipv4(p) else {
+        if host_network {
+            return None;
+        }
+        return Some(PodView::Pending(PendingPod {
+            uid,
+            name,
+            namespace,
+            service_account,
+            node,
+            enrolled,
+            labels,
+            workload_name,
+            locality: locality(cluster, p),
+        }));
+    };
     let w = Workload {
-        uid: p.metadata.uid.clone().unwrap_or_else(|| format!("{namespace}.{name}")),
-        enrolled: !host_network && enrolled(p.metadata.annotations.as_ref(), ns_labels),
-        workload_name: Some(workload_name(p)).filter(|n| !n.is_empty()),
+        uid,
+        enrolled,
+        workload_name,
         locality: locality(cluster, p),
         name,
         namespace,
-        service_account: spec.service_account_name.clone().unwrap_or_else(|| "default".into()),
+        service_account,
         node,
         ip,
-        labels: p.metadata.labels.clone().unwrap_or_default(),
+        labels,
         netns: None,
         host_veth: None,
     };
-    Some((w, host_network))
+    Some(if host_network {
+        PodView::HostNetwork(w)
+    } else {
+        PodView::Workload(w)
+    })
 }
 
 /// A pod's locality (`region/zone/subzone`) for locality-aware load
@@ -294,12 +339,14 @@ fn service(
 }
 
 pub fn mesh_view(cluster: &Cluster, derive_endpoints: bool) -> MeshView {
-    let (host, workloads): (Vec<_>, Vec<_>) = cluster
-        .pods()
-        .filter_map(|p| workload(cluster, p))
-        .partition(|(_, host_network)| *host_network);
-    let workloads: Vec<Workload> = workloads.into_iter().map(|(w, _)| w).collect();
-    let host_network: Vec<Workload> = host.into_iter().map(|(w, _)| w).collect();
+    let (mut workloads, mut host_network, mut pending) = (Vec::new(), Vec::new(), Vec::new());
+    for v in cluster.pods().filter_map(|p| pod_view(cluster, p)) {
+        match v {
+            PodView::Workload(w) => workloads.push(w),
+            PodView::HostNetwork(w) => host_network.push(w),
+            PodView::Pending(p) => pending.push(p),
+        }
+    }
     let by_uid: HashMap<&str, &Pod> = cluster
         .pods()
         .filter_map(|p| Some((p.metadata.uid.as_deref()?, p)))
@@ -322,6 +369,7 @@ pub fn mesh_view(cluster: &Cluster, derive_endpoints: bool) -> MeshView {
     let compiled = crate::routes::compile(cluster);
     MeshView {
         workloads,
+        pending,
         host_network,
         services,
         peer_authentications,
@@ -345,8 +393,9 @@ pub enum PolicyNodes<'a> {
 /// apply to one of its pods (enrolled or not), found without evaluating
 /// selectors, so a label change never has to move a policy:
 /// - a policy in the root namespace (`istio-system`): every node;
-/// - any other policy: the nodes with a pod in the policy's namespace
-///   (a selector or namespace-wide policy can only apply there);
+/// - any other policy: the nodes with a pod in the policy's namespace,
+///   pending ones included (a selector or namespace-wide policy can only
+///   apply there);
 /// - plus, for `targetRefs`/`targetRef`, the nodes with a pod backing the
 ///   Service named (an endpoint with the pod's address: the agent's own
 ///   test, `State::authz_for`), wherever that pod's namespace is.
@@ -364,6 +413,11 @@ impl<'a> PolicyPlacement<'a> {
         for w in &view.workloads {
             by_namespace.entry(&w.namespace).or_default().insert(&w.node);
             by_ip.entry(w.ip).or_default().insert(&w.node);
+        }
+        // A pending pod becomes a workload on its node as soon as the agent
+        // has its address from the runtime: its policies must be there.
+        for p in &view.pending {
+            by_namespace.entry(&p.namespace).or_default().insert(&p.node);
         }
         let mut by_service: HashMap<(&str, &str), BTreeSet<&str>> = HashMap::new();
         for s in &view.services {
@@ -405,9 +459,9 @@ pub struct Resources {
     /// Sent to every node (services, routes, PeerAuthentications, enrolled
     /// workloads, root-namespace AuthorizationPolicies).
     pub shared: Vec<Arc<pb::Resource>>,
-    /// Sent to that node only: its own pods (enrolled or not) and the
-    /// AuthorizationPolicies that may apply to them ([`PolicyPlacement`]; one
-    /// encoding shared by every node that gets it).
+    /// Sent to that node only: its own pods (enrolled or not, pending ones
+    /// included) and the AuthorizationPolicies that may apply to them
+    /// ([`PolicyPlacement`]; one encoding shared by every node that gets it).
     pub local: BTreeMap<String, Vec<Arc<pb::Resource>>>,
 }
 
@@ -464,6 +518,13 @@ impl Resources {
             if w.enrolled {
                 r.shared.push(res);
             }
+        }
+        // A pod without an address: to its own node only (nothing else can
+        // reach it through the mesh before it has one). Few, and short-lived:
+        // encoded afresh.
+        for p in &view.pending {
+            let res = Arc::new(disc::resource(disc::pending_pod_to(p)));
+            r.local.entry(p.node.clone()).or_default().push(res);
         }
         for sp in &view.services {
             let res = match old_s.get(&(sp.namespace.as_str(), sp.name.as_str())) {
@@ -631,7 +692,7 @@ pub fn delta(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     pub(crate) fn cluster(text: &str) -> Cluster {
@@ -718,6 +779,140 @@ endpoints:
             None,
             Some(&BTreeMap::from([("istio-injection".into(), "disabled".into())]))
         ));
+    }
+
+    /// Pods without an address yet: shop/fresh (enrolled by its namespace)
+    /// and default/plain (not enrolled) on n1, default/opted (annotation) on
+    /// n2, a host-network pod on n1, one not scheduled, one finished; and
+    /// shop/web on n1 with an address.
+    const UNADDRESSED: &str = r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: shop, labels: {istio.io/dataplane-mode: ambient}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: fresh-6f7b8c9d4-x2x9z, generateName: fresh-6f7b8c9d4-, namespace: shop, uid: f1, labels: {app: fresh, pod-template-hash: 6f7b8c9d4},
+           ownerReferences: [{apiVersion: apps/v1, kind: ReplicaSet, name: fresh-6f7b8c9d4, uid: r1, controller: true}]}
+spec: {nodeName: n1, serviceAccountName: fresh-sa, containers: [{name: c}]}
+status: {phase: Pending}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: plain, uid: p1}
+spec: {nodeName: n1, containers: [{name: c}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: opted, uid: o1, annotations: {ferry.dev/mesh: enabled}}
+spec: {nodeName: n2, containers: [{name: c}]}
+status: {phase: Pending, podIPs: []}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: hostnet, uid: h1, annotations: {ferry.dev/mesh: enabled}}
+spec: {nodeName: n1, hostNetwork: true, containers: [{name: c}]}
+status: {phase: Pending}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: unscheduled, uid: s1, annotations: {ferry.dev/mesh: enabled}}
+spec: {containers: [{name: c}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: done, uid: d1, annotations: {ferry.dev/mesh: enabled}}
+spec: {nodeName: n1, containers: [{name: c}]}
+status: {phase: Succeeded}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: web, namespace: shop, uid: w1, labels: {app: web}}
+spec: {nodeName: n1, containers: [{name: c}]}
+status: {podIP: 10.1.1.2}
+"#;
+
+    #[test]
+    fn scheduled_pods_without_an_address_are_pending_on_their_own_node() {
+        let v = mesh_view(&cluster(UNADDRESSED), true);
+        let pending: Vec<(String, &str, bool)> = v
+            .pending
+            .iter()
+            .map(|p| (p.label(), p.node.as_str(), p.enrolled))
+            .collect();
+        assert_eq!(
+            pending,
+            [
+                ("default/opted".to_string(), "n2", true),
+                ("default/plain".to_string(), "n1", false),
+                ("shop/fresh-6f7b8c9d4-x2x9z".to_string(), "n1", true),
+            ],
+            "never host-network, unscheduled or finished pods"
+        );
+        let fresh = v.pending.iter().find(|p| p.uid == "f1").unwrap();
+        assert_eq!(
+            (
+                fresh.uid.as_str(),
+                fresh.service_account.as_str(),
+                fresh.workload_name.as_deref(),
+                fresh.labels.get("app").map(String::as_str)
+            ),
+            ("f1", "fresh-sa", Some("fresh"), Some("fresh"))
+        );
+        let names = |ws: &[Workload]| ws.iter().map(|w| w.name.clone()).collect::<Vec<_>>();
+        assert_eq!(names(&v.workloads), ["web"]);
+        assert!(
+            v.host_network.is_empty(),
+            "a host-network pod without an address is nothing yet"
+        );
+        // Each goes to its own node only, and reaches it as a pending pod.
+        let r = Resources::of(&v);
+        let held = |n: &str| r.for_node(n).keys().map(|k| k.to_string()).collect::<Vec<_>>();
+        assert!(held("n1").contains(&"pendingpod/f1".to_string()) && held("n1").contains(&"pendingpod/p1".to_string()));
+        assert!(!held("n1").contains(&"pendingpod/o1".to_string()));
+        assert!(held("n2").contains(&"pendingpod/o1".to_string()));
+        assert!(!held("n2").iter().any(|k| k == "pendingpod/f1" || k == "pendingpod/p1"));
+        assert!(held("n3").iter().all(|k| !k.starts_with("pendingpod/")));
+        let cfg = node_config(&r, "n1").unwrap_or_else(|p| panic!("{p:#?}"));
+        let uids: Vec<&str> = cfg.pending_pods.iter().map(|p| p.uid.as_str()).collect();
+        assert_eq!(uids, ["f1", "p1"]);
+        assert_eq!(&cfg.pending_pods[0], fresh, "field for field over the wire");
+        // A namespace's policies reach the node of its pending pods (the
+        // agent makes them workloads as soon as the runtime gives an address).
+        let with_policy = format!("{UNADDRESSED}{}", policy("default", "p", "{}"));
+        let rp = Resources::of(&mesh_view(&cluster(&with_policy), true));
+        for n in ["n1", "n2"] {
+            assert!(rp.for_node(n).contains_key("authorizationpolicy/default/p"), "{n}");
+        }
+        assert!(!rp.for_node("n3").contains_key("authorizationpolicy/default/p"));
+        // The address comes: a workload like any other, no longer pending;
+        // its node swaps one resource for the other in one delta, and every
+        // node gets the enrolled workload.
+        let addressed = UNADDRESSED.replace(
+            "spec: {nodeName: n1, serviceAccountName: fresh-sa, containers: [{name: c}]}\nstatus: {phase: Pending}",
+            "spec: {nodeName: n1, serviceAccountName: fresh-sa, containers: [{name: c}]}\nstatus: {phase: Running, podIP: 10.1.1.7}",
+        );
+        let v2 = mesh_view(&cluster(&addressed), true);
+        assert!(v2.pending.iter().all(|p| p.uid != "f1"));
+        let fresh = v2.workloads.iter().find(|w| w.uid == "f1").unwrap();
+        let was = v.pending.iter().find(|p| p.uid == "f1").unwrap();
+        assert_eq!(
+            fresh,
+            &was.at("10.1.1.7".parse().unwrap()),
+            "what the agent learned, exactly"
+        );
+        let r2 = Resources::of(&v2);
+        let diff = r2.diff(&r);
+        let (changed, removed) = delta_from_diff(&diff, "n1");
+        assert_eq!(
+            (changed.iter().map(|c| c.name.as_str()).collect::<Vec<_>>(), removed),
+            (vec!["workload/f1"], vec!["pendingpod/f1".to_string()])
+        );
+        let (changed, removed) = delta_from_diff(&diff, "n2");
+        assert_eq!(
+            (changed.iter().map(|c| c.name.as_str()).collect::<Vec<_>>(), removed),
+            (vec!["workload/f1"], vec![])
+        );
     }
 
     /// Node n1 (192.168.0.11) runs two host-network pods (one backs Service

@@ -11,13 +11,15 @@ use std::{
 };
 
 use ferry_api::discovery::{self as pb, discovery_server::Discovery};
-use ferry_model::Workload;
 use futures::{channel::mpsc, SinkExt, Stream, StreamExt};
 use serde::Serialize;
 use tokio::sync::watch;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::compute::{delta, delta_from_diff, Diff, MeshView, Resources};
+use crate::{
+    authz::PodIdentity,
+    compute::{delta, delta_from_diff, Diff, MeshView, Resources},
+};
 
 /// One version of the whole mesh, shared by every stream.
 #[derive(Debug, Default)]
@@ -25,8 +27,9 @@ pub struct Snapshot {
     pub version: u64,
     pub view: MeshView,
     pub resources: Resources,
-    /// Every pod by uid (the CA's view: where a pod runs).
-    pub pods: BTreeMap<String, Workload>,
+    /// Every scheduled pod by uid, with an address or still pending (the
+    /// CA's view: where a pod runs, and its identity).
+    pub pods: BTreeMap<String, PodIdentity>,
     /// What changed since version - 1: a node that holds exactly that
     /// version is updated from this alone (no full comparison).
     pub diff: Option<Diff>,
@@ -65,7 +68,12 @@ impl Store {
             version: cur.version + 1,
             diff: (cur.version > 0).then(|| resources.diff(&cur.resources)),
             resources,
-            pods: view.workloads.iter().map(|w| (w.uid.clone(), w.clone())).collect(),
+            pods: view
+                .workloads
+                .iter()
+                .map(|w| (w.uid.clone(), w.into()))
+                .chain(view.pending.iter().map(|p| (p.uid.clone(), p.into())))
+                .collect(),
             view,
         };
         let v = snap.version;

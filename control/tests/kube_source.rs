@@ -180,12 +180,15 @@ async fn lists_watches_and_relists_after_410_gone() {
     tokio::spawn(source::kube::run(client, store.clone(), problems.clone()));
 
     let pods = |store: &Store| -> Vec<(String, String)> {
-        store
-            .current()
-            .pods
-            .values()
-            .map(|w| (w.name.clone(), w.ip.to_string()))
-            .collect()
+        // By uid, as the CA's view lists them; only pods with an address.
+        let snap = store.current();
+        let by_uid: std::collections::BTreeMap<&str, (String, String)> = snap
+            .view
+            .workloads
+            .iter()
+            .map(|w| (w.uid.as_str(), (w.name.clone(), w.ip.to_string())))
+            .collect();
+        by_uid.into_values().collect()
     };
     let wait = |want: &[(&str, &str)]| {
         let store = store.clone();

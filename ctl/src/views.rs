@@ -231,6 +231,7 @@ mod tests {
             netns: id.map(|_| format!("/run/netns/{name}")),
             host_veth: id.map(|i| format!("veth{}", i - 1)),
             error: None,
+            ip_learned: false,
         }
     }
 

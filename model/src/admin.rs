@@ -55,6 +55,10 @@ pub struct PodStatus {
     pub host_veth: Option<String>,
     /// Why the pod asked to be enrolled but is not.
     pub error: Option<String>,
+    /// `ip` was learned from the container runtime (the sandbox's CNI ADD):
+    /// the control plane has no address for the pod yet.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub ip_learned: bool,
 }
 
 /// The config stream's state, when the config comes from the control plane.

@@ -7,7 +7,7 @@
 
 use std::{collections::BTreeMap, fmt, net::Ipv4Addr, path::PathBuf};
 
-pub use crate::workload::{Endpoint, Service, ServicePort, Workload};
+pub use crate::workload::{Endpoint, PendingPod, Service, ServicePort, Workload};
 
 use serde::{Deserialize, Serialize};
 
@@ -20,6 +20,10 @@ pub struct ConfigFile {
     pub settings: Settings,
     #[serde(default)]
     pub workloads: Vec<Workload>,
+    /// This node's pods that have no address in the API server yet
+    /// ([`PendingPod`]); a pod is a workload or pending, never both.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pending_pods: Vec<PendingPod>,
     #[serde(default)]
     pub services: Vec<Service>,
     /// Istio `PeerAuthentication` objects, as is (STRICT/PERMISSIVE per namespace or workload).
@@ -269,6 +273,27 @@ impl ConfigFile {
                 p.push(format!("{at}.workloadName: must not be empty when set"));
             }
         }
+        for (i, pp) in self.pending_pods.iter().enumerate() {
+            let at = format!("pendingPods[{i}] ({}/{})", pp.namespace, pp.name);
+            if pp.uid.is_empty() {
+                p.push(format!("{at}.uid: must not be empty"));
+            }
+            if let Some(j) = uids.get(pp.uid.as_str()) {
+                p.push(format!("{at}.uid: {:?} already used by workloads[{j}]", pp.uid));
+            }
+            if let Some(j) = self.pending_pods[..i].iter().position(|o| o.uid == pp.uid) {
+                p.push(format!("{at}.uid: {:?} already used by pendingPods[{j}]", pp.uid));
+            }
+            if pp.node != self.node {
+                p.push(format!(
+                    "{at}.node: {:?} is not this node ({:?}); a pod without an address goes to its own node only",
+                    pp.node, self.node
+                ));
+            }
+            if pp.workload_name.as_deref().is_some_and(str::is_empty) {
+                p.push(format!("{at}.workloadName: must not be empty when set"));
+            }
+        }
         let rate = self.settings.access_log.sample_rate;
         if !(0.0..=1.0).contains(&rate) {
             p.push(format!("settings.accessLog.sampleRate: {rate} is not between 0 and 1"));
@@ -426,6 +451,47 @@ services:
         assert!(all.contains("workloads[1] (default/y).ip"), "{all}");
         assert!(all.contains("services[0] (default/s).vip"), "{all}");
         assert!(all.contains("services[0] (default/s).ports[0]"), "{all}");
+    }
+
+    #[test]
+    fn pending_pods_are_this_nodes_and_never_also_workloads() {
+        let ok = "node: n1\nworkloads: [{uid: a, name: client, node: n1, ip: 10.1.1.2}]\npendingPods: [{uid: p, name: fresh, node: n1, enrolled: true}]\n";
+        let c = ConfigFile::parse("ok", ok).unwrap();
+        assert_eq!(c.pending_pods[0].label(), "default/fresh");
+        assert_eq!(c.pending_pods[0].service_account, "default");
+        assert!(
+            !serde_norway::to_string(&ConfigFile::parse("none", "node: n1\n").unwrap())
+                .unwrap()
+                .contains("pendingPods"),
+            "written only when there are some"
+        );
+        let bad = r#"
+node: n1
+workloads: [{uid: a, name: client, node: n1, ip: 10.1.1.2}]
+pendingPods:
+  - {uid: a, name: client, node: n1}
+  - {uid: p, name: x, node: n2}
+  - {uid: p, name: y, node: n1, workloadName: ""}
+  - {uid: "", name: z, node: n1}
+"#;
+        let e = ConfigFile::parse("bad", bad).unwrap_err();
+        let all = e.to_string();
+        assert_eq!(e.problems.len(), 5, "{all}");
+        for want in [
+            "pendingPods[0] (default/client).uid: \"a\" already used by workloads[0]",
+            "pendingPods[1] (default/x).node: \"n2\" is not this node (\"n1\")",
+            "pendingPods[2] (default/y).uid: \"p\" already used by pendingPods[1]",
+            "pendingPods[2] (default/y).workloadName: must not be empty when set",
+            "pendingPods[3] (default/z).uid: must not be empty",
+        ] {
+            assert!(all.contains(want), "{want}: {all}");
+        }
+        let e = ConfigFile::parse(
+            "x",
+            "node: n1\npendingPods: [{uid: p, name: x, node: n1, ip: 10.1.1.9}]\n",
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("unknown field `ip`"), "{e}");
     }
 
     #[test]

@@ -1,9 +1,11 @@
 //! ferry-model: the types and decisions every Ferry process shares, with no
-//! I/O and no runtime: workloads and services (with each port's protocol),
-//! peer-authentication policy, access-log policy, SPIFFE ids, the agent's
-//! config and its validation, the state store and its route decision, and
-//! the agent's admin views. With the `proto` feature, the conversions to and
-//! from the control plane's wire messages ([`proto`]).
+//! I/O and no runtime: workloads, pods still without an address (and what an
+//! agent does with the address the runtime gives one: [`pending`]), services
+//! (with each port's protocol), peer-authentication policy, access-log
+//! policy, SPIFFE ids, the agent's config and its validation, the state
+//! store and its route decision, and the agent's admin views. With the
+//! `proto` feature, the conversions to and from the control plane's wire
+//! messages ([`proto`]).
 //!
 //! Routes and authorization rules belong here too, with their decisions as
 //! pure functions over [`state::State`].
@@ -18,6 +20,7 @@ pub mod config;
 #[cfg(test)]
 mod fuzz_regressions;
 pub mod peer_auth;
+pub mod pending;
 #[cfg(test)]
 mod proptests;
 #[cfg(feature = "proto")]
@@ -34,4 +37,4 @@ pub mod yaml;
 pub use config::{ConfigError, ConfigFile, Settings};
 pub use protocol::Protocol;
 pub use spiffe::SpiffeId;
-pub use workload::{Endpoint, Service, ServicePort, Workload};
+pub use workload::{Endpoint, PendingPod, Service, ServicePort, Workload};

@@ -14,7 +14,7 @@ use sha2::{Digest, Sha256};
 
 use crate::{
     authz::{self, AuthzPolicy},
-    config::{ConfigFile, Endpoint, Service, ServicePort, Settings, Workload},
+    config::{ConfigFile, Endpoint, PendingPod, Service, ServicePort, Settings, Workload},
     peer_auth::{self as policy, PeerAuthentication},
     protocol::Protocol,
     route::{self, ServiceRouting},
@@ -22,6 +22,8 @@ use crate::{
 
 /// Resource name prefixes (one per kind).
 pub const WORKLOAD: &str = "workload/";
+/// `pendingpod/<uid>`: a pod of the node without an address yet.
+pub const PENDING_POD: &str = "pendingpod/";
 pub const SERVICE: &str = "service/";
 pub const PEER_AUTHENTICATION: &str = "peerauthentication/";
 /// `routing/<namespace>/<name>` of the routed Service: one per Service.
@@ -65,6 +67,10 @@ impl HeldResources {
         for (name, r) in &self.0 {
             let res = match &r.kind {
                 Some(pb::resource::Kind::Workload(w)) => workload_from(w).map(|w| cfg.workloads.push(w)),
+                Some(pb::resource::Kind::PendingPod(p)) => {
+                    cfg.pending_pods.push(pending_pod_from(p));
+                    Ok(())
+                }
                 Some(pb::resource::Kind::Service(s)) => service_from(s).map(|s| cfg.services.push(s)),
                 Some(pb::resource::Kind::PeerAuthentication(p)) => {
                     peer_authentication_from(p).map(|p| cfg.peer_authentications.push(p))
@@ -99,6 +105,7 @@ pub fn resource(kind: pb::resource::Kind) -> pb::Resource {
     use prost::Message;
     let name = match &kind {
         pb::resource::Kind::Workload(w) => format!("{WORKLOAD}{}", w.uid),
+        pb::resource::Kind::PendingPod(p) => format!("{PENDING_POD}{}", p.uid),
         pb::resource::Kind::Service(s) => format!("{SERVICE}{}/{}", s.namespace, s.name),
         pb::resource::Kind::PeerAuthentication(p) => format!("{PEER_AUTHENTICATION}{}/{}", p.namespace, p.name),
         pb::resource::Kind::ServiceRouting(r) => format!("{SERVICE_ROUTING}{}", r.service),
@@ -130,6 +137,36 @@ pub fn workload_to(w: &Workload) -> pb::resource::Kind {
         workload_name: w.workload_name.clone().unwrap_or_default(),
         locality: w.locality.clone().unwrap_or_default(),
     })
+}
+
+pub fn pending_pod_to(p: &PendingPod) -> pb::resource::Kind {
+    pb::resource::Kind::PendingPod(pb::PendingPod {
+        uid: p.uid.clone(),
+        name: p.name.clone(),
+        namespace: p.namespace.clone(),
+        service_account: p.service_account.clone(),
+        node: p.node.clone(),
+        enrolled: p.enrolled,
+        labels: p.labels.clone(),
+        workload_name: p.workload_name.clone().unwrap_or_default(),
+        locality: p.locality.clone().unwrap_or_default(),
+    })
+}
+
+/// Field for field (validated with the rest of the config: its node must be
+/// the receiving one).
+fn pending_pod_from(p: &pb::PendingPod) -> PendingPod {
+    PendingPod {
+        uid: p.uid.clone(),
+        name: p.name.clone(),
+        namespace: p.namespace.clone(),
+        service_account: p.service_account.clone(),
+        node: p.node.clone(),
+        enrolled: p.enrolled,
+        labels: p.labels.clone(),
+        workload_name: (!p.workload_name.is_empty()).then(|| p.workload_name.clone()),
+        locality: (!p.locality.is_empty()).then(|| p.locality.clone()),
+    }
 }
 
 fn ip(what: &str, s: &str) -> Result<Ipv4Addr, String> {
@@ -935,6 +972,9 @@ mod tests {
 node: n1
 workloads:
   - {uid: a, name: client, node: n1, ip: 10.1.1.2, enrolled: true, labels: {app: c, version: v1}}
+pendingPods:
+  - {uid: p, name: fresh, namespace: shop, serviceAccount: f, node: n1, enrolled: true, labels: {app: f}, workloadName: fresh, locality: r/z}
+  - {uid: q, name: plain, node: n1}
 services:
   - name: echo
     vip: 10.96.0.10
@@ -954,6 +994,7 @@ peerAuthentications:
             .workloads
             .iter()
             .map(workload_to)
+            .chain(c.pending_pods.iter().map(pending_pod_to))
             .chain(c.services.iter().map(service_to))
             .chain(c.peer_authentications.iter().map(peer_authentication_to))
             .chain(c.routes.iter().map(routing_to))
@@ -971,6 +1012,8 @@ peerAuthentications:
         let c = cfg();
         let back = resources(&c).to_config("n1", &c.settings).unwrap();
         assert_eq!(back.workloads, c.workloads);
+        assert_eq!(back.pending_pods, c.pending_pods);
+        assert!(resources(&c).0.contains_key("pendingpod/p"));
         assert_eq!(back.services, c.services);
         assert_eq!(
             back.peer_authentications[0].spec.selector,
@@ -1048,6 +1091,26 @@ peerAuthentications:
         );
         assert!(
             problems.iter().any(|p| p.contains("10.1.1.2 already used")),
+            "{problems:?}"
+        );
+        // A pending pod of another node, or one that is also a workload: refused.
+        let mut other = c.pending_pods[0].clone();
+        other.node = "n2".into();
+        let mut twice = c.pending_pods[1].clone();
+        twice.uid = "a".into();
+        let resp = pb::DiscoveryResponse {
+            resources: vec![resource(pending_pod_to(&other)), resource(pending_pod_to(&twice))],
+            ..Default::default()
+        };
+        let problems = held.with(&resp).to_config("n1", &c.settings).unwrap_err();
+        assert!(
+            problems
+                .iter()
+                .any(|p| p.contains("(shop/fresh).node: \"n2\" is not this node")),
+            "{problems:?}"
+        );
+        assert!(
+            problems.iter().any(|p| p.contains("\"a\" already used by workloads")),
             "{problems:?}"
         );
         // Removal works and the held set is untouched by a rejected response.

@@ -1,8 +1,9 @@
 //! The state store: one typed, immutable view of the workloads and services
-//! an agent serves, built from the control plane's stream or the config
-//! file, and swapped whole on each change. Routing decisions are pure
-//! functions over it, and so is authorization: the policies that apply to
-//! each local workload are found once per snapshot ([`State::authz_for`]).
+//! an agent serves (and of its node's pods still without an address), built
+//! from the control plane's stream or the config file, and swapped whole on
+//! each change. Routing decisions are pure functions over it, and so is
+//! authorization: the policies that apply to each local workload are found
+//! once per snapshot ([`State::authz_for`]).
 
 use std::{
     borrow::Cow,
@@ -19,7 +20,7 @@ use serde::Serialize;
 use crate::{
     admin::{AuthzCheck, AuthzQuery},
     authz::{self, AuthzPolicy, Decision, HeaderPairs, HttpAttrs, Request, Verdict},
-    config::{ConfigFile, Service, ServicePort, Settings, Workload},
+    config::{ConfigFile, PendingPod, Service, ServicePort, Settings, Workload},
     route::{pick_weighted, ServiceRouting, Subset},
     traffic::ServiceTrafficPolicy,
     SpiffeId,
@@ -32,6 +33,10 @@ pub struct State {
     /// Bumped by the agent on each applied change.
     pub version: u64,
     pub workloads: BTreeMap<String, Workload>,
+    /// This node's pods without an address yet (by uid), as the config
+    /// leaves them: those the agent has an address for from the runtime
+    /// are workloads instead (`crate::pending::overlay`).
+    pub pending: BTreeMap<String, PendingPod>,
     pub services: Vec<Service>,
     pub peer_authentications: Vec<crate::peer_auth::PeerAuthentication>,
     by_ip: HashMap<Ipv4Addr, String>,
@@ -184,6 +189,7 @@ impl State {
             version,
             rr: cfg.services.iter().map(|_| AtomicUsize::new(0)).collect(),
             workloads: cfg.workloads.into_iter().map(|w| (w.uid.clone(), w)).collect(),
+            pending: cfg.pending_pods.into_iter().map(|p| (p.uid.clone(), p)).collect(),
             services: cfg.services,
             peer_authentications: cfg.peer_authentications,
             by_ip,

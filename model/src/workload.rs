@@ -1,6 +1,8 @@
-//! The cluster facts an agent works from: workloads (pods), services with
-//! each port's protocol, and their endpoints. Plain data; validation is in
-//! [`crate::config`].
+//! The cluster facts an agent works from: workloads (pods), pods scheduled
+//! on the node that have no address yet ([`PendingPod`]), services with each
+//! port's protocol, and their endpoints. Plain data; validation is in
+//! [`crate::config`], what an agent does with a pending pod in
+//! [`crate::pending`].
 
 use std::{collections::BTreeMap, net::Ipv4Addr, path::PathBuf};
 
@@ -84,6 +86,62 @@ impl Workload {
     /// The value of the first of `keys` the pod has as a label.
     pub fn first_label(&self, keys: &[&str]) -> Option<&str> {
         keys.iter().find_map(|k| self.labels.get(*k).map(String::as_str))
+    }
+}
+
+/// A pod scheduled on a node that has no IPv4 address in the API server yet:
+/// the kubelet reports `status.podIP` only once the pod's sandbox is up,
+/// while the container runtime's CNI ADD (and ferry-cni's wait for the
+/// capture) comes before. Everything but the address is known; the node's
+/// agent takes the address from the runtime ([`crate::pending`]). Sent to
+/// the pod's own node only.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PendingPod {
+    pub uid: String,
+    pub name: String,
+    #[serde(default = "default_ns")]
+    pub namespace: String,
+    #[serde(default = "default_sa")]
+    pub service_account: String,
+    pub node: String,
+    /// Opted in to the mesh, by the same rules as [`Workload::enrolled`].
+    #[serde(default)]
+    pub enrolled: bool,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    /// As [`Workload::workload_name`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workload_name: Option<String>,
+    /// As [`Workload::locality`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub locality: Option<String>,
+}
+
+impl PendingPod {
+    /// `namespace/name`, as logs and views show a pod.
+    pub fn label(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
+
+    /// The workload this pod is at `ip`: field for field what the control
+    /// plane sends once it has the address (so an agent that learned the
+    /// same address sees no change then).
+    pub fn at(&self, ip: Ipv4Addr) -> Workload {
+        Workload {
+            uid: self.uid.clone(),
+            name: self.name.clone(),
+            namespace: self.namespace.clone(),
+            service_account: self.service_account.clone(),
+            node: self.node.clone(),
+            ip,
+            enrolled: self.enrolled,
+            labels: self.labels.clone(),
+            netns: None,
+            host_veth: None,
+            workload_name: self.workload_name.clone(),
+            locality: self.locality.clone(),
+        }
     }
 }
 

@@ -150,6 +150,18 @@ pub struct Spec {
     /// and the cluster YAML.
     #[serde(default)]
     pub departed: Vec<String>,
+    /// Pods scheduled whose address the cluster does not have yet, as on a
+    /// real node until the kubelet reports `status.podIP` (after the
+    /// sandbox's CNI ADD): in the cluster YAML without `podIP` and in no
+    /// EndpointSlice; in a file config, pending pods of their node
+    /// ([`ClusterBox::add_pod_unaddressed`], [`ClusterBox::report_pod_ip`]).
+    #[serde(default)]
+    pub unaddressed: Vec<String>,
+    /// [`ClusterBox::add_pod`] adds a pod as a real node does: the cluster
+    /// has no address for it while its CNI ADD runs, and gets it only once
+    /// ADD has succeeded (needs `cni`).
+    #[serde(default)]
+    pub report_ip_after_add: bool,
 }
 
 impl Spec {
@@ -197,6 +209,8 @@ impl Spec {
             cgroup_layout: CgroupLayout::Flat,
             cni: true,
             departed: Vec::new(),
+            unaddressed: Vec::new(),
+            report_ip_after_add: false,
         }
     }
 }
@@ -518,7 +532,17 @@ impl ClusterBox {
         for n in 0..s.spec.nodes {
             let ns = s.node_netns(n);
             ip.push(format!("-n {ns} link set lo up"));
-            ip.push(format!("-n {ns} link add br0 type bridge"));
+            // A fixed address (locally administered, one per node): a bridge
+            // without one takes the lowest of its ports' addresses, so it
+            // changed whenever a pod's veth joined later, while the pods'
+            // neighbour caches still held the old one for the gateway:
+            // their packets then went to another port and were lost for up
+            // to ~30 s (seen as a tunnel connection stalling right after a
+            // pod was added to its node).
+            ip.push(format!(
+                "-n {ns} link add br0 address 02:fe:00:00:00:{:02x} type bridge",
+                n + 1
+            ));
             ip.push(format!("-n {ns} addr add 10.1.{}.1/24 dev br0", n + 1));
             ip.push(format!("-n {ns} link set br0 up"));
         }
@@ -627,7 +651,9 @@ impl ClusterBox {
     /// (`Spec::pod_args`, or servers on `serve`), their output appended to
     /// [`BoxState::app_log`]. Returns the ADD's run (None without `cni`:
     /// then the agents' applying the new config is waited for instead).
-    /// Fails if ADD fails.
+    /// Fails if ADD fails. With `Spec::report_ip_after_add`, the pod's
+    /// address reaches the cluster only after ADD
+    /// ([`ClusterBox::add_pod_unaddressed`], then [`ClusterBox::report_pod_ip`]).
     pub fn add_pod(&mut self, pod: PodSpec) -> Result<Option<cni::CniRun>> {
         anyhow::ensure!(
             self.state.pod_index(&pod.name).is_err(),
@@ -636,6 +662,11 @@ impl ClusterBox {
             self.state.id
         );
         let name = pod.name.clone();
+        if self.state.spec.cni && self.state.spec.report_ip_after_add {
+            let run = self.add_pod_unaddressed(pod)?.check()?;
+            self.report_pod_ip(&name)?;
+            return Ok(Some(run));
+        }
         let versions: Vec<u64> = if self.state.spec.cni || self.state.spec.discovery {
             Vec::new()
         } else {
@@ -666,6 +697,68 @@ impl ClusterBox {
             self.wait_port(p.node, SocketAddrV4::new(s.pod_ip(&name)?, *port))?;
         }
         Ok(run)
+    }
+
+    /// Adds a pod the way a real node does (issue 16): the cluster has the
+    /// pod scheduled with **no address** (no `status.podIP`, in no
+    /// EndpointSlice: the kubelet reports the address only once the sandbox
+    /// is up) while the runtime's CNI ADD runs, the address the pod's
+    /// network already has being only in ADD's `prevResult`. The ADD is
+    /// started before the cluster knows the pod at all, as in
+    /// [`ClusterBox::add_pod`]. Once ADD has succeeded the pod's
+    /// applications start (their output in [`BoxState::app_log`]), still
+    /// without an address in the cluster: [`ClusterBox::report_pod_ip`]
+    /// gives it. Returns the ADD's run, whatever its outcome (a failed ADD
+    /// starts nothing). Needs `cni`.
+    pub fn add_pod_unaddressed(&mut self, pod: PodSpec) -> Result<cni::CniRun> {
+        anyhow::ensure!(self.state.spec.cni, "a pod is added as a node does only with `cni`");
+        anyhow::ensure!(
+            self.state.pod_index(&pod.name).is_err(),
+            "pod {} already in box {}",
+            pod.name,
+            self.state.id
+        );
+        let name = pod.name.clone();
+        self.state.spec.unaddressed.push(name.clone());
+        self.create_sandbox(pod)?;
+        let s = self.state.clone();
+        let add = s.cni_spawn(&name, "ADD", None, serde_json::Value::Null)?;
+        s.write_configs()?;
+        let run = add.wait()?;
+        if run.ok() {
+            self.start_apps(&name, Some(&s.app_log(&name)))?;
+        }
+        Ok(run)
+    }
+
+    /// The kubelet reports a pod's address (added by
+    /// [`ClusterBox::add_pod_unaddressed`]): it is written into the cluster
+    /// (its `podIP`, its Services' EndpointSlices) and the agents' having
+    /// applied it is waited for.
+    pub fn report_pod_ip(&mut self, name: &str) -> Result<()> {
+        anyhow::ensure!(
+            self.state.spec.unaddressed.iter().any(|n| n == name),
+            "pod {name} has its address already"
+        );
+        let versions: Vec<u64> = if self.state.spec.discovery {
+            Vec::new()
+        } else {
+            (0..self.state.spec.nodes)
+                .map(|n| self.state.config_version(n))
+                .collect::<Result<_>>()?
+        };
+        let control_before = match self.state.spec.discovery {
+            true => Some(self.state.control_version()?),
+            false => None,
+        };
+        self.state.spec.unaddressed.retain(|n| n != name);
+        self.state.save()?;
+        self.state.write_configs()?;
+        if let Some(before) = control_before {
+            self.state.wait_synced(before + 1)
+        } else {
+            self.state.wait_applied(versions.iter().min().copied().unwrap_or(0) + 1)
+        }
     }
 
     /// The first half of [`ClusterBox::add_pod`]: `pod` in the spec (the

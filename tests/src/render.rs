@@ -4,7 +4,7 @@
 use std::{fs, net::Ipv4Addr, path::PathBuf};
 
 use anyhow::Result;
-use ferry_model::{ConfigFile, Endpoint, Service, ServicePort, Settings, Workload};
+use ferry_model::{ConfigFile, Endpoint, PendingPod, Service, ServicePort, Settings, Workload};
 
 use crate::BoxState;
 
@@ -13,14 +13,37 @@ impl BoxState {
         format!("veth{pod}")
     }
 
-    /// The agent config for `node`, from the spec (and its current enrollment).
+    /// Whether the cluster has `pod`'s address (`Spec::unaddressed`).
+    fn addressed(&self, pod: &str) -> bool {
+        !self.spec.unaddressed.iter().any(|n| n == pod)
+    }
+
+    /// The agent config for `node`, from the spec (and its current
+    /// enrollment); the node's pods without an address yet are pending.
     pub fn agent_config(&self, node: usize) -> ConfigFile {
+        let pending_pods = self
+            .spec
+            .pods
+            .iter()
+            .filter(|p| p.node == node && !self.spec.departed.contains(&p.name) && !self.addressed(&p.name))
+            .map(|p| PendingPod {
+                uid: self.pod_uid(&p.name),
+                name: p.name.clone(),
+                namespace: "default".into(),
+                service_account: p.service_account(),
+                node: self.node_name(p.node),
+                enrolled: p.enrolled,
+                labels: p.labels.iter().cloned().collect(),
+                workload_name: None,
+                locality: ferry_model::balance::locality_label(&p.labels.iter().cloned().collect()),
+            })
+            .collect();
         let workloads = self
             .spec
             .pods
             .iter()
             .enumerate()
-            .filter(|(_, p)| !self.spec.departed.contains(&p.name))
+            .filter(|(_, p)| !self.spec.departed.contains(&p.name) && self.addressed(&p.name))
             .map(|(i, p)| Workload {
                 uid: self.pod_uid(&p.name),
                 name: p.name.clone(),
@@ -53,7 +76,7 @@ impl BoxState {
                 endpoints: s
                     .endpoints
                     .iter()
-                    .filter(|e| !self.spec.departed.contains(e))
+                    .filter(|e| !self.spec.departed.contains(e) && self.addressed(e))
                     .map(|e| Endpoint {
                         ip: self.pod_ip(e).expect("endpoint pod in spec"),
                         ready: true,
@@ -73,6 +96,7 @@ impl BoxState {
                 ..Default::default()
             },
             workloads,
+            pending_pods,
             services,
             peer_authentications: self.spec.peer_authentications.clone(),
             // Routes and policies come from ferry-control (or are none).
@@ -86,8 +110,9 @@ impl BoxState {
     }
 
     /// The spec as the Kubernetes objects an API server would hold: pods
-    /// (scheduled, with their addresses; enrolled ones annotated), services
-    /// with their EndpointSlices, and the PeerAuthentications.
+    /// (scheduled, with their addresses unless `Spec::unaddressed`; enrolled
+    /// ones annotated), services with their EndpointSlices (of pods with an
+    /// address), and the PeerAuthentications.
     pub fn cluster_objects(&self) -> Result<Vec<serde_json::Value>> {
         use serde_json::json;
         let ns_labels: std::collections::BTreeMap<_, _> = self.spec.namespace_labels.iter().cloned().collect();
@@ -111,7 +136,11 @@ impl BoxState {
                     "nodeName": self.node_name(p.node), "serviceAccountName": p.service_account(),
                     "containers": [{"name": "app", "image": "ferry-workload", "ports": ports}],
                 },
-                "status": {"phase": "Running", "podIP": self.pod_ip(&p.name)?.to_string()},
+                "status": if self.addressed(&p.name) {
+                    json!({"phase": "Running", "podIP": self.pod_ip(&p.name)?.to_string()})
+                } else {
+                    json!({"phase": "Pending"})
+                },
             }));
         }
         for sv in self.spec.services.iter().filter(|s| !s.from_manifest) {
@@ -123,7 +152,7 @@ impl BoxState {
             let endpoints = sv
                 .endpoints
                 .iter()
-                .filter(|e| !self.spec.departed.contains(e))
+                .filter(|e| !self.spec.departed.contains(e) && self.addressed(e))
                 .map(|e| Ok(json!({"addresses": [self.pod_ip(e)?.to_string()], "conditions": {"ready": true}})))
                 .collect::<Result<Vec<_>>>()?;
             out.push(json!({
@@ -176,6 +205,7 @@ impl BoxState {
             let mut cfg = self.agent_config(n);
             if self.spec.discovery {
                 cfg.workloads.clear();
+                cfg.pending_pods.clear();
                 cfg.services.clear();
                 cfg.peer_authentications.clear();
             }

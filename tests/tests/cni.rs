@@ -6,7 +6,9 @@
 //! DEL is idempotent; CHECK and VERSION answer per the spec; an agent
 //! restart keeps enrolled pods captured and leaves nothing of a departed
 //! pod in the pinned maps; a failed enrollment is retried with backoff
-//! while ADD waits, with no config change.
+//! while ADD waits, with no config change. And a pod created as a real node
+//! creates it, with no address in the cluster while its ADD runs, is
+//! captured at the address from the ADD before the cluster has one.
 
 use std::{
     collections::BTreeSet,
@@ -318,6 +320,175 @@ fn without_the_agent_add_fails_closed_and_a_restart_reconciles() {
     assert!(again.stderr.contains("captured"), "{}", again.stderr);
     let _ = old.kill();
     let _ = old.wait();
+}
+
+/// Access-log lines of `node`'s agent for connections of `direction` from
+/// `client_ip`.
+fn logged(s: &BoxState, node: usize, direction: &str, client_ip: Ipv4Addr) -> Vec<Value> {
+    s.access_log(node)
+        .into_iter()
+        .filter(|l| {
+            l["direction"] == direction
+                && l["client"]
+                    .as_str()
+                    .is_some_and(|c| c.starts_with(&format!("{client_ip}:")))
+        })
+        .collect()
+}
+
+#[test]
+fn a_pod_is_captured_at_the_address_from_its_add_before_the_cluster_has_one() {
+    require_root();
+    // As on a real node: the API server has no address for a new pod until
+    // the kubelet reports it, after the sandbox's ADD has returned; ADD
+    // waits for the capture meanwhile.
+    let mut spec = Spec::demo();
+    spec.discovery = true;
+    for p in ["fresh", "fresh-plain"] {
+        spec.pod_args.push((
+            p.into(),
+            ["client", "who", "--to", ECHO_VIP].map(str::to_owned).to_vec(),
+        ));
+    }
+    let mut b = ClusterBox::up(spec, ferry_box::default_bin_dir()).expect("box up");
+
+    // An enrolled pod: ADD returns captured, within its bound, while the
+    // cluster still has no address for the pod.
+    let add = b.add_pod_unaddressed(pod("fresh", 0, true)).expect("add fresh");
+    let s = b.state.clone();
+    eprintln!("ADD fresh: {:?}, {}", add.took, add.stderr.trim());
+    assert!(add.ok(), "{add:?}");
+    assert!(add.stderr.contains("captured by ferry-agent"), "{}", add.stderr);
+    assert!(
+        add.took < Duration::from_secs(ferry_box::cni::CNI_TIMEOUT_SECONDS),
+        "{:?}",
+        add.took
+    );
+    let fresh_ip = s.pod_ip("fresh").unwrap();
+    let in_cluster = s.cluster_objects().unwrap();
+    let fresh_obj = in_cluster.iter().find(|o| o["metadata"]["name"] == "fresh").unwrap();
+    assert!(fresh_obj["status"].get("podIP").is_none(), "{fresh_obj}");
+    let (_, version) = s.http(0, "GET", ferry_box::CONTROL_ADMIN, "/version").unwrap();
+    let version: Value = serde_json::from_str(&version).unwrap();
+    assert!(version["pendingPods"].as_u64() >= Some(1), "{version}");
+    // The agent took the address from ADD and enrolled the pod there.
+    let st = status(&s, 0, "fresh");
+    assert_eq!(
+        (&st["enrolled"], &st["ip_learned"], &st["ip"]),
+        (&json!(true), &json!(true), &json!(fresh_ip.to_string())),
+        "{st}"
+    );
+    let cookie = st["netns_cookie"].as_u64().unwrap();
+    assert!(cookies(&s, 0).contains(&cookie));
+    // Steered from its first connection: the application's, at start, to
+    // a VIP only the mesh answers.
+    let out = first_output(&s, "fresh");
+    let who: Value = serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("fresh's app printed {out:?}: {e}"));
+    assert!(
+        (who["server"] == "echo-1" || who["server"] == "echo-2")
+            && who["client_seen_as"]
+                .as_str()
+                .unwrap()
+                .starts_with(&format!("{fresh_ip}:")),
+        "{who}"
+    );
+    // Across nodes already: through the tunnel, with the certificate the CA
+    // issued for the pending pod (its identity proven on node 2).
+    let echo2 = format!("{}:8080", s.pod_ip("echo-2").unwrap());
+    let (server, seen) = s.who("fresh", &echo2).unwrap();
+    assert!(
+        server == "echo-2" && seen.starts_with(&format!("{fresh_ip}:")),
+        "{server} {seen}"
+    );
+    assert!(
+        eventually(Duration::from_secs(5), || logged(&s, 1, "tunnel", fresh_ip)
+            .iter()
+            .any(|l| l["peer_identity"] == "spiffe://cluster.local/ns/default/sa/fresh")),
+        "{:?}",
+        logged(&s, 1, "tunnel", fresh_ip)
+    );
+    // The other way, node 2 does not know the address yet: its pods'
+    // connections to the pod are not tunnelled; they arrive as plaintext,
+    // captured in the pod and admitted as any plaintext is (PERMISSIVE).
+    let mut server = s
+        .pod_command(
+            "fresh",
+            &s.bin("ferry-workload"),
+            &["serve", "--name", "fresh", "--port", "8080"],
+        )
+        .unwrap()
+        .spawn()
+        .unwrap();
+    let fresh_port = std::net::SocketAddrV4::new(fresh_ip, 8080);
+    assert!(eventually(Duration::from_secs(5), || s
+        .node_who(0, None, fresh_port)
+        .is_ok_and(|r| r.is_ok())));
+    let echo2_ip = s.pod_ip("echo-2").unwrap();
+    let (server_name, seen) = s.who("echo-2", &fresh_port.to_string()).unwrap();
+    assert!(
+        server_name == "fresh" && seen.starts_with(&format!("{echo2_ip}:")),
+        "{server_name} {seen}"
+    );
+    assert!(
+        eventually(Duration::from_secs(5), || logged(&s, 0, "inbound", echo2_ip)
+            .iter()
+            .any(|l| l["peer_identity"] == "-")),
+        "{:?}",
+        s.access_log(0)
+    );
+    assert!(logged(&s, 0, "tunnel", echo2_ip).is_empty());
+
+    // Positive/negative pair: a pod that is not in the mesh, created the
+    // same way, passes at once (notInMesh) and is not captured: its
+    // identical first connection to the VIP goes nowhere.
+    let add = b.add_pod_unaddressed(pod("fresh-plain", 0, false)).unwrap();
+    let s = b.state.clone();
+    assert!(add.ok(), "{add:?}");
+    assert!(add.stderr.contains("not in the mesh"), "{}", add.stderr);
+    assert!(add.took < Duration::from_secs(5), "{:?}", add.took);
+    assert_ne!(status(&s, 0, "fresh-plain")["enrolled"], true);
+    let out = first_output(&s, "fresh-plain");
+    assert!(
+        serde_json::from_str::<Value>(out.trim()).is_err(),
+        "an uncaptured pod reached the VIP: {out}"
+    );
+    let plain_ip = s.pod_ip("fresh-plain").unwrap();
+    let (server_name, _) = s.who("fresh-plain", &echo2).expect("its network works");
+    assert_eq!(server_name, "echo-2");
+    assert!(logged(&s, 0, "outbound", plain_ip).is_empty(), "never steered");
+
+    // The kubelet reports the addresses: the control plane's word replaces
+    // what was learned, the pod stays captured as it was (same netns
+    // cookie: not enrolled again), and node 2 now reaches it through the
+    // tunnel.
+    b.report_pod_ip("fresh").unwrap();
+    b.report_pod_ip("fresh-plain").unwrap();
+    let s = b.state.clone();
+    let st = status(&s, 0, "fresh");
+    assert_eq!(
+        (&st["enrolled"], st.get("ip_learned"), st["netns_cookie"].as_u64()),
+        (&json!(true), None, Some(cookie)),
+        "{st}"
+    );
+    assert!(
+        b.agent_log(0)
+            .contains("ferry-control now has the pod's address: the one learned from the runtime is dropped"),
+        "the learned address was dropped"
+    );
+    let (server_name, seen) = s.who("fresh", ECHO_VIP).unwrap();
+    assert!(server_name.starts_with("echo-") && seen.starts_with(&format!("{fresh_ip}:")));
+    let (server_name, seen) = s.who("echo-2", &fresh_port.to_string()).unwrap();
+    assert!(server_name == "fresh" && seen.starts_with(&format!("{echo2_ip}:")));
+    assert!(
+        eventually(Duration::from_secs(5), || logged(&s, 0, "tunnel", echo2_ip)
+            .iter()
+            .any(|l| l["peer_identity"] == "spiffe://cluster.local/ns/default/sa/echo-2")),
+        "{:?}",
+        s.access_log(0)
+    );
+    assert_ne!(status(&s, 0, "fresh-plain")["enrolled"], true);
+    let _ = server.kill();
+    let _ = server.wait();
 }
 
 fn cookie_of(s: &BoxState, pod: &str) -> u64 {

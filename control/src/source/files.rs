@@ -194,10 +194,12 @@ pub async fn watch(dir: PathBuf, store: Arc<Store>, current: Arc<Mutex<Vec<Probl
         *current.lock().unwrap_or_else(|e| e.into_inner()) = problems;
         let analyze_ms = t.elapsed().as_millis() - read_ms - compute_ms;
         let (pods, services) = (view.workloads.len(), view.services.len());
+        let pending_pods = view.pending.len();
         if let Some(v) = store.publish(view) {
             tracing::info!(
                 version = v,
                 pods,
+                pending_pods,
                 services,
                 read_ms,
                 compute_ms,

@@ -255,8 +255,16 @@ pub async fn run(client: Client, store: Arc<Store>, current: Arc<Mutex<Vec<Probl
         let (pods, services) = (view.workloads.len(), view.services.len());
         // Host-network pods are counted apart: never mesh workloads.
         let host_network_pods = view.host_network.len();
+        let pending_pods = view.pending.len();
         if let Some(v) = store.publish(view) {
-            tracing::info!(version = v, pods, host_network_pods, services, "cluster state changed");
+            tracing::info!(
+                version = v,
+                pods,
+                pending_pods,
+                host_network_pods,
+                services,
+                "cluster state changed"
+            );
         }
     }
 }
