@@ -22,7 +22,10 @@
 //! change it applies the last config again. The control plane's word wins:
 //! once the config names the pod with an address, the learned one is
 //! dropped; it is dropped too on the sandbox's DEL and when the pod leaves
-//! the config.
+//! the config. With a file to keep them in ([`Reconciler::keep_learned_in`],
+//! beside the agent's `--state-file`), the learned addresses outlive the
+//! agent: a restarted or successor agent applies them to its first config,
+//! so a pod captured before the kubelet reported its address stays captured.
 
 use std::{
     collections::{BTreeMap, HashMap, HashSet},
@@ -146,7 +149,7 @@ struct Inner<N: Node> {
 
 /// An address learned from a pod sandbox's ADD, for a pod the config has no
 /// address for yet.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 struct Learned {
     ip: Ipv4Addr,
     /// The sandbox that gave it (its DEL drops the address).
@@ -157,6 +160,9 @@ struct Learned {
 
 pub struct Reconciler<N: Node> {
     inner: tokio::sync::Mutex<Inner<N>>,
+    /// Where the learned addresses are kept across agent restarts (None:
+    /// in memory only).
+    learned_file: std::sync::OnceLock<PathBuf>,
     proxy: Arc<Proxy>,
     ids: Option<Arc<Identities>>,
     /// Where pod cgroups live when the settings do not say.
@@ -322,6 +328,7 @@ impl<N: Node> Reconciler<N> {
                 last: None,
                 learned: BTreeMap::new(),
             }),
+            learned_file: std::sync::OnceLock::new(),
             proxy,
             ids,
             cgroup_root,
@@ -407,6 +414,44 @@ impl<N: Node> Reconciler<N> {
     pub async fn try_reconcile(&self, cfg: ConfigFile) -> Result<u64, Refused> {
         let mut inner = self.inner.lock().await;
         self.apply_locked(&mut inner, cfg).await
+    }
+
+    /// Keeps the learned addresses in `path` from now on, and takes those a
+    /// previous agent left there (call before the first config is applied:
+    /// they apply to it, each dropped as usual if the config says so). A
+    /// file that cannot be read is reported and set aside, never fatal.
+    pub async fn keep_learned_in(&self, path: PathBuf) {
+        let mut inner = self.inner.lock().await;
+        match std::fs::read(&path) {
+            Ok(bytes) => match serde_json::from_slice::<BTreeMap<String, Learned>>(&bytes) {
+                Ok(l) => {
+                    for (uid, x) in &l {
+                        tracing::info!(pod = %x.pod, uid = %uid, ip = %x.ip, "address learned from the runtime by a previous agent, kept until ferry-control has one");
+                    }
+                    inner.learned = l;
+                }
+                Err(e) => {
+                    tracing::warn!(file = %path.display(), error = %e, "ignoring an unreadable file of learned addresses")
+                }
+            },
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => tracing::warn!(file = %path.display(), error = %e, "cannot read the file of learned addresses"),
+        }
+        let _ = self.learned_file.set(path);
+    }
+
+    /// Writes the learned addresses atomically (a crash leaves the old file
+    /// or the new one), when a file was given.
+    fn save_learned(&self, learned: &BTreeMap<String, Learned>) {
+        let Some(path) = self.learned_file.get() else { return };
+        let tmp = path.with_extension("tmp");
+        let r = serde_json::to_vec(learned)
+            .map_err(std::io::Error::other)
+            .and_then(|b| std::fs::write(&tmp, b))
+            .and_then(|()| std::fs::rename(&tmp, path));
+        if let Err(e) = r {
+            tracing::warn!(file = %path.display(), error = %e, "cannot save the addresses learned from the runtime");
+        }
     }
 
     /// Applies the last config again, with the learned addresses as they are
@@ -529,7 +574,11 @@ impl<N: Node> Reconciler<N> {
         let state = Arc::new(State::from_config(cfg, prev.version + 1));
         check_capacity(inner.node.capacity(), &state)?;
         inner.last = raw;
-        inner.learned = Self::settle_learned(&inner.learned, learned, &fates);
+        let settled = Self::settle_learned(&inner.learned, learned, &fates);
+        if settled != inner.learned {
+            inner.learned = settled;
+            self.save_learned(&inner.learned);
+        }
         if let Err(e) = inner.node.configure(&state.settings) {
             tracing::error!(error = %e, "cannot update node settings");
         }
@@ -1213,6 +1262,7 @@ impl<N: Node> Reconciler<N> {
         if gave {
             if let Some(l) = inner.learned.remove(&uid) {
                 tracing::info!(pod = %l.pod, ip = %l.ip, "the address learned from the runtime is dropped: its sandbox was deleted (CNI DEL)");
+                self.save_learned(&inner.learned);
             }
             self.reapply_locked(&mut inner).await;
         }
@@ -1569,6 +1619,67 @@ mod tests {
             r.retry_failed().await;
         }
         r.stop_listeners().await;
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A restarted (or successor) agent keeps a pod captured at the address
+    /// its ADD gave, from the file the previous one kept them in, until
+    /// ferry-control has one; without the file it could not (positive
+    /// control: the same restart without it leaves the pod pending).
+    #[tokio::test]
+    async fn learned_addresses_outlive_a_restart_through_their_file() {
+        let dir = std::env::temp_dir().join(format!("ferry-reconcile-learned-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let ns = dir.join("ns1");
+        std::fs::write(&ns, "").unwrap();
+        let file = dir.join("state.learned.json");
+        let log = Arc::new(Mutex::new(flaky::Log::default()));
+
+        let first = flaky::reconciler(log.clone());
+        first.keep_learned_in(file.clone()).await;
+        first.reconcile(pending_pods(6, &[])).await;
+        let add = added("fresh", "c1", &ns, &["10.77.6.3"]);
+        first.add_sandbox(&add).await;
+        assert!(matches!(first.capture_of(&add), Capture::Captured { .. }));
+        let saved: serde_json::Value = serde_json::from_slice(&std::fs::read(&file).unwrap()).unwrap();
+        assert_eq!(saved["fresh"]["ip"], "10.77.6.3", "{saved}");
+        // (The fake node's listeners are the host's: close them first.)
+        first.stop_listeners().await;
+        drop(first);
+
+        // Restarted without the file: the config alone has no address for it.
+        let bare = flaky::reconciler(log.clone());
+        bare.reconcile(pending_pods(6, &[])).await;
+        assert!(bare.proxy.state().pending.contains_key("fresh"));
+        assert!(!matches!(bare.capture_of(&add), Capture::Captured { .. }));
+        bare.stop_listeners().await;
+        drop(bare);
+
+        // Restarted with it: a workload at the learned address, enrolled.
+        let second = flaky::reconciler(log.clone());
+        second.keep_learned_in(file.clone()).await;
+        second.reconcile(pending_pods(6, &[])).await;
+        assert_eq!(second.proxy.state().workloads["fresh"].ip.to_string(), "10.77.6.3");
+        let until = Instant::now() + Duration::from_secs(5);
+        while !matches!(second.capture_of(&add), Capture::Captured { .. }) {
+            assert!(Instant::now() < until, "{:?}", second.capture_of(&add));
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            second.retry_failed().await;
+        }
+        // ferry-control catches up: dropped from memory and from the file.
+        second.reconcile(pending_pods(6, &[("fresh", "10.77.6.3")])).await;
+        assert!(second.inner.lock().await.learned.is_empty());
+        let saved: serde_json::Value = serde_json::from_slice(&std::fs::read(&file).unwrap()).unwrap();
+        assert_eq!(saved, serde_json::json!({}));
+        // An unreadable file is set aside, not fatal.
+        std::fs::write(&file, "not json").unwrap();
+        let third = flaky::reconciler(log);
+        third.keep_learned_in(file.clone()).await;
+        third.reconcile(pending_pods(6, &[])).await;
+        assert!(third.proxy.state().pending.contains_key("fresh"));
+        second.stop_listeners().await;
+        third.stop_listeners().await;
         let _ = std::fs::remove_dir_all(&dir);
     }
 

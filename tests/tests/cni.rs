@@ -461,6 +461,26 @@ fn a_pod_is_captured_at_the_address_from_its_add_before_the_cluster_has_one() {
     // what was learned, the pod stays captured as it was (same netns
     // cookie: not enrolled again), and node 2 now reaches it through the
     // tunnel.
+    // Node 1's agent is replaced (a hand-over) before the kubelet reports
+    // the address: the successor takes the learned address from the file
+    // the old one kept beside its saved config, and `fresh` stays captured.
+    let mut old = b.upgrade_agent(0, Duration::from_secs(5)).expect("hand-over");
+    let s = b.state.clone();
+    let st = status(&s, 0, "fresh");
+    assert_eq!(
+        (&st["enrolled"], &st["ip_learned"], &st["ip"]),
+        (&json!(true), &json!(true), &json!(fresh_ip.to_string())),
+        "{st}"
+    );
+    assert!(
+        b.agent_log(0)
+            .contains("address learned from the runtime by a previous agent"),
+        "the successor read the learned address"
+    );
+    let (server_name, seen) = s.who("fresh", ECHO_VIP).expect("captured after the hand-over");
+    assert!(server_name.starts_with("echo-") && seen.starts_with(&format!("{fresh_ip}:")));
+    let _ = old.kill();
+    let _ = old.wait();
     b.report_pod_ip("fresh").unwrap();
     b.report_pod_ip("fresh-plain").unwrap();
     let s = b.state.clone();

@@ -261,6 +261,12 @@ async fn main() -> anyhow::Result<()> {
         None
     };
     let agent = agent::Agent::new(&node, opts).with_context(|| format!("starting the agent for node {node}"))?;
+    // Addresses learned from CNI ADDs for pods the control plane has none
+    // for yet outlive this process beside the saved config: a restarted or
+    // successor agent keeps those pods captured.
+    if let Some(p) = &args.state_file {
+        agent.reconciler.keep_learned_in(p.with_extension("learned.json")).await;
+    }
     if let Some(i) = inherited.as_mut() {
         agent.reconciler.inherit(std::mem::take(&mut i.pods));
     }
