@@ -12,8 +12,9 @@
 //! `--proc-root` (`/proc` by default): `/proc/sys/net` shows the netns of
 //! the thread that opens a file, whichever procfs mount it is opened
 //! through. Container runtimes mount the container's own `/proc/sys`
-//! read-only unless it is privileged, so the chart mounts the node's `/proc`
-//! at `/host/proc` and passes that (`agent/tests/podnet.rs` tests both).
+//! read-only unless it is privileged, so the chart mounts the node's
+//! `/proc/sys/net` at `/host/proc/sys/net` and passes `/host/proc`
+//! (`agent/tests/podnet.rs` tests both ways).
 
 use std::{
     io,

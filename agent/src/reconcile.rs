@@ -442,8 +442,13 @@ impl<N: Node> Reconciler<N> {
 
     /// Writes the learned addresses atomically (a crash leaves the old file
     /// or the new one), when a file was given.
+    /// Never once handed over: the file is the successor's then.
     fn save_learned(&self, learned: &BTreeMap<String, Learned>) {
         let Some(path) = self.learned_file.get() else { return };
+        if self.retired.load(Ordering::Acquire) {
+            tracing::info!(file = %path.display(), "learned addresses not saved: this agent has handed over to a new one");
+            return;
+        }
         let tmp = path.with_extension("tmp");
         let r = serde_json::to_vec(learned)
             .map_err(std::io::Error::other)
@@ -1212,16 +1217,22 @@ impl<N: Node> Reconciler<N> {
             let mut sandboxes = self.sandboxes.lock().unwrap_or_else(|e| e.into_inner());
             // This sandbox, not another of the same pod: the one announced with
             // this container id or, announced before this agent started, the
-            // netns the pod is captured in.
+            // netns the pod is captured in, or the sandbox a previous agent
+            // learned the pod's address from (the learned-address file).
             let ours = match sandboxes.get(&key) {
                 Some(sb) => pod.container_id.is_empty() || sb.container_id == pod.container_id,
                 None => {
-                    !pod.netns.is_empty()
+                    (!pod.netns.is_empty()
                         && inner
                             .enrolled
                             .get(&uid)
                             .and_then(|e| e.plumbed.netns.as_ref())
-                            .is_some_and(|old| same_netns(old, Path::new(&pod.netns)))
+                            .is_some_and(|old| same_netns(old, Path::new(&pod.netns))))
+                        || (!pod.container_id.is_empty()
+                            && inner
+                                .learned
+                                .get(&uid)
+                                .is_some_and(|l| l.container_id == pod.container_id))
                 }
             };
             if ours {
@@ -1664,6 +1675,22 @@ mod tests {
         let until = Instant::now() + Duration::from_secs(5);
         while !matches!(second.capture_of(&add), Capture::Captured { .. }) {
             assert!(Instant::now() < until, "{:?}", second.capture_of(&add));
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            second.retry_failed().await;
+        }
+        // The DEL of that sandbox reaches the restarted agent (which never
+        // saw its ADD): the address goes, from the file too; a new ADD
+        // brings it back.
+        second.delete_sandbox(&added("fresh", "c1", &PathBuf::new(), &[])).await;
+        assert!(second.inner.lock().await.learned.is_empty());
+        assert!(second.proxy.state().pending.contains_key("fresh"));
+        let saved: serde_json::Value = serde_json::from_slice(&std::fs::read(&file).unwrap()).unwrap();
+        assert_eq!(saved, serde_json::json!({}));
+        let again = added("fresh", "c2", &ns, &["10.77.6.3"]);
+        second.add_sandbox(&again).await;
+        let until = Instant::now() + Duration::from_secs(5);
+        while !matches!(second.capture_of(&again), Capture::Captured { .. }) {
+            assert!(Instant::now() < until, "{:?}", second.capture_of(&again));
             tokio::time::sleep(Duration::from_millis(100)).await;
             second.retry_failed().await;
         }

@@ -1,9 +1,9 @@
 //! A pod's sysctls under a read-only `/proc/sys`, as container runtimes
 //! mount it in unprivileged containers: written through the container's own
 //! `/proc` they fail with a reason that names the fix; written through
-//! another procfs mount (the node's `/proc`, which the chart mounts at
-//! `/host/proc` and passes as `--proc-root`) they land in the pod's netns,
-//! and only there.
+//! another procfs mount (the node's `/proc/sys/net`, which the chart mounts
+//! at `/host/proc/sys/net`, passing `--proc-root=/host/proc`) they land in
+//! the pod's netns, and only there.
 //!
 //! The test re-runs itself under `unshare --mount` with `/proc/sys` bound
 //! read-only and a second procfs mounted: that mount namespace is private to
@@ -24,22 +24,25 @@ fn pod_sysctls_are_written_through_another_procfs_when_proc_sys_is_read_only() {
     if let Some(hostproc) = std::env::var_os(INNER) {
         return inner(Path::new(&hostproc));
     }
-    if !rustix::process::geteuid().is_root() {
-        eprintln!("skipped: needs root (mount and network namespaces)");
-        return;
-    }
+    assert!(
+        rustix::process::geteuid().is_root(),
+        "needs root (mount and network namespaces), as `cargo xtask test` runs"
+    );
     let dir = std::env::temp_dir().join(format!("ferry-podnet-{}", std::process::id()));
-    let hostproc = dir.join("hostproc");
-    std::fs::create_dir_all(&hostproc).unwrap();
+    let (fullproc, hostproc) = (dir.join("fullproc"), dir.join("hostproc"));
+    std::fs::create_dir_all(&fullproc).unwrap();
+    std::fs::create_dir_all(hostproc.join("sys/net")).unwrap();
     let exe = std::env::current_exe().unwrap();
     // As a runtime does for an unprivileged container: /proc/sys bound over
-    // itself, read-only. And a procfs elsewhere, as the node's /proc mounted
-    // into the container.
+    // itself, read-only. And, as the chart mounts the node's /proc/sys/net
+    // at /host/proc/sys/net, another procfs's sys/net bound there (only
+    // that: the rest of the node's /proc stays out of reach).
     let script = format!(
         "mount --bind /proc/sys /proc/sys && mount -o remount,bind,ro /proc/sys && \
-         mount -t proc proc {} && exec \"$0\" --exact \
+         mount -t proc proc {full} && mount --bind {full}/sys/net {host}/sys/net && exec \"$0\" --exact \
          pod_sysctls_are_written_through_another_procfs_when_proc_sys_is_read_only --nocapture --test-threads=1",
-        hostproc.display()
+        full = fullproc.display(),
+        host = hostproc.display()
     );
     let out = Command::new("unshare")
         .args(["--mount", "--propagation", "private", "sh", "-c", &script])

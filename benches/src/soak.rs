@@ -871,6 +871,13 @@ fn run(b: &mut ClusterBox, sizes: &Sizes, bins: &Path, t0: Instant) -> Result<Re
             .map_or(u64::MAX, |v| v as u64 / 1024)
     };
     let heap_baseline: Vec<u64> = (0..nodes).map(|n| heap(&s, n)).collect();
+    // Without it the leak check could not fail.
+    if let Some(n) = heap_baseline.iter().position(|h| *h == u64::MAX) {
+        bail!(
+            "node {}: no ferry_heap_in_use_bytes from the agent for the baseline",
+            n + 1
+        );
+    }
     let fds_baseline: Vec<u64> = (0..nodes).map(|n| fd_count(s.agent_pids[n])).collect();
 
     let chunks = plan(&s, sizes)?;

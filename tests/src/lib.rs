@@ -642,6 +642,16 @@ impl ClusterBox {
         self.state.save()
     }
 
+    /// Fails unless `name` is a new pod in the box.
+    fn ensure_new_pod(&self, name: &str) -> Result<()> {
+        anyhow::ensure!(
+            self.state.pod_index(name).is_err(),
+            "pod {name} already in box {}",
+            self.state.id
+        );
+        Ok(())
+    }
+
     /// Adds a pod to the running box the way a kubelet and its runtime
     /// would: the pod's netns, veth and cgroup (with a pause process), then
     /// the runtime's CNI ADD, started *before* the cluster knows the pod
@@ -655,12 +665,7 @@ impl ClusterBox {
     /// address reaches the cluster only after ADD
     /// ([`ClusterBox::add_pod_unaddressed`], then [`ClusterBox::report_pod_ip`]).
     pub fn add_pod(&mut self, pod: PodSpec) -> Result<Option<cni::CniRun>> {
-        anyhow::ensure!(
-            self.state.pod_index(&pod.name).is_err(),
-            "pod {} already in box {}",
-            pod.name,
-            self.state.id
-        );
+        self.ensure_new_pod(&pod.name)?;
         let name = pod.name.clone();
         if self.state.spec.cni && self.state.spec.report_ip_after_add {
             let run = self.add_pod_unaddressed(pod)?.check()?;
@@ -712,12 +717,7 @@ impl ClusterBox {
     /// starts nothing). Needs `cni`.
     pub fn add_pod_unaddressed(&mut self, pod: PodSpec) -> Result<cni::CniRun> {
         anyhow::ensure!(self.state.spec.cni, "a pod is added as a node does only with `cni`");
-        anyhow::ensure!(
-            self.state.pod_index(&pod.name).is_err(),
-            "pod {} already in box {}",
-            pod.name,
-            self.state.id
-        );
+        self.ensure_new_pod(&pod.name)?;
         let name = pod.name.clone();
         self.state.spec.unaddressed.push(name.clone());
         self.create_sandbox(pod)?;

@@ -230,14 +230,15 @@ fn default_render_validates_strictly_and_is_least_privilege() {
         .expect("its volume");
     assert_eq!(state_volume["hostPath"]["path"], "/var/lib/ferry", "{state_volume}");
     // Unprivileged, the container's /proc/sys is read-only: pods' sysctls
-    // go through the node's /proc, mounted writable (agent/tests/podnet.rs).
+    // go through the node's /proc/sys/net (only that), mounted writable
+    // (agent/tests/podnet.rs).
     assert!(args.contains(&"--proc-root=/host/proc"), "{args:?}");
     let proc_mount = agent["volumeMounts"]
         .as_array()
         .unwrap()
         .iter()
-        .find(|m| m["mountPath"] == "/host/proc")
-        .expect("the node's /proc is mounted");
+        .find(|m| m["mountPath"] == "/host/proc/sys/net")
+        .expect("the node's /proc/sys/net is mounted");
     assert!(
         proc_mount["readOnly"].is_null() || proc_mount["readOnly"] == false,
         "{proc_mount}"
@@ -248,7 +249,7 @@ fn default_render_validates_strictly_and_is_least_privilege() {
         .iter()
         .find(|v| v["name"] == proc_mount["name"])
         .expect("its volume");
-    assert_eq!(proc_volume["hostPath"]["path"], "/proc", "{proc_volume}");
+    assert_eq!(proc_volume["hostPath"]["path"], "/proc/sys/net", "{proc_volume}");
     assert!(
         pod["tolerations"]
             .as_array()
@@ -380,7 +381,7 @@ fn non_default_render_validates_strictly() {
         .map(|m| m["mountPath"].as_str().unwrap())
         .collect();
     // Privileged: its own /proc/sys is writable, no node /proc needed.
-    assert!(!mounts.contains(&"/host/proc"), "{mounts:?}");
+    assert!(!mounts.iter().any(|m| m.starts_with("/host/proc")), "{mounts:?}");
     assert!(!strs(&agent["args"]).iter().any(|a| a.starts_with("--proc-root")));
     // ferry-cni: the agent serves its socket; the CNI dirs are the
     // install-cni init container's (ferry_cni_is_installed_by_an_init_container).

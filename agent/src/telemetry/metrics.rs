@@ -326,7 +326,8 @@ pub fn const_gauge(enc: &mut DescriptorEncoder, name: &str, help: &str, v: i64) 
     g.encode(m)
 }
 
-/// Proxy-side counters that live in `Counters` (no per-label state).
+/// Proxy-side counters that live in `Counters` (no per-label state), and
+/// the allocator's heap gauges.
 #[derive(Debug)]
 struct ProxyCollector(Arc<super::Counters>);
 

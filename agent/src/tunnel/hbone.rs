@@ -51,6 +51,9 @@ pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Opening one stream, from asking the pool to the CONNECT's answer
 /// (covers a dial, or a wait for a free stream on a full key).
 pub const OPEN_TIMEOUT: Duration = Duration::from_secs(20);
+/// CONNECTs refused unsent (each on a connection then retired) before the
+/// refusal is the answer.
+const MAX_UNSENT: usize = 8;
 /// HTTP/2 pings on idle and busy connections; no answer in time closes it.
 const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
 const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -137,11 +140,16 @@ enum Refused {
 
 impl Refused {
     fn from_hyper(e: hyper::Error) -> Self {
+        // Only a graceful GOAWAY (NO_ERROR: the server is closing) says the
+        // stream was not processed; a GOAWAY for an error is a failure.
         let unsent = e.is_canceled()
             || e.is_closed()
             || std::error::Error::source(&e)
                 .and_then(|s| s.downcast_ref::<h2::Error>())
-                .is_some_and(|h| (h.is_go_away() && h.is_remote()) || h.reason() == Some(h2::Reason::REFUSED_STREAM));
+                .is_some_and(|h| {
+                    (h.is_go_away() && h.is_remote() && h.reason() == Some(h2::Reason::NO_ERROR))
+                        || h.reason() == Some(h2::Reason::REFUSED_STREAM)
+                });
         let e = err(io::ErrorKind::BrokenPipe, format!("tunnel CONNECT: {e}"));
         if unsent {
             Refused::Unsent(e)
@@ -224,13 +232,17 @@ impl Hbone {
             .get(uid)
             .ok_or_else(|| err(io::ErrorKind::NotConnected, "no workload certificate yet"))?;
         let key = (uid.to_owned(), cert.serial.clone(), *target.ip());
+        // The last CONNECT refused unsent, for the error at the deadline.
+        let mut last: Option<io::Error> = None;
         let opened = tokio::time::timeout(OPEN_TIMEOUT, async {
             // A pooled connection the server is closing (GOAWAY: its agent
             // handed over) refuses a CONNECT it never processed: the
-            // connection is retired and the CONNECT retried on another (a
-            // new one if need be), so a hand-over fails no new stream. Each
-            // retry retires a connection; the deadline bounds them all.
-            loop {
+            // connection is retired and the CONNECT sent again on another
+            // (a new one if need be), so a hand-over fails no new stream.
+            // Each attempt retires a connection; at most MAX_UNSENT of them,
+            // then the last refusal is the answer (a peer that refuses every
+            // connection is not dialed without end).
+            for _ in 0..MAX_UNSENT {
                 let lease = loop {
                     match self.pool.pick(&key).await {
                         Pick::Leased(l) => break l,
@@ -249,17 +261,20 @@ impl Hbone {
                         conn.retire();
                         self.stats.streams_retried.fetch_add(1, Ordering::Relaxed);
                         tracing::debug!(dst = %target, reason = %e, "tunnel stream refused unsent; retrying on another connection");
+                        last = Some(e);
                     }
                     Err(Refused::Failed(e)) => return Err(e),
                     Ok(s) => return Ok(s),
                 }
             }
+            Err(last.take().unwrap_or_else(|| err(io::ErrorKind::BrokenPipe, "tunnel CONNECT refused")))
         })
         .await;
         opened.unwrap_or_else(|_| {
+            let why = last.map_or_else(String::new, |e| format!(" (last refusal: {e})"));
             Err(err(
                 io::ErrorKind::TimedOut,
-                format!("tunnel to {target}: no stream within {}s", OPEN_TIMEOUT.as_secs()),
+                format!("tunnel to {target}: no stream within {}s{why}", OPEN_TIMEOUT.as_secs()),
             ))
         })
     }
