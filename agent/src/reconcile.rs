@@ -1165,7 +1165,12 @@ impl<N: Node> Reconciler<N> {
             let learns = Self::pending_of(&state, pod).is_some_and(|p| p.enrolled) && usable
                 || Self::workload_of(&state, pod)
                     .and_then(|w| inner.learned.get(&w.uid))
-                    .is_some_and(|l| l.container_id != pod.container_id);
+                    .is_some_and(|l| {
+                        // A newer sandbox, or this one announced again with
+                        // another address (the runtime ran the chain again).
+                        l.container_id != pod.container_id
+                            || pending::runtime_address(&pod.ips) != RuntimeAddress::One(l.ip)
+                    });
             if learns {
                 self.reapply_locked(&mut inner).await;
             }
@@ -1571,6 +1576,17 @@ mod tests {
         // The same ADD again (the runtime retrying): nothing changes.
         r.add_sandbox(&add).await;
         assert_eq!(plumbed("fresh").len(), 1);
+        // The same sandbox announced again with another address (the
+        // runtime ran the chain again): the newer one is used at once.
+        let moved = fresh_at(&["10.77.5.8"]);
+        r.add_sandbox(&moved).await;
+        let until = Instant::now() + Duration::from_secs(5);
+        while !matches!(r.capture_of(&moved), Capture::Captured { .. }) {
+            assert!(Instant::now() < until, "{:?}", r.capture_of(&moved));
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            r.retry_failed().await;
+        }
+        assert_eq!(r.proxy.state().workloads["fresh"].ip.to_string(), "10.77.5.8");
 
         // DEL of that sandbox: unenrolled, the address dropped, pending again.
         r.delete_sandbox(&added("fresh", "c1", &ns1, &[])).await;
@@ -1580,9 +1596,10 @@ mod tests {
             .proxy
             .state()
             .mesh_destinations()
-            .contains_key(&("10.77.5.3".parse().unwrap(), 0)));
+            .contains_key(&("10.77.5.8".parse().unwrap(), 0)));
         assert!(matches!(r.capture_of(&add), Capture::Pending(w) if w.contains("deleted")));
-        assert_eq!(log.lock().unwrap().unsteered, vec!["fresh".to_owned()]);
+        // (Once for the move to the newer address, once for the DEL.)
+        assert_eq!(log.lock().unwrap().unsteered, vec!["fresh".to_owned(); 2]);
         // A new sandbox (new address): learned again, captured again.
         let again = added("fresh", "c2", &ns2, &["10.77.5.5"]);
         r.add_sandbox(&again).await;
