@@ -410,6 +410,9 @@ async fn new_streams_after_a_goaway_open_a_new_connection() {
     assert_eq!(hb.pooled("client", "127.28.2.2".parse().unwrap()), spread);
     // The destination hands over: GOAWAY on what it serves.
     n2.hbone.as_ref().unwrap().drain();
+    // Time for the pool to read the GOAWAY: nothing on the client side shows
+    // it (hyper's `is_closed` stays false while the held streams keep the
+    // connection open), so this waits instead of polling a condition.
     tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     for i in 0..5 {
         let got = app_connect(&n1, client, a("127.28.2.2:8080"), &format!("after{i}")).await;
@@ -448,10 +451,11 @@ async fn concurrent_new_streams_through_a_goaway_never_fail() {
         held.push(s);
     }
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let answered = std::sync::Arc::new(std::sync::atomic::AtomicU32::new(0));
     let workers: Vec<_> = (0..16)
         .map(|w| {
             let probe = TestAgent::view(n1.orig.clone(), n1.proxy.clone());
-            let stop = stop.clone();
+            let (stop, answered) = (stop.clone(), answered.clone());
             tokio::spawn(async move {
                 let (mut ok, mut failed) = (0u32, Vec::new());
                 let mut i = 0;
@@ -459,7 +463,10 @@ async fn concurrent_new_streams_through_a_goaway_never_fail() {
                     i += 1;
                     let msg = format!("w{w}n{i}");
                     match app_connect(&probe, client, a("127.29.2.2:8080"), &msg).await {
-                        Ok(got) if got == format!("127.29.1.2 {msg}") => ok += 1,
+                        Ok(got) if got == format!("127.29.1.2 {msg}") => {
+                            ok += 1;
+                            answered.fetch_add(1, Ordering::Relaxed);
+                        }
                         other => failed.push(format!("{msg}: {other:?}")),
                     }
                 }
@@ -467,9 +474,17 @@ async fn concurrent_new_streams_through_a_goaway_never_fail() {
             })
         })
         .collect();
-    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    // Streams flowing, then the GOAWAY, then well past it.
+    until("new streams answered before the GOAWAY", || {
+        answered.load(Ordering::Relaxed) >= 50
+    })
+    .await;
     n2.hbone.as_ref().unwrap().drain();
-    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    let at_drain = answered.load(Ordering::Relaxed);
+    until("new streams answered after the GOAWAY", || {
+        answered.load(Ordering::Relaxed) >= at_drain + 300
+    })
+    .await;
     stop.store(true, Ordering::Relaxed);
     let (mut ok, mut failed) = (0, Vec::new());
     for w in workers {

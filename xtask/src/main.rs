@@ -7,7 +7,10 @@ mod chart_tools;
 mod deps;
 mod fuzz;
 
-use std::{path::PathBuf, process::Command};
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
@@ -93,16 +96,7 @@ fn main() -> Result<()> {
         Cmd::Bench { quick, out } => {
             deps::ensure()?;
             let bins = build_bins(true)?;
-            let out = match out {
-                Some(out) => out,
-                // A quick run's numbers mean nothing: keep them out of docs/.
-                None if quick => {
-                    let dir = bins.parent().context("no target directory")?.join("bench-quick");
-                    std::fs::create_dir_all(&dir)?;
-                    dir.join("benchmarks").display().to_string()
-                }
-                None => "docs/benchmarks".to_owned(),
-            };
+            let out = report_path(out, quick, &bins, "bench-quick", "benchmarks")?;
             // The data path on the box, then the control plane at scale,
             // then authorization decisions with 10,000 policies, then the
             // load balancers.
@@ -112,46 +106,15 @@ fn main() -> Result<()> {
                 (&["bench", "--only", "authz"][..], format!("{out}-authz")),
                 (&["bench", "--only", "lb"][..], format!("{out}-lb")),
             ] {
-                let mut args: Vec<String> = cmd.iter().map(|a| a.to_string()).collect();
-                args.extend(["--out".to_owned(), out]);
-                if quick {
-                    args.push("--quick".into());
-                }
-                let st = Command::new(bins.join("ferry-bench"))
-                    .args(&args)
-                    .env("FERRY_BIN_DIR", &bins)
-                    .status()?;
-                if !st.success() {
-                    std::process::exit(st.code().unwrap_or(1));
-                }
+                run_bench(&bins, cmd, out, quick)?;
             }
             Ok(())
         }
         Cmd::Soak { quick, out } => {
             deps::ensure()?;
             let bins = build_bins(true)?;
-            let out = match out {
-                Some(out) => out,
-                // A quick run's numbers mean nothing: keep them out of docs/.
-                None if quick => {
-                    let dir = bins.parent().context("no target directory")?.join("soak-quick");
-                    std::fs::create_dir_all(&dir)?;
-                    dir.join("soak").display().to_string()
-                }
-                None => "docs/soak".to_owned(),
-            };
-            let mut args = vec!["soak".to_owned(), "--out".to_owned(), out];
-            if quick {
-                args.push("--quick".into());
-            }
-            let st = Command::new(bins.join("ferry-bench"))
-                .args(&args)
-                .env("FERRY_BIN_DIR", &bins)
-                .status()?;
-            if !st.success() {
-                std::process::exit(st.code().unwrap_or(1));
-            }
-            Ok(())
+            let out = report_path(out, quick, &bins, "soak-quick", "soak")?;
+            run_bench(&bins, &["soak"], out, quick)
         }
         Cmd::Test { args } => {
             deps::ensure()?;
@@ -187,6 +150,39 @@ fn run_bin(bin: &str, args: &[String]) -> Result<()> {
         .env("FERRY_BIN_DIR", &bins)
         .status()?;
     std::process::exit(st.code().unwrap_or(1));
+}
+
+/// Where a report goes: `out` if given; else a quick run's under the
+/// target directory (`<dir>/<name>`: its numbers mean nothing, so never in
+/// docs/), a full run's in `docs/<name>`.
+fn report_path(out: Option<String>, quick: bool, bins: &Path, dir: &str, name: &str) -> Result<String> {
+    Ok(match out {
+        Some(out) => out,
+        None if quick => {
+            let dir = bins.parent().context("no target directory")?.join(dir);
+            std::fs::create_dir_all(&dir)?;
+            dir.join(name).display().to_string()
+        }
+        None => format!("docs/{name}"),
+    })
+}
+
+/// Runs `ferry-bench <cmd> --out <out> [--quick]` on the built binaries;
+/// its failure is this process's exit code.
+fn run_bench(bins: &Path, cmd: &[&str], out: String, quick: bool) -> Result<()> {
+    let mut args: Vec<String> = cmd.iter().map(|a| a.to_string()).collect();
+    args.extend(["--out".to_owned(), out]);
+    if quick {
+        args.push("--quick".into());
+    }
+    let st = Command::new(bins.join("ferry-bench"))
+        .args(&args)
+        .env("FERRY_BIN_DIR", bins)
+        .status()?;
+    if !st.success() {
+        std::process::exit(st.code().unwrap_or(1));
+    }
+    Ok(())
 }
 
 /// Builds every binary and returns the directory holding them.
