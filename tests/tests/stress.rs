@@ -38,17 +38,6 @@ fn stress_set() {
     assert!(out.contains("\"ok\":true"), "{out}");
     let stats = s.bpf_stats(0).unwrap();
     assert_eq!(stats["splice_msgs"], 0, "splicing is off by default: {stats:?}");
-    // The agent's relay (client <-> app, two TCP sockets) moved the bulk of
-    // both directions with splice(2): all but the first buffered reads
-    // (well under a MiB each way before a read fills 64 KiB).
-    let want = (2 * 63 * 1024 * 1024) as f64;
-    assert!(
-        eventually(Duration::from_secs(5), || s
-            .metric(0, "ferry_relay_spliced_bytes_total")
-            .is_some_and(|v| v >= want)),
-        "64 MiB each way, spliced: {:?}",
-        s.metric(0, "ferry_relay_spliced_bytes_total")
-    );
 
     let out = s
         .client("client", &["stress", "--to", VIP, "--conns", "200", "--bytes", "65536"])

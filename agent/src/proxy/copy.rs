@@ -8,37 +8,13 @@
 //! reads 64 KiB at a time after four full reads. With a fixed 64 KiB each
 //! way, 10,000 connections held open from one pod took the agent to 1.2 GB
 //! of RSS (tests/tests/delivery.rs; figures in docs/security.md).
-//!
-//! Between two TCP sockets (a same-node connection, a plaintext inbound one,
-//! a direct one), a direction whose read fills [`MAX_BUF`] is bulk: it goes
-//! on with `splice(2)` through a pipe of its own, so the kernel moves the
-//! socket's pages to the other socket and no byte is copied through user
-//! space. Small messages never pay for the pipe (two descriptors), and the
-//! buffer is freed when the pipe takes over.
 
-use std::{
-    any::Any,
-    os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd},
-    sync::atomic::{AtomicU64, Ordering},
-};
+use std::sync::atomic::{AtomicU64, Ordering};
 
-use tokio::{
-    io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, Interest},
-    net::TcpStream,
-};
-
-use crate::tunnel::BoxStream;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 const MIN_BUF: usize = 4 * 1024;
 const MAX_BUF: usize = 64 * 1024;
-
-/// Bytes moved by `splice(2)` in this process (`ferry_relay_spliced_bytes_total`).
-static SPLICED: AtomicU64 = AtomicU64::new(0);
-
-/// Bytes every relay in this process has moved with `splice(2)`.
-pub fn spliced_bytes() -> u64 {
-    SPLICED.load(Ordering::Relaxed)
-}
 
 /// The buffer's next size after a read of `n` bytes into `len`.
 fn next_len(len: usize, n: usize) -> usize {
@@ -74,50 +50,8 @@ where
 /// Copies both ways until both directions end, or until either fails: an
 /// error (a reset, say) on one side ends the whole connection at once, since
 /// the other side would otherwise wait forever for an EOF that never comes.
-/// `up` counts a -> b bytes, `down` counts b -> a. Two TCP sockets (also
-/// boxed as a tunnel [`BoxStream`]) are relayed by [`bidi_tcp`].
+/// `up` counts a -> b bytes, `down` counts b -> a.
 pub async fn bidi<A, B>(a: A, b: B, up: &AtomicU64, down: &AtomicU64) -> std::io::Result<()>
-where
-    A: AsyncRead + AsyncWrite + Unpin + 'static,
-    B: AsyncRead + AsyncWrite + Unpin + 'static,
-{
-    let (mut a, mut b) = (Some(a), Some(b));
-    if is_tcp(&a) && is_tcp(&b) {
-        if let (Some(a), Some(b)) = (take_tcp(&mut a), take_tcp(&mut b)) {
-            return bidi_tcp(&a, &b, up, down).await;
-        }
-    }
-    match (a, b) {
-        (Some(a), Some(b)) => buffered(a, b, up, down).await,
-        _ => Err(std::io::Error::other("relay: a stream was lost telling TCP apart")),
-    }
-}
-
-/// Whether `slot` holds a TCP socket, as itself or boxed.
-fn is_tcp<S: 'static>(slot: &Option<S>) -> bool {
-    let any = slot as &dyn Any;
-    any.downcast_ref::<Option<TcpStream>>().is_some_and(Option::is_some)
-        || any
-            .downcast_ref::<Option<BoxStream>>()
-            .and_then(Option::as_ref)
-            .is_some_and(|s| s.as_any().is::<TcpStream>())
-}
-
-/// Takes the TCP socket out of `slot` if [`is_tcp`]; leaves anything else.
-fn take_tcp<S: 'static>(slot: &mut Option<S>) -> Option<TcpStream> {
-    if !is_tcp(slot) {
-        return None;
-    }
-    let any = slot as &mut dyn Any;
-    if let Some(t) = any.downcast_mut::<Option<TcpStream>>() {
-        return t.take();
-    }
-    let boxed = any.downcast_mut::<Option<BoxStream>>()?.take()?;
-    boxed.into_any().downcast::<TcpStream>().ok().map(|t| *t)
-}
-
-/// [`bidi`] through user-space buffers, for any pair of streams.
-async fn buffered<A, B>(a: A, b: B, up: &AtomicU64, down: &AtomicU64) -> std::io::Result<()>
 where
     A: AsyncRead + AsyncWrite + Unpin,
     B: AsyncRead + AsyncWrite + Unpin,
@@ -132,150 +66,6 @@ where
         r = &mut to_a => { r?; to_b.await }
     }
 }
-
-/// [`bidi`] between two TCP sockets: each direction starts buffered and
-/// turns to `splice(2)` once it is bulk.
-pub async fn bidi_tcp(a: &TcpStream, b: &TcpStream, up: &AtomicU64, down: &AtomicU64) -> std::io::Result<()> {
-    let to_b = one_way_tcp(a, b, up);
-    let to_a = one_way_tcp(b, a, down);
-    tokio::pin!(to_b, to_a);
-    tokio::select! {
-        r = &mut to_b => { r?; to_a.await }
-        r = &mut to_a => { r?; to_b.await }
-    }
-}
-
-/// One direction between TCP sockets: as [`one_way`] until a read fills
-/// [`MAX_BUF`], then by [`splice_all`] if a pipe can be had.
-async fn one_way_tcp(r: &TcpStream, w: &TcpStream, count: &AtomicU64) -> std::io::Result<()> {
-    let mut buf = vec![0u8; MIN_BUF];
-    loop {
-        let n = read_some(r, &mut buf).await?;
-        if n == 0 {
-            return shutdown_write(w);
-        }
-        write_all(w, &buf[..n]).await?;
-        count.fetch_add(n as u64, Ordering::Relaxed);
-        if n == MAX_BUF {
-            // Bulk: without a pipe (out of descriptors) stay buffered.
-            if let Ok(pipe) = Pipe::new() {
-                drop(buf);
-                return splice_all(r, w, &pipe, count).await;
-            }
-        }
-        let len = next_len(buf.len(), n);
-        if len != buf.len() {
-            buf.resize(len, 0);
-        }
-    }
-}
-
-async fn read_some(r: &TcpStream, buf: &mut [u8]) -> std::io::Result<usize> {
-    loop {
-        r.readable().await?;
-        match r.try_read(buf) {
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
-            done => return done,
-        }
-    }
-}
-
-async fn write_all(w: &TcpStream, mut buf: &[u8]) -> std::io::Result<()> {
-    while !buf.is_empty() {
-        w.writable().await?;
-        match w.try_write(buf) {
-            Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
-            Ok(n) => buf = &buf[n..],
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(())
-}
-
-/// Passes the EOF on: the reverse direction stays open.
-fn shutdown_write(w: &TcpStream) -> std::io::Result<()> {
-    match socket2::SockRef::from(w).shutdown(std::net::Shutdown::Write) {
-        // The peer is already gone: the other direction will say so.
-        Err(e) if e.kind() == std::io::ErrorKind::NotConnected => Ok(()),
-        r => r,
-    }
-}
-
-/// A pipe for one direction's splices; both ends close on drop.
-struct Pipe {
-    read: OwnedFd,
-    write: OwnedFd,
-}
-
-impl Pipe {
-    fn new() -> std::io::Result<Self> {
-        let mut fds = [0 as RawFd; 2];
-        // SAFETY: pipe2 writes two descriptors into the array it is given.
-        if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_NONBLOCK | libc::O_CLOEXEC) } != 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        // SAFETY: pipe2 succeeded, so both are open descriptors owned by nobody else.
-        let (read, write) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
-        Ok(Self { read, write })
-    }
-}
-
-/// Moves up to `len` bytes from `from` to `to`, neither blocking.
-fn splice(from: RawFd, to: RawFd, len: usize) -> std::io::Result<usize> {
-    // SAFETY: splice reads and writes only the two descriptors it is
-    // given, with no offsets (both are a pipe or a socket).
-    let n = unsafe {
-        libc::splice(
-            from,
-            std::ptr::null_mut(),
-            to,
-            std::ptr::null_mut(),
-            len,
-            libc::SPLICE_F_MOVE | libc::SPLICE_F_NONBLOCK,
-        )
-    };
-    if n < 0 {
-        Err(std::io::Error::last_os_error())
-    } else {
-        Ok(n as usize)
-    }
-}
-
-/// Socket to pipe to socket until EOF. The pipe is empty at every read, so
-/// an `EAGAIN` from the read side is the socket's (no data), and one from
-/// the write side is the socket's (send buffer full): each clears only the
-/// readiness it is about.
-async fn splice_all(r: &TcpStream, w: &TcpStream, pipe: &Pipe, count: &AtomicU64) -> std::io::Result<()> {
-    let (rfd, wfd) = (r.as_raw_fd(), w.as_raw_fd());
-    loop {
-        let n = loop {
-            r.readable().await?;
-            match r.try_io(Interest::READABLE, || splice(rfd, pipe.write.as_raw_fd(), PIPE_LEN)) {
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
-                done => break done?,
-            }
-        };
-        if n == 0 {
-            return shutdown_write(w);
-        }
-        let mut left = n;
-        while left > 0 {
-            w.writable().await?;
-            match w.try_io(Interest::WRITABLE, || splice(pipe.read.as_raw_fd(), wfd, left)) {
-                Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
-                Ok(m) => left -= m,
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-                Err(e) => return Err(e),
-            }
-        }
-        count.fetch_add(n as u64, Ordering::Relaxed);
-        SPLICED.fetch_add(n as u64, Ordering::Relaxed);
-    }
-}
-
-/// The most one splice asks for: a default pipe holds 16 pages.
-const PIPE_LEN: usize = 1 << 20;
 
 #[cfg(test)]
 mod tests {
@@ -318,68 +108,6 @@ mod tests {
         assert_eq!(up.load(Ordering::Relaxed), data.len() as u64);
     }
     use tokio::io::duplex;
-
-    /// Two real TCP connections (client <-> a, b <-> server) relayed by
-    /// `bidi`: both bulk directions arrive whole, in order, across the
-    /// switch from buffers to splice(2), with half-close passed on and
-    /// every byte counted; most of them spliced.
-    #[tokio::test]
-    async fn tcp_to_tcp_bulk_is_spliced_whole_with_half_close() {
-        async fn pair() -> (TcpStream, TcpStream) {
-            let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-            let c = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
-            (c, l.accept().await.unwrap().0)
-        }
-        let ((mut client, a), (b, mut server)) = (pair().await, pair().await);
-        let (up, down) = (AtomicU64::new(0), AtomicU64::new(0));
-        let there: Vec<u8> = (0..8_000_017u32).map(|i| (i % 251) as u8).collect();
-        let back: Vec<u8> = (0..3_000_029u32).map(|i| (i % 241) as u8).collect();
-        let before = spliced_bytes();
-        let proxy = async { bidi(a, b, &up, &down).await.unwrap() };
-        let ends = async {
-            let c = async {
-                client.write_all(&there).await.unwrap();
-                client.shutdown().await.unwrap();
-                let mut got = Vec::new();
-                client.read_to_end(&mut got).await.unwrap();
-                got
-            };
-            let s = async {
-                let mut got = Vec::new();
-                server.read_to_end(&mut got).await.unwrap();
-                // The reverse direction still works after the client's half-close.
-                server.write_all(&back).await.unwrap();
-                server.shutdown().await.unwrap();
-                got
-            };
-            let (at_client, at_server) = tokio::join!(c, s);
-            assert!(
-                at_server == there,
-                "{} bytes arrived of {}",
-                at_server.len(),
-                there.len()
-            );
-            assert!(
-                at_client == back,
-                "{} bytes came back of {}",
-                at_client.len(),
-                back.len()
-            );
-        };
-        tokio::time::timeout(std::time::Duration::from_secs(60), async { tokio::join!(proxy, ends) })
-            .await
-            .expect("relay must finish");
-        assert_eq!(up.load(Ordering::Relaxed), there.len() as u64);
-        assert_eq!(down.load(Ordering::Relaxed), back.len() as u64);
-        // Each direction is buffered until a read fills 64 KiB: the first
-        // few reads, well under a MiB.
-        let buffered_at_most = 2 * 1024 * 1024;
-        let spliced = spliced_bytes() - before;
-        assert!(
-            spliced >= (there.len() + back.len() - buffered_at_most) as u64,
-            "only {spliced} bytes spliced"
-        );
-    }
 
     #[tokio::test]
     async fn copies_both_ways_and_passes_half_close() {

@@ -217,7 +217,7 @@ where
 /// Copies between the client's stream and the app until both end, or until
 /// the connection is revoked (a policy change no longer allows it): then
 /// both are closed.
-async fn relay<S: AsyncRead + AsyncWrite + Unpin + 'static>(mut guard: ConnGuard, app: TcpStream, client: S) {
+async fn relay<S: AsyncRead + AsyncWrite + Unpin>(mut guard: ConnGuard, app: TcpStream, client: S) {
     let conn = guard.conn.clone();
     tokio::select! {
         r = copy::bidi(client, app, &conn.sent, &conn.received) => {

@@ -360,13 +360,6 @@ impl Collector for ProxyCollector {
                 ),
             ),
             (
-                "ferry_relay_spliced_bytes",
-                (
-                    crate::proxy::copy::spliced_bytes(),
-                    "bytes relayed socket to socket by splice(2) (bulk TCP to TCP), not copied through user space",
-                ),
-            ),
-            (
                 "ferry_inbound_refused",
                 (load(&c.refused), "inbound connections refused by the inbound gate"),
             ),

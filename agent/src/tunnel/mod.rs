@@ -65,20 +65,8 @@ pub fn decode(b: &[u8; PREFACE_LEN]) -> Result<SocketAddrV4, PrefaceError> {
 }
 
 /// A byte stream the proxy can copy to and from.
-/// `as_any`/`into_any` let the relay find a plain TCP socket in the box
-/// (it splices between two of them).
-pub trait Stream: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {
-    fn as_any(&self) -> &dyn std::any::Any;
-    fn into_any(self: Box<Self>) -> Box<dyn std::any::Any>;
-}
-impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static> Stream for T {
-    fn as_any(&self) -> &dyn std::any::Any {
-        self
-    }
-    fn into_any(self: Box<Self>) -> Box<dyn std::any::Any> {
-        self
-    }
-}
+pub trait Stream: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Stream for T {}
 pub type BoxStream = Box<dyn Stream>;
 
 /// A stream the server accepted, as it hands it to the proxy.
