@@ -4,7 +4,7 @@
 
 use std::path::PathBuf;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use ferry_bench::{bench, bench_authz, bench_control, bench_http, bench_lb, bench_std, demo, soak};
 use ferry_box::default_bin_dir;
@@ -89,7 +89,17 @@ fn default_out(name: &str, quick: bool) -> Result<PathBuf> {
 }
 
 fn main() -> Result<()> {
-    match Args::parse().cmd {
+    let args = Args::parse();
+    // A report's directory is made before the run, so a run of minutes never
+    // ends in "No such file or directory".
+    if let Cmd::Bench { out: Some(out), .. } | Cmd::BenchControl { out: Some(out), .. } | Cmd::Soak { out: Some(out), .. } =
+        &args.cmd
+    {
+        if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        }
+    }
+    match args.cmd {
         Cmd::Demo { keep } => demo::run(default_bin_dir(), keep),
         Cmd::Bench {
             quick,
