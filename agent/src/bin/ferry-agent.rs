@@ -271,7 +271,10 @@ async fn main() -> anyhow::Result<()> {
         agent.reconciler.inherit(std::mem::take(&mut i.pods));
     }
     #[cfg(target_env = "gnu")]
-    tokio::spawn(trim_heap_after_bursts(agent.proxy.clone()));
+    {
+        let r = agent.reconciler.clone();
+        tokio::spawn(trim_heap(agent.proxy.clone(), move || r.applied_version()));
+    }
     // Failed enrollments are retried with backoff, config change or not.
     tokio::spawn(agent.reconciler.clone().retry_loop());
     let admin_l = match inherited.as_mut().and_then(|i| i.admin.take()) {
@@ -557,24 +560,37 @@ async fn shutdown(agent: Arc<agent::Agent>, args: &Args) -> anyhow::Result<()> {
 /// purging, 1 s dirty decay) ended where glibc with trimming does (~51 MiB
 /// RSS) from an idle baseline 13 MiB higher (its arenas and threads), so it
 /// was not taken either; what glibc keeps after trimming is fragmentation:
-/// `ferry_heap_in_use_bytes` is back at its baseline. So the agent keeps glibc and trims:
-/// every 2 s, once at least 256 connections have closed since the last trim
-/// and the number open is not growing, it returns the free heap to the system.
+/// `ferry_heap_in_use_bytes` is back at its baseline. So the agent keeps
+/// glibc and trims, returning the free heap to the system:
+/// - once at least 256 connections have closed since the last trim and the
+///   number open is not growing;
+/// - after a new config is applied: parsing it, enrolling pods and loading
+///   eBPF programs leave heap free that nothing reuses while the agent
+///   idles (an idle agent with the demo config: 17.0 → 15.2 MiB RSS, heap
+///   in use 0.4 MiB of 2.8 MiB held);
+///
+/// at most every 2 s (a trim walks the free heap under its lock).
 #[cfg(target_env = "gnu")]
-async fn trim_heap_after_bursts(proxy: Arc<ferry_agent::proxy::Proxy>) {
+async fn trim_heap(proxy: Arc<ferry_agent::proxy::Proxy>, applied_version: impl Fn() -> u64 + Send + 'static) {
     use std::sync::atomic::Ordering;
     const CLOSED_BEFORE_TRIM: u64 = 256;
+    const MIN_GAP: Duration = Duration::from_secs(2);
     let closed = || proxy.telemetry.counters.closed.load(Ordering::Relaxed);
     let (mut closed_at_trim, mut open_before) = (closed(), proxy.connections());
-    let mut tick = tokio::time::interval(Duration::from_secs(2));
+    let mut applied_at_trim = 0;
+    let mut trimmed = tokio::time::Instant::now();
+    let mut tick = tokio::time::interval(Duration::from_millis(250));
     loop {
         tick.tick().await;
-        let open = proxy.connections();
-        let closed_now = closed();
-        if closed_now.saturating_sub(closed_at_trim) >= CLOSED_BEFORE_TRIM && open <= open_before {
+        if trimmed.elapsed() < MIN_GAP {
+            continue;
+        }
+        let (open, closed_now, applied) = (proxy.connections(), closed(), applied_version());
+        let burst_over = closed_now.saturating_sub(closed_at_trim) >= CLOSED_BEFORE_TRIM && open <= open_before;
+        if burst_over || applied != applied_at_trim {
             // SAFETY: malloc_trim only gives free memory back to the system.
             unsafe { libc::malloc_trim(0) };
-            closed_at_trim = closed_now;
+            (closed_at_trim, applied_at_trim, trimmed) = (closed_now, applied, tokio::time::Instant::now());
         }
         open_before = open;
     }

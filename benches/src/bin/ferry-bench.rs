@@ -92,8 +92,9 @@ fn main() -> Result<()> {
     let args = Args::parse();
     // A report's directory is made before the run, so a run of minutes never
     // ends in "No such file or directory".
-    if let Cmd::Bench { out: Some(out), .. } | Cmd::BenchControl { out: Some(out), .. } | Cmd::Soak { out: Some(out), .. } =
-        &args.cmd
+    if let Cmd::Bench { out: Some(out), .. }
+    | Cmd::BenchControl { out: Some(out), .. }
+    | Cmd::Soak { out: Some(out), .. } = &args.cmd
     {
         if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
