@@ -20,7 +20,7 @@ use serde_json::Value;
 
 use ferry_box::{BoxState, ClusterBox, Spec};
 
-use crate::bench::{proxies_cpu, rss_kib, sh};
+use crate::bench::{idle_rss, proxies_cpu, proxies_rss, sh};
 
 #[derive(Clone, Copy)]
 pub struct Sizes {
@@ -210,8 +210,8 @@ fn run(pl: &Placement, sizes: Sizes, bins: &Path) -> Result<Row> {
     let b = ClusterBox::up(spec, bins.to_owned())?;
     let s = &b.state;
     let agents = s.agent_pids.clone();
-    let rss = || agents.iter().map(|p| rss_kib(*p)).max().unwrap_or(0);
-    let rss_idle = rss();
+    let rss = || proxies_rss(&agents);
+    let rss_idle = idle_rss(&agents);
     let ip = s.pod_ip(target)?.to_string();
     let _iperf = server(s, target, "iperf3", &["-s", "-p", "5201"])?;
     let _sockperf = server(s, target, "sockperf", &["sr", "--tcp", "-i", &ip, "-p", "11111"])?;

@@ -578,11 +578,11 @@ async fn trim_heap(proxy: Arc<ferry_agent::proxy::Proxy>, applied_version: impl 
     let closed = || proxy.telemetry.counters.closed.load(Ordering::Relaxed);
     let (mut closed_at_trim, mut open_before) = (closed(), proxy.connections());
     let mut applied_at_trim = 0;
-    let mut trimmed = tokio::time::Instant::now();
+    let mut trimmed: Option<tokio::time::Instant> = None;
     let mut tick = tokio::time::interval(Duration::from_millis(250));
     loop {
         tick.tick().await;
-        if trimmed.elapsed() < MIN_GAP {
+        if trimmed.is_some_and(|t| t.elapsed() < MIN_GAP) {
             continue;
         }
         let (open, closed_now, applied) = (proxy.connections(), closed(), applied_version());
@@ -590,7 +590,7 @@ async fn trim_heap(proxy: Arc<ferry_agent::proxy::Proxy>, applied_version: impl 
         if burst_over || applied != applied_at_trim {
             // SAFETY: malloc_trim only gives free memory back to the system.
             unsafe { libc::malloc_trim(0) };
-            (closed_at_trim, applied_at_trim, trimmed) = (closed_now, applied, tokio::time::Instant::now());
+            (closed_at_trim, applied_at_trim, trimmed) = (closed_now, applied, Some(tokio::time::Instant::now()));
         }
         open_before = open;
     }

@@ -86,16 +86,6 @@ fn frame_size() -> u32 {
     *F.get_or_init(|| env_u32("FERRY_H2_FRAME_SIZE", 16 * 1024))
 }
 
-/// Bytes of TLS records gathered below rustls before a write to the socket
-/// (0: each record batch is written as rustls makes it, one `writev` per
-/// HTTP/2 frame). The buffer is written out when full and at every flush,
-/// which h2 does after each batch of frames. `FERRY_TUNNEL_WRITE_BUF`
-/// overrides it, for measuring.
-fn write_buf() -> usize {
-    static W: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-    *W.get_or_init(|| env_u32("FERRY_TUNNEL_WRITE_BUF", 0) as usize)
-}
-
 /// A bounded set of failure reasons (the detail goes to the log).
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct Reason {
@@ -349,10 +339,7 @@ impl Hbone {
         let connector = tokio_rustls::TlsConnector::from(client.clone());
         let tls = match tokio::time::timeout(
             HANDSHAKE_TIMEOUT,
-            connector.connect(
-                ServerName::IpAddress(ip.into()),
-                tokio::io::BufWriter::with_capacity(write_buf(), tcp),
-            ),
+            connector.connect(ServerName::IpAddress(ip.into()), tcp),
         )
         .await
         {
@@ -414,12 +401,7 @@ impl Hbone {
             return refuse("no_certificate", "this pod has no certificate yet".into());
         };
         let acceptor = tokio_rustls::TlsAcceptor::from(cert.server.clone());
-        let tls = match tokio::time::timeout(
-            HANDSHAKE_TIMEOUT,
-            acceptor.accept(tokio::io::BufWriter::with_capacity(write_buf(), tcp)),
-        )
-        .await
-        {
+        let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
             Ok(Ok(t)) => t,
             Ok(Err(e)) => return refuse("tls", format!("TLS handshake: {e}")),
             Err(_) => return refuse("timeout", "TLS handshake timed out".into()),
