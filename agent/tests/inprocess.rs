@@ -438,7 +438,12 @@ async fn new_streams_after_a_goaway_open_a_new_connection() {
 /// the destination sends GOAWAY on everything it serves. No new stream may
 /// fail. (Before the fix 172 of 4,446 got an EOF: CONNECTs the GOAWAY
 /// refused, or sent on a connection whose closing hyper had not yet seen,
-/// were failed after three tries instead of sent again elsewhere.)
+/// were failed after three tries instead of sent again elsewhere. Later,
+/// under CPU load, about one run in 15 had a CONNECT neither answered nor
+/// refused, which held its app connection past the test's 10 s until each
+/// CONNECT got an answer deadline, `FIRST_ANSWER_WITHIN`: 0 hangs in 350
+/// runs with two busy loops beside them; one of those runs had a stream
+/// end empty, a rarer failure whose cause is not found.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_new_streams_through_a_goaway_never_fail() {
     let (n1, n2) = mesh_of_three(29).await;

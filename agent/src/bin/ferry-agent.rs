@@ -569,7 +569,8 @@ async fn shutdown(agent: Arc<agent::Agent>, args: &Args) -> anyhow::Result<()> {
 ///   idles (an idle agent with the demo config: 17.0 → 15.2 MiB RSS, heap
 ///   in use 0.4 MiB of 2.8 MiB held);
 ///
-/// at most every 2 s (a trim walks the free heap under its lock).
+/// at most every 2 s (a trim walks the free heap under its lock), on a
+/// blocking thread.
 #[cfg(target_env = "gnu")]
 async fn trim_heap(proxy: Arc<ferry_agent::proxy::Proxy>, applied_version: impl Fn() -> u64 + Send + 'static) {
     use std::sync::atomic::Ordering;
@@ -588,8 +589,23 @@ async fn trim_heap(proxy: Arc<ferry_agent::proxy::Proxy>, applied_version: impl 
         let (open, closed_now, applied) = (proxy.connections(), closed(), applied_version());
         let burst_over = closed_now.saturating_sub(closed_at_trim) >= CLOSED_BEFORE_TRIM && open <= open_before;
         if burst_over || applied != applied_at_trim {
-            // SAFETY: malloc_trim only gives free memory back to the system.
-            unsafe { libc::malloc_trim(0) };
+            // Off the runtime's workers: a trim walks the whole free heap
+            // (milliseconds with a large config), and connections wait for
+            // nothing but the allocator's lock meanwhile.
+            let took = tokio::task::spawn_blocking(|| {
+                let start = std::time::Instant::now();
+                // SAFETY: malloc_trim only gives free memory back to the system.
+                unsafe { libc::malloc_trim(0) };
+                start.elapsed()
+            })
+            .await;
+            if let Ok(took) = took {
+                tracing::debug!(
+                    micros = took.as_micros() as u64,
+                    after_config = !burst_over,
+                    "free heap given back"
+                );
+            }
             (closed_at_trim, applied_at_trim, trimmed) = (closed_now, applied, Some(tokio::time::Instant::now()));
         }
         open_before = open;

@@ -51,9 +51,20 @@ pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Opening one stream, from asking the pool to the CONNECT's answer
 /// (covers a dial, or a wait for a free stream on a full key).
 pub const OPEN_TIMEOUT: Duration = Duration::from_secs(20);
-/// CONNECTs refused unsent (each on a connection then retired) before the
-/// refusal is the answer.
+/// CONNECTs refused unsent (each on a connection then retired) or left
+/// unanswered before the last refusal is the answer.
 const MAX_UNSENT: usize = 8;
+/// How long the first CONNECT waits for its answer before it is abandoned
+/// (reset) and sent again; each attempt waits twice as long as the one
+/// before, within [`OPEN_TIMEOUT`]. A destination answers a CONNECT once it
+/// has reached the local app: in milliseconds, or after a SYN retransmit
+/// (1 s) to an app whose backlog is full. One CONNECT in a few hundred sent
+/// while the destination's GOAWAY was on its way was never answered, nor
+/// refused (`concurrent_new_streams_through_a_goaway_never_fail` under CPU
+/// load; the destination's handler never saw it). Where hyper or h2 loses
+/// it on the closing connection is not pinned down; without this deadline
+/// the app's connection hung for OPEN_TIMEOUT.
+const FIRST_ANSWER_WITHIN: Duration = Duration::from_secs(2);
 /// HTTP/2 pings on idle and busy connections; no answer in time closes it.
 const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
 const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -232,7 +243,8 @@ impl Hbone {
             .get(uid)
             .ok_or_else(|| err(io::ErrorKind::NotConnected, "no workload certificate yet"))?;
         let key = (uid.to_owned(), cert.serial.clone(), *target.ip());
-        // The last CONNECT refused unsent, for the error at the deadline.
+        // The last CONNECT refused unsent or unanswered, for the error at
+        // the deadline.
         let mut last: Option<io::Error> = None;
         let opened = tokio::time::timeout(OPEN_TIMEOUT, async {
             // A pooled connection the server is closing (GOAWAY: its agent
@@ -242,6 +254,7 @@ impl Hbone {
             // Each attempt retires a connection; at most MAX_UNSENT of them,
             // then the last refusal is the answer (a peer that refuses every
             // connection is not dialed without end).
+            let mut answer_within = FIRST_ANSWER_WITHIN;
             for _ in 0..MAX_UNSENT {
                 let lease = loop {
                     match self.pool.pick(&key).await {
@@ -256,7 +269,21 @@ impl Hbone {
                     }
                 };
                 let conn = lease.conn().clone();
-                match self.connect(lease, target).await {
+                let answered = tokio::time::timeout(answer_within, self.connect(lease, target)).await;
+                let Ok(answered) = answered else {
+                    // Dropped unanswered (h2 resets the stream). The connection
+                    // stays: if it is closing, the next CONNECT on it is
+                    // refused unsent at once and retires it.
+                    self.stats.streams_retried.fetch_add(1, Ordering::Relaxed);
+                    tracing::debug!(dst = %target, waited_ms = answer_within.as_millis() as u64, "tunnel CONNECT unanswered; sending it again");
+                    last = Some(err(
+                        io::ErrorKind::TimedOut,
+                        format!("CONNECT unanswered within {} ms", answer_within.as_millis()),
+                    ));
+                    answer_within *= 2;
+                    continue;
+                };
+                match answered {
                     Err(Refused::Unsent(e)) => {
                         conn.retire();
                         self.stats.streams_retried.fetch_add(1, Ordering::Relaxed);
@@ -495,7 +522,7 @@ impl Collector for StatsCollector {
             (
                 "ferry_tunnel_streams_retried",
                 &t.streams_retried,
-                "CONNECTs refused unsent by a destination going away (GOAWAY), sent again on another connection",
+                "CONNECTs sent again: refused unsent by a destination going away (GOAWAY), or unanswered within the attempt's deadline",
             ),
             (
                 "ferry_tunnel_handshakes",
