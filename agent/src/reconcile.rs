@@ -1321,6 +1321,32 @@ impl<N: Node> Apply for Reconciler<N> {
 mod tests {
     use super::*;
 
+    /// A scratch directory for one test, with files standing in for pods'
+    /// network namespaces; removed when dropped, also when the test fails.
+    struct Scratch(PathBuf);
+
+    impl Scratch {
+        fn new(test: &str) -> Self {
+            let dir = std::env::temp_dir().join(format!("ferry-reconcile-{test}-{}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&dir);
+            std::fs::create_dir_all(&dir).unwrap();
+            Self(dir)
+        }
+
+        /// A file standing in for a pod's netns.
+        fn netns(&self, name: &str) -> PathBuf {
+            let p = self.0.join(name);
+            std::fs::write(&p, "").unwrap();
+            p
+        }
+    }
+
+    impl Drop for Scratch {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
     /// `local` enrolled pods on n1, one on n2 and `services` one-port services.
     fn state(local: usize, services: usize) -> State {
         let mut y = String::from("node: n1\nworkloads:\n");
@@ -1499,12 +1525,8 @@ mod tests {
 
     #[tokio::test]
     async fn a_pending_pod_is_captured_at_the_address_its_add_gives() {
-        let dir = std::env::temp_dir().join(format!("ferry-reconcile-pending-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let (ns1, ns2, ns3) = (dir.join("ns1"), dir.join("ns2"), dir.join("ns3"));
-        for ns in [&ns1, &ns2, &ns3] {
-            std::fs::write(ns, "").unwrap();
-        }
+        let dir = Scratch::new("pending");
+        let (ns1, ns2, ns3) = (dir.netns("ns1"), dir.netns("ns2"), dir.netns("ns3"));
         let log = Arc::new(Mutex::new(flaky::Log::default()));
         let r = flaky::reconciler(log.clone());
         r.reconcile(pending_pods(5, &[])).await;
@@ -1647,7 +1669,6 @@ mod tests {
             r.retry_failed().await;
         }
         r.stop_listeners().await;
-        let _ = std::fs::remove_dir_all(&dir);
     }
 
     /// A restarted (or successor) agent keeps a pod captured at the address
@@ -1656,12 +1677,9 @@ mod tests {
     /// control: the same restart without it leaves the pod pending).
     #[tokio::test]
     async fn learned_addresses_outlive_a_restart_through_their_file() {
-        let dir = std::env::temp_dir().join(format!("ferry-reconcile-learned-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        let ns = dir.join("ns1");
-        std::fs::write(&ns, "").unwrap();
-        let file = dir.join("state.learned.json");
+        let dir = Scratch::new("learned");
+        let ns = dir.netns("ns1");
+        let file = dir.0.join("state.learned.json");
         let log = Arc::new(Mutex::new(flaky::Log::default()));
 
         let first = flaky::reconciler(log.clone());
@@ -1724,15 +1742,12 @@ mod tests {
         assert!(third.proxy.state().pending.contains_key("fresh"));
         second.stop_listeners().await;
         third.stop_listeners().await;
-        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[tokio::test]
     async fn a_learned_address_goes_when_the_pod_leaves_the_config_and_add_is_answered() {
-        let dir = std::env::temp_dir().join(format!("ferry-reconcile-pending-cni-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let ns = dir.join("ns");
-        std::fs::write(&ns, "").unwrap();
+        let dir = Scratch::new("pending-cni");
+        let ns = dir.netns("ns");
         let log = Arc::new(Mutex::new(flaky::Log::default()));
         let r = flaky::reconciler(log.clone());
         let ask = |pod: PodInfo, timeout_ms: u64| ferry_model::cni::Request {
@@ -1787,7 +1802,6 @@ mod tests {
         assert!(!r.proxy.state().workloads.contains_key("fresh"));
         assert_eq!(log.lock().unwrap().unsteered, vec!["fresh".to_owned()]);
         r.stop_listeners().await;
-        let _ = std::fs::remove_dir_all(&dir);
     }
 
     fn pod(uid: &str, name: &str, container: &str, netns: &str) -> PodInfo {
@@ -1846,11 +1860,8 @@ mod tests {
 
     #[tokio::test]
     async fn sandboxes_from_the_runtime_enroll_move_and_unenroll_pods() {
-        let dir = std::env::temp_dir().join(format!("ferry-reconcile-sandbox-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let (ns1, ns2) = (dir.join("ns1"), dir.join("ns2"));
-        std::fs::write(&ns1, "").unwrap();
-        std::fs::write(&ns2, "").unwrap();
+        let dir = Scratch::new("sandbox");
+        let (ns1, ns2) = (dir.netns("ns1"), dir.netns("ns2"));
         let s = |p: &PathBuf| p.display().to_string();
         let log = Arc::new(Mutex::new(flaky::Log {
             broken: vec!["web".into()],
@@ -1915,7 +1926,6 @@ mod tests {
         moved.ips = vec!["127.77.2.99".parse().unwrap()];
         assert!(matches!(r.capture_of(&moved), Capture::Pending(w) if w.contains("runtime gave it 127.77.2.99")));
         r.stop_listeners().await;
-        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

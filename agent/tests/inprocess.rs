@@ -441,7 +441,7 @@ async fn new_streams_after_a_goaway_open_a_new_connection() {
 /// were failed after three tries instead of sent again elsewhere. Later,
 /// under CPU load, about one run in 15 had a CONNECT neither answered nor
 /// refused, which held its app connection past the test's 10 s until each
-/// CONNECT got an answer deadline, `FIRST_ANSWER_WITHIN`: 0 hangs in 350
+/// CONNECT got an answer deadline, `FIRST_ANSWER_WITHIN`: 0 hangs in 400
 /// runs with two busy loops beside them; one of those runs had a stream
 /// end empty, a rarer failure whose cause is not found.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
